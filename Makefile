@@ -1,0 +1,30 @@
+# One entry point for users and CI. `make test` builds .venv from scratch when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.actlab-installed
+
+.PHONY: test demo speed venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	# torch/torchvision first, pinned: pip takes them from the local wheel cache when present.
+	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m actlab.demo
+
+speed: $(STAMP)
+	$(PY) -m actlab.bench.speed
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,8 @@
+"""Marker base class so the converter recognises actlab's own modules as activations."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+class ActivationModule(nn.Module):
+    """Base of every actlab activation module (lets ``convert`` swap actlab activations too)."""

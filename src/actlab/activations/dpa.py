@@ -1,0 +1,286 @@
+"""DPA: Dual-Perspective Activation (SPEC section 3).
+
+Forward is TAU, ``x if x >= tau else 0``. During training with targets, each site keeps per-class
+memories of the pooled pre-activation (``value_memory``, PreA-FM) and of the sign of the pooled output
+gradient (``grad_memory``, PostA-BM), updated every ``interval``-th forward with an exponential rule
+applied sample by sample in batch order. Channels that the memories flag as irrelevant for a sample's
+class but that still respond are penalised by the channel loss, read with ``dpa_loss(model)``.
+
+The memories are buffers (saved in checkpoints). Updates are vectorised over classes and channels;
+the only Python loop is over "rounds" (the k-th occurrence of every class at once), which gives exactly
+the results of the sequential rule. Under torch.distributed every rank applies the same update to the
+global batch (rank-major), so memories stay identical across ranks.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .base import ActivationModule
+from .registry import ActivationSpec, register
+
+
+class _ThresholdUnit(torch.autograd.Function):
+    """TAU: x if x >= tau else 0; the gradient passes where x >= tau. Saves a bool mask only."""
+
+    @staticmethod
+    def forward(ctx, x, tau):
+        mask = x >= tau
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
+    """TAU(x). Plain ops when no gradient is needed (identical values; exports as Relu for tau = 0)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling() \
+            and not torch.jit.is_tracing():
+        return _ThresholdUnit.apply(x, tau)
+    if tau == 0.0:
+        return torch.relu(x)
+    return torch.where(x >= tau, x, torch.zeros_like(x))
+
+
+def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Tensor,
+                    alpha: float) -> torch.Tensor:
+    """Apply ``memory[y_i] += alpha * (values_i - memory[y_i])`` for i in batch order, in place.
+
+    Vectorised by rounds: round j updates the j-th occurrence of every class at once, so each memory row
+    sees exactly the sequential sequence of operations.
+
+    Args:
+        memory: (K, C) float tensor, updated in place.
+        labels: (B,) int64 class indices in [0, K).
+        values: (B, C) new values.
+    Returns:
+        (B, C): row i is ``memory[labels[i]]`` right after sample i's own update.
+    """
+    n = labels.numel()
+    after = torch.empty_like(values, dtype=memory.dtype)
+    if n == 0:
+        return after
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=memory.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(n, device=labels.device) - starts[labels[order]]
+    by_round = torch.argsort(rank, stable=True)
+    round_sizes = torch.bincount(rank).tolist()  # the only host sync: how many rounds, how large
+    values = values.to(memory.dtype)
+    pos = 0
+    for size in round_sizes:
+        rows = by_round[pos:pos + size]
+        pos += size
+        cls = labels[rows]
+        current = memory.index_select(0, cls)
+        updated = current + alpha * (values.index_select(0, rows) - current)
+        memory.index_copy_(0, cls, updated)
+        after.index_copy_(0, rows, updated)
+    return after
+
+
+_DPA_GROUP = None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _dpa_group():
+    """A process group of its own, so DPA's collectives never interleave with DDP's gradient buckets."""
+    global _DPA_GROUP
+    if _DPA_GROUP is None:
+        _DPA_GROUP = dist.new_group()
+    return _DPA_GROUP
+
+
+def _gather_global(labels: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' (labels, values) concatenated rank-major, and this rank's row offset."""
+    if not _distributed():
+        return labels, values, 0
+    group = _dpa_group()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    packed = torch.cat([values.float(), labels.float()[:, None]], 1)  # labels < 2**24 are exact in float32
+    size = torch.tensor([packed.shape[0]], device=packed.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = packed.new_zeros(max(sizes), packed.shape[1])
+    padded[: packed.shape[0]] = packed
+    chunks = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded, group=group)
+    full = torch.cat([c[:s] for c, s in zip(chunks, sizes)])
+    return full[:, -1].long(), full[:, :-1].to(values.dtype), sum(sizes[:rank])
+
+
+class DPA(ActivationModule):
+    """Dual-Perspective Activation for one site.
+
+    Args:
+        channels: C.
+        num_classes: K, rows of the memories.
+        tau: threshold of TAU.
+        interval: memories update on every ``interval``-th training forward with targets.
+        alpha: weight of the newest sample in the memory update.
+        token_pool: how (B, N, C) inputs are pooled: ``"mean"`` over tokens or ``"cls"`` (token 0, for
+            models that classify from a class token). ``convert`` sets it per site.
+
+    Buffers: ``value_memory`` (K, C), ``grad_memory`` (K, C), ``count`` (scalar).
+    Shapes: (L, C, H, W), (L, C) or (L, N, C) -> same, with L = k * B (rows grouped per sample).
+    """
+
+    def __init__(self, channels: int, num_classes: int, tau: float = 0.0, interval: int = 5,
+                 alpha: float = 0.9, token_pool: str = "mean"):
+        super().__init__()
+        if num_classes is None or int(num_classes) <= 0:
+            raise ValueError("DPA needs num_classes (a positive int): its memories have one row per class")
+        if token_pool not in ("mean", "cls"):
+            raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.channels, self.num_classes = channels, int(num_classes)
+        self.tau, self.interval, self.alpha, self.token_pool = float(tau), int(interval), float(alpha), token_pool
+        self.register_buffer("value_memory", torch.zeros(self.num_classes, channels))
+        self.register_buffer("grad_memory", torch.zeros(self.num_classes, channels))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.site = "<dpa>"
+        self._count_cache: int | None = None  # host copy of `count`, avoids a device sync per forward
+        self._targets: torch.Tensor | None = None
+        self._loss_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count_cache = None
+
+    def _advance_count(self) -> int:
+        if self._count_cache is None:
+            self._count_cache = int(self.count)
+        self._count_cache = (self._count_cache + 1) % self.interval
+        self.count.fill_(self._count_cache)
+        return self._count_cache
+
+    def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """Pooled response (B, C) in float32: spatial mean, class token or token mean, then the mean over
+        the k rows of each sample when the leading dim is k * B."""
+        if x.dim() == 4:
+            v = x.mean((2, 3), dtype=torch.float32)
+        elif x.dim() == 3:
+            v = x[:, 0].float() if self.token_pool == "cls" else x.mean(1, dtype=torch.float32)
+        elif x.dim() == 2:
+            v = x.float()
+        else:
+            raise ValueError(f"DPA site {self.site!r}: cannot pool a tensor of shape {tuple(x.shape)}; "
+                             "expected (B, C, H, W), (B, N, C) or (B, C)")
+        if v.shape[1] != self.channels:
+            raise ValueError(f"DPA site {self.site!r}: expected {self.channels} channels, got shape {tuple(x.shape)}")
+        rows = v.shape[0]
+        if rows != batch:
+            if rows % batch:
+                raise ValueError(f"DPA site {self.site!r}: leading dim {rows} is not a multiple of the "
+                                 f"batch size {batch} given by the targets")
+            v = v.view(batch, rows // batch, -1).mean(1)
+        return v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._loss_terms = None
+        if not self.training:
+            return threshold_unit(x, self.tau)
+        y = self._targets
+        if y is None:
+            raise RuntimeError(
+                f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
+                "`with actlab.targets(model, y): model(x)`, or call model.eval() for inference.")
+        y = y.to(x.device)
+        v = self.pool(x, y.shape[0])
+        update = self._advance_count() == 0
+        with torch.no_grad():
+            v_now = v.detach()
+            if update:
+                labels, values, offset = _gather_global(y, v_now)
+                value_rows = sequential_ema_(self.value_memory, labels, values, self.alpha)
+                value_rows = value_rows[offset: offset + y.shape[0]]
+            else:
+                value_rows = self.value_memory[y]
+            mask = (value_rows < self.tau) & (v_now > self.tau) & (self.grad_memory[y] < 0)
+        self._loss_terms = ((v.square() * mask).sum(), mask.sum())
+        out = threshold_unit(x, self.tau)
+        if update and out.requires_grad:
+            out.register_hook(self._grad_memory_hook(y))
+        return out
+
+    def _grad_memory_hook(self, y: torch.Tensor):
+        done = []
+
+        def hook(grad: torch.Tensor) -> None:
+            if done:  # a second backward through the same graph must not count twice
+                return
+            done.append(True)
+            with torch.no_grad():
+                g = self.pool(grad, y.shape[0])
+                sign = torch.where(g > 0, 1.0, -1.0)
+                labels, values, _ = _gather_global(y, sign)
+                sequential_ema_(self.grad_memory, labels, values, self.alpha)
+
+        return hook
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, num_classes={self.num_classes}, tau={self.tau}, interval={self.interval}, "
+                f"alpha={self.alpha}, token_pool={self.token_pool!r}")
+
+
+def _dpa_sites(model: nn.Module) -> list[DPA]:
+    return [m for m in model.modules() if isinstance(m, DPA)]
+
+
+@contextmanager
+def targets(model: nn.Module, y: torch.Tensor) -> Iterator[None]:
+    """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block."""
+    sites = _dpa_sites(model)
+    if sites:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"targets must be a tensor of class indices, got {type(y).__name__}")
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
+                             "(for mixup / soft labels pass the hard labels)")
+        if y.numel():
+            lo, hi = int(y.min()), int(y.max())
+            for site in sites:
+                if lo < 0 or hi >= site.num_classes:
+                    raise ValueError(f"DPA site {site.site!r}: targets out of range [0, {site.num_classes}) "
+                                     f"(min {lo}, max {hi})")
+        y = y.long()
+    for site in sites:
+        site._targets = y
+    try:
+        yield
+    finally:
+        for site in sites:
+            site._targets = None
+
+
+def dpa_loss(model: nn.Module) -> torch.Tensor:
+    """Channel loss of the model's last forward: mean of v**2 over the masked entries of all DPA sites
+    (0 when there are none). Add ``lambda * dpa_loss(model)`` to the task loss."""
+    terms = [s._loss_terms for s in _dpa_sites(model) if s._loss_terms is not None]
+    if not terms:
+        ref = next(iter(model.parameters()), None)
+        return torch.zeros((), device=ref.device if ref is not None else None)
+    total = torch.stack([t[0] for t in terms]).sum()
+    count = torch.stack([t[1] for t in terms]).sum()
+    return total / count.clamp_min(1)
+
+
+def _dpa(channels: int, num_classes: int | None = None, **kw) -> DPA:
+    return DPA(channels, num_classes, **kw)
+
+
+register(ActivationSpec("dpa", _dpa, needs_channels=True, needs_num_classes=True,
+                        summary="dual-perspective activation: TAU + per-class channel denoising"))

@@ -1,0 +1,437 @@
+"""IIEU-B: Instantaneous Importance Estimation Unit, basic form (SPEC section 1).
+
+At a site ``x_pre -> P (Conv2d | Linear) -> [norm] -> x_t -> IIEU``::
+
+    S    = x_t / ((||w_c|| + eps) * (||patch|| + eps))   # term-S, norm-decoupled similarity
+    nu   = sigmoid(LN_C(GAP(x_t)))                      # term-B, per (sample, channel)
+    rho  = S + nu
+    out  = s(rho) * x_t,   s(r) = r if r >= eta_c else eta_c * exp(r - eta_c)
+
+``patch`` is the receptive field of the output location in ``x_pre`` over the channels of the filter's
+group (zero padding counted as zeros). A patch whose RMS is below 1e-6 has no direction: its term-S is
+set to 0 (``zero_patch="silence"``, the default); ``zero_patch="published"`` keeps the papers'
+``1 / (||x|| + 1e-8)``, which multiplies such patches by about 1e8.
+
+Unlike the published code, grouped and depthwise convolutions take the patch norm over the group's own
+channels only (the published code normed over all input channels there).
+
+Memory: the autograd function saves ``x_t``, ``x_pre`` (which the producer keeps for its own backward
+anyway) and per-channel / per-location values; everything else is recomputed in backward. Norms, term-B
+and the adjuster run in float32 (float64 for float64 inputs), also under autocast.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import ActivationModule
+from .registry import ActivationSpec, register
+
+SILENT_RMS = 1e-6
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _same_pads(kernel: int, dilation: int) -> tuple[int, int]:
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2
+
+
+@dataclass(frozen=True)
+class ConvPatches:
+    """Receptive-field geometry of a Conv2d producer; channel views are (B, G, C/G, H, W)."""
+
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int, int, int]  # left, right, top, bottom (F.pad order)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "ConvPatches":
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"IIEU-B supports zero-padded convolutions only, got padding_mode={conv.padding_mode!r}")
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        if conv.padding == "same":
+            top, bottom = _same_pads(kh, dh)
+            left, right = _same_pads(kw, dw)
+        elif conv.padding == "valid":
+            top = bottom = left = right = 0
+        else:
+            (top, left) = conv.padding
+            bottom, right = top, left
+        return cls(conv.in_channels, conv.out_channels, conv.groups, (kh, kw), tuple(conv.stride),
+                   (dh, dw), (left, right, top, bottom))
+
+    @property
+    def patch_numel(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        l, r, t, b = self.pads
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        return ((h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1)
+
+    def check(self, x_t: torch.Tensor, x_pre: torch.Tensor, site: str) -> None:
+        if x_pre.dim() != 4 or x_pre.shape[1] != self.in_channels:
+            raise ValueError(f"IIEU-B site {site!r}: producer input must be (B, {self.in_channels}, H, W), "
+                             f"got {tuple(x_pre.shape)}")
+        expected = (x_pre.shape[0], self.out_channels, *self.output_hw(*x_pre.shape[2:]))
+        if tuple(x_t.shape) != expected:
+            raise ValueError(f"IIEU-B site {site!r}: activation input {tuple(x_t.shape)} does not match the "
+                             f"producer's output {expected}; is the producer really feeding this activation?")
+
+    def _ones(self, ref: torch.Tensor) -> torch.Tensor:
+        return ref.new_ones(self.groups, 1, *self.kernel_size)
+
+    def _grouped_square_sum(self, x_pre: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x_pre.shape
+        sq = x_pre.square()
+        if self.groups == 1:
+            return sq.sum(1, keepdim=True)
+        return sq.view(b, self.groups, c // self.groups, h, w).sum(2)
+
+    def sumsq(self, x_pre: torch.Tensor) -> torch.Tensor:
+        """(B, Cin, H, W) -> squared patch norms (B, G, H', W')."""
+        sq = self._grouped_square_sum(x_pre)
+        if any(self.pads):
+            sq = F.pad(sq, self.pads)
+        return F.conv2d(sq, self._ones(sq), stride=self.stride, dilation=self.dilation, groups=self.groups)
+
+    def sumsq_backward(self, x_pre: torch.Tensor, grad_sumsq: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x_pre.shape
+        l, r, t, bt = self.pads
+        padded = (b, self.groups, h + t + bt, w + l + r)
+        g = torch.nn.grad.conv2d_input(padded, self._ones(grad_sumsq), grad_sumsq, stride=self.stride,
+                                       dilation=self.dilation, groups=self.groups)
+        g = g[:, :, t:t + h, l:l + w]
+        grad = (2 * x_pre).view(b, self.groups, c // self.groups, h, w) * g.unsqueeze(2)
+        return grad.view(b, c, h, w)
+
+    # channel views: x (B, C, H, W) <-> (B, G, C/G, H, W)
+    def view_x(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.view(b, self.groups, c // self.groups, h, w)
+
+    def unview_x(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, cg, h, w = x.shape
+        return x.reshape(b, g * cg, h, w)
+
+    def view_inv(self, inv: torch.Tensor) -> torch.Tensor:
+        return inv.unsqueeze(2)
+
+    def view_channel(self, p: torch.Tensor) -> torch.Tensor:  # (C,)
+        return p.view(1, self.groups, -1, 1, 1)
+
+    def view_nu(self, nu: torch.Tensor) -> torch.Tensor:  # (B, C)
+        return nu.view(nu.shape[0], self.groups, -1, 1, 1)
+
+    def reduce_inv(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum(2)
+
+    def reduce_channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum((0, 3, 4)).reshape(-1)
+
+    def reduce_nu(self, t: torch.Tensor, nu_shape: torch.Size) -> torch.Tensor:
+        return t.sum((3, 4)).reshape(nu_shape)
+
+    def gap(self, x_t: torch.Tensor) -> torch.Tensor:
+        return x_t.mean((2, 3), dtype=_compute_dtype(x_t))
+
+
+@dataclass(frozen=True)
+class LinearPatches:
+    """A Linear producer: the "patch" is the token's own input vector; channel dim last, (B, *, C)."""
+
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "LinearPatches":
+        return cls(linear.in_features, linear.out_features)
+
+    @property
+    def patch_numel(self) -> int:
+        return self.in_features
+
+    def check(self, x_t: torch.Tensor, x_pre: torch.Tensor, site: str) -> None:
+        if x_pre.dim() < 2 or x_pre.shape[-1] != self.in_features:
+            raise ValueError(f"IIEU-B site {site!r}: producer input must be (B, ..., {self.in_features}), "
+                             f"got {tuple(x_pre.shape)}")
+        expected = (*x_pre.shape[:-1], self.out_features)
+        if tuple(x_t.shape) != expected:
+            raise ValueError(f"IIEU-B site {site!r}: activation input {tuple(x_t.shape)} does not match the "
+                             f"producer's output {expected}; is the producer really feeding this activation?")
+
+    def sumsq(self, x_pre: torch.Tensor) -> torch.Tensor:
+        return x_pre.square().sum(-1, keepdim=True)
+
+    def sumsq_backward(self, x_pre: torch.Tensor, grad_sumsq: torch.Tensor) -> torch.Tensor:
+        return 2 * x_pre * grad_sumsq
+
+    def view_x(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unview_x(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def view_inv(self, inv: torch.Tensor) -> torch.Tensor:
+        return inv
+
+    def view_channel(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def view_nu(self, nu: torch.Tensor, x_dim: int) -> torch.Tensor:
+        # (B, C) per sample, broadcast over tokens; or already the full (B, *, C) shape
+        if nu.dim() == x_dim:
+            return nu
+        return nu.view(nu.shape[0], *([1] * (x_dim - 2)), nu.shape[-1])
+
+    def reduce_inv(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum(-1, keepdim=True)
+
+    def reduce_channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).sum(0)
+
+    def reduce_nu(self, t: torch.Tensor, nu_shape: torch.Size) -> torch.Tensor:
+        if t.shape == nu_shape:
+            return t
+        return t.sum(tuple(range(1, t.dim() - 1))).reshape(nu_shape)
+
+    def gap(self, x_t: torch.Tensor) -> torch.Tensor:
+        dt = _compute_dtype(x_t)
+        if x_t.dim() == 2:
+            return x_t.to(dt)
+        return x_t.mean(tuple(range(1, x_t.dim() - 1)), dtype=dt)
+
+
+Patches = ConvPatches | LinearPatches
+
+
+def inverse_patch_norm(sumsq: torch.Tensor, patch_numel: int, eps: float, silence: bool) -> torch.Tensor:
+    """invX = 1 / (||patch|| + eps); patches with RMS < 1e-6 get 0 when ``silence``."""
+    norm = sumsq.sqrt()
+    inv = 1.0 / (norm + eps)
+    if silence:
+        inv = torch.where(norm < SILENT_RMS * math.sqrt(patch_numel), torch.zeros_like(inv), inv)
+    return inv
+
+
+def _inverse_patch_norm_grad(sumsq: torch.Tensor, patch_numel: int, eps: float, silence: bool,
+                             grad_inv: torch.Tensor) -> torch.Tensor:
+    norm = sumsq.sqrt()
+    inv = 1.0 / (norm + eps)
+    live = norm > 0
+    if silence:
+        live = live & (norm >= SILENT_RMS * math.sqrt(patch_numel))
+    # d inv / d sumsq = -inv^2 / (2 norm); subgradient 0 at norm = 0, as torch.linalg.norm does
+    safe = torch.where(live, norm, torch.ones_like(norm))
+    return torch.where(live, -grad_inv * inv.square() / (2 * safe), torch.zeros_like(norm))
+
+
+def _views(patches, x_t, inv_x, inv_w, nu, eta):
+    xv = patches.view_x(x_t)
+    iv = patches.view_inv(inv_x)
+    wv = patches.view_channel(inv_w)
+    nv = patches.view_nu(nu) if isinstance(patches, ConvPatches) else patches.view_nu(nu, x_t.dim())
+    ev = patches.view_channel(eta)
+    return xv, iv, wv, nv, ev
+
+
+def _rho(xv, iv, wv, nv):
+    rho = xv * wv
+    rho.mul_(iv)
+    return rho.add_(nv)
+
+
+def iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """IIEU-B with plain tensor ops (no custom backward): for inference, torch.compile and export.
+
+    Shapes: x_t (B, C, H', W') or (B, *, C); x_pre the producer's input; inv_w (C,); nu (B, C); eta (C,).
+    """
+    ct = _compute_dtype(x_t)
+    inv_x = inverse_patch_norm(patches.sumsq(x_pre.to(ct)), patches.patch_numel, eps, silence)
+    xv, iv, wv, nv, ev = _views(patches, x_t.to(ct), inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
+    rho = xv * wv * iv + nv
+    s = torch.where(rho >= ev, rho, ev * torch.exp(torch.clamp(rho - ev, max=0.0)))
+    return patches.unview_x(s * xv).to(x_t.dtype)
+
+
+class IIEUFunction(torch.autograd.Function):
+    """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward.
+
+    Saves x_t, x_pre, inv_w, nu, eta (and the squared patch norms when they are small).
+    """
+
+    @staticmethod
+    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence):
+        with torch.autocast(x_t.device.type, enabled=False):
+            ct = _compute_dtype(x_t)
+            sumsq = patches.sumsq(x_pre.to(ct))
+            inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
+            xv, iv, wv, nv, ev = _views(patches, x_t.to(ct), inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
+            rho = _rho(xv, iv, wv, nv)
+            below = rho < ev
+            scale = torch.where(below, (rho - ev).clamp_(max=0.0).exp_().mul_(ev), rho)
+            out = patches.unview_x(scale.mul_(xv)).to(x_t.dtype)
+        keep_sumsq = sumsq.numel() * 8 <= x_t.numel()
+        ctx.save_for_backward(x_t, x_pre, inv_w, nu, eta, sumsq if keep_sumsq else None)
+        ctx.patches, ctx.eps, ctx.silence = patches, eps, silence
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_t, x_pre, inv_w, nu, eta, sumsq = ctx.saved_tensors
+        patches, eps, silence = ctx.patches, ctx.eps, ctx.silence
+        with torch.autocast(grad_out.device.type, enabled=False):
+            ct = _compute_dtype(x_t)
+            if sumsq is None:
+                sumsq = patches.sumsq(x_pre.to(ct))
+            inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
+            xv, iv, wv, nv, ev = _views(patches, x_t.to(ct), inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
+            go = patches.view_x(grad_out.to(ct))
+            rho = _rho(xv, iv, wv, nv)
+            below = rho < ev
+            expo = (rho - ev).clamp_(max=0.0).exp_()  # exp(rho - eta) on the exponential branch
+            s_low = expo * ev
+            scale = torch.where(below, s_low, rho)
+            dscale = torch.where(below, s_low, torch.ones_like(rho))
+            g_scale = go * xv
+            g_rho = g_scale * dscale
+            grad_x_t = go * scale
+            grad_x_t.addcmul_(g_rho, wv * iv)
+            g_rx = g_rho * xv
+            grad_inv_x = patches.reduce_inv(g_rx * wv)
+            grad_inv_w = patches.reduce_channel(g_rx * iv)
+            grad_nu = patches.reduce_nu(g_rho, nu.shape)
+            grad_eta = patches.reduce_channel(torch.where(below, g_scale * expo * (1 - ev), torch.zeros_like(rho)))
+            grad_x_pre = None
+            if ctx.needs_input_grad[1]:
+                grad_sumsq = _inverse_patch_norm_grad(sumsq, patches.patch_numel, eps, silence, grad_inv_x)
+                grad_x_pre = patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
+        return (patches.unview_x(grad_x_t).to(x_t.dtype), grad_x_pre, grad_inv_w.to(inv_w.dtype),
+                grad_nu.to(nu.dtype), grad_eta.to(eta.dtype), None, None, None)
+
+
+def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``.
+
+    Uses the memory-saving autograd function when gradients are needed, plain ops otherwise
+    (inference, torch.compile, export).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_t, x_pre, inv_w, nu, eta))
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if needs_grad and not tracing:
+        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+    return iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+
+
+def inverse_filter_norms(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(C_out, ...) filters -> 1 / (||w_c|| + eps), (C_out,), float32 or float64."""
+    return 1.0 / (weight.flatten(1).to(_compute_dtype(weight)).norm(dim=1) + eps)
+
+
+class IIEUB(ActivationModule):
+    """IIEU-B activation for one site.
+
+    Args:
+        channels: C, the producer's output channels.
+        eta_init: initial per-channel threshold ``eta`` (shape (C,)).
+        norm_init: initial weight of the term-B LayerNorm ``norm`` (bias starts at 0).
+        eps: added to the filter and patch norms.
+        zero_patch: ``"silence"`` (term-S = 0 for patches with RMS < 1e-6) or ``"published"``.
+        producer: the Conv2d / Linear feeding this site; may also be bound later with ``bind``.
+        capture: when bound, record the producer's input with a forward pre-hook so ``forward(x_t)``
+            works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
+
+    Shapes: conv site x_t (B, C, H', W'), x_pre (B, Cin, H, W); linear site x_t (B, *, C), x_pre (B, *, Cin).
+    """
+
+    def __init__(self, channels: int, eta_init: float = 0.05, norm_init: float = 0.01, eps: float = 1e-8,
+                 zero_patch: str = "silence", producer: nn.Module | None = None, capture: bool = True):
+        super().__init__()
+        if zero_patch not in ("silence", "published"):
+            raise ValueError(f"zero_patch must be 'silence' or 'published', got {zero_patch!r}")
+        self.channels, self.eps, self.zero_patch = channels, eps, zero_patch
+        self.eta = nn.Parameter(torch.full((channels,), float(eta_init)))
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        nn.init.constant_(self.norm.weight, norm_init)
+        nn.init.zeros_(self.norm.bias)
+        self.site = "<unbound>"
+        object.__setattr__(self, "_producer", None)  # a reference, not a submodule: no duplicate weights
+        self._patches: Patches | None = None
+        self._hook = None
+        self._x_pre: torch.Tensor | None = None
+        if producer is not None:
+            self.bind(producer, capture=capture)
+
+    @property
+    def producer(self) -> nn.Module | None:
+        return self._producer
+
+    def bind(self, producer: nn.Module, capture: bool = True) -> "IIEUB":
+        """Attach to the Conv2d / Linear whose output (after an optional norm) this unit activates."""
+        if isinstance(producer, nn.Conv2d):
+            patches = ConvPatches.from_conv(producer)
+            out = producer.out_channels
+        elif isinstance(producer, nn.Linear):
+            patches = LinearPatches.from_linear(producer)
+            out = producer.out_features
+        else:
+            raise TypeError(f"IIEU-B site {self.site!r}: producer must be nn.Conv2d or nn.Linear, "
+                            f"got {type(producer).__name__}")
+        if out != self.channels:
+            raise ValueError(f"IIEU-B site {self.site!r}: producer has {out} output channels, unit has {self.channels}")
+        self.unbind()
+        object.__setattr__(self, "_producer", producer)
+        self._patches = patches
+        if capture:
+            self._hook = producer.register_forward_pre_hook(self._capture)
+        return self
+
+    def unbind(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._x_pre, self._patches = None, None, None
+        object.__setattr__(self, "_producer", None)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self._x_pre = args[0]
+
+    def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
+        """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
+        with torch.autocast(x_t.device.type, enabled=False):
+            gap = self._patches.gap(x_t)
+            return torch.sigmoid(F.layer_norm(gap, (self.channels,), self.norm.weight.to(gap.dtype),
+                                              self.norm.bias.to(gap.dtype), self.norm.eps))
+
+    def forward(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
+        if x_pre is None:
+            x_pre, self._x_pre = self._x_pre, None
+        if self._producer is None or x_pre is None:
+            raise RuntimeError(
+                f"IIEU-B site {self.site!r} has no producer input: IIEU-B needs the Conv2d/Linear that feeds it. "
+                "Use actlab.convert(model, 'iieu_b'), or unit.bind(conv) and call the producer first, "
+                "or pass x_pre explicitly.")
+        self._patches.check(x_t, x_pre, self.site)
+        with torch.autocast(x_t.device.type, enabled=False):
+            inv_w = inverse_filter_norms(self._producer.weight, self.eps)
+        return iieu_b(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps,
+                      self.zero_patch == "silence")
+
+    def extra_repr(self) -> str:
+        prod = type(self._producer).__name__ if self._producer is not None else "unbound"
+        return f"{self.channels}, producer={prod}, zero_patch={self.zero_patch!r}"
+
+
+register(ActivationSpec("iieu_b", IIEUB, needs_channels=True, needs_producer=True,
+                        summary="IIEU-B: norm-decoupled feature-filter similarity re-calibration"))

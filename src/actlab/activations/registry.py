@@ -1,0 +1,92 @@
+"""Name -> factory registry of activations.
+
+Each entry says whether the activation needs the site's channel count, which tensor layouts it accepts
+and whether it needs a producing layer (IIEU-B reads the producer's input and filters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+LAYOUTS = ("nchw", "nc", "nlc")  # conv maps, flat features, tokens (channel last)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What the registry knows about one activation.
+
+    Args:
+        name: canonical lower-case name.
+        factory: callable returning the module; receives ``channels=`` when ``needs_channels``.
+        needs_channels: the module has per-channel state and must know the channel count.
+        layouts: input layouts it accepts (subset of ``LAYOUTS``).
+        needs_producer: the module must be bound to the Conv2d/Linear that feeds it (IIEU-B).
+        needs_num_classes: the module keeps per-class state (DPA).
+        summary: one line for ``actlab list``.
+    """
+
+    name: str
+    factory: Callable[..., nn.Module]
+    needs_channels: bool = False
+    layouts: tuple[str, ...] = LAYOUTS
+    needs_producer: bool = False
+    needs_num_classes: bool = False
+    summary: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+_REGISTRY: dict[str, ActivationSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register(spec: ActivationSpec) -> ActivationSpec:
+    """Add ``spec``; a name or alias that is already taken raises instead of overwriting."""
+    for key in (spec.name, *spec.aliases):
+        key = _canonical(key)
+        if key in _REGISTRY or key in _ALIASES:
+            raise ValueError(f"activation name {key!r} is already registered")
+    _REGISTRY[_canonical(spec.name)] = spec
+    for alias in spec.aliases:
+        _ALIASES[_canonical(alias)] = _canonical(spec.name)
+    return spec
+
+
+def get_spec(name: str) -> ActivationSpec:
+    """Look up a name or alias (case-insensitive, '-' == '_')."""
+    if not isinstance(name, str):
+        raise TypeError(f"activation name must be a string, got {type(name).__name__}")
+    key = _canonical(name)
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown activation {name!r}; registered: {known}")
+    return _REGISTRY[key]
+
+
+def list_activations() -> list[str]:
+    """Canonical names of every registered activation, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_activation(name: str, channels: int | None = None, **kwargs) -> nn.Module:
+    """Build the activation ``name``.
+
+    Args:
+        name: a registered name or alias (see ``list_activations()``).
+        channels: channel count of the site; required by per-channel activations.
+        **kwargs: passed to the activation's constructor (e.g. ``num_classes`` for DPA).
+    """
+    spec = get_spec(name)
+    if spec.needs_channels:
+        if channels is None:
+            raise ValueError(f"activation {spec.name!r} has per-channel state: pass channels=")
+        if int(channels) <= 0:
+            raise ValueError(f"channels must be positive, got {channels}")
+        return spec.factory(channels=int(channels), **kwargs)
+    return spec.factory(**kwargs)

@@ -1,0 +1,282 @@
+"""``actlab.convert``: swap every activation site of an existing model for a registered activation."""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+import torch
+import torch.nn as nn
+
+from ..activations.dpa import DPA
+from ..activations.iieu import IIEUB
+from ..activations.registry import ActivationSpec, get_spec
+from .trace import ACTIVATION_TYPES, ActivationCall, Trace, trace_activations
+
+
+class SiteSplit(nn.Module):
+    """Stands in for an activation module that its owner calls several times in one forward (torchvision's
+    ResNet blocks reuse ``self.relu``): the k-th call of each owner forward goes to ``sites[k]``.
+
+    The owner's forward pre-hook resets the counter, so a forward that stopped half-way cannot shift calls.
+    """
+
+    def __init__(self, sites: list[nn.Module], owner: nn.Module):
+        super().__init__()
+        self.sites = nn.ModuleList(sites)
+        self._next = 0
+        self._reset_handle = owner.register_forward_pre_hook(self._reset)
+
+    def _reset(self, module, args) -> None:
+        self._next = 0
+
+    def forward(self, x, *args, **kwargs):
+        i = self._next
+        if i >= len(self.sites):
+            raise RuntimeError(f"a split activation was called {i + 1} times in one forward of its owner, but "
+                               f"it was converted for {len(self.sites)} calls")
+        self._next = i + 1
+        return self.sites[i](x, *args, **kwargs)
+
+
+@dataclass
+class SiteRecord:
+    name: str
+    original: str
+    converted: bool
+    new: str = ""
+    reason: str = ""
+    producer: str = ""
+    norm: str = ""
+    shape: tuple | None = None
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` changed and what it left alone, and why. ``print(report)`` shows a table."""
+
+    activation: str
+    sites: list[SiteRecord] = field(default_factory=list)
+    functional: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.converted]
+
+    @property
+    def kept(self) -> list[SiteRecord]:
+        return [s for s in self.sites if not s.converted]
+
+    def __str__(self) -> str:
+        lines = [f"actlab.convert -> {self.activation}: {len(self.converted)} site(s) converted, "
+                 f"{len(self.kept)} left as they were"]
+        width = max([len(s.name) for s in self.sites] + [4])
+        for s in self.sites:
+            if s.converted:
+                via = f"  <- {s.producer}" + (f" -> {s.norm}" if s.norm else "") if s.producer else ""
+                lines.append(f"  converted  {s.name:<{width}}  {s.original} -> {s.new}{via}")
+        for s in self.kept:
+            lines.append(f"  kept       {s.name:<{width}}  {s.original}: {s.reason}")
+        for note in self.functional:
+            lines.append(f"  not seen   {note}")
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """The report of the last ``convert`` applied to ``model``."""
+    report = getattr(model, "_actlab_report", None)
+    if report is None:
+        raise ValueError("this model was not converted by actlab.convert")
+    return report
+
+
+@dataclass
+class _Slot:
+    """The k-th call position of one registration within its owner's forward."""
+
+    name: str
+    original: nn.Module
+    call: ActivationCall | None  # None: never called during the example forward
+    inconsistent: str = ""
+
+
+def _slots(trace: Trace) -> dict[str, list[_Slot]]:
+    per_invocation: dict[str, dict[int, list[ActivationCall]]] = defaultdict(lambda: defaultdict(list))
+    for call in trace.calls:
+        per_invocation[call.registration][call.owner_invocation].append(call)
+    out: dict[str, list[_Slot]] = {}
+    for reg, invocations in per_invocation.items():
+        runs = list(invocations.values())
+        first = runs[0]
+        slots = []
+        for k, call in enumerate(first):
+            name = reg if len(first) == 1 else f"{reg}[{k}]"
+            slot = _Slot(name, call.module, call)
+            for run in runs[1:]:
+                other = run[k] if k < len(run) else None
+                if other is None or other.producer is not call.producer or other.in_shape[1:] != call.in_shape[1:]:
+                    slot.inconsistent = "its owner calls it differently from one forward to the next"
+            if any(len(r) != len(first) for r in runs):
+                slot.inconsistent = "its owner calls it a varying number of times per forward"
+            slots.append(slot)
+        out[reg] = slots
+    return out
+
+
+def _channels_and_layout(call: ActivationCall) -> tuple[int | None, str]:
+    shape = call.in_shape
+    if shape is None:
+        return None, "none"
+    if isinstance(call.producer, nn.Linear) or len(shape) == 3:
+        return shape[-1], ("nlc" if len(shape) == 3 else "nc" if len(shape) == 2 else "channels_last")
+    if len(shape) == 4:
+        return shape[1], "nchw"
+    if len(shape) == 2:
+        return shape[1], "nc"
+    return None, f"{len(shape)}-d"
+
+
+def _token_pool(model: nn.Module, call: ActivationCall, batch: int) -> str:
+    """'cls' where the site's tokens carry the class token at index 0 and the model classifies from it."""
+    shape = call.in_shape
+    if shape is None or len(shape) != 3 or shape[0] != batch:
+        return "mean"
+    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
+        return "mean"
+    patch_embed = getattr(model, "patch_embed", None)
+    num_patches = getattr(patch_embed, "num_patches", None)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    return "cls" if shape[1] == 1 or (num_patches is not None and shape[1] == num_patches + prefix) else "mean"
+
+
+def _infer_num_classes(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, batch: int,
+           num_classes: int | None, kwargs: dict) -> tuple[nn.Module | None, str]:
+    """The new module for one call, or (None, reason it stays as it was)."""
+    if call is None:
+        if spec.needs_channels:
+            return None, "not called during the example forward, so its channel count is unknown"
+        return spec.factory(**kwargs), ""
+    channels, layout = _channels_and_layout(call)
+    if spec.needs_producer and call.producer is None:
+        return None, call.no_site_reason
+    if spec.needs_channels and (channels is None or layout not in spec.layouts):
+        return None, f"{spec.name} does not take this input layout (shape {call.in_shape})"
+    if spec.needs_num_classes:
+        if layout not in ("nchw", "nc", "nlc"):
+            return None, f"cannot pool a {call.in_shape} input per sample"
+        if call.in_shape[0] % batch:
+            return None, f"leading dim {call.in_shape[0]} is not a multiple of the batch {batch}"
+        module = DPA(channels, num_classes, token_pool=kwargs.pop("token_pool", _token_pool(model, call, batch)),
+                     **kwargs)
+    elif spec.needs_channels:
+        module = spec.factory(channels=channels, **kwargs)
+    else:
+        module = spec.factory(**kwargs)
+    if isinstance(module, IIEUB):
+        module.bind(call.producer)
+    return module, ""
+
+
+def _matches(name: str, patterns) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    base = name.split("[")[0]
+    return any(fnmatch(name, p) or fnmatch(base, p) for p in patterns)
+
+
+def convert(model: nn.Module, name: str, *, num_classes: int | None = None, include=None, exclude=None,
+            example_input=None, act_types: tuple[type, ...] | None = None, strict: bool = False,
+            **kwargs) -> nn.Module:
+    """Replace every activation site of ``model`` with the registered activation ``name``, in place.
+
+    Sites are found by one eval-mode forward on ``example_input``. Every call of an activation becomes a
+    site with its own module: a module that its owner calls several times is split (``SiteSplit``).
+
+    Args:
+        model: any nn.Module (torchvision, timm, your own).
+        name: registered activation (see ``actlab.list_activations()``).
+        num_classes: class count for DPA's memories (default: ``model.num_classes`` when it exists).
+        include: fnmatch pattern(s) of site names to convert (default: all), e.g. ``"layer4.*"``.
+        exclude: fnmatch pattern(s) of site names to leave alone.
+        example_input: a batch (or tuple of inputs) the model accepts; default a random (2, 3, H, W) batch
+            sized from the model's config (224 when unknown).
+        act_types: module classes treated as activations (default ``convert.ACTIVATION_TYPES``).
+        strict: raise if any site that was not excluded stays unconverted.
+        **kwargs: passed to each new activation (e.g. ``tau=`` for DPA, ``zero_patch=`` for IIEU-B).
+    Returns:
+        ``model`` itself, converted. ``actlab.conversion_report(model)`` says what changed and why.
+    """
+    spec = get_spec(name)
+    if spec.needs_num_classes:
+        num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
+        if num_classes is None:
+            raise ValueError(f"convert(..., {spec.name!r}) needs num_classes= (DPA keeps per-class memories)")
+    trace = trace_activations(model, example_input, act_types)
+    batch = trace.batch or 1
+    report = ConversionReport(spec.name, functional=list(trace.functional))
+    slots = _slots(trace)
+    act_types = act_types or ACTIVATION_TYPES
+    for reg, mod in model.named_modules(remove_duplicate=False):
+        if reg and isinstance(mod, act_types) and reg not in slots and not _inside_activation(model, reg, act_types):
+            slots[reg] = [_Slot(reg, mod, None)]
+    for reg, reg_slots in slots.items():
+        owner, attr = _resolve(model, reg)
+        new_modules, changed = [], False
+        for slot in reg_slots:
+            call = slot.call
+            record = SiteRecord(slot.name, type(slot.original).__name__, False,
+                                shape=call.in_shape if call else None,
+                                producer=call.producer_name if call else "", norm=call.norm_name if call else "")
+            module, reason = None, ""
+            if exclude is not None and _matches(slot.name, exclude):
+                reason = "excluded by pattern"
+            elif include is not None and not _matches(slot.name, include):
+                reason = "not matched by include"
+            elif slot.inconsistent:
+                reason = slot.inconsistent
+            else:
+                module, reason = _build(spec, call, model, batch, num_classes, dict(kwargs))
+            if module is None:
+                record.reason = reason
+                has_state = any(True for _ in slot.original.parameters()) or any(True for _ in slot.original.buffers())
+                module = slot.original if (has_state or len(reg_slots) == 1) else copy.deepcopy(slot.original)
+            else:
+                changed = True
+                record.converted, record.new = True, type(module).__name__
+                if hasattr(module, "site"):
+                    module.site = slot.name
+            report.sites.append(record)
+            new_modules.append(module)
+        if changed or len(reg_slots) > 1:
+            replacement = new_modules[0] if len(new_modules) == 1 else SiteSplit(new_modules, owner)
+            setattr(owner, attr, replacement)
+    object.__setattr__(model, "_actlab_report", report)
+    if strict:
+        left = [s for s in report.kept if s.reason not in ("excluded by pattern", "not matched by include")]
+        if left:
+            raise ValueError(f"convert(strict=True): {len(left)} site(s) left unconverted\n{report}")
+    return model
+
+
+def _resolve(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent, _, attr = dotted.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def _inside_activation(model: nn.Module, reg: str, act_types) -> bool:
+    parts = reg.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), act_types):
+            return True
+    return False
+
+
+__all__ = ["ConversionReport", "SiteRecord", "SiteSplit", "conversion_report", "convert"]

@@ -1,0 +1,268 @@
+"""Find activation sites by running one forward pass with hooks.
+
+For every call of an activation module we record the registration it was called through (owner module
+and attribute), the input shape, and where its input tensor came from: the module call that produced
+it, followed back through pass-through modules (Identity, Dropout) and one norm layer. Provenance uses
+tensor identity *and* the tensor's version counter, so a map modified in place after its producer ran
+(``out += identity`` in a ResNet block) is not mistaken for the producer's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..activations.base import ActivationModule
+
+_TORCH_ACTS: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Softplus, nn.Hardswish, ActivationModule,
+)
+NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+PASS_THROUGH: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+
+_FUNCTIONAL_ACTS = {
+    F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu", torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu", F.relu6: "relu6", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
+    F.elu: "elu", F.selu: "selu", F.leaky_relu: "leaky_relu", F.hardswish: "hardswish", F.softplus: "softplus",
+}
+
+
+def _timm_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """timm's own activation and drop-path classes, when timm is installed."""
+    try:
+        from timm.layers import activations as ta
+        from timm.layers import drop as td
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep the converter usable without it
+        return (), ()
+    acts = tuple(getattr(ta, n) for n in ("Swish", "Mish", "GELU", "GELUTanh", "QuickGELU", "HardSwish", "PReLU")
+                 if isinstance(getattr(ta, n, None), type))
+    drops = tuple(getattr(td, n) for n in ("DropPath", "DropBlock2d") if isinstance(getattr(td, n, None), type))
+    return acts, drops
+
+
+_TIMM_ACTS, _TIMM_DROPS = _timm_types()
+ACTIVATION_TYPES: tuple[type, ...] = _TORCH_ACTS + _TIMM_ACTS
+PASS_THROUGH = PASS_THROUGH + _TIMM_DROPS
+
+
+def is_producer(module: nn.Module) -> bool:
+    """A plain Conv2d or Linear (subclasses that change the forward, e.g. weight standardisation, are not)."""
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward and module.padding_mode == "zeros"
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return False
+
+
+@dataclass
+class ModuleCall:
+    seq: int
+    module: nn.Module
+    name: str
+    source: "ModuleCall | None"  # call that produced this call's first input
+    in_shape: tuple | None
+
+
+@dataclass
+class ActivationCall:
+    """One call of an activation module during the trace."""
+
+    seq: int
+    module: nn.Module
+    owner: nn.Module
+    owner_name: str
+    attr: str
+    owner_invocation: int  # seq of the owner's call this happened in
+    in_shape: tuple | None
+    producer: nn.Module | None = None
+    producer_name: str = ""
+    norm_name: str = ""
+    no_site_reason: str = ""  # why this call has no Conv2d/Linear producer
+
+    @property
+    def registration(self) -> str:
+        return f"{self.owner_name}.{self.attr}" if self.owner_name else self.attr
+
+
+@dataclass
+class Trace:
+    calls: list[ActivationCall] = field(default_factory=list)
+    registrations: dict[str, tuple[nn.Module, str, nn.Module]] = field(default_factory=dict)  # name -> owner, attr, act
+    functional: list[str] = field(default_factory=list)
+    batch: int = 0
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module, act_types: tuple[type, ...]):
+        self.model, self.act_types = model, act_types
+        self.names: dict[int, str] = {}
+        for name, m in model.named_modules():
+            self.names.setdefault(id(m), name)
+        self.stack: list[ModuleCall] = []
+        self.produced: dict[int, tuple[ModuleCall, int]] = {}
+        self.alive: list[torch.Tensor] = []  # keep traced tensors alive so their ids stay unique
+        self.last_seq: dict[int, int] = {}
+        self.seq = 0
+        self.trace = Trace()
+        self.handles = []
+
+    def is_act(self, m: nn.Module) -> bool:
+        return isinstance(m, self.act_types)
+
+    def source(self, t: torch.Tensor | None) -> ModuleCall | None:
+        if t is None:
+            return None
+        entry = self.produced.get(id(t))
+        if entry is not None and entry[1] == t._version:
+            return entry[0]
+        return None
+
+    def install(self) -> None:
+        def walk(module: nn.Module) -> None:
+            self.handles.append(module.register_forward_pre_hook(self.pre))
+            self.handles.append(module.register_forward_hook(self.post))
+            if self.is_act(module):
+                return  # an activation's internals are not sites
+            for child in module.children():
+                walk(child)
+
+        walk(self.model)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def pre(self, module: nn.Module, args) -> None:
+        x = _first_tensor(args)
+        call = ModuleCall(self.seq, module, self.names.get(id(module), "?"), self.source(x),
+                          tuple(x.shape) if x is not None else None)
+        self.seq += 1
+        self.last_seq[id(module)] = call.seq
+        if self.is_act(module) and not isinstance(module, nn.ModuleList):
+            self._record_activation(call)
+        self.stack.append(call)
+
+    def post(self, module: nn.Module, args, output) -> None:
+        call = self.stack.pop()
+        if not isinstance(output, torch.Tensor):
+            return
+        self.alive.append(output)
+        known = self.source(output)
+        if isinstance(module, PASS_THROUGH):
+            src = call.source
+            if src is not None:
+                self.produced[id(output)] = (src, output._version)
+            return
+        if known is not None and known.seq > call.seq:
+            return  # a container returning its child's output unchanged: the child is the producer
+        self.produced[id(output)] = (call, output._version)
+
+    def _owner(self, module: nn.Module) -> tuple[ModuleCall | None, str]:
+        for frame in reversed(self.stack):
+            for attr, child in frame.module._modules.items():
+                if child is module:
+                    return frame, attr
+        return None, ""
+
+    def _record_activation(self, call: ModuleCall) -> None:
+        owner, attr = self._owner(call.module)
+        if owner is None:
+            return  # the model itself is an activation, or the call came from outside the module tree
+        act = ActivationCall(call.seq, call.module, owner.module, owner.name, attr, owner.seq, call.in_shape)
+        self.trace.registrations.setdefault(act.registration, (owner.module, attr, call.module))
+        src = call.source
+        if src is None and isinstance(owner.module, NORM_TYPES):
+            src = owner  # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
+            act.norm_name = owner.name
+            src = src.source
+        elif src is not None and isinstance(src.module, NORM_TYPES):
+            act.norm_name = src.name
+            src = src.source
+        if src is None:
+            act.no_site_reason = "its input is made by tensor code (e.g. a residual add), not by a module"
+        elif not is_producer(src.module):
+            what = type(src.module).__name__
+            act.no_site_reason = f"its input comes from {src.name or 'the model'} ({what}), not a Conv2d/Linear" + \
+                (" through a norm" if act.norm_name else "")
+        elif self.last_seq.get(id(src.module)) != src.seq:
+            act.no_site_reason = f"its producer {src.name} was called again before this activation ran"
+        else:
+            act.producer, act.producer_name = src.module, src.name
+        self.trace.calls.append(act)
+
+
+class _FunctionalSpy(TorchFunctionMode):
+    """Notes functional activations (F.relu(x) in a forward) that module swapping cannot reach."""
+
+    def __init__(self, tracer: _Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = _FUNCTIONAL_ACTS.get(func)
+        if name is not None and self.tracer.stack and not self.tracer.is_act(self.tracer.stack[-1].module):
+            where = self.tracer.stack[-1].name or "the model's forward"
+            note = f"{where}: functional {name} (not a module; left as is)"
+            if note not in self.tracer.trace.functional:
+                self.tracer.trace.functional.append(note)
+        return func(*args, **(kwargs or {}))
+
+
+def default_example_input(model: nn.Module) -> torch.Tensor:
+    """A (2, C, H, W) random batch of the size the model expects (timm's patch size / config, else 224)."""
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else None
+    dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32
+    shape = (3, 224, 224)
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None:
+        proj = getattr(patch_embed, "proj", None)
+        chans = getattr(proj, "in_channels", 3)
+        shape = (chans, *((img_size, img_size) if isinstance(img_size, int) else tuple(img_size)))
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        if isinstance(cfg, dict) and "input_size" in cfg:
+            shape = tuple(cfg["input_size"])
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, *shape, generator=generator, dtype=dtype).to(device)
+
+
+def trace_activations(model: nn.Module, example_input=None,
+                      act_types: tuple[type, ...] | None = None) -> Trace:
+    """Run one eval-mode forward of ``model`` on ``example_input`` and record every activation call."""
+    act_types = act_types or ACTIVATION_TYPES
+    if example_input is None:
+        example_input = default_example_input(model)
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    tracer = _Tracer(model, act_types)
+    tracer.install()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _FunctionalSpy(tracer):
+            model(*args)
+    except Exception as exc:
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        raise RuntimeError(f"convert: the example forward failed on input shapes {shapes} "
+                           f"({type(exc).__name__}: {exc}); pass example_input= that the model accepts") from exc
+    finally:
+        tracer.remove()
+        model.train(was_training)
+    first = args[0]
+    tracer.trace.batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 0
+    return tracer.trace
