@@ -1,0 +1,112 @@
+"""One harness for every registered activation: a registered name is tested by being registered.
+
+For each name and each input layout it accepts, a tiny site (producer -> norm -> activation) is built
+with ``actlab.convert``; the converted activation is checked against the independent reference in
+``references.py`` (values and float64 gradients), for dtype behaviour and a state_dict round trip.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actlab
+from actlab.activations import get_spec
+import references as ref
+
+LAYOUT_INPUTS = {"nchw": (3, 5, 6, 6), "nc": (3, 5), "nlc": (3, 7, 5)}
+
+
+def make_site(layout: str, channels: int = 6) -> nn.Sequential:
+    if layout == "nchw":
+        return nn.Sequential(nn.Conv2d(5, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+    return nn.Sequential(nn.Linear(5, channels), nn.LayerNorm(channels), nn.ReLU())
+
+
+def converted_site(name: str, layout: str, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    site = make_site(layout)
+    if layout == "nchw":  # non-trivial running statistics for the eval-mode BN
+        site[1].running_mean.uniform_(-0.5, 0.5)
+        site[1].running_var.uniform_(0.5, 2.0)
+    example = torch.randn(2, *LAYOUT_INPUTS[layout][1:])
+    actlab.convert(site, name, num_classes=4, example_input=example, strict=True)
+    # perturb learnable parameters away from their init so the reference sees non-trivial values
+    with torch.no_grad():
+        for p in site[2].parameters():
+            if p.dim() and p.numel() > 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return site.double().eval()
+
+
+def reference_out(name: str, site: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    x_t = site[1](site[0](x))
+    act = site[2]
+    if name == "iieu_b":
+        return ref.iieu_b(act, x_t, x, site[0])
+    return ref.REFERENCES[name](act, x_t)
+
+
+CASES = [(n, lay) for n in actlab.list_activations() for lay in get_spec(n).layouts]
+
+
+def test_every_activation_has_a_reference():
+    missing = [n for n in actlab.list_activations() if n not in ref.REFERENCES]
+    assert not missing, f"register a reference in tests/references.py for {missing}"
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_matches_reference_values_and_gradients(name, layout):
+    site = converted_site(name, layout)
+    x = torch.randn(*LAYOUT_INPUTS[layout], dtype=torch.float64, requires_grad=True)
+    out = site(x)
+    expected = reference_out(name, site, x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the inference path (plain ops, used by compile / export) must agree too
+        torch.testing.assert_close(site(x), expected, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(out)
+    params = [x, *site.parameters()]
+    got = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((expected * weights).sum(), params, allow_unused=True)
+    for p, g, w in zip(params, got, want):
+        if w is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_dtype_and_state_dict_round_trip(name, layout):
+    site = converted_site(name, layout, seed=1).float()
+    x = torch.randn(*LAYOUT_INPUTS[layout])
+    out = site(x)
+    assert out.dtype == torch.float32
+    assert out.shape == site[1](site[0](x)).shape
+    other = converted_site(name, layout, seed=2).float()
+    if any(p.numel() for p in site[2].parameters()):
+        assert not torch.allclose(other(x), out), "different seeds should give different parameters"
+    other.load_state_dict(copy.deepcopy(site.state_dict()))
+    torch.testing.assert_close(other(x), out, rtol=0, atol=0)
+
+
+def test_registry_errors():
+    with pytest.raises(KeyError, match="unknown activation 'relu7'"):
+        actlab.create_activation("relu7")
+    with pytest.raises(ValueError, match="per-channel state"):
+        actlab.create_activation("prelu")
+    from actlab.activations import ActivationSpec, register
+    with pytest.raises(ValueError, match="already registered"):
+        register(ActivationSpec("relu", nn.ReLU))
+    with pytest.raises(ValueError, match="already registered"):
+        register(ActivationSpec("my_act", nn.ReLU, aliases=("swish",)))
+    assert "my_act" not in actlab.list_activations()
+
+
+def test_aliases_and_case():
+    assert isinstance(actlab.create_activation("Swish"), nn.SiLU)
+    assert isinstance(actlab.create_activation("leaky-relu"), nn.LeakyReLU)
+    assert set(actlab.list_activations()) >= {
+        "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu", "mish", "gdn", "acon_c",
+        "meta_acon", "smu", "frelu", "dyrelu", "iieu_b", "dpa"}

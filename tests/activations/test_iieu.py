@@ -1,0 +1,240 @@
+"""IIEU-B against the SPEC reference across conv geometries and linear sites, plus its edge cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from actlab.activations import IIEUB
+from actlab.activations.iieu import ConvPatches, IIEUFunction, LinearPatches, inverse_filter_norms
+import references as ref
+
+GEOMETRIES = {
+    # name: (Cin, Cout, kernel, stride, padding, dilation, groups, H)
+    "3x3": (6, 8, 3, 1, 1, 1, 1, 7),
+    "stride2": (6, 8, 3, 2, 1, 1, 1, 9),
+    "dilation2": (6, 8, 3, 1, 2, 2, 1, 9),
+    "depthwise": (6, 6, 3, 1, 1, 1, 6, 7),
+    "depthwise_stride2": (6, 12, 3, 2, 1, 1, 6, 8),
+    "grouped": (6, 9, 3, 1, 1, 1, 3, 7),
+    "1x1": (6, 8, 1, 1, 0, 1, 1, 5),
+    "7x7_stride2_stem": (3, 8, 7, 2, 3, 1, 1, 16),
+    "same_even_kernel": (4, 5, 4, 1, "same", 1, 1, 7),
+    "valid": (4, 5, 3, 1, "valid", 1, 1, 7),
+    "rect_kernel": (4, 5, (1, 3), (1, 2), (0, 1), 1, 1, 7),
+}
+
+
+def conv_site(geom, norm: bool, seed=0, bias=True):
+    torch.manual_seed(seed)
+    cin, cout, k, s, p, d, g, _ = geom
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, bias=bias).double()
+    bn = nn.BatchNorm2d(cout).double() if norm else nn.Identity()
+    unit = IIEUB(cout).double()
+    with torch.no_grad():
+        unit.eta.uniform_(-0.2, 0.3)
+        unit.norm.weight.uniform_(0.5, 1.5)
+        unit.norm.bias.uniform_(-0.5, 0.5)
+    unit.bind(conv)
+    return conv, bn, unit
+
+
+def check_against_reference(x, producer, norm, unit, rtol=1e-9):
+    x = x.clone().requires_grad_(True)
+    out = unit(norm(producer(x)))
+    expected = ref.iieu_b(unit, norm(producer(x)), x, producer)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=1e-12)
+    params = [x, producer.weight, unit.eta, unit.norm.weight, unit.norm.bias]
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), params)
+    want = torch.autograd.grad((expected * w).sum(), params)
+    for name, a, b in zip(["x_pre", "weight", "eta", "ln.weight", "ln.bias"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+    return out
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["bn", "no_norm"])
+@pytest.mark.parametrize("geom", list(GEOMETRIES), ids=list(GEOMETRIES))
+def test_conv_sites_match_reference(geom, norm):
+    conv, bn, unit = conv_site(GEOMETRIES[geom], norm)
+    h = GEOMETRIES[geom][-1]
+    check_against_reference(torch.randn(3, GEOMETRIES[geom][0], h, h + 1, dtype=torch.float64), conv, bn.train(), unit)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5, 6), (2, 3, 4, 6)], ids=["BC", "BNC", "BHWC"])
+@pytest.mark.parametrize("norm", [True, False], ids=["ln", "no_norm"])
+def test_linear_sites_match_reference(shape, norm):
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 7).double()
+    ln = nn.LayerNorm(7).double() if norm else nn.Identity()
+    unit = IIEUB(7, producer=lin).double()
+    with torch.no_grad():
+        unit.norm.weight.uniform_(0.5, 1.5)
+    check_against_reference(torch.randn(*shape, dtype=torch.float64), lin, ln, unit)
+
+
+def test_batch_size_one():
+    conv, bn, unit = conv_site(GEOMETRIES["3x3"], norm=True)
+    check_against_reference(torch.randn(1, 6, 5, 5, dtype=torch.float64), conv, bn.train(), unit)
+    lin = nn.Linear(4, 3).double()
+    check_against_reference(torch.randn(1, 4, dtype=torch.float64), lin, nn.Identity(), IIEUB(3, producer=lin).double())
+
+
+def test_zero_patches_are_silenced():
+    conv, _, unit = conv_site(GEOMETRIES["3x3"], norm=False)
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    x[:, :, :, :4] = 0  # a black left half: patches fully inside it have no direction
+    out = check_against_reference(x, conv, nn.Identity(), unit)
+    # inside the zero region x_t is the conv bias; the unit must scale it by s(nu) only (term-S = 0)
+    x_t = conv(x)
+    nu = torch.sigmoid(torch.nn.functional.layer_norm(x_t.mean((2, 3)), (8,), unit.norm.weight, unit.norm.bias, 1e-6))
+    eta = unit.eta
+    s_nu = torch.where(nu >= eta, nu, eta * torch.exp(nu - eta))
+    inside = out[:, :, :, :3]
+    torch.testing.assert_close(inside, s_nu[:, :, None, None] * x_t[:, :, :, :3])
+    assert out.abs().max() < 100 * x_t.abs().max()
+
+
+def test_published_zero_patch_rule_is_reachable():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.zeros(1, 3, 6, 6, dtype=torch.float64)
+    x[:, :, 0, 0] = 1.0
+    silent = IIEUB(4, producer=conv).double()
+    published = IIEUB(4, producer=conv, zero_patch="published").double()
+    check_against_reference(x, conv, nn.Identity(), published)
+    a, b = silent(conv(x)), published(conv(x))
+    # far from the single non-zero pixel the patch is all zero: published scales by ~1e8, ours does not
+    assert b[0, :, 4, 4].abs().max() > 1e6 * a[0, :, 4, 4].abs().max()
+    with pytest.raises(ValueError, match="zero_patch"):
+        IIEUB(4, zero_patch="off")
+
+
+def test_grouped_norm_uses_only_group_channels():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False).double()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    x[:, 2:] *= 1000  # the second group is huge; the first group's term-S must not see it
+    patches = ConvPatches.from_conv(conv)
+    sumsq = patches.sumsq(x)
+    torch.testing.assert_close(sumsq[:, 0], x[:, :2].square().sum(1))
+    torch.testing.assert_close(sumsq[:, 1], x[:, 2:].square().sum(1))
+
+
+GRADCHECK_GEOMS = ["3x3", "stride2", "depthwise_stride2", "grouped", "same_even_kernel"]
+
+
+@pytest.mark.parametrize("geom", GRADCHECK_GEOMS)
+@pytest.mark.parametrize("silence", [True, False])
+def test_gradcheck_conv_function(geom, silence):
+    torch.manual_seed(0)
+    cin, cout, k, s, p, d, g, _ = GEOMETRIES[geom]
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g)
+    patches = ConvPatches.from_conv(conv)
+    x_pre = torch.randn(2, cin, 5, 6, dtype=torch.float64, requires_grad=True)
+    x_t = torch.randn(2, cout, *patches.output_hw(5, 6), dtype=torch.float64, requires_grad=True)
+    inv_w = torch.rand(cout, dtype=torch.float64).add(0.5).requires_grad_()
+    nu = torch.rand(2, cout, dtype=torch.float64).requires_grad_()
+    eta = torch.full((cout,), 0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: IIEUFunction.apply(*t, patches, 1e-8, silence),
+                                    (x_t, x_pre, inv_w, nu, eta))
+
+
+@pytest.mark.parametrize("shape,nu_shape", [((3, 5), (3, 4)), ((2, 3, 5), (2, 4)), ((2, 3, 5), (2, 3, 4))])
+def test_gradcheck_linear_function(shape, nu_shape):
+    torch.manual_seed(0)
+    patches = LinearPatches(5, 4)
+    x_pre = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_t = torch.randn(*shape[:-1], 4, dtype=torch.float64, requires_grad=True)
+    inv_w = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
+    nu = torch.rand(*nu_shape, dtype=torch.float64).requires_grad_()
+    eta = torch.full((4,), 0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: IIEUFunction.apply(*t, patches, 1e-8, True),
+                                    (x_t, x_pre, inv_w, nu, eta))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e15])
+def test_zero_and_huge_inputs_are_finite(scale):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    unit = IIEUB(6, producer=conv)
+    x = (torch.randn(2, 4, 6, 6) * scale).requires_grad_()
+    out = unit(conv(x))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(unit.eta.grad).all() and torch.isfinite(conv.weight.grad).all()
+
+
+def test_bf16_autocast_close_to_float32():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+    unit = IIEUB(16, producer=conv)
+    x = torch.randn(4, 8, 10, 10)
+    ref32 = unit(bn(conv(x)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unit(bn(conv(x)))
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - ref32).norm() / ref32.norm()
+    assert err < 2e-2, err
+    assert unit.eta.grad.dtype == torch.float32 and torch.isfinite(unit.eta.grad).all()
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages that autograd saves for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_saved_memory_close_to_relu():
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 16, 16, requires_grad=True)
+
+    def block(act_factory):
+        conv, bn = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        act = act_factory(conv)
+        return lambda: act(bn(conv(x)))
+
+    relu = _saved_bytes(block(lambda conv: nn.ReLU()))
+    iieu = _saved_bytes(block(lambda conv: IIEUB(32, producer=conv)))
+    assert iieu <= 1.15 * relu, (iieu, relu)
+
+
+def test_unbound_unit_and_mismatched_producer_errors():
+    unit = IIEUB(4)
+    unit.site = "features.3"
+    with pytest.raises(RuntimeError, match="features.3.*no producer input"):
+        unit(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="4 output channels, unit has 5"):
+        IIEUB(5, producer=nn.Conv2d(3, 4, 3))
+    with pytest.raises(TypeError, match="Conv2d or nn.Linear"):
+        IIEUB(4, producer=nn.Conv1d(3, 4, 3))
+    conv = nn.Conv2d(3, 4, 3)
+    unit = IIEUB(4, producer=conv)
+    conv(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="does not match the producer's output"):
+        unit(torch.randn(1, 4, 5, 5))
+
+
+def test_parameters_names_and_init():
+    unit = IIEUB(12)
+    names = dict(unit.named_parameters())
+    assert set(names) == {"eta", "norm.weight", "norm.bias"}
+    assert torch.equal(unit.eta, torch.full((12,), 0.05))
+    assert isinstance(unit.norm, nn.LayerNorm) and unit.norm.eps == 1e-6
+    assert torch.equal(unit.norm.weight, torch.full((12,), 0.01)) and torch.equal(unit.norm.bias, torch.zeros(12))
+    assert math.isclose(unit.eps, 1e-8)
+
+
+def test_inverse_filter_norms():
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    torch.testing.assert_close(inverse_filter_norms(w, 1e-8), torch.tensor([1 / 5, 1.0]), rtol=1e-6, atol=0)
