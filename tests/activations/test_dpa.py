@@ -1,0 +1,210 @@
+"""DPA: the vectorised memories against the SPEC's sample-by-sample rule, persistence, errors, DDP."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actlab
+from actlab.activations import DPA, sequential_ema_
+from actlab.activations.dpa import _ThresholdUnit
+import dpa_worker
+import references as ref
+
+
+@pytest.mark.parametrize("num_classes,batch", [(3, 40), (1, 17), (50, 64)])
+def test_sequential_ema_is_bit_exact(num_classes, batch):
+    g = torch.Generator().manual_seed(num_classes)
+    memory = torch.randn(num_classes, 5, generator=g)
+    labels = torch.randint(0, num_classes, (batch,), generator=g)
+    values = torch.randn(batch, 5, generator=g)
+    expected, rows = memory.clone(), []
+    for i in range(batch):
+        c = int(labels[i])
+        expected[c] = expected[c] + 0.9 * (values[i] - expected[c])
+        rows.append(expected[c].clone())
+    after = sequential_ema_(memory, labels, values, 0.9)
+    assert torch.equal(memory, expected)
+    assert torch.equal(after, torch.stack(rows))
+
+
+class Net(nn.Module):
+    """producer -> DPA -> head, for one input layout."""
+
+    def __init__(self, layout: str, k: int = 1):
+        super().__init__()
+        self.layout, self.k = layout, k
+        self.producer = nn.Conv2d(3, 6, 3, padding=1) if layout == "nchw" else nn.Linear(5, 6)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 4)
+
+    def features(self, x):
+        return self.producer(x)
+
+    def classify(self, out, batch):
+        if self.layout == "nchw":
+            pooled = out.mean((2, 3))
+        elif self.layout == "nlc":
+            pooled = out.mean(1)
+        else:
+            pooled = out
+        return self.head(pooled.view(batch, self.k, -1).mean(1))
+
+    def forward(self, x):
+        batch = x.shape[0] // self.k
+        return self.classify(self.act(self.features(x)), batch)
+
+
+INPUTS = {"nchw": (3, 5, 5), "nc": (5,), "nlc": (4, 5)}
+
+
+@pytest.mark.parametrize("layout,k", [("nchw", 1), ("nc", 1), ("nlc", 1), ("nlc", 3)],
+                         ids=["conv", "flat", "tokens", "tokens_kB"])
+def test_dpa_matches_sequential_rule_over_many_steps(layout, k):
+    torch.manual_seed(0)
+    net = Net(layout, k)
+    actlab.convert(net, "dpa", num_classes=4, example_input=torch.randn(2 * k, *INPUTS[layout]), strict=True)
+    twin = copy.deepcopy(net)  # its layers drive the reference; its DPA module is never called
+    seq = ref.SequentialDPA(4, 6)
+    batch, lam = 12, 2.0
+    g = torch.Generator().manual_seed(1)
+    masked_steps = 0
+    for step in range(25):
+        x = torch.randn(batch * k, *INPUTS[layout], generator=g) - 0.2
+        y = torch.randint(0, 4, (batch,), generator=g)
+        y[:4] = 2  # repeated classes in every batch
+        with actlab.targets(net, y):
+            logits = net(x)
+        loss = F.cross_entropy(logits, y) + lam * actlab.dpa_loss(net)
+        loss.backward()
+
+        x_t = twin.features(x)
+        v = seq.pool(x_t, batch)
+        mask, update = seq.forward(v, y)
+        out = torch.where(x_t >= 0, x_t, torch.zeros_like(x_t))
+        out.retain_grad()
+        channel = (v.square() * mask).sum() / max(int(mask.sum()), 1)
+        ref_loss = F.cross_entropy(twin.classify(out, batch), y) + lam * channel
+        ref_loss.backward()
+        if update:
+            seq.backward(seq.pool(out.grad, batch), y)
+        masked_steps += int(mask.any())
+
+        assert torch.equal(net.act.value_memory, seq.value), f"value memory differs at step {step}"
+        assert torch.equal(net.act.grad_memory, seq.grad), f"grad memory differs at step {step}"
+        assert int(net.act.count) == seq.count
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(net.producer.weight.grad, twin.producer.weight.grad)
+    assert masked_steps >= 5, "the test data should exercise the channel loss"
+
+
+def test_memories_survive_state_dict_round_trip():
+    model = dpa_worker.tiny_model()
+    data = list(dpa_worker.batches(15, 10))
+    dpa_worker.train_steps(model, data[:7])
+    restored = dpa_worker.tiny_model(seed=5)
+    restored.load_state_dict(copy.deepcopy(model.state_dict()))
+    site = restored[1]
+    assert set(k for k in restored.state_dict() if k.startswith("1.")) == {"1.value_memory", "1.grad_memory", "1.count"}
+    assert torch.equal(site.value_memory, model[1].value_memory) and int(site.count) == 7 % 5
+    dpa_worker.train_steps(model, data[7:])
+    dpa_worker.train_steps(restored, data[7:])
+    assert torch.equal(model[1].value_memory, restored[1].value_memory)
+    assert torch.equal(model[1].grad_memory, restored[1].grad_memory)
+    assert model[1].value_memory.abs().sum() > 0 and model[1].grad_memory.abs().sum() > 0
+
+
+def test_eval_is_tau_and_changes_nothing():
+    model = dpa_worker.tiny_model()
+    dpa_worker.train_steps(model, dpa_worker.batches(6, 8))
+    before = copy.deepcopy(model.state_dict())
+    model.eval()
+    x = torch.randn(5, 6)
+    out = model[1](model[0](x))
+    pre = model[0](x)
+    assert torch.equal(out, torch.where(pre >= 0, pre, torch.zeros_like(pre)))
+    model(x)
+    assert actlab.dpa_loss(model).item() == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_channel_loss_pushes_masked_responses_down():
+    model = dpa_worker.tiny_model()
+    site = model[1]
+    with torch.no_grad():
+        site.value_memory.fill_(-1.0)
+        site.grad_memory.fill_(-1.0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with actlab.targets(model, y):
+        model(x)
+    loss = actlab.dpa_loss(model)
+    pre = model[0](x)
+    positive = pre > 0  # mask = memory < 0 (all) & v > 0 & grad memory < 0 (all)
+    torch.testing.assert_close(loss, (pre.square() * positive).sum() / positive.sum())
+    loss.backward()
+    assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_gradcheck_threshold_unit():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    x = torch.where(x.abs() < 0.05, x + 0.2, x).requires_grad_()  # keep away from the kink
+    assert torch.autograd.gradcheck(lambda t: _ThresholdUnit.apply(t, 0.0), (x,))
+    assert torch.autograd.gradcheck(lambda t: _ThresholdUnit.apply(t, 0.5), (x + 0.01,))
+
+
+def test_gradient_passes_at_threshold():
+    x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    _ThresholdUnit.apply(x, 0.0).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0]
+
+
+def test_clear_errors():
+    model = dpa_worker.tiny_model()
+    model[1].site = "1"
+    with pytest.raises(RuntimeError, match="DPA site '1'.*needs class targets"):
+        model(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"DPA site '1'.*out of range \[0, 3\).*max 3"):
+        with actlab.targets(model, torch.tensor([0, 1, 3, 2])):
+            pass
+    with pytest.raises(ValueError, match="integer class indices"):
+        with actlab.targets(model, torch.rand(4, 3)):
+            pass
+    site = DPA(4, num_classes=2)
+    site.site = "blocks.0"
+    with pytest.raises(ValueError, match="blocks.0.*cannot pool"):
+        with actlab.targets(site, torch.tensor([0])):
+            site(torch.randn(1, 4, 2, 2, 2))
+    with pytest.raises(ValueError, match="blocks.0.*not a multiple"):
+        with actlab.targets(site, torch.tensor([0, 1])):
+            site(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="num_classes"):
+        actlab.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), "dpa", example_input=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="num_classes"):
+        actlab.create_activation("dpa", channels=4)
+
+
+def test_dpa_loss_is_zero_without_sites_or_masks():
+    model = nn.Sequential(nn.Linear(3, 3))
+    assert actlab.dpa_loss(model).item() == 0.0
+    fresh = dpa_worker.tiny_model()
+    with actlab.targets(fresh, torch.tensor([0, 1])):
+        fresh(torch.randn(2, 6))
+    assert actlab.dpa_loss(fresh).item() == 0.0  # memories start at 0: nothing is masked yet
+
+
+def test_two_gloo_processes_match_one_process_on_global_batch(tmp_path):
+    steps, batch = 12, 10
+    mp.spawn(dpa_worker.gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch), nprocs=2)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single = dpa_worker.tiny_model()
+    dpa_worker.train_steps(single, dpa_worker.batches(steps, batch))
+    for key in ("1.value_memory", "1.grad_memory", "1.count"):
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert torch.equal(rank0[key], single.state_dict()[key]), key
+    assert single[1].grad_memory.abs().sum() > 0
