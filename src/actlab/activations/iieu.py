@@ -422,11 +422,23 @@ class IIEUB(ActivationModule):
                 f"IIEU-B site {self.site!r} has no producer input: IIEU-B needs the Conv2d/Linear that feeds it. "
                 "Use actlab.convert(model, 'iieu_b'), or unit.bind(conv) and call the producer first, "
                 "or pass x_pre explicitly.")
+        if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:
+            return self._conv_tokens(x_t, x_pre)
         self._patches.check(x_t, x_pre, self.site)
         with torch.autocast(x_t.device.type, enabled=False):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
         return iieu_b(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps,
                       self.zero_patch == "silence")
+
+    def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
+        """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""
+        b, n, c = x_t.shape
+        h, w = self._patches.output_hw(*x_pre.shape[2:]) if x_pre.dim() == 4 else (-1, -1)
+        if h * w != n:
+            raise ValueError(f"IIEU-B site {self.site!r}: {n} tokens do not match the producer's "
+                             f"{h}x{w} output map")
+        out = self.forward(x_t.transpose(1, 2).reshape(b, c, h, w), x_pre)
+        return out.flatten(2).transpose(1, 2)
 
     def extra_repr(self) -> str:
         prod = type(self._producer).__name__ if self._producer is not None else "unbound"

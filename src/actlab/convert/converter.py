@@ -144,8 +144,8 @@ def _token_pool(model: nn.Module, call: ActivationCall, batch: int) -> str:
         return "mean"
     if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
         return "mean"
-    patch_embed = getattr(model, "patch_embed", None)
-    num_patches = getattr(patch_embed, "num_patches", None)
+    num_patches = next((m.num_patches for m in model.modules() if isinstance(getattr(m, "num_patches", None), int)),
+                       None)
     prefix = getattr(model, "num_prefix_tokens", 1)
     return "cls" if shape[1] == 1 or (num_patches is not None and shape[1] == num_patches + prefix) else "mean"
 

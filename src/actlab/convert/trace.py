@@ -114,6 +114,7 @@ class _Tracer:
             self.names.setdefault(id(m), name)
         self.stack: list[ModuleCall] = []
         self.produced: dict[int, tuple[ModuleCall, int]] = {}
+        self.conv_outputs: dict[int, tuple[ModuleCall, torch.Tensor]] = {}  # storage ptr -> Conv2d call, output
         self.alive: list[torch.Tensor] = []  # keep traced tensors alive so their ids stay unique
         self.last_seq: dict[int, int] = {}
         self.seq = 0
@@ -153,7 +154,7 @@ class _Tracer:
         self.seq += 1
         self.last_seq[id(module)] = call.seq
         if self.is_act(module) and not isinstance(module, nn.ModuleList):
-            self._record_activation(call)
+            self._record_activation(call, x)
         self.stack.append(call)
 
     def post(self, module: nn.Module, args, output) -> None:
@@ -170,6 +171,23 @@ class _Tracer:
         if known is not None and known.seq > call.seq:
             return  # a container returning its child's output unchanged: the child is the producer
         self.produced[id(output)] = (call, output._version)
+        if isinstance(module, nn.Conv2d) and output.dim() == 4:
+            self.conv_outputs[output.untyped_storage().data_ptr()] = (call, output)
+
+    def conv_tokens_source(self, t: torch.Tensor | None) -> ModuleCall | None:
+        """The Conv2d call whose unchanged (B, C, H, W) output ``t`` is, seen as tokens (B, H*W, C) through
+        ``flatten(2).transpose(1, 2)`` (PVT-v2's depthwise-conv MLP)."""
+        if t is None or t.dim() != 3:
+            return None
+        entry = self.conv_outputs.get(t.untyped_storage().data_ptr())
+        if entry is None:
+            return None
+        call, out = entry
+        b, c, h, w = out.shape
+        same_layout = (t.shape == (b, h * w, c) and out.stride(2) == w * out.stride(3)
+                       and t.stride() == (out.stride(0), out.stride(3), out.stride(1))
+                       and t.storage_offset() == out.storage_offset())
+        return call if same_layout and t._version == out._version else None
 
     def _owner(self, module: nn.Module) -> tuple[ModuleCall | None, str]:
         for frame in reversed(self.stack):
@@ -178,7 +196,7 @@ class _Tracer:
                     return frame, attr
         return None, ""
 
-    def _record_activation(self, call: ModuleCall) -> None:
+    def _record_activation(self, call: ModuleCall, x: torch.Tensor | None) -> None:
         owner, attr = self._owner(call.module)
         if owner is None:
             return  # the model itself is an activation, or the call came from outside the module tree
@@ -192,6 +210,8 @@ class _Tracer:
         elif src is not None and isinstance(src.module, NORM_TYPES):
             act.norm_name = src.name
             src = src.source
+        if not act.norm_name and (src is None or not is_producer(src.module)):
+            src = self.conv_tokens_source(x) or src
         if src is None:
             act.no_site_reason = "its input is made by tensor code (e.g. a residual add), not by a module"
         elif not is_producer(src.module):
@@ -228,12 +248,13 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     device = ref.device if ref is not None else None
     dtype = ref.dtype if ref is not None and ref.dtype.is_floating_point else torch.float32
     shape = (3, 224, 224)
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None:
-        proj = getattr(patch_embed, "proj", None)
+    # a patch/pixel embedding that fixes the image size (timm ViT, CaiT, TNT, ...) wins over the config
+    embed = next((m for m in model.modules() if getattr(m, "img_size", None) is not None), None)
+    if embed is not None:
+        size = embed.img_size
+        proj = getattr(embed, "proj", None)
         chans = getattr(proj, "in_channels", 3)
-        shape = (chans, *((img_size, img_size) if isinstance(img_size, int) else tuple(img_size)))
+        shape = (chans, *((size, size) if isinstance(size, int) else tuple(size)))
     else:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         if isinstance(cfg, dict) and "input_size" in cfg:

@@ -1,0 +1,239 @@
+"""actlab.convert on torchvision, timm and hand-written models."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import actlab
+from actlab.activations import DPA, IIEUB, ActivationModule
+from actlab.convert import SiteSplit
+
+TORCHVISION = {"resnet18": 64, "resnet50": 64, "mobilenet_v2": 64, "vgg11_bn": 32, "shufflenet_v2_x1_0": 64}
+TIMM = {
+    "resnet26": ({}, 64),
+    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 8}, 32),
+    "cait_xxs24_224": ({"img_size": 32, "patch_size": 8, "depth": 4}, 32),
+    "pvt_v2_b0": ({}, 64),
+    "tnt_s_patch16_224": ({"img_size": 32, "patch_size": 8, "depth": 3}, 32),
+}
+# (sites converted by iieu_b, all activation sites); regression figures from the architectures
+EXPECTED_SITES = {
+    "resnet18": (9, 17), "resnet50": (33, 49), "mobilenet_v2": (35, 35), "vgg11_bn": (10, 10),
+    "shufflenet_v2_x1_0": (37, 37), "resnet26": (17, 25), "vit_tiny_patch16_224": (12, 12),
+    "cait_xxs24_224": (6, 6), "pvt_v2_b0": (8, 8), "tnt_s_patch16_224": (6, 6),
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name in TORCHVISION:
+        return getattr(torchvision.models, name)(num_classes=10), TORCHVISION[name]
+    kwargs, size = TIMM[name]
+    return timm.create_model(name, num_classes=10, **kwargs), size
+
+
+def activation_modules(model):
+    return [m for m in model.modules() if isinstance(m, (ActivationModule, nn.ReLU, nn.ReLU6, nn.GELU))]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_SITES))
+@pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+def test_model_zoo_converts_and_trains(name, act):
+    if name == "vgg11_bn" and act == "dpa":
+        pytest.skip("vgg11_bn's 100M-parameter classifier makes a second run slow; covered by iieu_b")
+    model, size = build(name)
+    x = torch.randn(2, 3, size, size)
+    actlab.convert(model, act, num_classes=10, example_input=x, interval=1) if act == "dpa" else \
+        actlab.convert(model, act, example_input=x)
+    report = actlab.conversion_report(model)
+    iieu_sites, all_sites = EXPECTED_SITES[name]
+    assert len(report.converted) == (iieu_sites if act == "iieu_b" else all_sites), str(report)
+    assert len(report.sites) == all_sites
+    for kept in report.kept:
+        assert kept.reason, kept
+    new_type = IIEUB if act == "iieu_b" else DPA
+    units = [m for m in model.modules() if isinstance(m, new_type)]
+    assert len(units) == len(report.converted)
+    assert len({id(m) for m in activation_modules(model)}) == len(activation_modules(model))
+
+    model.train()
+    y = torch.tensor([3, 7])
+    with actlab.targets(model, y):
+        out = model(x)
+    loss = F.cross_entropy(out, y) + actlab.dpa_loss(model)
+    loss.backward()
+    assert out.shape == (2, 10) and torch.isfinite(loss)
+    if act == "iieu_b":
+        assert all(u.eta.grad is not None and torch.isfinite(u.eta.grad).all() for u in units)
+        # eta only gets gradient where rho < eta (rare at init); term-B's LayerNorm does wherever the branch
+        # is live (timm zero-initialises the last BN of each residual branch, which silences that branch)
+        assert all(torch.isfinite(u.norm.weight.grad).all() for u in units)
+        assert any(float(u.norm.weight.grad.abs().sum()) > 0 for u in units)
+    else:
+        assert all(u.value_memory[3].abs().sum() > 0 for u in units), "interval=1: every site updated"
+        assert all(u.grad_memory[7].abs().sum() > 0 for u in units)
+
+
+def test_resnet_shared_relu_is_split_per_call():
+    model = torchvision.models.resnet18(num_classes=10)
+    actlab.convert(model, "iieu_b", example_input=torch.randn(2, 3, 32, 32))
+    split = model.layer1[0].relu
+    assert isinstance(split, SiteSplit) and len(split.sites) == 2
+    assert isinstance(split.sites[0], IIEUB) and split.sites[0].producer is model.layer1[0].conv1
+    assert isinstance(split.sites[1], nn.ReLU)  # after the residual add: no producer, kept
+    report = actlab.conversion_report(model)
+    kept = {s.name: s.reason for s in report.kept}
+    assert "residual add" in kept["layer1.0.relu[1]"]
+    assert "layer1.0.relu[0]" in {s.name for s in report.converted}
+    assert "layer1.0.conv1 -> layer1.0.bn1" in str(report)
+    # the state_dict reads plainly
+    keys = model.state_dict().keys()
+    assert "layer1.0.relu.sites.0.eta" in keys and "layer1.0.relu.sites.0.norm.weight" in keys
+    assert "bn1.weight" in keys and "relu.eta" in keys
+
+
+def test_each_site_gets_its_own_module_for_baselines():
+    model = torchvision.models.resnet18(num_classes=10)
+    actlab.convert(model, "prelu", example_input=torch.randn(2, 3, 32, 32))
+    prelus = [m for m in model.modules() if isinstance(m, nn.PReLU)]
+    assert len(prelus) == 17 and len({id(p) for p in prelus}) == 17
+    assert prelus[0].weight.shape == (64,)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_include_and_exclude_patterns():
+    model = torchvision.models.resnet18(num_classes=10)
+    actlab.convert(model, "gelu", include="layer4.*", exclude="layer4.1.*", example_input=torch.randn(2, 3, 32, 32))
+    report = actlab.conversion_report(model)
+    assert sorted(s.name for s in report.converted) == ["layer4.0.relu[0]", "layer4.0.relu[1]"]
+    assert {s.reason for s in report.kept} == {"not matched by include", "excluded by pattern"}
+    assert isinstance(model.relu, nn.ReLU)
+
+
+def test_dpa_token_pooling_follows_the_model():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8)
+    actlab.convert(vit, "dpa")  # num_classes from the model, example input sized from patch_embed
+    assert {m.token_pool for m in vit.modules() if isinstance(m, DPA)} == {"cls"}
+    avg = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, global_pool="avg")
+    actlab.convert(avg, "dpa")
+    assert {m.token_pool for m in avg.modules() if isinstance(m, DPA)} == {"mean"}
+    tnt = timm.create_model("tnt_s_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
+    actlab.convert(tnt, "dpa")
+    pools = {n: m.token_pool for n, m in tnt.named_modules() if isinstance(m, DPA)}
+    assert pools["blocks.0.mlp_in.act"] == "mean" and pools["blocks.0.mlp.act"] == "cls"
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        return self.lin(F.gelu(x.mean((2, 3))))
+
+
+def test_functional_activations_are_reported_not_lost():
+    model = actlab.convert(FunctionalNet(), "silu", example_input=torch.randn(2, 3, 8, 8))
+    report = actlab.conversion_report(model)
+    assert isinstance(model.act, nn.SiLU)
+    assert report.functional == ["the model's forward: functional gelu (not a module; left as is)"]
+    assert "not seen" in str(report)
+
+
+def test_activation_inside_a_norm_module():
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=nn.ReLU))
+    actlab.convert(model, "iieu_b", example_input=torch.randn(2, 3, 8, 8), strict=True)
+    unit = model[1].act
+    assert isinstance(unit, IIEUB) and unit.producer is model[0]
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert unit.eta.grad is not None
+
+
+class Interleaved(nn.Module):
+    """One conv applied twice before either activation runs: the first activation's producer input
+    was overwritten, so that site must be refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act_a, self.act_b = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        a, b = self.conv(x), self.conv(-x)
+        return self.act_a(a) + self.act_b(b)
+
+
+def test_producer_called_again_before_activation_is_refused():
+    model = actlab.convert(Interleaved(), "iieu_b", example_input=torch.randn(2, 3, 6, 6))
+    report = actlab.conversion_report(model)
+    assert [s.name for s in report.converted] == ["act_b"]
+    assert "called again" in report.kept[0].reason
+
+
+def test_clear_errors():
+    model = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(KeyError, match="unknown activation 'iieu_x'"):
+        actlab.convert(model, "iieu_x", example_input=torch.randn(2, 3, 32, 32))
+    with pytest.raises(RuntimeError, match="example forward failed on input shapes \\[\\(2, 5\\)\\]"):
+        actlab.convert(model, "gelu", example_input=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="strict=True.*8 site"):
+        actlab.convert(model, "iieu_b", example_input=torch.randn(2, 3, 32, 32), strict=True)
+    with pytest.raises(ValueError, match="not converted by actlab"):
+        actlab.conversion_report(nn.Linear(2, 2))
+
+
+def test_frelu_refuses_token_sites_with_a_reason():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
+    actlab.convert(vit, "frelu")
+    report = actlab.conversion_report(vit)
+    assert not report.converted and all("layout" in s.reason for s in report.kept)
+
+
+class TokensFromConv(nn.Module):
+    """PVT-v2's MLP pattern: a conv's output is handed to the activation as tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x).flatten(2).transpose(1, 2))
+
+
+def test_conv_output_seen_as_tokens_is_an_iieu_site():
+    import references as ref
+
+    torch.manual_seed(0)
+    model = actlab.convert(TokensFromConv(), "iieu_b", example_input=torch.randn(2, 4, 5, 5), strict=True).double()
+    unit = model.act
+    with torch.no_grad():
+        unit.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    expected = ref.iieu_b(unit, model.conv(x), x, model.conv).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), [x, model.conv.weight])
+    want = torch.autograd.grad((expected * w).sum(), [x, model.conv.weight])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+class TokensAfterTensorCode(TokensFromConv):
+    def forward(self, x):
+        return self.act(self.conv(x).flatten(2).transpose(1, 2) * 2)
+
+
+def test_modified_token_view_is_not_a_site():
+    model = actlab.convert(TokensAfterTensorCode(), "iieu_b", example_input=torch.randn(2, 4, 5, 5))
+    assert not actlab.conversion_report(model).converted
