@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -238,3 +239,40 @@ def test_parameters_names_and_init():
 def test_inverse_filter_norms():
     w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
     torch.testing.assert_close(inverse_filter_norms(w, 1e-8), torch.tensor([1 / 5, 1.0]), rtol=1e-6, atol=0)
+
+
+@pytest.fixture
+def compiled_kernels():
+    from actlab.activations import iieu
+
+    iieu.set_kernels("compiled")
+    yield
+    iieu.set_kernels(os.environ.get("ACTLAB_IIEU_KERNELS", "auto"))
+
+
+@pytest.mark.parametrize("site", ["conv", "linear"])
+def test_compiled_kernels_match_eager(site, compiled_kernels):
+    """The fused (torch.compile) kernels give the eager kernels' values and gradients."""
+    from actlab.activations import iieu
+
+    torch.manual_seed(0)
+    if site == "conv":
+        producer, norm = nn.Conv2d(6, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
+        x = torch.randn(4, 6, 9, 9)
+    else:
+        producer, norm = nn.Linear(6, 8), nn.LayerNorm(8)
+        x = torch.randn(4, 5, 6)
+    unit = IIEUB(8, producer=producer)
+    with torch.no_grad():
+        unit.eta.fill_(0.6)  # both branches of the adjuster are taken
+    results = {}
+    for mode in ("compiled", "eager"):
+        iieu.set_kernels(mode)
+        xs = x.clone().requires_grad_()
+        out = unit(norm(producer(xs)))
+        grads = torch.autograd.grad(out.square().sum(), [xs, unit.eta, unit.norm.weight, producer.weight])
+        results[mode] = (out, *grads)
+    for a, b in zip(results["compiled"], results["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one of"):
+        iieu.set_kernels("fast")

@@ -1,0 +1,171 @@
+"""Forward+backward time and bytes saved for backward of every activation, relative to ReLU.
+
+Two workloads, run side by side on the same inputs:
+  conv: two Conv3x3(64->64) + BN + act layers on a (32, 64, 32, 32) batch;
+  mlp:  a ViT MLP block, (32, 65, 192) -> Linear 768 -> act -> Linear 192.
+Each activation is swapped in with ``actlab.convert``; timings are interleaved round-robin across
+activations so that drift of the machine affects all of them alike. DPA is timed as a training step
+with targets (memory updates every 5th step, as in training) and, separately, in eval mode.
+
+    python -m actlab.bench.speed [--repeats 20] [--acts relu,iieu_b,dpa] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+import actlab
+
+NUM_CLASSES = 10
+
+
+def conv_workload() -> tuple[nn.Module, torch.Tensor]:
+    layers = []
+    for _ in range(2):
+        layers += [nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    return nn.Sequential(*layers), torch.randn(32, 64, 32, 32)
+
+
+def mlp_workload() -> tuple[nn.Module, torch.Tensor]:
+    return nn.Sequential(nn.Linear(192, 768), nn.GELU(), nn.Linear(768, 192)), torch.randn(32, 65, 192)
+
+
+WORKLOADS = {"conv": conv_workload, "mlp": mlp_workload}
+
+
+def saved_bytes(step) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during ``step``'s forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(backward=False)
+    return sum(storages.values())
+
+
+def make_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, train: bool):
+    def step(backward: bool = True):
+        if not train:
+            with torch.no_grad():
+                return model(x)
+        with actlab.targets(model, labels):
+            out = model(x)
+        loss = out.square().mean() + actlab.dpa_loss(model)
+        if backward:
+            loss.backward()
+        return loss
+
+    return step
+
+
+@dataclass
+class Row:
+    activation: str
+    workload: str
+    mode: str
+    ms_median: float
+    ms_iqr: float
+    saved_mb: float
+    time_vs_relu: float = float("nan")
+    memory_vs_relu: float = float("nan")
+
+
+def build(name: str, workload: str, device: torch.device, train: bool):
+    torch.manual_seed(0)
+    model, x = WORKLOADS[workload]()
+    if name != "relu":
+        actlab.convert(model, name, num_classes=NUM_CLASSES, example_input=x[:2])
+    model, x = model.to(device), x.to(device)
+    model.train(train)
+    labels = torch.randint(0, NUM_CLASSES, (x.shape[0],), device=device)
+    return make_step(model, x, labels, train)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(acts: list[str], repeats: int, warmup: int, device: torch.device) -> list[Row]:
+    cases = [(a, w, "train") for w in WORKLOADS for a in acts]
+    cases += [(a, w, "eval") for w in WORKLOADS for a in acts if a in ("relu", "dpa")]
+    steps = {c: build(c[0], c[1], device, c[2] == "train") for c in cases}
+    times: dict[tuple, list[float]] = {c: [] for c in cases}
+    for _ in range(warmup):
+        for c in cases:
+            steps[c]()
+    for _ in range(repeats):  # round-robin: every activation sees the same machine state
+        for c in cases:
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[c]()
+            _sync(device)
+            times[c].append(1000 * (time.perf_counter() - t0))
+    rows = []
+    for c in cases:
+        q = statistics.quantiles(times[c], n=4)
+        mem = saved_bytes(steps[c]) / 2**20 if c[2] == "train" else 0.0
+        rows.append(Row(c[0], c[1], c[2], statistics.median(times[c]), q[2] - q[0], mem))
+    base = {(r.workload, r.mode): r for r in rows if r.activation == "relu"}
+    for r in rows:
+        ref = base.get((r.workload, r.mode))
+        if ref:
+            r.time_vs_relu = r.ms_median / ref.ms_median
+            r.memory_vs_relu = r.saved_mb / ref.saved_mb if ref.saved_mb else float("nan")
+    return rows
+
+
+def environment(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}), {torch.get_num_threads()} threads"
+    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
+    lines = [f"Machine: {environment(device)}; median of {repeats} interleaved runs (IQR in brackets).", "",
+             "| activation | workload | mode | fwd+bwd ms | x ReLU time | saved MB | x ReLU memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = "train step" if r.mode == "train" else "eval forward"
+        mem = f"{r.saved_mb:.1f}" if r.mode == "train" else "-"
+        memx = f"{r.memory_vs_relu:.2f}" if r.mode == "train" else "-"
+        lines.append(f"| {r.activation} | {r.workload} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | "
+                     f"{r.time_vs_relu:.2f} | {mem} | {memx} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--acts", default=",".join(actlab.list_activations()),
+                        help="comma-separated activations (relu is always included as the baseline)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    acts = [a.strip() for a in args.acts.split(",") if a.strip()]
+    for a in acts:
+        actlab.activations.get_spec(a)  # unknown names fail before any work
+    acts = ["relu"] + [a for a in acts if a != "relu"]
+    device = torch.device(args.device)
+    rows = run(acts, args.repeats, args.warmup, device)
+    print(markdown(rows, args.repeats, device))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device), "repeats": args.repeats,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Test-wide settings."""
+import os
+
+# IIEU-B's compiled kernels take seconds to compile per input shape; the suite tests the eager kernels
+# everywhere and the compiled ones against them in test_iieu.py::test_compiled_kernels_match_eager.
+os.environ.setdefault("ACTLAB_IIEU_KERNELS", "eager")
