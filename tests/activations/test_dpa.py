@@ -155,12 +155,31 @@ def test_gradcheck_threshold_unit():
     x = torch.where(x.abs() < 0.05, x + 0.2, x).requires_grad_()  # keep away from the kink
     assert torch.autograd.gradcheck(lambda t: _ThresholdUnit.apply(t, 0.0), (x,))
     assert torch.autograd.gradcheck(lambda t: _ThresholdUnit.apply(t, 0.5), (x + 0.01,))
+    assert torch.autograd.gradcheck(lambda t: _ThresholdUnit.apply(t, -0.5), (x + 0.01,))
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 64])
+def test_bit_packing_round_trip(n):
+    from actlab.activations.dpa import pack_bits, unpack_bits
+
+    mask = torch.rand(n, 3) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
 
 
 def test_gradient_passes_at_threshold():
     x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
     _ThresholdUnit.apply(x, 0.0).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0]
+    x = torch.tensor([-1.0, 0.5, 0.25, 2.0], requires_grad=True)
+    out = _ThresholdUnit.apply(x, 0.5)
+    out.sum().backward()
+    assert out.tolist() == [0.0, 0.5, 0.0, 2.0] and x.grad.tolist() == [0.0, 1.0, 0.0, 1.0]
+    x = torch.tensor([-1.0, -0.5, -0.75, 2.0], requires_grad=True)  # tau < 0: negative values pass too
+    out = _ThresholdUnit.apply(x, -0.5)
+    out.sum().backward()
+    assert out.tolist() == [0.0, -0.5, 0.0, 2.0] and x.grad.tolist() == [0.0, 1.0, 0.0, 1.0]
 
 
 def test_clear_errors():

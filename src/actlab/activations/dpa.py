@@ -24,19 +24,64 @@ from .base import ActivationModule
 from .registry import ActivationSpec, register
 
 
+# A bool tensor is one byte (0 or 1) per flag. Viewing 8 of them as one int64 word w, the product
+# w * 0x0102040810204080 collects byte t's flag into bit 56 + t without carries, so (w * M) >> 56 is the
+# packed byte. Unpacking looks each byte up in a 256-entry table of 8-flag words.
+_GATHER = 0x0102040810204080
+_UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    if device not in _UNPACK_TABLES:
+        flags = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # (256, 8): flag t of byte p
+        _UNPACK_TABLES[device] = flags.to(torch.uint8).contiguous().view(torch.int64).view(256).to(device)
+    return _UNPACK_TABLES[device]
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 tensor of ceil(n / 8) bytes (8 flags per byte, flag t in bit t)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad or flat.storage_offset() % 8:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(torch.int64)
+    return ((words * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    words = _unpack_table(packed.device)[packed.long()]
+    return words.view(torch.bool)[: shape.numel()].view(shape)
+
+
 class _ThresholdUnit(torch.autograd.Function):
-    """TAU: x if x >= tau else 0; the gradient passes where x >= tau. Saves a bool mask only."""
+    """TAU: x if x >= tau else 0; the gradient passes where x >= tau (x == tau included).
+
+    For tau >= 0, ``out > tau`` is exactly ``x > tau``: backward uses PyTorch's fused ReLU gradient on the
+    output (which the next layer keeps anyway, as with nn.ReLU) plus the rare exact ties ``x == tau``,
+    kept bit-packed (1/32 of a float32 map). For tau < 0 the packed mask ``x >= tau`` itself is kept.
+    """
 
     @staticmethod
     def forward(ctx, x, tau):
+        ctx.tau, ctx.shape = tau, x.shape
+        if tau >= 0:
+            out = torch.relu(x) if tau == 0 else torch.where(x >= tau, x, torch.zeros_like(x))
+            ctx.save_for_backward(out, pack_bits(x == tau))
+            return out
         mask = x >= tau
-        ctx.save_for_backward(mask)
+        ctx.save_for_backward(None, pack_bits(mask))
         return x * mask
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        out, packed = ctx.saved_tensors
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        if out is None:
+            return torch.where(unpack_bits(packed, ctx.shape), grad, zero), None
+        grad_in = torch.ops.aten.threshold_backward(grad, out, ctx.tau)
+        if packed.device.type == "cpu" and not bool(packed.any()):  # no ties: skip the fix-up pass
+            return grad_in, None
+        return torch.where(unpack_bits(packed, ctx.shape), grad, grad_in), None
 
 
 def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:

@@ -76,19 +76,23 @@ class Row:
     ms_median: float
     ms_iqr: float
     saved_mb: float
+    sites: int
     time_vs_relu: float = float("nan")
     memory_vs_relu: float = float("nan")
 
 
 def build(name: str, workload: str, device: torch.device, train: bool):
+    """The workload's training (or eval) step with ``name`` swapped in, and how many sites it took."""
     torch.manual_seed(0)
     model, x = WORKLOADS[workload]()
+    sites = sum(isinstance(m, nn.ReLU) or isinstance(m, nn.GELU) for m in model.modules())
     if name != "relu":
         actlab.convert(model, name, num_classes=NUM_CLASSES, example_input=x[:2])
+        sites = len(actlab.conversion_report(model).converted)
     model, x = model.to(device), x.to(device)
     model.train(train)
     labels = torch.randint(0, NUM_CLASSES, (x.shape[0],), device=device)
-    return make_step(model, x, labels, train)
+    return make_step(model, x, labels, train), sites
 
 
 def _sync(device: torch.device) -> None:
@@ -99,7 +103,8 @@ def _sync(device: torch.device) -> None:
 def run(acts: list[str], repeats: int, warmup: int, device: torch.device) -> list[Row]:
     cases = [(a, w, "train") for w in WORKLOADS for a in acts]
     cases += [(a, w, "eval") for w in WORKLOADS for a in acts if a in ("relu", "dpa")]
-    steps = {c: build(c[0], c[1], device, c[2] == "train") for c in cases}
+    built = {c: build(c[0], c[1], device, c[2] == "train") for c in cases}
+    steps = {c: b[0] for c, b in built.items()}
     times: dict[tuple, list[float]] = {c: [] for c in cases}
     for _ in range(warmup):
         for c in cases:
@@ -115,7 +120,7 @@ def run(acts: list[str], repeats: int, warmup: int, device: torch.device) -> lis
     for c in cases:
         q = statistics.quantiles(times[c], n=4)
         mem = saved_bytes(steps[c]) / 2**20 if c[2] == "train" else 0.0
-        rows.append(Row(c[0], c[1], c[2], statistics.median(times[c]), q[2] - q[0], mem))
+        rows.append(Row(c[0], c[1], c[2], statistics.median(times[c]), q[2] - q[0], mem, built[c][1]))
     base = {(r.workload, r.mode): r for r in rows if r.activation == "relu"}
     for r in rows:
         ref = base.get((r.workload, r.mode))
@@ -133,13 +138,16 @@ def environment(device: torch.device) -> str:
 
 def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     lines = [f"Machine: {environment(device)}; median of {repeats} interleaved runs (IQR in brackets).", "",
-             "| activation | workload | mode | fwd+bwd ms | x ReLU time | saved MB | x ReLU memory |",
-             "|---|---|---|---|---|---|---|"]
+             "| activation | workload | mode | sites | ms | x ReLU time | saved MB | x ReLU memory |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.sites == 0:
+            lines.append(f"| {r.activation} | {r.workload} | - | 0 | not applicable to this workload | | | |")
+            continue
         mode = "train step" if r.mode == "train" else "eval forward"
         mem = f"{r.saved_mb:.1f}" if r.mode == "train" else "-"
         memx = f"{r.memory_vs_relu:.2f}" if r.mode == "train" else "-"
-        lines.append(f"| {r.activation} | {r.workload} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | "
+        lines.append(f"| {r.activation} | {r.workload} | {mode} | {r.sites} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | "
                      f"{r.time_vs_relu:.2f} | {mem} | {memx} |")
     return "\n".join(lines)
 
