@@ -29,7 +29,7 @@ class CouplerIIEU(nn.Module):
 
     def forward(self, h: torch.Tensor, a: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
         """h (B, 2, hidden) = fc(a), a (B, 2, C)."""
-        nu = torch.sigmoid(F.layer_norm(h.float(), (h.shape[-1],), eps=1e-6) * self.norm_weight + self.norm_bias)
+        nu = torch.sigmoid(F.layer_norm(h, (h.shape[-1],), eps=1e-6) * self.norm_weight + self.norm_bias)
         inv_w = inverse_filter_norms(fc.weight, self.eps)
         return iieu_b(h, a, inv_w, nu, self.eta, LinearPatches.from_linear(fc), self.eps, True)
 
@@ -58,11 +58,12 @@ class DynamicCoupler(nn.Module):
         nn.init.zeros_(self.out_norm.bias)
 
     def weights(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """Fusion weights (B, 2, C), float32; rows sum to 1."""
+        """Fusion weights (B, 2, C), in float32 (float64 for float64 inputs); rows sum to 1."""
         if main.shape != shortcut.shape:
             raise ValueError(f"DynamicCoupler: main {tuple(main.shape)} and shortcut {tuple(shortcut.shape)} differ")
         with torch.autocast(main.device.type, enabled=False):
-            pooled = torch.cat([global_pool(main, torch.float32), global_pool(shortcut, torch.float32)], 1)
+            dtype = torch.float64 if main.dtype == torch.float64 else torch.float32
+            pooled = torch.cat([global_pool(main, dtype), global_pool(shortcut, dtype)], 1)
             if pooled.shape[1] != 2 * self.channels:
                 raise ValueError(f"DynamicCoupler: expected {self.channels} channels, got {pooled.shape[1] // 2}")
             a = self.in_norm(pooled).view(-1, 2, self.channels)

@@ -1,0 +1,89 @@
+"""Dynamic Coupler (SPEC section 2) against a reference written from the formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import actlab
+
+
+def reference(dc, main, shortcut):
+    c = dc.channels
+    pool = (lambda t: t.mean((2, 3))) if main.dim() == 4 else (lambda t: t.mean(1))
+    a = F.layer_norm(torch.cat([pool(main), pool(shortcut)], 1), (2 * c,), dc.in_norm.weight, dc.in_norm.bias, 1e-6)
+    rows = []
+    w1 = dc.fc1.weight
+    inv_w = 1 / (w1.norm(dim=1) + 1e-8)
+    for i in range(2):
+        a_i = a[:, i * c:(i + 1) * c]
+        h = a_i @ w1.T
+        inv_x = 1 / (a_i.norm(dim=1, keepdim=True) + 1e-8)
+        ln = F.layer_norm(h, (h.shape[1],), eps=1e-6) * dc.act.norm_weight[i] + dc.act.norm_bias[i]
+        rho = h * inv_w * inv_x + torch.sigmoid(ln)
+        eta = dc.act.eta
+        s = torch.where(rho >= eta, rho, eta * torch.exp(torch.clamp(rho - eta, max=0)))
+        rows.append((s * h) @ dc.fc2.weight.T)
+    z = F.layer_norm(torch.cat(rows, 1), (2 * c,), dc.out_norm.weight, dc.out_norm.bias, 1e-6)
+    lam = torch.softmax(z.view(-1, 2, c), dim=1)
+    view = (lambda t: t[:, :, None, None]) if main.dim() == 4 else (lambda t: t[:, None, :])
+    return view(lam[:, 0]) * main + view(lam[:, 1]) * shortcut
+
+
+def perturbed(channels=32, reduction=4):
+    torch.manual_seed(0)
+    dc = actlab.DynamicCoupler(channels, reduction).double()
+    with torch.no_grad():  # move away from init so the softmax is not ~0.5 everywhere
+        for p in (dc.out_norm.weight, dc.act.norm_weight, dc.in_norm.weight):
+            p.uniform_(0.5, 2.0)
+        dc.act.eta.fill_(0.8)  # both branches of the adjuster
+    return dc
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 5, 5), (3, 7, 32)], ids=["maps", "tokens"])
+def test_matches_reference(shape):
+    dc = perturbed()
+    main = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    shortcut = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out, expected = dc(main, shortcut), reference(dc, main, shortcut)
+    torch.testing.assert_close(out, expected)
+    params = [main, shortcut, *dc.parameters()]
+    w = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad((out * w).sum(), params), torch.autograd.grad((expected * w).sum(), params)):
+        torch.testing.assert_close(g, r)
+    lam = dc.weights(main, shortcut)
+    assert lam.min() < 0.3 and lam.max() > 0.7  # the perturbed coupler really mixes unevenly
+
+
+def test_gradcheck_through_the_coupler():
+    dc = perturbed(channels=16, reduction=4)
+    main = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    shortcut = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dc, (main, shortcut))
+
+
+def test_init_is_about_half_half():
+    torch.manual_seed(1)
+    dc = actlab.DynamicCoupler(64)
+    lam = dc.weights(torch.randn(8, 64, 4, 4) * 3, torch.randn(8, 64, 4, 4))
+    torch.testing.assert_close(lam.sum(1), torch.ones(8, 64))
+    assert (lam - 0.5).abs().max() < 0.05
+    assert dc.fc1.weight.shape == (4, 64) and dc.fc1.bias is None and dc.fc2.bias is None
+    assert math.isclose(dc.fc1.weight.std().item(), math.sqrt(2 / 4), rel_tol=0.2)  # kaiming normal, fan_out
+    assert torch.equal(dc.act.eta, torch.full((4,), 0.01))
+
+
+def test_errors_and_bf16():
+    dc = actlab.DynamicCoupler(8, reduction=2)
+    with pytest.raises(ValueError, match="differ"):
+        dc(torch.randn(2, 8, 3, 3), torch.randn(2, 8, 4, 4))
+    with pytest.raises(ValueError, match="expected 8 channels"):
+        dc(torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3))
+    main, short = torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5)
+    ref32 = dc(main, short)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dc(main.bfloat16(), short.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref32).norm() / ref32.norm() < 2e-2
