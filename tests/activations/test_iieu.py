@@ -196,18 +196,82 @@ def _saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def conv_bn_block(replay: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    conv, bn = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+    unit = IIEUB(32).bind(conv, norm=bn if replay else None)
+    with torch.no_grad():
+        unit.eta.fill_(0.5)  # both adjuster branches
+    return conv, bn, unit
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_batchnorm_replay_gives_identical_gradients(bn_mode, autocast):
+    x = torch.randn(4, 32, 8, 8)
+    grads = []
+    for replay in (True, False):
+        conv, bn, unit = conv_bn_block(replay)
+        bn.train(bn_mode == "train")
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.2, 0.2)
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = unit(bn(conv(xs)))
+            loss = out.float().square().sum()
+        grads.append(torch.autograd.grad(loss, [xs, conv.weight, bn.weight, unit.eta, unit.norm.weight]))
+    for with_replay, without in zip(*grads):
+        assert torch.equal(with_replay, without)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages that autograd saves for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def test_saved_memory_close_to_relu():
-    torch.manual_seed(0)
     x = torch.randn(8, 32, 16, 16, requires_grad=True)
 
-    def block(act_factory):
-        conv, bn = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
-        act = act_factory(conv)
-        return lambda: act(bn(conv(x)))
+    def two_layers(make_act):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(2):
+            conv, bn = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+            layers.append((conv, bn, make_act(conv, bn)))
 
-    relu = _saved_bytes(block(lambda conv: nn.ReLU()))
-    iieu = _saved_bytes(block(lambda conv: IIEUB(32, producer=conv)))
-    assert iieu <= 1.15 * relu, (iieu, relu)
+        def run():
+            h = x
+            for conv, bn, act in layers:
+                h = act(bn(conv(h)))
+            return h.square().mean()
+        return run
+
+    relu = _saved_bytes(two_layers(lambda conv, bn: nn.ReLU()))
+    replay = _saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv, norm=bn)))
+    keep = _saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv)))
+    assert replay <= 1.05 * relu, (replay, relu)
+    assert keep > 1.3 * relu  # without the replay the unit keeps x_t: the test measures something real
+
+
+def test_modified_norm_output_falls_back_to_keeping_it():
+    conv, bn, unit = conv_bn_block(replay=True)
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    x_t = bn(conv(x))
+    x_t.mul_(2.0)  # no longer the BatchNorm's output: replaying it would be wrong
+    out = unit(x_t)
+    expected = ref.iieu_b(unit, x_t, x, conv)
+    torch.testing.assert_close(out, expected)
+    g1 = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    g2 = torch.autograd.grad(expected.sum(), x)[0]
+    torch.testing.assert_close(g1, g2)
 
 
 def test_unbound_unit_and_mismatched_producer_errors():

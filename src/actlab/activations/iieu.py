@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.nn.modules.batchnorm import _BatchNorm
+
 from .base import ActivationModule
 from .registry import ActivationSpec, register
 
@@ -366,6 +368,25 @@ def iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
     return patches.unview_x(_forward_kernel(xv, iv, wv, nv, ev))
 
 
+@dataclass(frozen=True)
+class BatchNormReplay:
+    """How to recompute ``x_t = BatchNorm(c)`` in backward from the BN input ``c`` (which BatchNorm keeps
+    for its own backward anyway) instead of keeping ``x_t``: same kernel, same inputs, same values."""
+
+    batch_stats: bool
+    eps: float
+    autocast: bool
+    autocast_dtype: torch.dtype
+
+    def tensors(self, norm: nn.Module, c: torch.Tensor) -> tuple:
+        stats = (None, None) if self.batch_stats else (norm.running_mean, norm.running_var)
+        return (c, norm.weight, norm.bias, *stats)
+
+    def replay(self, c, weight, bias, running_mean, running_var) -> torch.Tensor:
+        with torch.autocast(c.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            return F.batch_norm(c, running_mean, running_var, weight, bias, self.batch_stats, 0.0, self.eps)
+
+
 class IIEUFunction(torch.autograd.Function):
     """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward.
 
@@ -374,7 +395,7 @@ class IIEUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence):
+    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=()):
         with torch.autocast(x_t.device.type, enabled=False):
             ct = _compute_dtype(x_t)
             sumsq = patches.sumsq(x_pre.to(ct))
@@ -382,14 +403,18 @@ class IIEUFunction(torch.autograd.Function):
             views = _views(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
             out = patches.unview_x(_forward(*views))
         keep_sumsq = sumsq.numel() * 8 <= x_t.numel()
-        ctx.save_for_backward(x_t, x_pre, inv_w, nu, eta, sumsq if keep_sumsq else None)
-        ctx.patches, ctx.eps, ctx.silence = patches, eps, silence
+        kept_x_t = None if replay is not None else x_t
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, sumsq if keep_sumsq else None, *replay_tensors)
+        ctx.patches, ctx.eps, ctx.silence, ctx.replay = patches, eps, silence, replay
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_t, x_pre, inv_w, nu, eta, sumsq = ctx.saved_tensors
+        x_t, x_pre, inv_w, nu, eta, sumsq, *replay_tensors = ctx.saved_tensors
         patches, eps, silence = ctx.patches, ctx.eps, ctx.silence
+        if x_t is None:
+            with torch.no_grad():
+                x_t = ctx.replay.replay(*replay_tensors)
         with torch.autocast(grad_out.device.type, enabled=False):
             ct = _compute_dtype(x_t)
             if sumsq is None:
@@ -406,19 +431,20 @@ class IIEUFunction(torch.autograd.Function):
                 grad_x_pre = patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
             grad_eta = grad_ev.reshape(-1) * (1 - eta.to(ct))
         return (patches.unview_x(grad_x), grad_x_pre, grad_wv.reshape(inv_w.shape).to(inv_w.dtype),
-                grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None)
+                grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None)
 
 
-def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True, replay=None, replay_tensors=()):
     """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``.
 
     Uses the memory-saving autograd function when gradients are needed, plain ops otherwise
-    (inference, torch.compile, export).
+    (inference, torch.compile, export). With ``replay`` (x_t is a BatchNorm's output) x_t itself is not
+    kept for backward but recomputed from the BatchNorm's input.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_t, x_pre, inv_w, nu, eta))
     tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
     if needs_grad and not tracing:
-        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay, replay_tensors)
     return iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
 
 
@@ -456,8 +482,10 @@ class IIEUB(ActivationModule):
         self.site = "<unbound>"
         object.__setattr__(self, "_producer", None)  # a reference, not a submodule: no duplicate weights
         self._patches: Patches | None = None
-        self._hook = None
+        self._hooks: list = []
         self._x_pre: torch.Tensor | None = None
+        object.__setattr__(self, "_norm", None)
+        self._norm_io: tuple | None = None  # (input, output, output version, replay) of the last BN call
         if producer is not None:
             self.bind(producer, capture=capture)
 
@@ -465,8 +493,15 @@ class IIEUB(ActivationModule):
     def producer(self) -> nn.Module | None:
         return self._producer
 
-    def bind(self, producer: nn.Module, capture: bool = True) -> "IIEUB":
-        """Attach to the Conv2d / Linear whose output (after an optional norm) this unit activates."""
+    def bind(self, producer: nn.Module, capture: bool = True, norm: nn.Module | None = None) -> "IIEUB":
+        """Attach to the Conv2d / Linear whose output (after an optional norm) this unit activates.
+
+        Args:
+            producer: the nn.Conv2d or nn.Linear of the site.
+            capture: record the producer's input with a forward pre-hook (else pass ``x_pre`` yourself).
+            norm: the site's norm, if any. For a plain BatchNorm the unit recomputes its output in backward
+                instead of keeping it (saves one feature map per site); other norms need nothing.
+        """
         if isinstance(producer, nn.Conv2d):
             patches = ConvPatches.from_conv(producer)
             out = producer.out_channels
@@ -482,17 +517,36 @@ class IIEUB(ActivationModule):
         object.__setattr__(self, "_producer", producer)
         self._patches = patches
         if capture:
-            self._hook = producer.register_forward_pre_hook(self._capture)
+            self._hooks.append(producer.register_forward_pre_hook(self._capture))
+            if norm is not None and type(norm).forward is _BatchNorm.forward:
+                object.__setattr__(self, "_norm", norm)
+                self._hooks.append(norm.register_forward_hook(self._capture_norm))
         return self
 
     def unbind(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook, self._x_pre, self._patches = None, None, None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._x_pre, self._patches, self._norm_io = [], None, None, None
         object.__setattr__(self, "_producer", None)
+        object.__setattr__(self, "_norm", None)
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
         self._x_pre = args[0]
+
+    def _capture_norm(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+        device = output.device.type
+        replay = BatchNormReplay(batch_stats, norm.eps, torch.is_autocast_enabled(device),
+                                 torch.get_autocast_dtype(device))
+        self._norm_io = (args[0], output, output._version, replay)
+
+    def _replay_for(self, x_t: torch.Tensor):
+        """The BatchNorm replay when x_t is, untouched, the output of the bound BatchNorm's last call."""
+        io, self._norm_io = self._norm_io, None
+        if io is None or io[1] is not x_t or io[2] != x_t._version:
+            return None, ()
+        c, _, _, replay = io
+        return replay, replay.tensors(self._norm, c)
 
     def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
         """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
@@ -514,8 +568,9 @@ class IIEUB(ActivationModule):
         self._patches.check(x_t, x_pre, self.site)
         with torch.autocast(x_t.device.type, enabled=False):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
+        replay, replay_tensors = self._replay_for(x_t)
         return iieu_b(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps,
-                      self.zero_patch == "silence")
+                      self.zero_patch == "silence", replay, replay_tensors)
 
     def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
         """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""

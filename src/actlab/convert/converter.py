@@ -179,7 +179,7 @@ def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, 
     else:
         module = spec.factory(**kwargs)
     if isinstance(module, IIEUB):
-        module.bind(call.producer)
+        module.bind(call.producer, norm=call.norm)
     return module, ""
 
 

@@ -83,6 +83,7 @@ class ActivationCall:
     in_shape: tuple | None
     producer: nn.Module | None = None
     producer_name: str = ""
+    norm: nn.Module | None = None
     norm_name: str = ""
     no_site_reason: str = ""  # why this call has no Conv2d/Linear producer
 
@@ -204,11 +205,11 @@ class _Tracer:
         self.trace.registrations.setdefault(act.registration, (owner.module, attr, call.module))
         src = call.source
         if src is None and isinstance(owner.module, NORM_TYPES):
-            src = owner  # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
-            act.norm_name = owner.name
-            src = src.source
+            # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
+            act.norm, act.norm_name = owner.module, owner.name
+            src = owner.source
         elif src is not None and isinstance(src.module, NORM_TYPES):
-            act.norm_name = src.name
+            act.norm, act.norm_name = src.module, src.name
             src = src.source
         if not act.norm_name and (src is None or not is_producer(src.module)):
             src = self.conv_tokens_source(x) or src
