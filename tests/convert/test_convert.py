@@ -237,3 +237,40 @@ class TokensAfterTensorCode(TokensFromConv):
 def test_modified_token_view_is_not_a_site():
     model = actlab.convert(TokensAfterTensorCode(), "iieu_b", example_input=torch.randn(2, 4, 5, 5))
     assert not actlab.conversion_report(model).converted
+
+
+def test_reconverting_removes_stale_hooks():
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    actlab.convert(model, "iieu_b", example_input=x)
+    old_units = [m for m in model.modules() if isinstance(m, IIEUB)]
+    assert len(model.conv1._forward_pre_hooks) == 1
+    actlab.convert(model, "dpa", num_classes=10, example_input=x)
+    assert all(u.producer is None for u in old_units)
+    assert len(model.conv1._forward_pre_hooks) == 0 and len(model.bn1._forward_hooks) == 0
+    assert len(model.layer1[0]._forward_pre_hooks) == 1  # the new split's reset hook only
+    assert len(actlab.conversion_report(model).converted) == 17
+    model.eval()
+    model(x)
+
+
+class ListCaller(nn.Module):
+    """Calls an activation held in a ModuleList twice per forward, indexing the list (never calling it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)])
+        self.acts = nn.ModuleList([nn.ReLU()])
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.acts[0](conv(x))
+        return x
+
+
+def test_activation_reached_through_a_module_list_is_split_with_a_working_reset():
+    model = actlab.convert(ListCaller(), "iieu_b", example_input=torch.randn(2, 3, 4, 4), strict=True)
+    split = model.acts[0]
+    assert isinstance(split, SiteSplit) and [u.producer for u in split.sites] == list(model.convs)
+    for _ in range(3):  # the counter is reset by the running module on every forward
+        model(torch.randn(2, 3, 4, 4)).sum().backward()

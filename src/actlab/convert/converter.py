@@ -256,7 +256,9 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             report.sites.append(record)
             new_modules.append(module)
         if changed or len(reg_slots) > 1:
-            replacement = new_modules[0] if len(new_modules) == 1 else SiteSplit(new_modules, owner)
+            caller = reg_slots[0].call.caller if reg_slots[0].call is not None else owner
+            replacement = new_modules[0] if len(new_modules) == 1 else SiteSplit(new_modules, caller)
+            _detach(getattr(owner, attr), keep=new_modules)
             setattr(owner, attr, replacement)
     object.__setattr__(model, "_actlab_report", report)
     if strict:
@@ -264,6 +266,18 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         if left:
             raise ValueError(f"convert(strict=True): {len(left)} site(s) left unconverted\n{report}")
     return model
+
+
+def _detach(old: nn.Module, keep: list[nn.Module]) -> None:
+    """Remove the hooks of modules that a conversion replaces (a re-converted model keeps no stale hooks)."""
+    kept = {id(m) for m in keep}
+    for module in old.modules():
+        if id(module) in kept:
+            continue
+        if isinstance(module, IIEUB):
+            module.unbind()
+        elif isinstance(module, SiteSplit):
+            module._reset_handle.remove()
 
 
 def _resolve(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:

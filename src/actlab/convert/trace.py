@@ -79,8 +79,9 @@ class ActivationCall:
     owner: nn.Module
     owner_name: str
     attr: str
-    owner_invocation: int  # seq of the owner's call this happened in
+    owner_invocation: int  # seq of the call of the running module it happened in
     in_shape: tuple | None
+    caller: nn.Module | None = None  # that running module (== owner unless reached through a ModuleList)
     producer: nn.Module | None = None
     producer_name: str = ""
     norm: nn.Module | None = None
@@ -190,21 +191,28 @@ class _Tracer:
                        and t.storage_offset() == out.storage_offset())
         return call if same_layout and t._version == out._version else None
 
-    def _owner(self, module: nn.Module) -> tuple[ModuleCall | None, str]:
+    def _owner(self, module: nn.Module) -> tuple[ModuleCall | None, nn.Module | None, str, str]:
+        """The innermost running module holding ``module`` as a child, directly or through a ModuleList /
+        ModuleDict that is indexed rather than called: (its call, the holder, holder's name, attribute)."""
         for frame in reversed(self.stack):
             for attr, child in frame.module._modules.items():
                 if child is module:
-                    return frame, attr
-        return None, ""
+                    return frame, frame.module, frame.name, attr
+                if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                    for key, item in child._modules.items():
+                        if item is module:
+                            return frame, child, f"{frame.name}.{attr}" if frame.name else attr, key
+        return None, None, "", ""
 
     def _record_activation(self, call: ModuleCall, x: torch.Tensor | None) -> None:
-        owner, attr = self._owner(call.module)
+        owner, holder, holder_name, attr = self._owner(call.module)
         if owner is None:
             return  # the model itself is an activation, or the call came from outside the module tree
-        act = ActivationCall(call.seq, call.module, owner.module, owner.name, attr, owner.seq, call.in_shape)
-        self.trace.registrations.setdefault(act.registration, (owner.module, attr, call.module))
+        act = ActivationCall(call.seq, call.module, holder, holder_name, attr, owner.seq, call.in_shape,
+                             caller=owner.module)
+        self.trace.registrations.setdefault(act.registration, (holder, attr, call.module))
         src = call.source
-        if src is None and isinstance(owner.module, NORM_TYPES):
+        if src is None and isinstance(owner.module, NORM_TYPES) and holder is owner.module:
             # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
             act.norm, act.norm_name = owner.module, owner.name
             src = owner.source
