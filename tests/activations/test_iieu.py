@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from actlab.activations import IIEUB
+from actlab.bench.speed import saved_bytes
 from actlab.activations.iieu import ConvPatches, IIEUFunction, LinearPatches, inverse_filter_norms
 import references as ref
 
@@ -183,19 +184,6 @@ def test_bf16_autocast_close_to_float32():
     assert unit.eta.grad.dtype == torch.float32 and torch.isfinite(unit.eta.grad).all()
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages that autograd saves for backward while ``fn`` runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def conv_bn_block(replay: bool, seed: int = 0):
     torch.manual_seed(seed)
     conv, bn = nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
@@ -224,19 +212,6 @@ def test_batchnorm_replay_gives_identical_gradients(bn_mode, autocast):
         assert torch.equal(with_replay, without)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages that autograd saves for backward while ``fn`` runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_saved_memory_close_to_relu():
     x = torch.randn(8, 32, 16, 16, requires_grad=True)
 
@@ -254,9 +229,9 @@ def test_saved_memory_close_to_relu():
             return h.square().mean()
         return run
 
-    relu = _saved_bytes(two_layers(lambda conv, bn: nn.ReLU()))
-    replay = _saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv, norm=bn)))
-    keep = _saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv)))
+    relu = saved_bytes(two_layers(lambda conv, bn: nn.ReLU()))
+    replay = saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv, norm=bn)))
+    keep = saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv)))
     assert replay <= 1.05 * relu, (replay, relu)
     assert keep > 1.3 * relu  # without the replay the unit keeps x_t: the test measures something real
 

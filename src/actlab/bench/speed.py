@@ -40,8 +40,8 @@ def mlp_workload() -> tuple[nn.Module, torch.Tensor]:
 WORKLOADS = {"conv": conv_workload, "mlp": mlp_workload}
 
 
-def saved_bytes(step) -> int:
-    """Bytes of the distinct storages autograd keeps for backward during ``step``'s forward."""
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages that autograd keeps for backward while ``fn()`` runs."""
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -49,7 +49,7 @@ def saved_bytes(step) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(backward=False)
+        fn()
     return sum(storages.values())
 
 
@@ -119,7 +119,7 @@ def run(acts: list[str], repeats: int, warmup: int, device: torch.device) -> lis
     rows = []
     for c in cases:
         q = statistics.quantiles(times[c], n=4)
-        mem = saved_bytes(steps[c]) / 2**20 if c[2] == "train" else 0.0
+        mem = saved_bytes(lambda: steps[c](backward=False)) / 2**20 if c[2] == "train" else 0.0
         rows.append(Row(c[0], c[1], c[2], statistics.median(times[c]), q[2] - q[0], mem, built[c][1]))
     base = {(r.workload, r.mode): r for r in rows if r.activation == "relu"}
     for r in rows:
