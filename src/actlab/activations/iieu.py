@@ -329,7 +329,7 @@ def _use_compiled() -> bool:
 
 def _compiled_fn(fn):
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=None)
+        _compiled[fn] = torch.compile(fn, dynamic=True)  # one kernel for every site shape
     return _compiled[fn]
 
 
