@@ -74,3 +74,28 @@ def test_onnx_export_matches_onnxruntime(name, dynamo, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=ONNX_RTOL, atol=ONNX_ATOL)
     assert np.abs(expected).max() > 1e-3  # a meaningful comparison, not zeros against zeros
+
+
+@pytest.mark.parametrize("name", ["iieu_b", "dpa"])
+def test_torch_compile_training_matches_eager(name):
+    """torch.compile(model) trains like the eager model: same gradients, same DPA memories."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    eager = SmallResNet()
+    actlab.convert(eager, name, num_classes=5, example_input=torch.randn(2, 3, 16, 16))
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    for _ in range(5):  # the 5th training forward is a DPA memory update
+        for model, forward in ((eager, eager), (twin, compiled)):
+            with actlab.targets(model, y):
+                loss = F.cross_entropy(forward(x), y) + actlab.dpa_loss(model)
+            loss.backward()
+    for p, q in zip(eager.parameters(), twin.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.buffers(), twin.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

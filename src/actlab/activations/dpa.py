@@ -255,7 +255,13 @@ class DPA(ActivationModule):
             else:
                 value_rows = self.value_memory[y]
             mask = (value_rows < self.tau) & (v_now > self.tau) & (self.grad_memory[y] < 0)
-        self._loss_terms = ((v.square() * mask).sum(), mask.sum())
+        if x.device.type == "cpu" and not bool(mask.any()):
+            # nothing masked: a constant 0 spares backward a full-size gradient through the pooling
+            # (on GPUs the check would cost a device sync, so there the graph is kept)
+            zero = v.new_zeros(())
+            self._loss_terms = (zero, zero.long())
+        else:
+            self._loss_terms = ((v.square() * mask).sum(), mask.sum())
         out = threshold_unit(x, self.tau)
         if update and out.requires_grad:
             out.register_hook(self._grad_memory_hook(y))
