@@ -43,8 +43,6 @@ def activation_modules(model):
 @pytest.mark.parametrize("name", list(EXPECTED_SITES))
 @pytest.mark.parametrize("act", ["iieu_b", "dpa"])
 def test_model_zoo_converts_and_trains(name, act):
-    if name == "vgg11_bn" and act == "dpa":
-        pytest.skip("vgg11_bn's 100M-parameter classifier makes a second run slow; covered by iieu_b")
     model, size = build(name)
     x = torch.randn(2, 3, size, size)
     actlab.convert(model, act, num_classes=10, example_input=x, interval=1) if act == "dpa" else \
