@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import ActivationModule
-from .layout import layout_of, per_channel
+from .layout import per_channel
 from .registry import ActivationSpec, register
 
 
@@ -35,4 +35,4 @@ register(ActivationSpec("gelu", nn.GELU, summary="x * Phi(x)"))
 register(ActivationSpec("silu", nn.SiLU, aliases=("swish",), summary="x * sigmoid(x)"))
 register(ActivationSpec("mish", nn.Mish, summary="x * tanh(softplus(x))"))
 
-__all__ = ["ChannelPReLU", "layout_of"]
+__all__ = ["ChannelPReLU"]

@@ -15,9 +15,12 @@ set to 0 (``zero_patch="silence"``, the default); ``zero_patch="published"`` kee
 Unlike the published code, grouped and depthwise convolutions take the patch norm over the group's own
 channels only (the published code normed over all input channels there).
 
-Memory: the autograd function saves ``x_t``, ``x_pre`` (which the producer keeps for its own backward
-anyway) and per-channel / per-location values; everything else is recomputed in backward. Norms, term-B
-and the adjuster run in float32 (float64 for float64 inputs), also under autocast.
+Memory: the autograd function keeps ``x_pre`` (which the producer keeps for its own backward anyway),
+per-channel / per-location values and ``x_t``, unless ``x_t`` is the untouched output of a plain
+BatchNorm: then it keeps the BatchNorm's input (kept by BatchNorm anyway) and replays the BatchNorm in
+backward. Everything else is recomputed in backward. Norms, term-B and the adjuster run in float32
+(float64 for float64 inputs), also under autocast. The elementwise math runs as torch.compile'd kernels
+(see ``set_kernels``).
 """
 from __future__ import annotations
 
@@ -390,8 +393,9 @@ class BatchNormReplay:
 class IIEUFunction(torch.autograd.Function):
     """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward.
 
-    Saves x_t, x_pre, inv_w, nu, eta (and the squared patch norms when they are small): x_pre is kept by
-    the producer for its own backward anyway, so the unit adds about one map (x_t) to what ReLU keeps.
+    Saves x_pre, inv_w, nu, eta (and the squared patch norms when they are small) and x_t, or instead of
+    x_t the BatchNorm input and parameters that ``replay`` recomputes it from. x_pre is kept by the
+    producer for its own backward anyway.
     """
 
     @staticmethod

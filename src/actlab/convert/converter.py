@@ -6,7 +6,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
-import torch
 import torch.nn as nn
 
 from ..activations.dpa import DPA
