@@ -157,6 +157,25 @@ def test_gradcheck_linear_function(shape, nu_shape):
                                     (x_t, x_pre, inv_w, nu, eta))
 
 
+@pytest.mark.parametrize("site", ["conv", "tokens", "flat"])
+def test_gradcheck_whole_unit_with_term_b_folded_into_backward(site):
+    """The unit computes term-B from a detached GAP and adds that path's gradient in its backward."""
+    torch.manual_seed(0)
+    if site == "conv":
+        producer = nn.Conv2d(3, 4, 3, padding=1, groups=1).double()
+        x_pre = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    else:
+        producer = nn.Linear(3, 4).double()
+        x_pre = torch.randn(*((2, 3, 3) if site == "tokens" else (3, 3)), dtype=torch.float64, requires_grad=True)
+    unit = IIEUB(4, producer=producer, capture=False).double()
+    with torch.no_grad():
+        unit.norm.weight.uniform_(0.5, 1.5)
+        unit.eta.fill_(0.6)
+    x_t = producer(x_pre).detach().requires_grad_()
+    params = (x_t, x_pre, unit.norm.weight, unit.norm.bias, unit.eta)
+    assert torch.autograd.gradcheck(lambda xt, xp, *_: unit(xt, xp), params)
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e15])
 def test_zero_and_huge_inputs_are_finite(scale):
     torch.manual_seed(0)

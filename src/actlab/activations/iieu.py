@@ -256,9 +256,10 @@ def _forward_kernel(x, iv, wv, nv, ev):
     return (scale * xc).to(x.dtype)
 
 
-def _backward_kernel(go, x, iv, wv, nv, ev, inv_dims: tuple[int, ...], channel_dims: tuple[int, ...],
+def _backward_kernel(go, x, iv, wv, nv, ev, extra, inv_dims: tuple[int, ...], channel_dims: tuple[int, ...],
                      nu_dims: tuple[int, ...]):
     """Gradients of ``_forward_kernel``; the per-channel ones are returned as sums still to be reshaped.
+    ``extra`` (broadcast like nv) is added to grad_x: term-B's gradient through the mean over positions.
 
     d out/d x = s + x * s'(rho) * wv * iv;  s' = 1 above eta, eta * exp(rho - eta) below;
     d s/d eta = (1 - eta) * exp(rho - eta) below eta, 0 above.
@@ -273,7 +274,7 @@ def _backward_kernel(go, x, iv, wv, nv, ev, inv_dims: tuple[int, ...], channel_d
     scale = torch.where(below, s_low, rho)
     g_scale = gc * xc
     g_rho = torch.where(below, g_scale * s_low, g_scale)
-    grad_x = (gc * scale + g_rho * a).to(x.dtype)
+    grad_x = (gc * scale + g_rho * a + extra).to(x.dtype)
     g_rx = g_rho * xc
     grad_iv = (g_rx * wv).sum(inv_dims, keepdim=True)
     grad_wv = (g_rx * iv).sum(channel_dims)
@@ -354,10 +355,19 @@ def _forward(*args):
     return _run_compiled(_forward_kernel, lambda: _compiled_fn(_forward_kernel)(*args), args)
 
 
-def _backward(*args):
-    if not _use_compiled():
-        return _backward_kernel(*args)
-    return _run_compiled(_backward_kernel, lambda: tuple(_compiled_fn(f)(*args) for f in _BACKWARD_PARTS), args)
+def _backward_part(index: int, *args):
+    """Output ``index`` of ``_backward_kernel`` (compiled as a kernel of its own)."""
+    part = _BACKWARD_PARTS[index]
+    return _run_compiled(part, lambda: _compiled_fn(part)(*args), args)
+
+
+def _term_b_input_grad(grad_nu, nu, gap, weight, eps):
+    """dL/d GAP(x_t) (B, C) from dL/d nu, for nu = sigmoid(LayerNorm(gap) * weight + bias)."""
+    mean = gap.mean(1, keepdim=True)
+    rstd = torch.rsqrt(gap.var(1, unbiased=False, keepdim=True) + eps)
+    xhat = (gap - mean) * rstd
+    dxhat = grad_nu * nu * (1 - nu) * weight
+    return rstd * (dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True))
 
 
 def iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
@@ -399,7 +409,8 @@ class IIEUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=()):
+    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
+                term_b=None):
         with torch.autocast(x_t.device.type, enabled=False):
             ct = _compute_dtype(x_t)
             sumsq = patches.sumsq(x_pre.to(ct))
@@ -408,13 +419,17 @@ class IIEUFunction(torch.autograd.Function):
             out = patches.unview_x(_forward(*views))
         keep_sumsq = sumsq.numel() * 8 <= x_t.numel()
         kept_x_t = None if replay is not None else x_t
-        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, sumsq if keep_sumsq else None, *replay_tensors)
-        ctx.patches, ctx.eps, ctx.silence, ctx.replay = patches, eps, silence, replay
+        # term_b = (gap, ln_weight, ln_eps): nu was computed from a detached GAP(x_t); backward adds that
+        # path's gradient to grad x_t itself, fused in the grad_x kernel (saves a full-size autograd add)
+        gap, ln_weight, ln_eps = term_b if term_b is not None else (None, None, None)
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, sumsq if keep_sumsq else None, gap, ln_weight,
+                              *replay_tensors)
+        ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.ln_eps = patches, eps, silence, replay, ln_eps
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_t, x_pre, inv_w, nu, eta, sumsq, *replay_tensors = ctx.saved_tensors
+        x_t, x_pre, inv_w, nu, eta, sumsq, gap, ln_weight, *replay_tensors = ctx.saved_tensors
         patches, eps, silence = ctx.patches, ctx.eps, ctx.silence
         if x_t is None:
             with torch.no_grad():
@@ -426,8 +441,25 @@ class IIEUFunction(torch.autograd.Function):
             inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
             xv, iv, wv, nv, ev = _views(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
             go = patches.view_x(grad_out.contiguous())
-            grad_x, grad_iv, grad_wv, grad_nv, grad_ev = _backward(
-                go, xv, iv, wv, nv, ev, *patches.reduction_dims(xv.dim(), nv.shape == xv.shape))
+            args = (go, xv, iv, wv, nv, ev)
+            dims = patches.reduction_dims(xv.dim(), nv.shape == xv.shape)
+            zero = xv.new_zeros((), dtype=ct)
+
+            def term_b_grad(grad_nv):
+                positions = x_t.numel() // nu.numel()
+                grad_gap = _term_b_input_grad(grad_nv.reshape(nu.shape), nu.to(ct), gap.to(ct),
+                                              ln_weight.to(ct), ctx.ln_eps) / positions
+                return _views(patches, x_t, inv_x, inv_w, grad_gap, eta)[3]
+
+            if _use_compiled():
+                grad_nv = _backward_part(3, *args, zero, *dims)
+                extra = term_b_grad(grad_nv) if gap is not None else zero
+                grad_x, grad_iv, grad_wv, grad_ev = (_backward_part(i, *args, extra if i == 0 else zero, *dims)
+                                                      for i in (0, 1, 2, 4))
+            else:
+                grad_x, grad_iv, grad_wv, grad_nv, grad_ev = _backward_kernel(*args, zero, *dims)
+                if gap is not None:
+                    grad_x = grad_x + term_b_grad(grad_nv).to(grad_x.dtype)
             grad_inv_x = grad_iv.reshape(inv_x.shape)
             grad_x_pre = None
             if ctx.needs_input_grad[1]:
@@ -435,7 +467,7 @@ class IIEUFunction(torch.autograd.Function):
                 grad_x_pre = patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
             grad_eta = grad_ev.reshape(-1) * (1 - eta.to(ct))
         return (patches.unview_x(grad_x), grad_x_pre, grad_wv.reshape(inv_w.shape).to(inv_w.dtype),
-                grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None)
+                grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None)
 
 
 def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True, replay=None, replay_tensors=()):
@@ -555,9 +587,11 @@ class IIEUB(ActivationModule):
     def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
         """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
         with torch.autocast(x_t.device.type, enabled=False):
-            gap = self._patches.gap(x_t)
-            return torch.sigmoid(F.layer_norm(gap, (self.channels,), self.norm.weight.to(gap.dtype),
-                                              self.norm.bias.to(gap.dtype), self.norm.eps))
+            return self._term_b_from_gap(self._patches.gap(x_t))
+
+    def _term_b_from_gap(self, gap: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.layer_norm(gap, (self.channels,), self.norm.weight.to(gap.dtype),
+                                          self.norm.bias.to(gap.dtype), self.norm.eps))
 
     def forward(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
         if x_pre is None:
@@ -573,8 +607,15 @@ class IIEUB(ActivationModule):
         with torch.autocast(x_t.device.type, enabled=False):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
         replay, replay_tensors = self._replay_for(x_t)
-        return iieu_b(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps,
-                      self.zero_patch == "silence", replay, replay_tensors)
+        silence = self.zero_patch == "silence"
+        if torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            # term-B from a detached GAP: the autograd function adds that path's gradient itself
+            with torch.autocast(x_t.device.type, enabled=False):
+                gap = self._patches.gap(x_t.detach())
+                nu = self._term_b_from_gap(gap)
+            return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
+                                      replay_tensors, (gap, self.norm.weight, self.norm.eps))
+        return iieu_b_plain(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
 
     def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
         """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""
