@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .base import ActivationModule
+from .layout import global_pool
 from .registry import ActivationSpec, register
 
 
@@ -215,15 +216,13 @@ class DPA(ActivationModule):
     def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """Pooled response (B, C) in float32: spatial mean, class token or token mean, then the mean over
         the k rows of each sample when the leading dim is k * B."""
-        if x.dim() == 4:
-            v = x.mean((2, 3), dtype=torch.float32)
-        elif x.dim() == 3:
-            v = x[:, 0].float() if self.token_pool == "cls" else x.mean(1, dtype=torch.float32)
-        elif x.dim() == 2:
-            v = x.float()
-        else:
+        if x.dim() not in (2, 3, 4):
             raise ValueError(f"DPA site {self.site!r}: cannot pool a tensor of shape {tuple(x.shape)}; "
                              "expected (B, C, H, W), (B, N, C) or (B, C)")
+        if x.dim() == 3 and self.token_pool == "cls":
+            v = x[:, 0].float()
+        else:
+            v = global_pool(x, torch.float32)
         if v.shape[1] != self.channels:
             raise ValueError(f"DPA site {self.site!r}: expected {self.channels} channels, got shape {tuple(x.shape)}")
         rows = v.shape[0]
@@ -302,7 +301,7 @@ def targets(model: nn.Module, y: torch.Tensor) -> Iterator[None]:
             raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
                              "(for mixup / soft labels pass the hard labels)")
         if y.numel():
-            lo, hi = int(y.min()), int(y.max())
+            lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync for both bounds
             for site in sites:
                 if lo < 0 or hi >= site.num_classes:
                     raise ValueError(f"DPA site {site.site!r}: targets out of range [0, {site.num_classes}) "

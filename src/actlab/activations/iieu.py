@@ -143,11 +143,8 @@ class ConvPatches:
     def view_channel(self, p: torch.Tensor) -> torch.Tensor:  # (C,)
         return p.view(1, self.groups, -1, 1, 1)
 
-    def view_nu(self, nu: torch.Tensor) -> torch.Tensor:  # (B, C)
+    def view_nu(self, nu: torch.Tensor, x_dim: int) -> torch.Tensor:  # (B, C)
         return nu.view(nu.shape[0], self.groups, -1, 1, 1)
-
-
-
 
     def gap(self, x_t: torch.Tensor) -> torch.Tensor:
         return x_t.mean((2, 3), dtype=_compute_dtype(x_t))
@@ -204,9 +201,6 @@ class LinearPatches:
             return nu
         return nu.view(nu.shape[0], *([1] * (x_dim - 2)), nu.shape[-1])
 
-
-
-
     def gap(self, x_t: torch.Tensor) -> torch.Tensor:
         dt = _compute_dtype(x_t)
         if x_t.dim() == 2:
@@ -242,14 +236,14 @@ def _views(patches, x_t, inv_x, inv_w, nu, eta):
     xv = patches.view_x(x_t)
     iv = patches.view_inv(inv_x)
     wv = patches.view_channel(inv_w)
-    nv = patches.view_nu(nu) if isinstance(patches, ConvPatches) else patches.view_nu(nu, x_t.dim())
+    nv = patches.view_nu(nu, x_t.dim())
     ev = patches.view_channel(eta)
     return xv, iv, wv, nv, ev
 
 
 def _forward_kernel(x, iv, wv, nv, ev):
     """out = s(x * wv * iv + nv) * x, computed in float32 (float64 for float64 x), returned in x's dtype."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ct = _compute_dtype(x)
     xc = x.to(ct)
     rho = xc * (wv * iv) + nv
     scale = torch.where(rho >= ev, rho, ev * torch.exp(torch.clamp(rho - ev, max=0.0)))
@@ -264,7 +258,7 @@ def _backward_kernel(go, x, iv, wv, nv, ev, extra, inv_dims: tuple[int, ...], ch
     d out/d x = s + x * s'(rho) * wv * iv;  s' = 1 above eta, eta * exp(rho - eta) below;
     d s/d eta = (1 - eta) * exp(rho - eta) below eta, 0 above.
     """
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ct = _compute_dtype(x)
     xc, gc = x.to(ct), go.to(ct)
     a = wv * iv
     rho = xc * a + nv
@@ -449,7 +443,7 @@ class IIEUFunction(torch.autograd.Function):
                 positions = x_t.numel() // nu.numel()
                 grad_gap = _term_b_input_grad(grad_nv.reshape(nu.shape), nu.to(ct), gap.to(ct),
                                               ln_weight.to(ct), ctx.ln_eps) / positions
-                return _views(patches, x_t, inv_x, inv_w, grad_gap, eta)[3]
+                return patches.view_nu(grad_gap, x_t.dim())
 
             if _use_compiled():
                 grad_nv = _backward_part(3, *args, zero, *dims)
@@ -470,17 +464,16 @@ class IIEUFunction(torch.autograd.Function):
                 grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None)
 
 
-def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True, replay=None, replay_tensors=()):
-    """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``.
+def _custom_backward_wanted() -> bool:
+    """The memory-saving autograd function serves training in eager mode; inference, torch.compile and
+    export take the plain ops (which those fuse and trace themselves)."""
+    return torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
 
-    Uses the memory-saving autograd function when gradients are needed, plain ops otherwise
-    (inference, torch.compile, export). With ``replay`` (x_t is a BatchNorm's output) x_t itself is not
-    kept for backward but recomputed from the BatchNorm's input.
-    """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_t, x_pre, inv_w, nu, eta))
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if needs_grad and not tracing:
-        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay, replay_tensors)
+
+def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``."""
+    if _custom_backward_wanted():
+        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
     return iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
 
 
@@ -608,7 +601,7 @@ class IIEUB(ActivationModule):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
         replay, replay_tensors = self._replay_for(x_t)
         silence = self.zero_patch == "silence"
-        if torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if _custom_backward_wanted():
             # term-B from a detached GAP: the autograd function adds that path's gradient itself
             with torch.autocast(x_t.device.type, enabled=False):
                 gap = self._patches.gap(x_t.detach())

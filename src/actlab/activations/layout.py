@@ -15,14 +15,6 @@ def layout_of(x: torch.Tensor) -> str:
     raise ValueError(f"expected a (B, C, H, W), (B, C) or (B, N, C) tensor, got shape {tuple(x.shape)}")
 
 
-def channel_dim(x: torch.Tensor) -> int:
-    return 1 if layout_of(x) in ("nchw", "nc") else -1
-
-
-def num_channels(x: torch.Tensor) -> int:
-    return x.shape[channel_dim(x)]
-
-
 def per_channel(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a (C,) or (B, C) tensor so it broadcasts against ``x`` along its channel dim."""
     lay = layout_of(x)

@@ -8,7 +8,6 @@ from fnmatch import fnmatch
 
 import torch.nn as nn
 
-from ..activations.dpa import DPA
 from ..activations.iieu import IIEUB
 from ..activations.registry import ActivationSpec, get_spec
 from .trace import ACTIVATION_TYPES, ActivationCall, Trace, trace_activations
@@ -171,13 +170,9 @@ def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, 
             return None, f"cannot pool a {call.in_shape} input per sample"
         if call.in_shape[0] % batch:
             return None, f"leading dim {call.in_shape[0]} is not a multiple of the batch {batch}"
-        module = DPA(channels, num_classes, token_pool=kwargs.pop("token_pool", _token_pool(model, call, batch)),
-                     **kwargs)
-    elif spec.needs_channels:
-        module = spec.factory(channels=channels, **kwargs)
-    else:
-        module = spec.factory(**kwargs)
-    if isinstance(module, IIEUB):
+        kwargs = {"num_classes": num_classes, "token_pool": _token_pool(model, call, batch), **kwargs}
+    module = spec.factory(channels=channels, **kwargs) if spec.needs_channels else spec.factory(**kwargs)
+    if spec.needs_producer:
         module.bind(call.producer, norm=call.norm)
     return module, ""
 

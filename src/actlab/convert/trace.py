@@ -96,7 +96,6 @@ class ActivationCall:
 @dataclass
 class Trace:
     calls: list[ActivationCall] = field(default_factory=list)
-    registrations: dict[str, tuple[nn.Module, str, nn.Module]] = field(default_factory=dict)  # name -> owner, attr, act
     functional: list[str] = field(default_factory=list)
     batch: int = 0
 
@@ -210,7 +209,6 @@ class _Tracer:
             return  # the model itself is an activation, or the call came from outside the module tree
         act = ActivationCall(call.seq, call.module, holder, holder_name, attr, owner.seq, call.in_shape,
                              caller=owner.module)
-        self.trace.registrations.setdefault(act.registration, (holder, attr, call.module))
         src = call.source
         if src is None and isinstance(owner.module, NORM_TYPES) and holder is owner.module:
             # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
