@@ -212,9 +212,11 @@ def conv_bn_block(replay: bool, seed: int = 0):
     return conv, bn, unit
 
 
+@pytest.mark.parametrize("kernels", ["eager", "native"])
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_batchnorm_replay_gives_identical_gradients(bn_mode, autocast):
+def test_batchnorm_replay_gives_identical_gradients(bn_mode, autocast, kernels, restore_kernels):
+    restore_kernels.set_kernels(kernels)  # native: grad_x is written over the replayed x_t
     x = torch.randn(4, 32, 8, 8)
     grads = []
     for replay in (True, False):
@@ -253,6 +255,41 @@ def test_saved_memory_close_to_relu():
     keep = saved_bytes(two_layers(lambda conv, bn: IIEUB(32).bind(conv)))
     assert replay <= 1.05 * relu, (replay, relu)
     assert keep > 1.3 * relu  # without the replay the unit keeps x_t: the test measures something real
+
+
+def mlp_block(recompute: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    fc1, fc2 = nn.Linear(24, 96), nn.Linear(96, 24)
+    unit = IIEUB(96, recompute_linear=recompute).bind(fc1)
+    with torch.no_grad():
+        unit.eta.fill_(0.5)  # both adjuster branches
+    return lambda x: fc2(unit(fc1(x))), (fc1.weight, fc1.bias, unit.eta, unit.norm.weight)
+
+
+@pytest.mark.parametrize("kernels", ["eager", "native"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_linear_recompute_gives_identical_gradients_and_saves_a_map(kernels, autocast, restore_kernels):
+    """A Linear site without a norm recomputes x_t in backward: same gradients, memory of a ReLU MLP."""
+    restore_kernels.set_kernels(kernels)
+    x = torch.randn(4, 65, 24)
+    grads, saved = [], []
+    for recompute in (True, False):
+        block, params = mlp_block(recompute)
+        xs = x.clone().requires_grad_()
+
+        def loss():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return block(xs).float().square().sum()
+        grads.append(torch.autograd.grad(loss(), [xs, *params]))
+        saved.append(saved_bytes(loss))
+    for recomputed, kept in zip(*grads):
+        assert torch.equal(recomputed, kept)
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(24, 96), nn.Linear(96, 24)
+    relu = saved_bytes(lambda: fc2(torch.relu(fc1(x.clone().requires_grad_()))).square().sum())
+    map_bytes = x.shape[0] * x.shape[1] * 96 * (2 if autocast else 4)
+    assert saved[0] <= relu + 0.2 * map_bytes, (saved, relu)
+    assert saved[1] >= saved[0] + 0.9 * map_bytes  # the kept x_t: the comparison measures something real
 
 
 def test_modified_norm_output_falls_back_to_keeping_it():
@@ -300,37 +337,53 @@ def test_inverse_filter_norms():
 
 
 @pytest.fixture
-def compiled_kernels():
+def restore_kernels():
     from actlab.activations import iieu
 
-    iieu.set_kernels("compiled")
-    yield
+    yield iieu
     iieu.set_kernels(os.environ.get("ACTLAB_IIEU_KERNELS", "auto"))
 
 
-@pytest.mark.parametrize("site", ["conv", "linear"])
-def test_compiled_kernels_match_eager(site, compiled_kernels):
-    """The fused (torch.compile) kernels give the eager kernels' values and gradients."""
-    from actlab.activations import iieu
+KERNEL_SITES = {  # producer, norm, input: every layout the native and compiled kernels handle
+    "conv": (lambda: nn.Conv2d(6, 8, 3, padding=1), lambda: nn.BatchNorm2d(8), (4, 6, 9, 9)),
+    "conv_grouped": (lambda: nn.Conv2d(6, 8, 3, stride=2, groups=2), lambda: nn.BatchNorm2d(8), (3, 6, 9, 7)),
+    "depthwise": (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), lambda: nn.Identity(), (2, 8, 5, 5)),
+    "linear_tokens": (lambda: nn.Linear(6, 11), lambda: nn.LayerNorm(11), (4, 5, 6)),
+    "linear_2d": (lambda: nn.Linear(6, 11), lambda: nn.Identity(), (5, 6)),
+    "linear_batch1": (lambda: nn.Linear(6, 11), lambda: nn.Identity(), (1, 7, 6)),
+}
 
+
+@pytest.mark.parametrize("mode", ["compiled", "native"])
+@pytest.mark.parametrize("site", list(KERNEL_SITES))
+def test_fused_kernels_match_eager(mode, site, restore_kernels):
+    """The fused kernels (torch.compile, or actlab's C++ CPU kernels) give the eager kernels' values and
+    gradients, zero patches and both branches of the adjuster included."""
+    iieu = restore_kernels
+    if mode == "compiled" and site not in ("conv_grouped", "linear_tokens"):
+        pytest.skip("compiled kernels: one conv and one linear layout keep the suite fast")
+    make_producer, make_norm, shape = KERNEL_SITES[site]
     torch.manual_seed(0)
-    if site == "conv":
-        producer, norm = nn.Conv2d(6, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
-        x = torch.randn(4, 6, 9, 9)
-    else:
-        producer, norm = nn.Linear(6, 8), nn.LayerNorm(8)
-        x = torch.randn(4, 5, 6)
-    unit = IIEUB(8, producer=producer)
+    producer, norm = make_producer(), make_norm()
+    x = torch.randn(shape)
+    x[0, ..., :2] = 0  # zero patches / a zero token
+    unit = IIEUB(producer.weight.shape[0], producer=producer)
     with torch.no_grad():
-        unit.eta.fill_(0.6)  # both branches of the adjuster are taken
+        unit.eta.uniform_(0.2, 0.8)  # both branches of the adjuster are taken
+        unit.norm.weight.uniform_(0.5, 1.5)
     results = {}
-    for mode in ("compiled", "eager"):
-        iieu.set_kernels(mode)
+    for kernels in (mode, "eager"):
+        iieu.set_kernels(kernels)
         xs = x.clone().requires_grad_()
         out = unit(norm(producer(xs)))
-        grads = torch.autograd.grad(out.square().sum(), [xs, unit.eta, unit.norm.weight, producer.weight])
-        results[mode] = (out, *grads)
-    for a, b in zip(results["compiled"], results["eager"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum(),
+                                    [xs, unit.eta, unit.norm.weight, producer.weight])
+        results[kernels] = (out, *grads)
+    for a, b in zip(results[mode], results["eager"]):  # float32 sums in another order: relative to the scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_unknown_kernel_mode(restore_kernels):
+    iieu = restore_kernels
     with pytest.raises(ValueError, match="one of"):
         iieu.set_kernels("fast")

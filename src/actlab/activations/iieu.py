@@ -17,8 +17,8 @@ channels only (the published code normed over all input channels there).
 
 Memory: the autograd function keeps ``x_pre`` (which the producer keeps for its own backward anyway),
 per-channel / per-location values and ``x_t``, unless ``x_t`` is the untouched output of a plain
-BatchNorm: then it keeps the BatchNorm's input (kept by BatchNorm anyway) and replays the BatchNorm in
-backward. Everything else is recomputed in backward. Norms, term-B and the adjuster run in float32
+BatchNorm, or of a Linear producer without a norm: then it keeps what that module keeps anyway and
+replays it in backward. Everything else is recomputed in backward. Norms, term-B and the adjuster run in float32
 (float64 for float64 inputs), also under autocast. The elementwise math runs as torch.compile'd kernels
 (see ``set_kernels``).
 """
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import kernels
 from .base import ActivationModule
 from .registry import ActivationSpec, register
 
@@ -300,7 +301,7 @@ def _grad_ev_kernel(*args):
 
 
 _BACKWARD_PARTS = (_grad_x_kernel, _grad_iv_kernel, _grad_wv_kernel, _grad_nv_kernel, _grad_ev_kernel)
-_KERNEL_MODES = ("auto", "compiled", "eager")
+_KERNEL_MODES = ("auto", "native", "compiled", "eager")
 _kernel_mode = os.environ.get("ACTLAB_IIEU_KERNELS", "auto")
 _compiled: dict[object, object] = {}
 
@@ -308,10 +309,12 @@ _compiled: dict[object, object] = {}
 def set_kernels(mode: str) -> None:
     """Choose how IIEU-B's elementwise forward/backward run outside torch.compile.
 
-    ``"compiled"``: fused by torch.compile (Inductor: C++ on CPU, Triton on GPU); the first call per input
-    shape compiles for a few seconds. ``"eager"``: plain PyTorch ops, no compilation. ``"auto"`` (default,
-    also set by the environment variable ACTLAB_IIEU_KERNELS): compiled, falling back to eager with a
-    warning when compilation is not possible on this machine.
+    ``"native"``: actlab's C++ CPU kernels (one vectorised, multi-threaded pass each way) for float32 CPU
+    tensors, built once per machine on first use (about 30 s, needs a C++ compiler); other inputs take the
+    compiled kernels. ``"compiled"``: fused by torch.compile (Inductor: C++ on CPU, Triton on GPU); the
+    first call per input shape compiles for a few seconds. ``"eager"``: plain PyTorch ops, no compilation.
+    ``"auto"`` (default, also set by the environment variable ACTLAB_IIEU_KERNELS): native where it
+    applies, else compiled, each falling back to the next with a warning when it cannot be built here.
     """
     global _kernel_mode
     if mode not in _KERNEL_MODES:
@@ -319,10 +322,14 @@ def set_kernels(mode: str) -> None:
     _kernel_mode = mode
 
 
-def _use_compiled() -> bool:
+def _check_mode() -> str:
     if _kernel_mode not in _KERNEL_MODES:
         raise ValueError(f"ACTLAB_IIEU_KERNELS must be one of {_KERNEL_MODES}, got {_kernel_mode!r}")
-    return _kernel_mode == "compiled" or (_kernel_mode == "auto" and not _compiled.get("broken"))
+    return _kernel_mode
+
+
+def _use_compiled() -> bool:
+    return _check_mode() in ("compiled", "native") or (_kernel_mode == "auto" and not _compiled.get("broken"))
 
 
 def _compiled_fn(fn):
@@ -343,10 +350,42 @@ def _run_compiled(eager_fn, compiled_call, args):
         return eager_fn(*args)
 
 
-def _forward(*args):
+def _native_ops(x: torch.Tensor):
+    """actlab's C++ kernels when the mode allows them and ``x`` is a float32 CPU tensor, else None."""
+    if _check_mode() not in ("auto", "native") or x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    ops = kernels.iieu_cpu()
+    if ops is None:
+        if _kernel_mode == "native":
+            raise RuntimeError(f"IIEU-B native kernels could not be built: {kernels.build_error()}")
+        if not _compiled.get("native_warned"):
+            _compiled["native_warned"] = True
+            warnings.warn(f"IIEU-B: native CPU kernels unavailable ({kernels.build_error()}); using the "
+                          "compiled kernels.", RuntimeWarning)
+    return ops
+
+
+def _native_layout(patches, x_t, inv_x, nu):
+    """Flat contiguous views for the C++ kernels: planes (B, C, P) / (B, G, P), or rows (R, C) / (R,)."""
+    if isinstance(patches, ConvPatches):
+        b, c = x_t.shape[:2]
+        return "planes", x_t.contiguous().view(b, c, -1), inv_x.contiguous().view(b, patches.groups, -1), nu.contiguous()
+    c = x_t.shape[-1]
+    rows_nu = nu.reshape(-1, c) if nu.dim() == x_t.dim() else nu  # per-row term-B (coupler) or per sample
+    return "rows", x_t.contiguous().view(-1, c), inv_x.contiguous().view(-1), rows_nu.contiguous()
+
+
+def _forward(patches, x_t, inv_x, inv_w, nu, eta):
+    """IIEU-B's elementwise forward, out = s(x_t * inv_w * inv_x + nu) * x_t, by the chosen kernels."""
+    ops = _native_ops(x_t)
+    if ops is not None:
+        layout, x, inv, nu_flat = _native_layout(patches, x_t, inv_x, nu)
+        op = ops.planes_forward if layout == "planes" else ops.rows_forward
+        return op(x, inv, inv_w.contiguous(), nu_flat, eta.contiguous()).view(x_t.shape)
+    args = _views(patches, x_t, inv_x, inv_w, nu, eta)
     if not _use_compiled():
-        return _forward_kernel(*args)
-    return _run_compiled(_forward_kernel, lambda: _compiled_fn(_forward_kernel)(*args), args)
+        return patches.unview_x(_forward_kernel(*args))
+    return patches.unview_x(_run_compiled(_forward_kernel, lambda: _compiled_fn(_forward_kernel)(*args), args))
 
 
 def _backward_part(index: int, *args):
@@ -371,8 +410,14 @@ def iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
     """
     ct = _compute_dtype(x_t)
     inv_x = inverse_patch_norm(patches.sumsq(x_pre.to(ct)), patches.patch_numel, eps, silence)
-    xv, iv, wv, nv, ev = _views(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
-    return patches.unview_x(_forward_kernel(xv, iv, wv, nv, ev))
+    args = (patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
+    if _tracing():  # traced graphs must see plain ops, which the compiler or exporter fuses itself
+        return patches.unview_x(_forward_kernel(*_views(*args)))
+    return _forward(*args)
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -385,6 +430,12 @@ class BatchNormReplay:
     autocast: bool
     autocast_dtype: torch.dtype
 
+    @classmethod
+    def of_call(cls, norm: nn.Module, output: torch.Tensor) -> "BatchNormReplay":
+        device = output.device.type
+        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+        return cls(batch_stats, norm.eps, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
     def tensors(self, norm: nn.Module, c: torch.Tensor) -> tuple:
         stats = (None, None) if self.batch_stats else (norm.running_mean, norm.running_var)
         return (c, norm.weight, norm.bias, *stats)
@@ -392,6 +443,64 @@ class BatchNormReplay:
     def replay(self, c, weight, bias, running_mean, running_var) -> torch.Tensor:
         with torch.autocast(c.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
             return F.batch_norm(c, running_mean, running_var, weight, bias, self.batch_stats, 0.0, self.eps)
+
+
+@dataclass(frozen=True)
+class LinearReplay:
+    """How to recompute ``x_t = Linear(x_pre)`` at a site without a norm, from ``x_pre`` and the weights
+    (which the Linear keeps for its own backward anyway): one matmul in backward instead of a kept map."""
+
+    autocast: bool
+    autocast_dtype: torch.dtype
+
+    @classmethod
+    def of_call(cls, linear: nn.Module, output: torch.Tensor) -> "LinearReplay":
+        device = output.device.type
+        return cls(torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def tensors(self, linear: nn.Module, x: torch.Tensor) -> tuple:
+        return (x, linear.weight, linear.bias)
+
+    def replay(self, x, weight, bias) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            return F.linear(x, weight, bias)
+
+
+def _backward_views(patches, grad_out, x_t, inv_x, inv_w, nu, eta, term_b_grad):
+    """Backward by the compiled or eager kernels on the (B, G, C/G, H, W) / (B, *, C) views."""
+    xv, iv, wv, nv, ev = _views(patches, x_t, inv_x, inv_w, nu, eta)
+    args = (patches.view_x(grad_out.contiguous()), xv, iv, wv, nv, ev)
+    dims = patches.reduction_dims(xv.dim(), nv.shape == xv.shape)
+    zero = xv.new_zeros((), dtype=_compute_dtype(x_t))
+    if _use_compiled():
+        grad_nv = _backward_part(3, *args, zero, *dims)
+        grad_gap = term_b_grad(grad_nv)
+        extra = zero if grad_gap is None else patches.view_nu(grad_gap, x_t.dim())
+        grad_x, grad_iv, grad_wv, grad_ev = (_backward_part(i, *args, extra if i == 0 else zero, *dims)
+                                              for i in (0, 1, 2, 4))
+    else:
+        grad_x, grad_iv, grad_wv, grad_nv, grad_ev = _backward_kernel(*args, zero, *dims)
+        grad_gap = term_b_grad(grad_nv)
+        if grad_gap is not None:
+            grad_x = grad_x + patches.view_nu(grad_gap, x_t.dim()).to(grad_x.dtype)
+    return patches.unview_x(grad_x), grad_iv, grad_wv, grad_nv, grad_ev
+
+
+def _native_backward(ops, patches, grad_out, x_t, inv_x, inv_w, nu, eta, term_b_grad, grad_into_x=False):
+    """Backward by actlab's C++ kernels: one pass, then term-B's gradient added in place.
+    ``grad_into_x``: x_t is a temporary of the caller's, overwritten by grad_x (one allocation less)."""
+    layout, x, inv, nu_flat = _native_layout(patches, x_t, inv_x, nu)
+    op = ops.planes_backward if layout == "planes" else ops.rows_backward
+    grad_into_x = grad_into_x or x.data_ptr() != x_t.data_ptr()  # a copy made for the layout is ours too
+    grad_x, grad_iv, grad_wv, grad_nv, grad_ev = op(grad_out.contiguous().view(x.shape), x, inv,
+                                                    inv_w.contiguous(), nu_flat, eta.contiguous(), grad_into_x)
+    grad_gap = term_b_grad(grad_nv)
+    if grad_gap is not None:  # (B, C), the same for every position of a sample
+        if layout == "planes":
+            grad_x.view(grad_x.shape[0], grad_x.shape[1], -1).add_(grad_gap.unsqueeze(-1))
+        else:
+            grad_x.view(grad_gap.shape[0], -1, grad_gap.shape[1]).add_(grad_gap.unsqueeze(1))
+    return grad_x.view(grad_out.shape), grad_iv, grad_wv, grad_nv, grad_ev
 
 
 class IIEUFunction(torch.autograd.Function):
@@ -409,8 +518,7 @@ class IIEUFunction(torch.autograd.Function):
             ct = _compute_dtype(x_t)
             sumsq = patches.sumsq(x_pre.to(ct))
             inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
-            views = _views(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
-            out = patches.unview_x(_forward(*views))
+            out = _forward(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
         keep_sumsq = sumsq.numel() * 8 <= x_t.numel()
         kept_x_t = None if replay is not None else x_t
         # term_b = (gap, ln_weight, ln_eps): nu was computed from a detached GAP(x_t); backward adds that
@@ -424,43 +532,37 @@ class IIEUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_t, x_pre, inv_w, nu, eta, sumsq, gap, ln_weight, *replay_tensors = ctx.saved_tensors
-        patches, eps, silence = ctx.patches, ctx.eps, ctx.silence
+        patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
         if x_t is None:
             with torch.no_grad():
-                x_t = ctx.replay.replay(*replay_tensors)
+                x_t = replay.replay(*replay_tensors)
         with torch.autocast(grad_out.device.type, enabled=False):
             ct = _compute_dtype(x_t)
             if sumsq is None:
                 sumsq = patches.sumsq(x_pre.to(ct))
             inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
-            xv, iv, wv, nv, ev = _views(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
-            go = patches.view_x(grad_out.contiguous())
-            args = (go, xv, iv, wv, nv, ev)
-            dims = patches.reduction_dims(xv.dim(), nv.shape == xv.shape)
-            zero = xv.new_zeros((), dtype=ct)
 
-            def term_b_grad(grad_nv):
-                positions = x_t.numel() // nu.numel()
-                grad_gap = _term_b_input_grad(grad_nv.reshape(nu.shape), nu.to(ct), gap.to(ct),
-                                              ln_weight.to(ct), ctx.ln_eps) / positions
-                return patches.view_nu(grad_gap, x_t.dim())
+            def term_b_grad(grad_nv):  # dL/d GAP(x_t) spread over the positions, (B, C)
+                if gap is None:
+                    return None
+                positions = grad_out.numel() // nu.numel()
+                return _term_b_input_grad(grad_nv.reshape(nu.shape), nu.to(ct), gap.to(ct), ln_weight.to(ct),
+                                          ctx.ln_eps) / positions
 
-            if _use_compiled():
-                grad_nv = _backward_part(3, *args, zero, *dims)
-                extra = term_b_grad(grad_nv) if gap is not None else zero
-                grad_x, grad_iv, grad_wv, grad_ev = (_backward_part(i, *args, extra if i == 0 else zero, *dims)
-                                                      for i in (0, 1, 2, 4))
+            args = (patches, grad_out, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct), term_b_grad)
+            native = _native_ops(x_t) if grad_out.dtype == x_t.dtype else None
+            if native is not None:  # a replayed x_t is ours: the kernel writes grad_x over it
+                grads = _native_backward(native, *args, grad_into_x=replay is not None)
             else:
-                grad_x, grad_iv, grad_wv, grad_nv, grad_ev = _backward_kernel(*args, zero, *dims)
-                if gap is not None:
-                    grad_x = grad_x + term_b_grad(grad_nv).to(grad_x.dtype)
+                grads = _backward_views(*args)
+            grad_x, grad_iv, grad_wv, grad_nv, grad_ev = grads
             grad_inv_x = grad_iv.reshape(inv_x.shape)
             grad_x_pre = None
             if ctx.needs_input_grad[1]:
                 grad_sumsq = _inverse_patch_norm_grad(sumsq, patches.patch_numel, eps, silence, grad_inv_x)
                 grad_x_pre = patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
             grad_eta = grad_ev.reshape(-1) * (1 - eta.to(ct))
-        return (patches.unview_x(grad_x), grad_x_pre, grad_wv.reshape(inv_w.shape).to(inv_w.dtype),
+        return (grad_x, grad_x_pre, grad_wv.reshape(inv_w.shape).to(inv_w.dtype),
                 grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None)
 
 
@@ -494,16 +596,22 @@ class IIEUB(ActivationModule):
         producer: the Conv2d / Linear feeding this site; may also be bound later with ``bind``.
         capture: when bound, record the producer's input with a forward pre-hook so ``forward(x_t)``
             works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
+        recompute_linear: at a Linear site without a norm, recompute ``x_t`` in backward (one matmul)
+            instead of keeping it for backward: one feature map less per site, for about 15-20 % more
+            time of a ViT MLP block on a 2-core CPU (README, speed table). Sites after a BatchNorm always
+            recompute (cheap); other sites keep ``x_t``.
 
     Shapes: conv site x_t (B, C, H', W'), x_pre (B, Cin, H, W); linear site x_t (B, *, C), x_pre (B, *, Cin).
     """
 
     def __init__(self, channels: int, eta_init: float = 0.05, norm_init: float = 0.01, eps: float = 1e-8,
-                 zero_patch: str = "silence", producer: nn.Module | None = None, capture: bool = True):
+                 zero_patch: str = "silence", producer: nn.Module | None = None, capture: bool = True,
+                 recompute_linear: bool = True):
         super().__init__()
         if zero_patch not in ("silence", "published"):
             raise ValueError(f"zero_patch must be 'silence' or 'published', got {zero_patch!r}")
         self.channels, self.eps, self.zero_patch = channels, eps, zero_patch
+        self.recompute_linear = recompute_linear
         self.eta = nn.Parameter(torch.full((channels,), float(eta_init)))
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         nn.init.constant_(self.norm.weight, norm_init)
@@ -513,8 +621,8 @@ class IIEUB(ActivationModule):
         self._patches: Patches | None = None
         self._hooks: list = []
         self._x_pre: torch.Tensor | None = None
-        object.__setattr__(self, "_norm", None)
-        self._norm_io: tuple | None = None  # (input, output, output version, replay) of the last BN call
+        object.__setattr__(self, "_maker", None)  # the BatchNorm / Linear whose output x_t is replayed
+        self._maker_io: tuple | None = None  # (input, output, output version, replay) of its last call
         if producer is not None:
             self.bind(producer, capture=capture)
 
@@ -528,8 +636,9 @@ class IIEUB(ActivationModule):
         Args:
             producer: the nn.Conv2d or nn.Linear of the site.
             capture: record the producer's input with a forward pre-hook (else pass ``x_pre`` yourself).
-            norm: the site's norm, if any. For a plain BatchNorm the unit recomputes its output in backward
-                instead of keeping it (saves one feature map per site); other norms need nothing.
+            norm: the site's norm, if any. The unit recomputes ``x_t`` in backward instead of keeping it
+                (one feature map less per site) when ``x_t`` is the output of a plain BatchNorm, or of a
+                Linear producer with no norm; other sites keep it.
         """
         if isinstance(producer, nn.Conv2d):
             patches = ConvPatches.from_conv(producer)
@@ -547,35 +656,38 @@ class IIEUB(ActivationModule):
         self._patches = patches
         if capture:
             self._hooks.append(producer.register_forward_pre_hook(self._capture))
+            # x_t recomputed in backward rather than kept, from what its maker keeps anyway
             if norm is not None and type(norm).forward is _BatchNorm.forward:
-                object.__setattr__(self, "_norm", norm)
-                self._hooks.append(norm.register_forward_hook(self._capture_norm))
+                self._watch_maker(norm, BatchNormReplay)
+            elif norm is None and self.recompute_linear and type(producer).forward is nn.Linear.forward:
+                self._watch_maker(producer, LinearReplay)
         return self
 
     def unbind(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self._x_pre, self._patches, self._norm_io = [], None, None, None
+        self._hooks, self._x_pre, self._patches, self._maker_io = [], None, None, None
         object.__setattr__(self, "_producer", None)
-        object.__setattr__(self, "_norm", None)
+        object.__setattr__(self, "_maker", None)
 
     def _capture(self, module: nn.Module, args: tuple) -> None:
         self._x_pre = args[0]
 
-    def _capture_norm(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-        device = output.device.type
-        replay = BatchNormReplay(batch_stats, norm.eps, torch.is_autocast_enabled(device),
-                                 torch.get_autocast_dtype(device))
-        self._norm_io = (args[0], output, output._version, replay)
+    def _watch_maker(self, maker: nn.Module, replay_type) -> None:
+        object.__setattr__(self, "_maker", maker)
+        self._replay_type = replay_type
+        self._hooks.append(maker.register_forward_hook(self._capture_maker))
+
+    def _capture_maker(self, maker: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._maker_io = (args[0], output, output._version, self._replay_type.of_call(maker, output))
 
     def _replay_for(self, x_t: torch.Tensor):
-        """The BatchNorm replay when x_t is, untouched, the output of the bound BatchNorm's last call."""
-        io, self._norm_io = self._norm_io, None
+        """How to recompute x_t in backward, when x_t is, untouched, the output of its maker's last call."""
+        io, self._maker_io = self._maker_io, None
         if io is None or io[1] is not x_t or io[2] != x_t._version:
             return None, ()
-        c, _, _, replay = io
-        return replay, replay.tensors(self._norm, c)
+        maker_input, _, _, replay = io
+        return replay, replay.tensors(self._maker, maker_input)
 
     def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
         """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""

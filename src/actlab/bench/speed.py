@@ -99,9 +99,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(acts: list[str], repeats: int, warmup: int, device: torch.device) -> list[Row]:
-    cases = [(a, w, "train") for w in WORKLOADS for a in acts]
-    cases += [(a, w, "eval") for w in WORKLOADS for a in acts if a in ("relu", "dpa")]
+def run(acts: list[str], repeats: int, warmup: int, device: torch.device,
+        workloads: tuple[str, ...] = tuple(WORKLOADS)) -> list[Row]:
+    cases = [(a, w, "train") for w in workloads for a in acts]
+    cases += [(a, w, "eval") for w in workloads for a in acts if a in ("relu", "dpa")]
     built = {c: build(c[0], c[1], device, c[2] == "train") for c in cases}
     steps = {c: b[0] for c, b in built.items()}
     times: dict[tuple, list[float]] = {c: [] for c in cases}
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--acts", default=",".join(actlab.list_activations()),
                         help="comma-separated activations (relu is always included as the baseline)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, of: " + ", ".join(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -164,8 +166,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for a in acts:
         actlab.activations.get_spec(a)  # unknown names fail before any work
     acts = ["relu"] + [a for a in acts if a != "relu"]
+    workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     device = torch.device(args.device)
-    rows = run(acts, args.repeats, args.warmup, device)
+    rows = run(acts, args.repeats, args.warmup, device, workloads)
     print(markdown(rows, args.repeats, device))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,56 @@
+"""Native CPU kernels, built on first use with torch.utils.cpp_extension (a C++ compiler and ninja).
+
+``iieu_cpu()`` returns the ``torch.ops.actlab_iieu`` namespace, or ``None`` with the reason in
+``build_error()`` when it cannot be built here (no compiler, unsupported platform). The build takes
+about half a minute once per machine and torch version; later processes load it from
+``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+import torch
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "iieu_cpu.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cflags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]
+    # at::vec picks its AVX2 implementation from this macro; the matching -m flags are only safe where
+    # torch itself found AVX2 (wrong flags crash with an illegal instruction instead of raising)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
+
+
+def iieu_cpu():
+    """The IIEU-B CPU ops (``planes_forward/backward``, ``rows_forward/backward``), or None."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"], _state["error"] = _build()
+        return _state["ops"]
+
+
+def build_error() -> str | None:
+    return _state.get("error")
+
+
+def _build():
+    # torch logs a CUDA_HOME warning on CPU-only machines on import; it does not concern a CPU kernel
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        name = "actlab_iieu_cpu"
+        built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
+        if not built:
+            print("actlab: building the IIEU-B CPU kernels (once per machine, about 30 s)...", file=sys.stderr)
+        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_cflags(), is_python_module=False)
+        return torch.ops.actlab_iieu, None
+    except Exception as exc:  # noqa: BLE001 - any build failure means "use the other kernels"
+        return None, f"{type(exc).__name__}: {exc}"

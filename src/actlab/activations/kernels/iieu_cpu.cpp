@@ -1,0 +1,224 @@
+// IIEU-B elementwise forward and backward for float32 CPU tensors, one pass over memory each.
+//
+// Two layouts:
+//   planes: x (B, C, P) with P = H' * W' contiguous; inv (B, G, P) for G groups of C / G channels.
+//   rows:   x (R, C) with C contiguous, R = S * T rows (S samples of T tokens); inv (R).
+// Per channel: w = 1 / (||w_c|| + eps), e = eta_c; per (sample, channel): n = nu.
+//   rho = x * w * inv + n;  s = rho if rho >= e else e * exp(rho - e);  out = s * x
+// The backward returns grad_x and the reductions of the other inputs' gradients; the Python side
+// (actlab/activations/iieu.py, _backward_kernel) is the reference these are tested against.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+inline float vsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// One element of the backward: returns grad_x, accumulates d/d(a) * x, d/d nu and d/d eta parts.
+struct Grad {
+  Vec gx, grx, grho, gev;
+};
+
+inline Grad grad_at(const Vec& x, const Vec& g, const Vec& a, const Vec& n, const Vec& e) {
+  const Vec zero(0.f);
+  Vec rho = x * a + n;
+  Vec below = rho < e;
+  Vec expo = at::vec::minimum(rho - e, zero).exp();
+  Vec s_low = expo * e;
+  Vec scale = Vec::blendv(rho, s_low, below);
+  Vec gs = g * x;
+  Vec grho = Vec::blendv(gs, gs * s_low, below);
+  return {g * scale + grho * a, grho * x, grho, Vec::blendv(zero, gs * expo, below)};
+}
+
+inline Vec forward_at(const Vec& x, const Vec& a, const Vec& n, const Vec& e) {
+  Vec rho = x * a + n;
+  Vec s_low = at::vec::minimum(rho - e, Vec(0.f)).exp() * e;
+  return Vec::blendv(rho, s_low, rho < e) * x;
+}
+
+void check(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "iieu_cpu: ", name, " must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(t.dim() == dim, "iieu_cpu: ", name, " must have ", dim, " dims, got ", t.dim());
+}
+
+// ---------------------------------------------------------------- planes (conv sites)
+
+at::Tensor planes_forward(const at::Tensor& x, const at::Tensor& inv, const at::Tensor& w,
+                          const at::Tensor& nu, const at::Tensor& eta) {
+  check(x, "x", 3); check(inv, "inv", 3); check(w, "w", 1); check(nu, "nu", 2); check(eta, "eta", 1);
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2), G = inv.size(1), Cg = C / G;
+  auto out = at::empty_like(x);
+  const float *X = x.data_ptr<float>(), *IV = inv.data_ptr<float>(), *W = w.data_ptr<float>();
+  const float *N = nu.data_ptr<float>(), *E = eta.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      const float* iv = IV + (b * G + c / Cg) * P;
+      const float *xr = X + bc * P;
+      float* orow = O + bc * P;
+      const Vec vw(W[c]), vn(N[bc]), ve(E[c]);
+      int64_t p = 0;
+      for (; p + Vec::size() <= P; p += Vec::size())
+        forward_at(Vec::loadu(xr + p), vw * Vec::loadu(iv + p), vn, ve).store(orow + p);
+      if (p < P) {
+        const int64_t k = P - p;
+        forward_at(Vec::loadu(xr + p, k), vw * Vec::loadu(iv + p, k), vn, ve).store(orow + p, k);
+      }
+    }
+  });
+  return out;
+}
+
+// returns grad_x (B, C, P), grad_inv (B, G, P), grad_w (C), grad_nu (B, C), grad_eta_part (C)
+// grad_into_x: write grad_x over x (a recomputed x the caller owns), saving an allocation;
+// grad_eta_part = sum of g * x * exp(rho - eta) below eta (d s / d eta = (1 - eta) * that).
+std::vector<at::Tensor> planes_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& inv,
+                                        const at::Tensor& w, const at::Tensor& nu, const at::Tensor& eta,
+                                        bool grad_into_x) {
+  check(go, "grad_out", 3); check(x, "x", 3); check(inv, "inv", 3); check(w, "w", 1); check(nu, "nu", 2);
+  check(eta, "eta", 1);
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2), G = inv.size(1), Cg = C / G;
+  auto gx = grad_into_x ? x : at::empty_like(x);  // each element is read before it is written
+  auto giv = at::empty_like(inv);
+  auto gnu = at::empty({B, C}, x.options());
+  auto gw_b = at::empty({B, C}, x.options());
+  auto ge_b = at::empty({B, C}, x.options());
+  const float *GO = go.data_ptr<float>(), *X = x.data_ptr<float>(), *IV = inv.data_ptr<float>();
+  const float *W = w.data_ptr<float>(), *N = nu.data_ptr<float>(), *E = eta.data_ptr<float>();
+  float *GX = gx.data_ptr<float>(), *GIV = giv.data_ptr<float>(), *GN = gnu.data_ptr<float>();
+  float *GW = gw_b.data_ptr<float>(), *GE = ge_b.data_ptr<float>();
+  // one task per (sample, group): grad_inv sums over the group's channels without races
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      const float* iv = IV + bg * P;
+      float* giv_row = GIV + bg * P;
+      std::fill(giv_row, giv_row + P, 0.f);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const int64_t bc = b * C + c;
+        const float *xr = X + bc * P, *gr = GO + bc * P;
+        float* gxr = GX + bc * P;
+        const Vec vw(W[c]), vn(N[bc]), ve(E[c]);
+        Vec acc_n(0.f), acc_w(0.f), acc_e(0.f);
+        int64_t p = 0;
+        auto step = [&](int64_t k) {  // k < Vec::size(): the tail, loaded and stored partially
+          Vec ivv = k ? Vec::loadu(iv + p, k) : Vec::loadu(iv + p);
+          Vec xv = k ? Vec::loadu(xr + p, k) : Vec::loadu(xr + p);
+          Vec gv = k ? Vec::loadu(gr + p, k) : Vec::loadu(gr + p);
+          Grad d = grad_at(xv, gv, vw * ivv, vn, ve);
+          Vec gi = (k ? Vec::loadu(giv_row + p, k) : Vec::loadu(giv_row + p)) + d.grx * vw;
+          if (k) { d.gx.store(gxr + p, k); gi.store(giv_row + p, k); }
+          else { d.gx.store(gxr + p); gi.store(giv_row + p); }
+          acc_w = acc_w + d.grx * ivv;  // zero-filled lanes of a tail add 0
+          acc_n = acc_n + d.grho;
+          acc_e = acc_e + d.gev;
+        };
+        for (; p + Vec::size() <= P; p += Vec::size()) step(0);
+        if (p < P) step(P - p);
+        GN[bc] = vsum(acc_n); GW[bc] = vsum(acc_w); GE[bc] = vsum(acc_e);
+      }
+    }
+  });
+  return {gx, giv, gw_b.sum(0), gnu, ge_b.sum(0)};
+}
+
+// ---------------------------------------------------------------- rows (linear sites)
+
+at::Tensor rows_forward(const at::Tensor& x, const at::Tensor& inv, const at::Tensor& w,
+                        const at::Tensor& nu, const at::Tensor& eta) {
+  check(x, "x", 2); check(inv, "inv", 1); check(w, "w", 1); check(nu, "nu", 2); check(eta, "eta", 1);
+  const int64_t R = x.size(0), C = x.size(1), T = R / nu.size(0);
+  auto out = at::empty_like(x);
+  const float *X = x.data_ptr<float>(), *IV = inv.data_ptr<float>(), *W = w.data_ptr<float>();
+  const float *N = nu.data_ptr<float>(), *E = eta.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = X + r * C, *nr = N + (r / T) * C;
+      float* orow = O + r * C;
+      const Vec vi(IV[r]);
+      int64_t c = 0;
+      for (; c + Vec::size() <= C; c += Vec::size())
+        forward_at(Vec::loadu(xr + c), Vec::loadu(W + c) * vi, Vec::loadu(nr + c), Vec::loadu(E + c))
+            .store(orow + c);
+      if (c < C) {
+        const int64_t k = C - c;
+        forward_at(Vec::loadu(xr + c, k), Vec::loadu(W + c, k) * vi, Vec::loadu(nr + c, k),
+                   Vec::loadu(E + c, k)).store(orow + c, k);
+      }
+    }
+  });
+  return out;
+}
+
+// returns grad_x (R, C), grad_inv (R), grad_w (C), grad_nu (S, C), grad_eta_part (C);
+// grad_into_x as for planes_backward.
+std::vector<at::Tensor> rows_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& inv,
+                                      const at::Tensor& w, const at::Tensor& nu, const at::Tensor& eta,
+                                      bool grad_into_x) {
+  check(go, "grad_out", 2); check(x, "x", 2); check(inv, "inv", 1); check(w, "w", 1); check(nu, "nu", 2);
+  check(eta, "eta", 1);
+  const int64_t R = go.size(0), C = go.size(1), S = nu.size(0), T = R / S;
+  constexpr int64_t kRows = 64;  // rows per task: parallel work also for one sample of many tokens
+  const int64_t nb = (T + kRows - 1) / kRows;
+  auto gx = grad_into_x ? x : at::empty_like(x);  // each element is read before it is written
+  auto giv = at::empty_like(inv);
+  auto part = at::zeros({3, S * nb, C}, go.options());  // per block: grad_nu, grad_w, grad_eta sums
+  const float *GO = go.data_ptr<float>(), *IV = inv.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  const float *W = w.data_ptr<float>(), *N = nu.data_ptr<float>(), *E = eta.data_ptr<float>();
+  float *GX = gx.data_ptr<float>(), *GIV = giv.data_ptr<float>(), *PART = part.data_ptr<float>();
+  const int64_t stride = S * nb * C;
+  at::parallel_for(0, S * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t s = k / nb, r0 = s * T + (k % nb) * kRows, r1 = std::min(r0 + kRows, (s + 1) * T);
+      const float* nr = N + s * C;
+      float *gn = PART + k * C, *gw = gn + stride, *ge = gn + 2 * stride;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = X + r * C, *gr = GO + r * C;
+        float* gxr = GX + r * C;
+        const Vec vi(IV[r]);
+        Vec acc_i(0.f);
+        int64_t c = 0;
+        auto step = [&](int64_t kk) {
+          auto ld = [&](const float* ptr) { return kk ? Vec::loadu(ptr + c, kk) : Vec::loadu(ptr + c); };
+          auto st = [&](const Vec& v, float* ptr) { if (kk) v.store(ptr + c, kk); else v.store(ptr + c); };
+          Vec wv = ld(W);
+          Grad d = grad_at(ld(xr), ld(gr), wv * vi, ld(nr), ld(E));
+          st(d.gx, gxr);
+          acc_i = acc_i + d.grx * wv;
+          st(ld(gw) + d.grx * vi, gw);
+          st(ld(gn) + d.grho, gn);
+          st(ld(ge) + d.gev, ge);
+        };
+        for (; c + Vec::size() <= C; c += Vec::size()) step(0);
+        if (c < C) step(C - c);
+        GIV[r] = vsum(acc_i);
+      }
+    }
+  });
+  auto sums = part.view({3, S, nb, C}).sum(2);
+  return {gx, giv, sums[1].sum(0), sums[0].contiguous(), sums[2].sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(actlab_iieu, m) {
+  m.def("planes_forward", planes_forward);
+  m.def("planes_backward", planes_backward);
+  m.def("rows_forward", rows_forward);
+  m.def("rows_backward", rows_backward);
+}
