@@ -1,0 +1,128 @@
+"""Model registry: build an architecture, then give every activation site the requested activation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..activations import get_spec, list_activations
+from ..convert import convert
+from . import bottleneck, cifar, mobile, transformers
+
+IIEU_DC = "iieu_dc"  # IIEU-B everywhere plus the Dynamic Coupler at every residual fusion (SPEC 2)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture.
+
+    Args:
+        name: registry name.
+        builder: ``builder(num_classes=, image_size=, in_channels=, **kw) -> nn.Module`` with its native
+            activation (``native_act``) at every site.
+        native_act: the registered activation the builder uses (``"relu"`` or ``"gelu"``).
+        residual: the builder takes ``fuse=`` ("add" | "coupler"), so ``iieu_dc`` applies.
+        iieu_placement: the builder takes ``iieu_placement=`` (the IIEU paper's bottleneck placement).
+        summary: one line for ``actlab list models``.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    native_act: str
+    residual: bool = False
+    iieu_placement: bool = False
+    summary: str = ""
+
+
+def _sized(fn):  # builders that take no image_size
+    return lambda image_size=None, **kw: fn(**kw)
+
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("resnet20", _sized(cifar.resnet20), "relu", residual=True, summary="CIFAR ResNet-20 (He et al.)"),
+    ModelSpec("resnet18", _sized(cifar.resnet18), "relu", residual=True, summary="ResNet-18, CIFAR form"),
+    ModelSpec("vgg11", _sized(cifar.vgg11), "relu", summary="VGG-11 with BatchNorm, CIFAR form"),
+    ModelSpec("alexnet", _sized(cifar.alexnet), "relu", summary="AlexNet, CIFAR form (3x3 convs, BatchNorm)"),
+    ModelSpec("resnet14", bottleneck.resnet14, "relu", residual=True, iieu_placement=True,
+              summary="IIEU paper's bottleneck ResNet-14"),
+    ModelSpec("resnet26", bottleneck.resnet26, "relu", residual=True, iieu_placement=True,
+              summary="IIEU paper's bottleneck ResNet-26"),
+    ModelSpec("resnet50", bottleneck.resnet50, "relu", residual=True, iieu_placement=True,
+              summary="bottleneck ResNet-50 (IIEU placement with iieu_b / iieu_dc)"),
+    ModelSpec("mobilenet_v2", mobile.mobilenet_v2, "relu6", summary="torchvision MobileNetV2, width= option"),
+    ModelSpec("shufflenet_v2", mobile.shufflenet_v2, "relu", summary="torchvision ShuffleNetV2 1.0x"),
+    ModelSpec("vit_tiny", transformers.vit_tiny, "gelu", summary="timm ViT-Tiny (patch 4 at 32x32)"),
+    ModelSpec("cait_xxs24", transformers.cait_xxs24, "gelu", summary="timm CaiT-XXS24"),
+    ModelSpec("pvt_tiny", transformers.pvt_tiny, "gelu", summary="timm pvt_v2_b0, stand-in for PVT-Tiny"),
+    ModelSpec("tnt_small", transformers.tnt_small, "gelu", summary="timm TNT-S"),
+    ModelSpec("vit_micro", transformers.vit_micro, "gelu", summary="tiny ViT for CPU runs (64 wide, 4 deep)"),
+]}
+
+MODEL_ACTS = "every name of actlab.list_activations(), plus 'iieu_dc'"
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {list_models()}")
+    return MODELS[name]
+
+
+def create_model(name: str, act: str = "relu", num_classes: int = 10, *, image_size: int = 32,
+                 in_channels: int = 3, act_kwargs: dict | None = None, **kw) -> nn.Module:
+    """Build ``name`` with activation ``act`` at every activation site.
+
+    Args:
+        name: one of ``list_models()``.
+        act: a registered activation, or ``"iieu_dc"`` (IIEU-B plus the Dynamic Coupler at every residual
+            fusion; residual models only). For the bottleneck ResNets ``iieu_b`` / ``iieu_dc`` also switch
+            to the IIEU paper's placement (SPEC section 1).
+        num_classes, image_size, in_channels: the data's.
+        act_kwargs: passed to every new activation (e.g. ``{"tau": 0.1}`` for DPA).
+        **kw: passed to the architecture (``width=`` for mobilenet_v2, ``drop_path_rate=`` for transformers).
+    Returns:
+        the model; ``model.actlab_config`` holds the arguments that rebuild it.
+    """
+    spec = get_model_spec(name)
+    if act != IIEU_DC:
+        get_spec(act)  # unknown names fail here, naming the choices
+    elif not spec.residual:
+        raise ValueError(f"act 'iieu_dc' needs a residual model (the coupler replaces residual adds); {name!r} "
+                         f"has none. Residual models: {[m for m, s in MODELS.items() if s.residual]}")
+    site_act = "iieu_b" if act == IIEU_DC else act
+    arch_kw = dict(kw)
+    if spec.residual:
+        arch_kw.setdefault("fuse", "coupler" if act == IIEU_DC else "add")
+    if spec.iieu_placement:
+        arch_kw.setdefault("iieu_placement", site_act == "iieu_b")
+    model = spec.builder(num_classes=num_classes, image_size=image_size, in_channels=in_channels, **arch_kw)
+    if site_act != spec.native_act:
+        example = torch.randn(2, in_channels, image_size, image_size)
+        convert(model, site_act, num_classes=num_classes, example_input=example, **(act_kwargs or {}))
+    model.actlab_config = {"name": name, "act": act, "num_classes": num_classes, "image_size": image_size,
+                           "in_channels": in_channels, "act_kwargs": dict(act_kwargs or {}), **kw}
+    return model
+
+
+def model_stats(model: nn.Module, image_size: int = 32, in_channels: int = 3) -> dict[str, int]:
+    """Parameters and FLOPs of one (1, C, S, S) forward (FLOPs count a multiply-add as 2, convs and matmuls
+    only, as torch.utils.flop_counter does). Runs with autograd on: FlopCounterMode's module tracker fails
+    under no_grad on models that expand parameters (timm CaiT's class token)."""
+    params = sum(p.numel() for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, in_channels, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    return {"params": params, "flops": int(counter.get_total_flops())}
+
+
+__all__ = ["MODELS", "ModelSpec", "create_model", "get_model_spec", "list_activations", "list_models", "model_stats"]
