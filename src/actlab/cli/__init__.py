@@ -1,0 +1,4 @@
+"""The ``actlab`` command line: train, eval, list."""
+from .main import main
+
+__all__ = ["main"]

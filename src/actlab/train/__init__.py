@@ -1,0 +1,7 @@
+"""Training: ``actlab.train.train(TrainConfig(...))`` or ``actlab train`` on the command line."""
+from .checkpoint import CheckpointError
+from .config import TrainConfig
+from .loop import evaluate, load_run_model, train
+from .schedule import lr_at
+
+__all__ = ["CheckpointError", "TrainConfig", "evaluate", "load_run_model", "lr_at", "train"]

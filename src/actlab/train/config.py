@@ -1,0 +1,113 @@
+"""Training configuration: one flat dataclass, read from YAML and command-line overrides, validated."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored resolved in the run folder and in every checkpoint."""
+
+    model: str = "resnet20"
+    act: str = "relu"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    epochs: int = 10
+    batch_size: int = 128          # per process; DDP's global batch is batch_size * world size
+    optimizer: str = "sgd"         # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4     # never on norms, biases or activation parameters
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    dpa_lambda: float = 1.0        # weight of DPA's channel loss (1 for CIFAR-10, 5 for CIFAR-100)
+    amp: bool = False              # CUDA only: bfloat16 autocast
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    augment: bool = True
+    randaugment: int | None = None
+    random_erasing: float = 0.0
+    drop_path: float | None = None
+    width: float | None = None     # mobilenet_v2 width multiplier
+    sync_bn: bool = False
+    act_kwargs: dict = field(default_factory=dict)
+    out: str = "runs/run"
+    log_every: int = 20
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a mapping, rejecting unknown keys and values of the wrong type."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from ..data import list_datasets
+        from ..models import get_model_spec
+
+        from ..activations import list_activations
+
+        get_model_spec(self.model)
+        if self.act not in list_activations() + ["iieu_dc"]:
+            raise ValueError(f"unknown act {self.act!r}; choose from {list_activations() + ['iieu_dc']}")
+        if self.dataset not in list_datasets():
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list_datasets()}")
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be within [0, epochs]"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 (or null for none)"),
+            (self.dpa_lambda >= 0, "dpa_lambda must be >= 0"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (0 <= self.random_erasing <= 1, "random_erasing must be a probability"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"bad config: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def coerce(key: str, text: str):
+    """A command-line string for ``key`` as the field's type (``none``/``null`` for optional fields)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if key not in fields:
+        raise ValueError(f"unknown config key {key!r}; known keys: {sorted(fields)}")
+    kind = str(fields[key].type)
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    try:
+        if kind.startswith("bool"):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        if kind.startswith("dict"):
+            import yaml
+
+            value = yaml.safe_load(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        raise ValueError(f"bad value for {key}: {text!r} is not a {kind}") from None
+    return text

@@ -1,0 +1,262 @@
+"""The training loop: one function per concern, state in a checkpoint after every epoch."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import dpa_loss, targets
+from ..data import build_datasets, make_loaders
+from ..models import create_model, model_stats
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import DistInfo, all_sum, cleanup, setup
+from .optim import build_optimizer
+from .schedule import lr_at
+
+CHECKPOINT, SUMMARY, CONFIG, LOG_JSONL, LOG_CSV = "checkpoint.pt", "summary.json", "config.json", "log.jsonl", "log.csv"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> nn.Module:
+    arch_kw = {}
+    if cfg.width is not None:
+        arch_kw["width"] = cfg.width
+    if cfg.drop_path is not None:
+        arch_kw["drop_path_rate"] = cfg.drop_path
+    return create_model(cfg.model, cfg.act, num_classes, image_size=image_size, act_kwargs=cfg.act_kwargs, **arch_kw)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides the modules: the position and the metrics so far."""
+
+    epoch: int = 0          # epochs completed
+    step: int = 0           # optimizer steps taken
+    history: list = field(default_factory=list)
+
+
+def accuracy_counts(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """Number of top-1 and top-5 hits in the batch."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top.eq(y[:, None])
+    return int(hits[:, 0].sum()), int(hits.any(1).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo, amp: bool) -> dict:
+    model.eval()
+    total = [0.0, 0.0, 0.0, 0.0]  # loss sum, top1, top5, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)
+        top1, top5 = accuracy_counts(logits, y)
+        total = [total[0] + float(F.cross_entropy(logits.float(), y, reduction="sum")), total[1] + top1,
+                 total[2] + top5, total[3] + len(y)]
+    loss, top1, top5, n = all_sum(total, info, device)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def train_epoch(model, loader, optimizer, scaler, cfg: TrainConfig, state: RunState, total_steps: int,
+                warmup_steps: int, device: torch.device, info: DistInfo, progress) -> dict:
+    model.train()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, channel loss sum, top1, n
+    t0, seen = time.perf_counter(), 0
+    for x, y in loader:
+        lr = lr_at(state.step, cfg.lr, total_steps, warmup_steps, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp):
+            with targets(model, y):
+                logits = model(x)
+            ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            channel = dpa_loss(model)
+            loss = ce + cfg.dpa_lambda * channel
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); "
+                                     "lower the learning rate or enable grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        state.step += 1
+        top1, _ = accuracy_counts(logits.detach(), y)
+        sums = [sums[0] + ce.item() * len(y), sums[1] + float(channel.detach()) * len(y), sums[2] + top1, sums[3] + len(y)]
+        seen += len(y)
+        progress.update(1)
+        if state.step % cfg.log_every == 0:
+            progress.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", acc=f"{100 * sums[2] / sums[3]:.1f}", lr=f"{lr:.3g}")
+    seconds = time.perf_counter() - t0
+    loss, channel, top1, n = all_sum(sums, info, device)
+    return {"train_loss": loss / n, "train_channel_loss": channel / n, "train_top1": 100 * top1 / n,
+            "seconds": seconds, "images_per_s": n / seconds if seconds else math.nan, "lr": lr}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def checkpoint_state(cfg, model, optimizer, scaler, state: RunState) -> dict:
+    return {"format": ckpt.FORMAT, "config": cfg.to_dict(), "model": unwrap(model).state_dict(),
+            "model_config": unwrap(model).actlab_config, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": state.epoch, "step": state.step,
+            "history": state.history}
+
+
+def restore(path: str, cfg: TrainConfig, model, optimizer, scaler) -> RunState:
+    """Load everything from the run's checkpoint; refuses one written by a different configuration."""
+    saved = ckpt.load(path)
+    mismatched = {k: (saved["config"].get(k), v) for k, v in cfg.to_dict().items()
+                  if k not in ("out", "workers", "log_every", "epochs") and saved["config"].get(k) != v}
+    if mismatched:
+        raise ckpt.CheckpointError(f"{path} was written by a different configuration: "
+                                   + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items()))
+    try:
+        unwrap(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{path} does not match the model or optimizer: {exc}") from exc
+    scaler.load_state_dict(saved["scaler"])
+    ckpt.set_rng_state(saved["rng"])
+    return RunState(saved["epoch"], saved["step"], list(saved["history"]))
+
+
+class RunLog:
+    """Per-epoch rows as JSON lines and CSV (and TensorBoard scalars when it is installed); rank 0 only."""
+
+    def __init__(self, folder: str, enabled: bool):
+        self.folder, self.enabled, self.tb = folder, enabled, None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(folder, "tb"))
+            except ImportError:
+                pass
+
+    def rewrite(self, history: list[dict]) -> None:
+        """The log files from the full history: a resumed run drops rows written after its checkpoint."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.folder, LOG_JSONL), "w") as f:
+            for row in history:
+                f.write(json.dumps(row) + "\n")
+        with open(os.path.join(self.folder, LOG_CSV), "w", newline="") as f:
+            if history:
+                writer = csv.DictWriter(f, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
+        if self.tb and history:
+            row = history[-1]
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or continue) a training run in ``cfg.out``; returns the summary written to summary.json."""
+    cfg.validate()
+    info, device = setup(cfg.device)
+    try:
+        return _train(cfg, resume, quiet, info, device)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: torch.device) -> dict:
+    from tqdm import tqdm
+
+    seed_everything(cfg.seed + info.rank)
+    train_set, test_set, data_info = build_datasets(
+        cfg.dataset, cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
+        randaugment_magnitude=cfg.randaugment, random_erasing=cfg.random_erasing, download=cfg.download and info.is_main)
+    train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                             distributed=info.enabled)
+    model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
+    stats = model_stats(model, data_info.image_size, data_info.in_channels)
+    if info.enabled:
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    path = os.path.join(cfg.out, CHECKPOINT)
+    state = restore(path, cfg, model, optimizer, scaler) if resume else RunState()
+    if info.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, CONFIG), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+    log = RunLog(cfg.out, info.is_main)
+    log.rewrite(state.history)
+    steps_per_epoch = len(train_loader)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    run_cfg = {**cfg.to_dict(), "amp": amp}
+    progress = tqdm(total=total_steps, initial=state.step, disable=quiet or not info.is_main, unit="step",
+                    desc=f"{cfg.model}/{cfg.act}", dynamic_ncols=True)
+    for epoch in range(state.epoch, cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        row = train_epoch(model, train_loader, optimizer, scaler, TrainConfig(**run_cfg), state, total_steps,
+                          warmup_steps, device, info, progress)
+        row = {"epoch": epoch + 1, **{f"test_{k}": v for k, v in evaluate(model, test_loader, device, info, amp).items()},
+               **row}
+        state.epoch = epoch + 1
+        state.history.append(row)
+        if info.is_main:
+            ckpt.save_atomic(checkpoint_state(cfg, model, optimizer, scaler, state), path)
+            log.rewrite(state.history)
+            progress.write(f"epoch {epoch + 1}/{cfg.epochs}: test top1 {row['test_top1']:.2f} "
+                           f"loss {row['test_loss']:.4f}, train loss {row['train_loss']:.4f}, "
+                           f"{row['images_per_s']:.0f} img/s")
+    progress.close()
+    last = state.history[-1]
+    summary = {"top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"],
+               "params": stats["params"], "flops": stats["flops"], "epochs": cfg.epochs, "steps": state.step,
+               "model": cfg.model, "act": cfg.act, "dataset": cfg.dataset, "seed": cfg.seed,
+               "train_seconds": sum(r["seconds"] for r in state.history), "world_size": info.world_size,
+               "environment": environment()}
+    if info.is_main:
+        with open(os.path.join(cfg.out, SUMMARY), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def load_run_model(folder: str) -> tuple[nn.Module, dict]:
+    """The trained model of a run folder (rebuilt from its stored config) and its checkpoint."""
+    saved = ckpt.load(os.path.join(folder, CHECKPOINT))
+    mc = dict(saved["model_config"])
+    model = create_model(mc.pop("name"), mc.pop("act"), mc.pop("num_classes"), image_size=mc.pop("image_size"),
+                         in_channels=mc.pop("in_channels"), act_kwargs=mc.pop("act_kwargs"), **mc)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{folder}/{CHECKPOINT} does not match its own model config: {exc}") from exc
+    return model, saved
