@@ -1,0 +1,108 @@
+"""Datasets: the offline ones, and CIFAR / ImageFolder read from small files in the real on-disk formats."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from actlab.data import build_datasets, make_loaders
+from actlab.data.datasets import CIFAR_LAYOUT
+
+
+def test_digits_fixed_split_raw_pixels():
+    train, test, info = build_datasets("digits", augment=False)
+    assert (len(train), len(test)) == (1797 - 359, 359)
+    assert (info.num_classes, info.image_size) == (10, 32)
+    x, y = test[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
+    assert x.min() == 0.0 and x.max() <= 1.0  # raw [0, 1] pixels: the black background stays exactly 0
+    again = build_datasets("digits", augment=False)[1]
+    assert torch.equal(again.images, test.images)  # the split is fixed
+    assert not set(map(bytes, train.images.numpy()[:, 0])) & set(map(bytes, test.images.numpy()[:, 0]))
+
+
+def test_digits_augmentation_keeps_orientation():
+    train, _, _ = build_datasets("digits")
+    ops = [type(t).__name__ for t in train.transform.transforms]
+    assert "RandomCrop" in ops and "RandomHorizontalFlip" not in ops  # a flipped 2 is no 2
+
+
+def write_cifar(root, name, n_train, n_test, classes):
+    folder, train_files, test_file, key = CIFAR_LAYOUT[name]
+    os.makedirs(os.path.join(root, folder))
+    rng = np.random.default_rng(0)
+    expected = {}
+    for fname, n in [(f, n_train) for f in train_files] + [(test_file, n_test)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n).tolist()
+        with open(os.path.join(root, folder, fname), "wb") as f:
+            pickle.dump({"data": data, key: labels, "filenames": [b"x"] * n}, f)
+        expected[fname] = (data, labels)
+    return expected
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_reads_the_python_batches(tmp_path, name, classes):
+    expected = write_cifar(str(tmp_path), name, 6, 4, classes)
+    train, test, info = build_datasets(name, str(tmp_path), augment=False)
+    folder, train_files, test_file, _ = CIFAR_LAYOUT[name]
+    assert len(train) == 6 * len(train_files) and len(test) == 4 and info.num_classes == classes
+    data, labels = expected[test_file]
+    assert torch.equal(test.images[2], torch.from_numpy(data[2].reshape(3, 32, 32)))  # channel-major rows
+    assert test.labels.tolist() == labels
+    x, _ = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_cifar_missing_and_corrupt_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*data_batch_1.*--data-dir"):
+        build_datasets("cifar10", str(tmp_path))
+    write_cifar(str(tmp_path), "cifar10", 2, 2, 10)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR batch"):
+        build_datasets("cifar10", str(tmp_path))
+
+
+def test_imagefolder_train_val(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            os.makedirs(tmp_path / split / c)
+            for i in range(n):
+                Image.new("RGB", (40, 30), colour).save(tmp_path / split / c / f"{i}.jpg")
+    train, test, info = build_datasets("imagefolder", str(tmp_path), image_size=24)
+    assert (len(train), len(test), info.num_classes) == (6, 4, 2)
+    x, y = test[0]
+    assert x.shape == (3, 24, 24) and y == 0
+    assert x[0].mean() > x[2].mean()  # red stays red through the transform (normalised)
+    with pytest.raises(FileNotFoundError, match=r"train/train not found"):
+        build_datasets("imagefolder", str(tmp_path / "train"))
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        build_datasets("imagenet")
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        build_datasets("mnist")
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    train, test, _ = build_datasets("synthetic", augment=False)
+    orders = []
+    for _ in range(2):
+        loader, _ = make_loaders(train, test, 64, seed=3)
+        loader.sampler.set_epoch(1)
+        orders.append(torch.cat([y for _, y in loader]))
+    assert torch.equal(*orders)
+    loader.sampler.set_epoch(2)
+    assert not torch.equal(orders[0], torch.cat([y for _, y in loader]))
+    with pytest.raises(ValueError, match="larger than the training set"):
+        make_loaders(train, test, 10_000)
+
+
+def test_randaugment_and_erasing_options():
+    train, _, _ = build_datasets("synthetic", randaugment_magnitude=9, random_erasing=0.25)
+    ops = [type(t).__name__ for t in train.transform.transforms]
+    assert "RandAugment" in ops and "RandomErasing" in ops

@@ -1,0 +1,159 @@
+"""Trainer: schedule, weight-decay groups, checkpoints, exact resume after SIGKILL, clear errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import actlab
+from actlab.cli import main as cli
+from actlab.models import create_model
+from actlab.train import CheckpointError, TrainConfig, load_run_model, lr_at, train
+from actlab.train.checkpoint import load, save_atomic
+from actlab.train.optim import param_groups
+
+RUN = dict(model="resnet20", act="dpa", dataset="synthetic", image_size=16, epochs=3, batch_size=64, lr=0.05,
+           warmup_epochs=1, dpa_lambda=1.0)
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    lrs = [lr_at(s, 1.0, 100, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=1e-9)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, 1.0, 100, 10, min_lr=0.01) == pytest.approx(0.01)
+
+
+def test_weight_decay_skips_norms_biases_and_activation_parameters():
+    model = create_model("resnet14", act="iieu_dc", num_classes=10, image_size=32)
+    decay, rest = param_groups(model, 5e-4)
+    decayed = {id(p) for p in decay["params"]}
+    for name, p in model.named_parameters():
+        is_weight = name.endswith("conv1.weight") or name.endswith("fc.weight") or ".conv" in name and p.ndim == 4
+        if ".eta" in name or ".norm." in name or "bn" in name or name.endswith("bias") or ".fuse." in name:
+            assert id(p) not in decayed, name
+        elif is_weight:
+            assert id(p) in decayed, name
+    assert rest["weight_decay"] == 0.0 and decay["weight_decay"] == 5e-4
+    vit = create_model("vit_micro", num_classes=10)
+    vit_decayed = {id(p) for p in param_groups(vit, 0.05)[0]["params"]}
+    assert id(vit.cls_token) not in vit_decayed and id(vit.pos_embed) not in vit_decayed
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    save_atomic({"format": "actlab-checkpoint-1", "value": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_atomic({"format": "actlab-checkpoint-1", "bad": Unpicklable()}, path)
+    assert torch.equal(load(path)["value"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary left behind
+
+
+def run_cli(out, *extra):
+    args = ["train", "--quiet", "--out", str(out)]
+    for k, v in RUN.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args + list(extra)
+
+
+def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path):
+    """A run SIGKILLed after a checkpoint and resumed ends with the same weights, DPA memories and metrics."""
+    full = train(TrainConfig(**RUN, out=str(tmp_path / "full")), quiet=True)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "actlab", *run_cli(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = killed / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done_at_kill = load(str(killed / "checkpoint.pt"))["epoch"]
+    assert 1 <= done_at_kill < RUN["epochs"]
+    assert cli(["train", "--resume", str(killed), "--quiet"]) == 0
+    a, b = load(str(tmp_path / "full" / "checkpoint.pt")), load(str(killed / "checkpoint.pt"))
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert any("value_memory" in k and a["model"][k].abs().sum() > 0 for k in a["model"])  # DPA memories moved
+    resumed = json.loads((killed / "summary.json").read_text())
+    for key in ("top1", "top5", "loss", "params", "epochs", "steps"):
+        assert resumed[key] == full[key], key
+    rows = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_run_folder_contents_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(run_cli(out, "--epochs", "1", "--act", "iieu_b")) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name != "tb") == [
+        "checkpoint.pt", "config.json", "log.csv", "log.jsonl", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"top1", "loss", "params", "epochs"} <= set(summary) and 0 <= summary["top1"] <= 100
+    capsys.readouterr()
+    assert cli(["eval", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["top1"] == pytest.approx(summary["top1"]) and evaluated["loss"] == pytest.approx(summary["loss"])
+    model, _ = load_run_model(str(out))
+    assert any(isinstance(m, actlab.IIEUB) for m in model.modules())
+    header = (out / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "test_top1", "test_top5", "train_loss", "seconds", "images_per_s"} <= set(header)
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(run_cli(out, "--epochs", "1")) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    assert cli(["train", "--resume", str(out), "--quiet", "--epochs", "2", "--lr", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "lr: checkpoint 0.05 vs now 0.2" in err
+    (out / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    assert cli(["train", "--resume", str(out), "--quiet", "--epochs", "2"]) == 2
+    assert "not a readable actlab checkpoint" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == good[: len(good) // 2]  # nothing overwritten
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load(str(tmp_path / "nothing.pt"))
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown config key"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="optimizer must be"):
+        TrainConfig.from_dict({"optimizer": "lion"})
+    with pytest.raises(ValueError, match="unknown act"):
+        TrainConfig.from_dict({"act": "relux"})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: vit_micro\nepochs: 1\nlr: 0.001\noptimizer: adamw\nweight_decay: 0.05\n")
+    assert cli(["train", "--config", str(cfg), "--dataset", "synthetic", "--batch-size", "64", "--quiet",
+                "--out", str(tmp_path / "y")]) == 0
+    saved = json.loads((tmp_path / "y" / "config.json").read_text())
+    assert (saved["model"], saved["optimizer"], saved["dataset"]) == ("vit_micro", "adamw", "synthetic")
+    cfg.write_text("modle: vit_micro\n")
+    assert cli(["train", "--config", str(cfg), "--out", str(tmp_path / "z")]) == 2
+    assert "unknown config key(s) ['modle']" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_with_a_message(tmp_path):
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        train(TrainConfig(**{**RUN, "act": "relu", "lr": 1e30, "epochs": 1}, out=str(tmp_path / "nan")), quiet=True)
+
+
+def test_cli_list(capsys):
+    assert cli(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_micro" in out and "pvt_tiny" in out and "stand-in" in out
+    assert cli(["list"]) == 0
+    assert "iieu_dc" in capsys.readouterr().out
