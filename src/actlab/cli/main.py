@@ -72,14 +72,16 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from ..data import build_datasets, make_loaders
+    from torch.utils.data import DataLoader
+
+    from ..data import build_datasets
     from ..train import evaluate, load_run_model
     from ..train.distributed import DistInfo
 
     model, saved = load_run_model(args.dir)
     cfg = TrainConfig.from_dict(saved["config"])
     _, test, _ = build_datasets(cfg.dataset, args.data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False)
-    _, loader = make_loaders(test, test, cfg.batch_size, drop_last=False)
+    loader = DataLoader(test, cfg.batch_size, shuffle=False, num_workers=cfg.workers)
     metrics = evaluate(model, loader, torch.device("cpu"), DistInfo(), amp=False)
     print(json.dumps({"run": args.dir, "epoch": saved["epoch"], **metrics}))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cifar import ActLayer, conv_bn, make_fuse
+from .cifar import ActLayer, conv_bn, make_fuse, make_stages
 
 
 class Bottleneck(nn.Module):
@@ -52,15 +52,9 @@ class BottleneckResNet(nn.Module):
             self.stem = nn.Sequential(*conv_bn(in_channels, 64, 7, 2), act_layer(), nn.MaxPool2d(3, 2, 1))
         else:
             self.stem = nn.Sequential(*conv_bn(in_channels, 64, 3, 1), act_layer())
-        stages, cin = [], 64
-        for i, n in enumerate(blocks):
-            width = 64 * 2 ** i
-            layers = []
-            for j in range(n):
-                layers.append(Bottleneck(cin, width, 2 if (i > 0 and j == 0) else 1, act_layer, iieu_placement, fuse))
-                cin = width * Bottleneck.expansion
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.Sequential(*stages)
+        widths = [64 * 2 ** i for i in range(len(blocks))]
+        self.stages, cin = make_stages(64, widths, blocks, Bottleneck.expansion, lambda cin, width, stride: Bottleneck(
+            cin, width, stride, act_layer, iieu_placement, fuse))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 

@@ -34,6 +34,19 @@ def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Mo
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
 
 
+def make_stages(cin: int, widths, blocks, expansion: int, make_block) -> tuple[nn.Sequential, int]:
+    """Residual stages: the first keeps the resolution, later ones halve it in their first block.
+    Returns the stages and their output channels; ``make_block(cin, width, stride)`` builds one block."""
+    stages = []
+    for i, (width, n) in enumerate(zip(widths, blocks)):
+        layers = []
+        for j in range(n):
+            layers.append(make_block(cin, width, 2 if (i > 0 and j == 0) else 1))
+            cin = width * expansion
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stages), cin
+
+
 class BasicBlock(nn.Module):
     """conv-BN-act, conv-BN, fuse with the (projected) shortcut, act."""
 
@@ -68,14 +81,8 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.stem = nn.Sequential(*conv_bn(in_channels, widths[0]), act_layer())
-        stages, cin = [], widths[0]
-        for i, (width, n) in enumerate(zip(widths, blocks)):
-            layers = []
-            for j in range(n):
-                layers.append(BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1, act_layer, fuse))
-                cin = width
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.Sequential(*stages)
+        self.stages, cin = make_stages(widths[0], widths, blocks, 1,
+                                       lambda cin, width, stride: BasicBlock(cin, width, stride, act_layer, fuse))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -219,12 +220,12 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     log.rewrite(state.history)
     steps_per_epoch = len(train_loader)
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    run_cfg = {**cfg.to_dict(), "amp": amp}
+    run_cfg = dataclasses.replace(cfg, amp=amp)  # AMP only where it runs (CUDA)
     progress = tqdm(total=total_steps, initial=state.step, disable=quiet or not info.is_main, unit="step",
                     desc=f"{cfg.model}/{cfg.act}", dynamic_ncols=True)
     for epoch in range(state.epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
-        row = train_epoch(model, train_loader, optimizer, scaler, TrainConfig(**run_cfg), state, total_steps,
+        row = train_epoch(model, train_loader, optimizer, scaler, run_cfg, state, total_steps,
                           warmup_steps, device, info, progress)
         row = {"epoch": epoch + 1, **{f"test_{k}": v for k, v in evaluate(model, test_loader, device, info, amp).items()},
                **row}
