@@ -27,6 +27,7 @@ def batches(steps: int, batch: int, seed: int = 1):
 
 
 def train_steps(model: nn.Module, data, lam: float = 1.0, rank: int = 0, world: int = 1) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in data:
         if world > 1:  # this rank's contiguous slice of the global batch (rank-major)
             per = x.shape[0] // world
@@ -34,7 +35,9 @@ def train_steps(model: nn.Module, data, lam: float = 1.0, rank: int = 0, world: 
         with actlab.targets(model, y):
             logits = model(x)
         loss = F.cross_entropy(logits, y) + lam * actlab.dpa_loss(model)
+        optimizer.zero_grad()
         loss.backward()
+        optimizer.step()
 
 
 def gloo_worker(rank: int, world: int, init_file: str, out_dir: str, steps: int, batch: int) -> None:

@@ -106,3 +106,21 @@ def test_randaugment_and_erasing_options():
     train, _, _ = build_datasets("synthetic", randaugment_magnitude=9, random_erasing=0.25)
     ops = [type(t).__name__ for t in train.transform.transforms]
     assert "RandAugment" in ops and "RandomErasing" in ops
+
+
+def test_rank_slices_gathered_rank_major_are_the_single_process_batches():
+    train, test, _ = build_datasets("synthetic", augment=False)  # 512 train, 128 test
+    world, per_rank = 3, 40  # 512 // 120 = 4 global batches; 32 samples dropped
+    single, _ = make_loaders(train, test, per_rank * world, seed=5)
+    ranks = [make_loaders(train, test, per_rank, seed=5, rank=r, world=world) for r in range(world)]
+    for epoch in (0, 1):
+        single.sampler.set_epoch(epoch)
+        for loader, _ in ranks:
+            loader.sampler.set_epoch(epoch)
+        expected = list(single.sampler)[: 4 * per_rank * world]
+        slices = [list(loader.sampler) for loader, _ in ranks]
+        assert all(len(s) == 4 * per_rank for s in slices) and len(single) == 4
+        gathered = [i for step in range(4) for s in slices for i in s[step * per_rank:(step + 1) * per_rank]]
+        assert gathered == expected
+    shards = sorted(i for _, test_loader in ranks for i in test_loader.sampler)
+    assert shards == list(range(len(test)))  # each test sample exactly once, no padding

@@ -318,13 +318,23 @@ def targets(model: nn.Module, y: torch.Tensor) -> Iterator[None]:
 
 def dpa_loss(model: nn.Module) -> torch.Tensor:
     """Channel loss of the model's last forward: mean of v**2 over the masked entries of all DPA sites
-    (0 when there are none). Add ``lambda * dpa_loss(model)`` to the task loss."""
+    (0 when there are none). Add ``lambda * dpa_loss(model)`` to the task loss.
+
+    Under torch.distributed every rank must call it (it all-reduces the count of masked entries): the
+    mean is over the global batch, scaled by the world size so that DDP's gradient averaging gives the
+    single-process gradient. The value on one rank is then its share times the world size."""
     terms = [s._loss_terms for s in _dpa_sites(model) if s._loss_terms is not None]
     if not terms:
         ref = next(iter(model.parameters()), None)
         return torch.zeros((), device=ref.device if ref is not None else None)
     total = torch.stack([t[0] for t in terms]).sum()
     count = torch.stack([t[1] for t in terms]).sum()
+    if _distributed():
+        # the mean over the *global* batch's masked entries: DDP averages gradients over ranks, so
+        # world * local_sum / global_count makes the step equal to one process on the global batch
+        global_count = count.detach().clone()
+        dist.all_reduce(global_count, group=_dpa_group())
+        return total * dist.get_world_size(_dpa_group()) / global_count.clamp_min(1)
     return total / count.clamp_min(1)
 
 

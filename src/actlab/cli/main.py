@@ -65,7 +65,8 @@ def cmd_train(args) -> int:
     else:
         cfg, resume = config_from_args(args), False
     summary = train(cfg, resume=resume, quiet=args.quiet)
-    print(json.dumps({k: summary[k] for k in ("top1", "top5", "loss", "params", "epochs")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per DDP process
+        print(json.dumps({k: summary[k] for k in ("top1", "top5", "loss", "params", "epochs")}))
     return 0
 
 

@@ -26,7 +26,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     dpa_lambda: float = 1.0        # weight of DPA's channel loss (1 for CIFAR-10, 5 for CIFAR-100)
-    amp: bool = False              # CUDA only: bfloat16 autocast
+    amp: bool = False              # CUDA only: float16 autocast with a GradScaler
     seed: int = 0
     workers: int = 0
     device: str = "auto"           # auto | cpu | cuda

@@ -200,11 +200,13 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
         cfg.dataset, cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
         randaugment_magnitude=cfg.randaugment, random_erasing=cfg.random_erasing, download=cfg.download and info.is_main)
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
-                                             distributed=info.enabled)
+                                             rank=info.rank, world=info.world_size)
     model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
     stats = model_stats(model, data_info.image_size, data_info.in_channels)
     if info.enabled:
         if cfg.sync_bn:
+            if device.type != "cuda":
+                raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop --sync-bn on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
