@@ -56,7 +56,8 @@ def patch_norms(x_pre: torch.Tensor, producer: nn.Module) -> tuple[torch.Tensor,
     return per_channel.view(b, producer.out_channels, out_h, out_w), producer.in_channels // g * kh * kw
 
 
-def iieu_b(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) -> torch.Tensor:
+def ii_score(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """rho = S + nu (SPEC section 1) and eta, both broadcastable to x_t."""
     eps = unit.eps
     pn, n = patch_norms(x_pre, producer)
     inv_x = 1.0 / (pn + eps)
@@ -77,7 +78,11 @@ def iieu_b(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) ->
     else:
         nu = nu[:, :, None, None]
         eta = unit.eta.view(1, -1, 1, 1)
-    rho = term_s + nu
+    return term_s + nu, eta
+
+
+def iieu_b(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) -> torch.Tensor:
+    rho, eta = ii_score(unit, x_t, x_pre, producer)
     # the exponential branch only applies below eta; clamping keeps where()'s unused branch finite
     s = torch.where(rho >= eta, rho, eta * torch.exp(torch.clamp(rho - eta, max=0.0)))
     return s * x_t

@@ -387,3 +387,20 @@ def test_unknown_kernel_mode(restore_kernels):
     iieu = restore_kernels
     with pytest.raises(ValueError, match="one of"):
         iieu.set_kernels("fast")
+
+
+@pytest.mark.parametrize("site", ["grouped_conv", "linear_tokens"])
+def test_ii_score_is_the_spec_rho(site):
+    if site == "grouped_conv":
+        conv, bn, unit = conv_site(GEOMETRIES["grouped"], norm=True)
+        x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+        x[0, :, :3] = 0  # silenced patches: rho = nu there
+        producer = conv
+    else:
+        torch.manual_seed(0)
+        producer, bn, unit = nn.Linear(6, 5).double(), nn.LayerNorm(5).double(), IIEUB(5).double()
+        unit.bind(producer)
+        x = torch.randn(3, 4, 6, dtype=torch.float64)
+    x_t = bn(producer(x))
+    rho, _ = ref.ii_score(unit, x_t, x, producer)
+    torch.testing.assert_close(unit.ii_score(x_t, x).double(), rho.expand_as(x_t), rtol=1e-5, atol=1e-6)

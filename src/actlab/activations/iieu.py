@@ -722,6 +722,23 @@ class IIEUB(ActivationModule):
                                       replay_tensors, (gap, self.norm.weight, self.norm.eps))
         return iieu_b_plain(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
 
+    @torch.no_grad()
+    def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
+        """rho = S + nu, the II-score before the adjuster, shaped like ``x_t`` (float32). Responses with
+        ``rho < eta`` are the ones the adjuster suppresses (scaled by ``eta * exp(rho - eta) < eta``)."""
+        if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:  # PVT-style tokens of a conv site
+            b, n, c = x_t.shape
+            h, w = self._patches.output_hw(*x_pre.shape[2:])
+            rho = self.ii_score(x_t.transpose(1, 2).reshape(b, c, h, w), x_pre)
+            return rho.flatten(2).transpose(1, 2)
+        self._patches.check(x_t, x_pre, self.site)
+        x_t, x_pre = x_t.float(), x_pre.float()
+        inv_x = inverse_patch_norm(self._patches.sumsq(x_pre), self._patches.patch_numel, self.eps,
+                                   self.zero_patch == "silence")
+        inv_w = inverse_filter_norms(self._producer.weight.float(), self.eps)
+        xv, iv, wv, nv, _ = _views(self._patches, x_t, inv_x, inv_w, self.term_b(x_t), self.eta.float())
+        return self._patches.unview_x(xv * (wv * iv) + nv)
+
     def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
         """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""
         b, n, c = x_t.shape
