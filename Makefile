@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.actlab-installed
 
-.PHONY: test demo speed venv clean
+.PHONY: test bench demo speed venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The main job: the default activation comparison on the offline digits data, report in bench/digits/.
+bench: $(STAMP)
+	$(PY) -m actlab bench --grid configs/bench_digits.yaml --out bench/digits --jobs 2 --speed-repeats 5
 
 demo: $(STAMP)
 	$(PY) -m actlab.demo

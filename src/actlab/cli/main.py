@@ -1,10 +1,13 @@
-"""actlab train | eval | list.
+"""actlab train | eval | list | bench | report | analyze.
 
     actlab train --model resnet20 --act iieu_b --dataset digits --epochs 10 --seed 0 --out runs/r20
     actlab train --config configs/dpa_vit_tiny_cifar100.yaml --seed 1 --out runs/vit_s1
     actlab train --resume runs/r20
     actlab eval runs/r20
     actlab list [activations|models|datasets]
+    actlab bench --acts relu,gelu,iieu_b,dpa --models resnet20 --dataset digits --seeds 0,1,2 --epochs 3 --out bench/
+    actlab report bench/
+    actlab analyze bench/runs/resnet20-dpa-s0-<key>
     torchrun --nproc_per_node=2 -m actlab train ...      # DDP
 """
 from __future__ import annotations
@@ -29,8 +32,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def config_from_args(args) -> TrainConfig:
-    values: dict = {}
+def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = None) -> TrainConfig:
+    """The config from ``defaults``, then ``--config`` YAML, then the command line's field flags on top
+    (``skip``: fields that the command sets itself)."""
+    values: dict = dict(defaults or {})
     if args.config:
         import yaml
 
@@ -42,7 +47,7 @@ def config_from_args(args) -> TrainConfig:
             raise ValueError(f"{args.config} must hold a mapping of config keys")
         values.update(loaded)
     for f in dataclasses.fields(TrainConfig):
-        text = getattr(args, f.name)
+        text = None if f.name in skip else getattr(args, f.name)
         if text is not None:
             values[f.name] = coerce(f.name, text)
     return TrainConfig.from_dict(values)
@@ -105,6 +110,102 @@ def cmd_list(args) -> int:
     return 0
 
 
+BENCH_OWN = ("model", "act", "seed", "out", "dataset", "epochs")
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="train a grid of activations x models x seeds into DIR/results.db, then report")
+    p.add_argument("--acts", help="comma-separated activations (include relu: it is the baseline)")
+    p.add_argument("--models", help="comma-separated models")
+    p.add_argument("--grid", metavar="FILE", help="YAML grid: settings, seeds and groups of {models, acts, overrides}")
+    p.add_argument("--dataset", default=None, help="(default: digits)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, or a range like 0-4 (default: 0,1,2)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--config", help="YAML of the other run settings (batch_size, lr, ...); flags override it")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads split between them)")
+    p.add_argument("--retry-failed", action="store_true", help="redo runs recorded as failed")
+    p.add_argument("--speed-repeats", type=int, default=0,
+                   help="also run the speed benchmark with this many repeats into DIR/speed.json (0: skip)")
+    p.add_argument("--tie", type=float, default=0.0, help="|difference| in top-1 points counted as a tie")
+    p.add_argument("--progress", action="store_true", help="progress bar for each run")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in BENCH_OWN:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper())
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"empty list {text!r}")
+    return items
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give comma-separated integers or a range like 0-4") from None
+
+
+def cmd_bench(args) -> int:
+    from ..activations import get_spec
+    from ..bench import grid, report
+    from ..models import get_model_spec
+
+    grid_settings, seeds = {}, None
+    if args.grid:
+        if args.acts or args.models:
+            raise ValueError("give either --grid FILE or --acts/--models, not both")
+        grid_settings, groups, seeds = grid.load_grid_file(args.grid)
+    elif args.acts and args.models:
+        groups = [grid.GridGroup(tuple(_csv(args.models)), tuple(_csv(args.acts)))]
+    else:
+        raise ValueError("give --acts and --models (or a --grid FILE)")
+    seeds = _seeds(args.seeds) if args.seeds else [int(s) for s in seeds or [0, 1, 2]]
+    for group in groups:
+        for a in group.acts:
+            if a != "iieu_dc":
+                get_spec(a)
+        for m in group.models:
+            get_model_spec(m)
+    base = config_from_args(args, skip=BENCH_OWN, defaults=grid_settings)
+    base = dataclasses.replace(base, **{k: getattr(args, k) for k in ("dataset", "epochs") if getattr(args, k) is not None})
+    base.validate()
+    counts = grid.run_grid(args.out, base, groups, seeds, retry_failed=args.retry_failed, quiet=not args.progress,
+                           jobs=args.jobs)
+    print("grid: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if args.speed_repeats:
+        from ..bench import speed
+
+        speed_acts = sorted({a for g in groups for a in g.acts if a != "iieu_dc"})
+        speed.main(["--acts", ",".join(speed_acts), "--repeats", str(args.speed_repeats),
+                    "--json", os.path.join(args.out, report.SPEED_FILE)])
+    path = report.write_report(args.out, tie=args.tie)
+    print(report.ranked_table(args.out))
+    print(f"report: {path} (and report.html)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..bench import report
+
+    path = report.write_report(args.dir, tie=args.tie)
+    print(report.ranked_table(args.dir))
+    print(f"report: {path} (and report.html)")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from ..bench.analyze import analyze
+
+    print(f"analysis: {analyze(args.dir, layer=args.layer, data_dir=args.data_dir, max_batches=args.max_batches)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,15 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", dest="data_dir")
     ls = sub.add_parser("list", help="list activations, models or datasets")
     ls.add_argument("what", nargs="?", choices=["activations", "models", "datasets"])
+    _bench_parser(sub)
+    r = sub.add_parser("report", help="write DIR/report.md, report.html and plots from DIR/results.db")
+    r.add_argument("dir")
+    r.add_argument("--tie", type=float, default=0.0, help="|difference| in top-1 points counted as a tie")
+    a = sub.add_parser("analyze", help="DPA memories / IIEU scores of a trained run, into DIR/analysis/")
+    a.add_argument("dir")
+    a.add_argument("--layer", help="DPA site for the heatmaps (default: the last)")
+    a.add_argument("--data-dir", dest="data_dir")
+    a.add_argument("--max-batches", dest="max_batches", type=int, help="test batches to use (default: all)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "bench": cmd_bench, "report": cmd_report,
+                "analyze": cmd_analyze}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"actlab {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
+        print(f"actlab {args.command}: error: {message}", file=sys.stderr)
         return 2

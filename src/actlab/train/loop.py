@@ -236,9 +236,10 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
         if info.is_main:
             ckpt.save_atomic(checkpoint_state(cfg, model, optimizer, scaler, state), path)
             log.rewrite(state.history)
-            progress.write(f"epoch {epoch + 1}/{cfg.epochs}: test top1 {row['test_top1']:.2f} "
-                           f"loss {row['test_loss']:.4f}, train loss {row['train_loss']:.4f}, "
-                           f"{row['images_per_s']:.0f} img/s")
+            if not quiet:
+                progress.write(f"epoch {epoch + 1}/{cfg.epochs}: test top1 {row['test_top1']:.2f} "
+                               f"loss {row['test_loss']:.4f}, train loss {row['train_loss']:.4f}, "
+                               f"{row['images_per_s']:.0f} img/s")
     progress.close()
     last = state.history[-1]
     summary = {"top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"],

@@ -1,0 +1,273 @@
+"""The bench grid: every (model, act, seed) of a comparison trained once, one row per run in SQLite.
+
+Safe to kill at any moment and rerun with the same command: finished rows are kept, a run that was in
+progress continues from its last epoch checkpoint (exact resume) or restarts, and the primary key
+(a hash of the resolved run config) makes duplicate rows impossible. A run that raises is recorded
+with its error and the grid goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..models import get_model_spec
+from ..train import TrainConfig, train
+from ..train.checkpoint import CheckpointError
+from ..train.loop import CHECKPOINT, CONFIG, LOG_JSONL, environment
+
+DB_NAME = "results.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY,          -- hash of the resolved config: one row per distinct run, ever
+    act TEXT NOT NULL, model TEXT NOT NULL, dataset TEXT NOT NULL, seed INTEGER NOT NULL,
+    epochs INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'skipped')),
+    top1 REAL, top5 REAL, loss REAL, params INTEGER, flops INTEGER,
+    seconds REAL,                  -- wall clock of the run (start-up, training, evaluation, checkpoints)
+    train_seconds REAL, images_per_s REAL,
+    error TEXT, config TEXT NOT NULL, versions TEXT, history TEXT, run_dir TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
+)"""
+# fields that do not change what a run computes
+NOT_IN_KEY = ("out", "workers", "log_every", "device")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    model: str
+    act: str
+    seed: int
+
+
+def connect(folder: str) -> sqlite3.Connection:
+    """``folder/results.db`` with the ``runs`` table (created when missing)."""
+    os.makedirs(folder, exist_ok=True)
+    db = sqlite3.connect(os.path.join(folder, DB_NAME), timeout=60)
+    db.row_factory = sqlite3.Row
+    db.execute(SCHEMA)
+    return db
+
+
+def run_key(cfg: TrainConfig) -> str:
+    values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_KEY}
+    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def incompatibility(model: str, act: str) -> str | None:
+    """Why ``act`` cannot run on ``model`` (None when it can)."""
+    if act == "iieu_dc" and not get_model_spec(model).residual:
+        return f"iieu_dc replaces residual adds; {model} has none"
+    return None
+
+
+@dataclass(frozen=True)
+class GridGroup:
+    """Models x acts sharing one set of overrides of the base config (e.g. AdamW for transformers)."""
+
+    models: tuple[str, ...]
+    acts: tuple[str, ...]
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+def grid_points(groups: Iterable[GridGroup], seeds: Iterable[int]) -> list[tuple[GridPoint, dict]]:
+    """Seed-major order: after any prefix of the grid, every (model, act) has as many seeds as possible."""
+    return [(GridPoint(m, a, s), dict(g.overrides)) for s in seeds for g in groups for m in g.models for a in g.acts]
+
+
+def load_grid_file(path: str) -> tuple[dict, list[GridGroup], list[int] | None]:
+    """A YAML grid: run settings at the top level, ``seeds``, and ``groups`` (each with ``models``,
+    ``acts`` and any run settings that override the top level for that group)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"grid file {path} not found")
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("groups"), list) or not spec["groups"]:
+        raise ValueError(f"{path}: a grid file needs a non-empty 'groups' list of {{models, acts, ...}}")
+    seeds = spec.pop("seeds", None)
+    groups = []
+    for i, g in enumerate(spec.pop("groups")):
+        if not isinstance(g, dict) or not g.get("models") or not g.get("acts"):
+            raise ValueError(f"{path}: group {i} needs 'models' and 'acts' lists")
+        g = dict(g)
+        models, acts = g.pop("models"), g.pop("acts")
+        TrainConfig.from_dict({**spec, **g})  # unknown keys and bad values fail here, naming the key
+        groups.append(GridGroup(tuple(models), tuple(acts), tuple(sorted(g.items()))))
+    return spec, groups, seeds
+
+
+def _upsert(db: sqlite3.Connection, key: str, **values) -> None:
+    cols = ["key", *values]
+    sets = ", ".join(f"{c} = excluded.{c}" for c in values)
+    with db:  # one transaction: a kill leaves either the old row or the new one
+        db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                   f"ON CONFLICT(key) DO UPDATE SET {sets}", [key, *values.values()])
+
+
+def _history(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, LOG_JSONL)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _resumable(run_dir: str, cfg: TrainConfig) -> bool:
+    """A checkpoint written by this very config is there (the run was killed after an epoch)."""
+    try:
+        with open(os.path.join(run_dir, CONFIG)) as f:
+            return json.load(f) == cfg.to_dict() and os.path.isfile(os.path.join(run_dir, CHECKPOINT))
+    except (OSError, ValueError):
+        return False
+
+
+def run_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, quiet: bool = True) -> str:
+    """Train one grid point and record it; returns the final status ('done' or 'failed')."""
+    base = dict(act=cfg.act, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=cfg.epochs,
+                config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out)
+    attempts = (db.execute("SELECT attempts FROM runs WHERE key = ?", (key,)).fetchone() or [0])[0] + 1
+    _upsert(db, key, **base, status="running", attempts=attempts, started=time.time(), error=None)
+    t0 = time.perf_counter()
+    try:
+        resume = _resumable(cfg.out, cfg)
+        if not resume and os.path.isdir(cfg.out):
+            shutil.rmtree(cfg.out)  # a partial run of another config or without checkpoint: start clean
+        try:
+            summary = train(cfg, resume=resume, quiet=quiet)
+        except CheckpointError:
+            shutil.rmtree(cfg.out, ignore_errors=True)  # unreadable checkpoint (killed while writing?)
+            summary = train(cfg, resume=False, quiet=quiet)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded; the grid goes on
+        _upsert(db, key, **base, status="failed", seconds=time.perf_counter() - t0, finished=time.time(),
+                error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}",
+                versions=json.dumps(versions()))
+        return "failed"
+    history = _history(cfg.out)
+    train_s = summary["train_seconds"]
+    images = sum(r["images_per_s"] * r["seconds"] for r in history)
+    _upsert(db, key, **base, status="done", top1=summary["top1"], top5=summary["top5"], loss=summary["loss"],
+            params=summary["params"], flops=summary["flops"], seconds=time.perf_counter() - t0,
+            train_seconds=train_s, images_per_s=images / train_s if train_s else None,
+            history=json.dumps(history), versions=json.dumps(versions()), finished=time.time())
+    return "done"
+
+
+def versions() -> dict:
+    import timm
+    import torchvision
+
+    from .. import __version__
+
+    return {"actlab": __version__, "timm": timm.__version__, "torchvision": torchvision.__version__, **environment()}
+
+
+def _pool_init(threads: int) -> None:
+    import sys
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):  # die with the grid process: a rerun must not race an orphan run
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _run_in_worker(folder: str, cfg: TrainConfig, key: str) -> str:
+    db = connect(folder)
+    try:
+        return run_point(db, cfg, key)
+    finally:
+        db.close()
+
+
+def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: list[int], retry_failed: bool = False,
+             quiet: bool = True, jobs: int = 1, log=print) -> dict[str, int]:
+    """Run every missing point of the groups' models x acts x seeds into ``folder``; counts per outcome.
+
+    Args:
+        base: every other setting (dataset, epochs, batch size, ...); model, act, seed and out are set
+            per point (runs live in ``folder/runs/<model>-<act>-s<seed>-<key>``), then group overrides.
+        retry_failed: also redo points recorded as failed (by default they are kept, with their error).
+        jobs: runs in parallel (processes, each with ``threads / jobs`` threads); 1 runs in this process.
+    """
+    db = connect(folder)
+    counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0}
+    todo = []
+    points = grid_points(groups, seeds)
+    for point, overrides in points:
+        cfg = dataclasses.replace(base, **overrides, model=point.model, act=point.act, seed=point.seed)
+        key = run_key(cfg)
+        cfg = dataclasses.replace(cfg, out=os.path.join(folder, "runs", f"{point.model}-{point.act}-s{point.seed}-{key[:8]}"))
+        row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
+        if row and (row["status"] in ("done", "skipped") or (row["status"] == "failed" and not retry_failed)):
+            counts["kept"] += 1
+            continue
+        reason = incompatibility(point.model, point.act)
+        if reason:
+            _upsert(db, key, act=point.act, model=point.model, dataset=cfg.dataset, seed=point.seed,
+                    epochs=cfg.epochs, config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out,
+                    status="skipped", error=reason)
+            counts["skipped"] += 1
+            log(f"{point.model}/{point.act} seed {point.seed}: skipped ({reason})")
+            continue
+        cfg.validate()
+        todo.append((cfg, key))
+    if counts["kept"]:
+        log(f"{counts['kept']} of {len(points)} runs already recorded in {os.path.join(folder, DB_NAME)}: kept")
+
+    def report(i: int, cfg: TrainConfig, key: str, status: str) -> None:
+        counts[status] += 1
+        r = db.execute("SELECT top1, seconds, error FROM runs WHERE key = ?", (key,)).fetchone()
+        label = f"[{i}/{len(todo)}] {cfg.model}/{cfg.act} seed {cfg.seed}"
+        log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s" if status == "done"
+            else f"{label}: FAILED {r['error'].splitlines()[0]}")
+
+    if jobs <= 1:
+        for i, (cfg, key) in enumerate(todo, 1):
+            report(i, cfg, key, run_point(db, cfg, key, quiet=quiet))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_in_worker, folder, cfg, key): (cfg, key) for cfg, key in todo}
+            for i, future in enumerate(as_completed(futures), 1):
+                report(i, *futures[future], future.result())
+    db.close()
+    return counts
+
+
+def load_rows(folder: str) -> list[dict]:
+    """All rows of ``folder/results.db`` as dicts (config, versions, history decoded)."""
+    path = os.path.join(folder, DB_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run `actlab bench ... --out {folder}` first")
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        rows = [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY model, act, seed")]
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{path} is not an actlab results database: {exc}") from exc
+    finally:
+        db.close()
+    for r in rows:
+        for k in ("config", "versions", "history"):
+            r[k] = json.loads(r[k]) if r.get(k) else ({} if k != "history" else [])
+    return rows
