@@ -1,0 +1,120 @@
+"""The bench grid: kill and rerun keeps finished rows and never duplicates; failures are recorded."""
+import dataclasses
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from actlab.bench import grid
+from actlab.cli.main import main as cli_main
+from actlab.train import TrainConfig, train
+
+BENCH = ["bench", "--acts", "relu,dpa,iieu_dc", "--models", "resnet20,vit_micro", "--dataset", "synthetic",
+         "--seeds", "0", "--epochs", "2", "--image-size", "8", "--batch-size", "128"]
+
+
+def db_rows(folder):
+    db = sqlite3.connect(os.path.join(folder, "results.db"))
+    db.row_factory = sqlite3.Row
+    rows = [dict(r) for r in db.execute("SELECT * FROM runs")]
+    db.close()
+    return rows
+
+
+def test_killed_grid_reruns_only_unfinished_runs_without_duplicates(tmp_path):
+    out = str(tmp_path / "bench")
+    cmd = [sys.executable, "-m", "actlab", *BENCH, "--out", out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    finished_lines = 0
+    for line in proc.stdout:
+        finished_lines += "top1" in line
+        if finished_lines == 2:  # two runs recorded: kill the third after its first epoch checkpoint
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                running = [r for r in db_rows(out) if r["status"] == "running"]
+                if running and os.path.isfile(os.path.join(running[0]["run_dir"], "checkpoint.pt")):
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    before = {r["key"]: r for r in db_rows(out)}
+    done_before = {k for k, r in before.items() if r["status"] == "done"}
+    assert len(done_before) == 2
+    killed = [r for r in before.values() if r["status"] == "running"]  # the killed run is marked unfinished
+    assert len(killed) == 1
+
+    assert cli_main([*BENCH, "--out", out, "--jobs", "2"]) == 0
+    after = db_rows(out)
+    assert len(after) == len({r["key"] for r in after}) == 2 * 3  # every point once, no duplicates
+    by_status = {s: [r for r in after if r["status"] == s] for s in ("done", "skipped")}
+    assert len(by_status["done"]) == 5 and len(by_status["skipped"]) == 1  # iieu_dc has no adds in vit_micro
+    assert all("residual" in r["error"] for r in by_status["skipped"])
+    for r in after:
+        if r["key"] in done_before:  # finished runs are kept untouched
+            assert r["finished"] == before[r["key"]]["finished"] and r["attempts"] == 1
+    assert {r["attempts"] for r in after if r["key"] not in done_before and r["status"] == "done"} <= {1, 2}
+    # the killed run continued from its checkpoint and ends as an uninterrupted run of its config ends
+    resumed = next(r for r in after if r["key"] == killed[0]["key"])
+    assert resumed["status"] == "done" and resumed["attempts"] == 2
+    cfg = TrainConfig.from_dict({**json.loads(resumed["config"]), "out": str(tmp_path / "fresh")})
+    fresh = train(cfg, quiet=True)
+    assert (resumed["top1"], resumed["loss"]) == pytest.approx((fresh["top1"], fresh["loss"]), rel=1e-6)
+    assert os.path.isfile(os.path.join(out, "report.md")) and os.path.isfile(os.path.join(out, "accuracy.png"))
+    # a third identical command has nothing left to do
+    assert cli_main([*BENCH, "--out", out]) == 0
+    assert [(r["key"], r["finished"]) for r in db_rows(out)] == [(r["key"], r["finished"]) for r in after]
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    real_train = grid.train
+
+    def flaky(cfg, resume=False, quiet=True):
+        if cfg.act == "gelu":
+            raise FloatingPointError("loss is nan at step 3")
+        return real_train(cfg, resume=resume, quiet=quiet)
+
+    monkeypatch.setattr(grid, "train", flaky)
+    base = TrainConfig(dataset="synthetic", epochs=1, image_size=8, batch_size=128)
+    groups = [grid.GridGroup(("resnet20",), ("gelu", "relu"))]
+    counts = grid.run_grid(str(tmp_path), base, groups, [0], log=lambda _: None)
+    assert counts == {"done": 1, "failed": 1, "skipped": 0, "kept": 0}
+    rows = {r["act"]: r for r in grid.load_rows(str(tmp_path))}
+    assert rows["gelu"]["status"] == "failed" and "FloatingPointError: loss is nan" in rows["gelu"]["error"]
+    assert rows["relu"]["status"] == "done" and rows["relu"]["top1"] is not None
+    # kept by default, redone with retry_failed (and recorded in the same row)
+    assert grid.run_grid(str(tmp_path), base, groups, [0], log=lambda _: None)["kept"] == 2
+    monkeypatch.setattr(grid, "train", real_train)
+    counts = grid.run_grid(str(tmp_path), base, groups, [0], retry_failed=True, log=lambda _: None)
+    assert counts["done"] == 1
+    rows = {r["act"]: r for r in grid.load_rows(str(tmp_path))}
+    assert rows["gelu"]["status"] == "done" and rows["gelu"]["attempts"] == 2 and len(rows) == 2
+
+
+def test_group_overrides_and_keys(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("dataset: synthetic\nseeds: [3]\ngroups:\n  - models: [vit_micro]\n    acts: [relu]\n"
+                    "    optimizer: adamw\n    lr: 0.001\n")
+    settings, groups, seeds = grid.load_grid_file(str(path))
+    assert settings == {"dataset": "synthetic"} and seeds == [3]
+    assert dict(groups[0].overrides) == {"optimizer": "adamw", "lr": 0.001}
+    a = TrainConfig(dataset="synthetic")
+    assert grid.run_key(a) == grid.run_key(dataclasses.replace(a, out="elsewhere", workers=4))
+    assert grid.run_key(a) != grid.run_key(dataclasses.replace(a, lr=0.2))
+    path.write_text("groups:\n  - models: [vit_micro]\n    acts: [relu]\n    learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config key.*learning_rate"):
+        grid.load_grid_file(str(path))
+
+
+def test_bench_errors_name_the_problem(tmp_path, capsys):
+    assert cli_main(["bench", "--acts", "relu,nope", "--models", "resnet20", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli_main(["bench", "--acts", "relu", "--models", "resnet99", "--out", str(tmp_path)]) == 2
+    assert "resnet99" in capsys.readouterr().err
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    assert "results.db" in capsys.readouterr().err
