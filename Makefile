@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # The main job: the default activation comparison on the offline digits data, report in bench/digits/.
 bench: $(STAMP)
-	$(PY) -m actlab bench --grid configs/bench_digits.yaml --out bench/digits --jobs 2 --speed-repeats 5
+	$(PY) -m actlab bench --grid configs/grids/digits.yaml --out bench/digits --jobs 2 --speed-repeats 5
 
 demo: $(STAMP)
 	$(PY) -m actlab.demo

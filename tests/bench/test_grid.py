@@ -118,3 +118,13 @@ def test_bench_errors_name_the_problem(tmp_path, capsys):
     assert "resnet99" in capsys.readouterr().err
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "results.db" in capsys.readouterr().err
+
+
+def test_the_main_jobs_grid_covers_what_it_promises():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "grids", "digits.yaml")
+    settings, groups, seeds = grid.load_grid_file(path)
+    assert settings["dataset"] == "digits" and len(seeds) == 3
+    acts = {m: set(g.acts) for g in groups for m in g.models}
+    cnn = next(m for m in acts if m != "vit_micro")
+    assert {"relu", "gelu", "silu", "iieu_b", "iieu_dc", "dpa"} <= acts[cnn]
+    assert {"relu", "iieu_b", "dpa"} <= acts["vit_micro"]
