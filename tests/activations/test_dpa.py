@@ -232,3 +232,80 @@ def test_two_gloo_processes_match_one_process_on_global_batch(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
         # DDP sums the ranks' gradients in another order: equal up to float rounding
         torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture
+def dpa_kernels():
+    from actlab.activations import dpa as dpa_module
+
+    yield dpa_module.set_kernels
+    dpa_module.set_kernels("eager")
+
+
+def _native_vs_eager_steps(set_kernels, x_steps, y_steps, tau=0.0):
+    """Run the same DPA site through several training steps with each kernel mode; returns per mode the
+    outputs, input gradients, channel losses and final memories."""
+    results = {}
+    for mode in ("eager", "native"):
+        set_kernels(mode)
+        torch.manual_seed(0)
+        channels = x_steps[0].shape[1 if x_steps[0].dim() == 4 else -1]
+        site = DPA(channels, 4, tau=tau, interval=2)
+        with torch.no_grad():  # memories that flag channels from the first step on
+            site.value_memory.copy_(torch.randn(4, site.channels))
+            site.grad_memory.copy_(torch.randn(4, site.channels).sign())
+        outs, grads, losses = [], [], []
+        for x, y in zip(x_steps, y_steps):
+            x = x.clone().requires_grad_(True)
+            with actlab.targets(site, y):
+                out = site(x)
+            loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + 3 * actlab.dpa_loss(site)
+            loss.backward()
+            outs.append(out.detach()), grads.append(x.grad), losses.append(actlab.dpa_loss(site).detach())
+        results[mode] = (outs, grads, losses, site.value_memory.clone(), site.grad_memory.clone())
+    return results
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 5, 5), (6, 7, 13)], ids=["conv", "tokens"])
+@pytest.mark.parametrize("tau", [0.0, 0.25])
+def test_native_kernel_is_bitwise_the_eager_ops_on_exact_inputs(dpa_kernels, tau, shape):
+    # multiples of 1/8 keep every sum exact, so pooling order cannot matter: results must be identical;
+    # 5x5 maps and 13 channels leave tails after the vector loops, and x == tau occurs (ties take the
+    # masked path)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randint(-8, 9, shape, generator=g).float() / 8 + tau for _ in range(4)]
+    ys = [torch.randint(0, 4, (6,), generator=g) for _ in range(4)]
+    xs[1] = xs[1].clamp_min(tau + 0.125)  # a step without ties: the one-pass native backward
+    r = _native_vs_eager_steps(dpa_kernels, xs, ys, tau)
+    assert any(bool(loss > 0) for loss in r["eager"][2])  # the channel loss took part
+    for a, b in zip(r["eager"][:3], r["native"][:3]):
+        for t_eager, t_native in zip(a, b):
+            assert torch.equal(t_eager, t_native)
+    assert torch.equal(r["eager"][3], r["native"][3]) and torch.equal(r["eager"][4], r["native"][4])
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 7, 9), (8, 65, 40)], ids=["conv", "tokens"])
+def test_native_kernel_close_to_eager_on_random_inputs(dpa_kernels, shape):
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(shape, generator=g) for _ in range(3)]
+    ys = [torch.randint(0, 4, (8,), generator=g) for _ in range(3)]
+    r = _native_vs_eager_steps(dpa_kernels, xs, ys)
+    for a, b in zip(r["eager"][:3], r["native"][:3]):
+        for t_eager, t_native in zip(a, b):
+            torch.testing.assert_close(t_native, t_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_native_tau_pool(dpa_kernels):
+    from actlab.activations import kernels
+    from actlab.activations.dpa import _TauPool
+
+    ops = kernels.dpa_cpu()
+    if ops is None:
+        pytest.skip(f"native kernels not built here: {kernels.build_error()}")
+    g = torch.Generator().manual_seed(5)
+    for shape in ((2, 3, 3, 5), (2, 4, 11)):
+        x = torch.randn(shape, generator=g)
+        x = (x.sign() * (x.abs() + 0.1)).requires_grad_(True)  # away from the kink at 0
+        # float32 only (the kernel's dtype), so finite differences need a coarse step and tolerance
+        assert torch.autograd.gradcheck(lambda t: _TauPool.apply(t, 0.0, ops), (x,), eps=1e-2, atol=2e-3,
+                                        rtol=1e-2, fast_mode=False)

@@ -12,7 +12,7 @@ from actlab.train.checkpoint import load
 
 # vit_micro has LayerNorm only (SyncBatchNorm has no CPU kernel), DPA sites exercise the synced memories;
 # no augmentation because random crops are drawn per rank
-RUN = dict(model="vit_micro", act="dpa", dataset="synthetic", epochs=2, lr=0.05, warmup_epochs=0.5,
+RUN = dict(model="vit_micro", act="dpa", dataset="synthetic", image_size=16, epochs=2, lr=0.05, warmup_epochs=0.5,
            augment=False, device="cpu")
 
 

@@ -17,7 +17,7 @@ from actlab.train import CheckpointError, TrainConfig, load_run_model, lr_at, tr
 from actlab.train.checkpoint import load, save_atomic
 from actlab.train.optim import param_groups
 
-RUN = dict(model="resnet20", act="dpa", dataset="synthetic", image_size=16, epochs=3, batch_size=64, lr=0.05,
+RUN = dict(model="resnet20", act="dpa", dataset="synthetic", image_size=8, epochs=3, batch_size=64, lr=0.05,
            warmup_epochs=1, dpa_lambda=1.0)
 
 

@@ -13,6 +13,8 @@ global batch (rank-major), so memories stay identical across ranks.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -83,6 +85,83 @@ class _ThresholdUnit(torch.autograd.Function):
         if packed.device.type == "cpu" and not bool(packed.any()):  # no ties: skip the fix-up pass
             return grad_in, None
         return torch.where(unpack_bits(packed, ctx.shape), grad, grad_in), None
+
+
+_KERNEL_MODES = ("auto", "native", "eager")
+_kernel_mode = os.environ.get("ACTLAB_DPA_KERNELS", "auto")
+_native_warned: list[bool] = []
+
+
+def set_kernels(mode: str) -> None:
+    """How DPA's training forward runs on float32 CPU conv maps: ``"native"`` (actlab's C++ kernel: TAU,
+    the pooled response and the tie check in one pass, and a one-pass backward), ``"eager"`` (PyTorch
+    ops), or ``"auto"`` (default, also from ACTLAB_DPA_KERNELS: native when it can be built)."""
+    global _kernel_mode
+    if mode not in _KERNEL_MODES:
+        raise ValueError(f"DPA kernels must be one of {_KERNEL_MODES}, got {mode!r}")
+    _kernel_mode = mode
+
+
+def _native_ops(x: torch.Tensor, tau: float, batch: int, token_pool: str):
+    """The fused ops for this input, or None (other device, dtype, layout, or the mode says eager)."""
+    if _kernel_mode not in _KERNEL_MODES:
+        raise ValueError(f"ACTLAB_DPA_KERNELS must be one of {_KERNEL_MODES}, got {_kernel_mode!r}")
+    fused_layout = x.dim() == 4 or (x.dim() == 3 and token_pool == "mean")
+    if (_kernel_mode == "eager" or not fused_layout or x.device.type != "cpu" or x.dtype != torch.float32
+            or not x.is_contiguous() or x.shape[0] != batch or tau < 0 or not x.requires_grad
+            or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return None
+    from . import kernels
+
+    ops = kernels.dpa_cpu()
+    if ops is None:
+        if _kernel_mode == "native":
+            raise RuntimeError(f"DPA native kernels could not be built: {kernels.build_error()}")
+        if not _native_warned:
+            _native_warned.append(True)
+            warnings.warn(f"DPA: native CPU kernels unavailable ({kernels.build_error()}); using PyTorch ops.",
+                          RuntimeWarning)
+    return ops
+
+
+class _TauPool(torch.autograd.Function):
+    """TAU and the mean of its input over positions (B, C, H, W) or tokens (B, N, C) in one native pass:
+    returns out and v (B, C) float32. Gradients: TAU's (x >= tau passes) into x, plus v's mean spread
+    over the positions or tokens."""
+
+    @staticmethod
+    def forward(ctx, x, tau, ops):
+        if x.dim() == 4:
+            b, c, h, w = x.shape
+            out, v, ties = ops.tau_pool_forward(x.view(b, c, h * w), tau)
+        else:
+            out, v, ties = ops.tau_pool_tokens_forward(x, tau)
+        out = out.view(x.shape)
+        ctx.set_materialize_grads(False)
+        ctx.tau, ctx.ops = tau, ops
+        # exact ties x == tau are rare: only then is their bit mask kept (as _ThresholdUnit does)
+        ctx.save_for_backward(out, pack_bits(x == tau) if ties else None)
+        return out, v
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_v):
+        out, packed = ctx.saved_tensors
+        shape = out.shape
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        tokens = out.dim() == 3
+        flat = shape if tokens else torch.Size([shape[0], shape[1], shape[2] * shape[3]])
+        grad_out, out = grad_out.contiguous().view(flat), out.view(flat)
+        if packed is None:
+            gv = None if grad_v is None else grad_v.contiguous()
+            backward = ctx.ops.tau_pool_tokens_backward if tokens else ctx.ops.tau_pool_backward
+            return backward(grad_out, out, gv, ctx.tau).view(shape), None, None
+        grad_in = torch.where(unpack_bits(packed, flat), grad_out,
+                              torch.ops.aten.threshold_backward(grad_out, out, ctx.tau))
+        if grad_v is not None:
+            spread = grad_v / flat[1] if tokens else grad_v / flat[2]
+            grad_in = grad_in + (spread[:, None, :] if tokens else spread[:, :, None])
+        return grad_in.view(shape), None, None
 
 
 def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
@@ -243,7 +322,11 @@ class DPA(ActivationModule):
                 f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
                 "`with actlab.targets(model, y): model(x)`, or call model.eval() for inference.")
         y = y.to(x.device)
-        v = self.pool(x, y.shape[0])
+        fused = _native_ops(x, self.tau, y.shape[0], self.token_pool)
+        if fused is not None:
+            out, v = _TauPool.apply(x, self.tau, fused)
+        else:
+            v = self.pool(x, y.shape[0])
         update = self._advance_count() == 0
         with torch.no_grad():
             v_now = v.detach()
@@ -261,7 +344,8 @@ class DPA(ActivationModule):
             self._loss_terms = (zero, zero.long())
         else:
             self._loss_terms = ((v.square() * mask).sum(), mask.sum())
-        out = threshold_unit(x, self.tau)
+        if fused is None:
+            out = threshold_unit(x, self.tau)
         if update and out.requires_grad:
             out.register_hook(self._grad_memory_hook(y))
         return out

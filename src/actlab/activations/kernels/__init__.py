@@ -1,7 +1,8 @@
 """Native CPU kernels, built on first use with torch.utils.cpp_extension (a C++ compiler and ninja).
 
-``iieu_cpu()`` returns the ``torch.ops.actlab_iieu`` namespace, or ``None`` with the reason in
-``build_error()`` when it cannot be built here (no compiler, unsupported platform). The build takes
+``iieu_cpu()`` returns the ``torch.ops.actlab_iieu`` namespace and ``dpa_cpu()`` the ``torch.ops.actlab_dpa``
+one (both built as one library), or ``None`` with the reason in ``build_error()`` when it cannot be built
+here (no compiler, unsupported platform). The build takes
 about half a minute once per machine and torch version; later processes load it from
 ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it).
 """
@@ -14,7 +15,7 @@ import threading
 
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "iieu_cpu.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("iieu_cpu.cpp", "dpa_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -28,12 +29,21 @@ def _cflags() -> list[str]:
     return flags
 
 
+def _loaded() -> bool:
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"], _state["error"] = _build()
+        return bool(_state["ok"])
+
+
 def iieu_cpu():
     """The IIEU-B CPU ops (``planes_forward/backward``, ``rows_forward/backward``), or None."""
-    with _lock:
-        if "ops" not in _state:
-            _state["ops"], _state["error"] = _build()
-        return _state["ops"]
+    return torch.ops.actlab_iieu if _loaded() else None
+
+
+def dpa_cpu():
+    """DPA's fused conv-site ops (``tau_pool_forward/backward``), or None."""
+    return torch.ops.actlab_dpa if _loaded() else None
 
 
 def build_error() -> str | None:
@@ -46,11 +56,11 @@ def _build():
     try:
         from torch.utils import cpp_extension
 
-        name = "actlab_iieu_cpu"
+        name = "actlab_cpu_kernels"
         built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
         if not built:
-            print("actlab: building the IIEU-B CPU kernels (once per machine, about 30 s)...", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_cflags(), is_python_module=False)
-        return torch.ops.actlab_iieu, None
+            print("actlab: building the IIEU-B and DPA CPU kernels (once per machine, about 30 s)...", file=sys.stderr)
+        cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_cflags(), is_python_module=False)
+        return True, None
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the other kernels"
-        return None, f"{type(exc).__name__}: {exc}"
+        return False, f"{type(exc).__name__}: {exc}"
