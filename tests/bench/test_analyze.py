@@ -40,7 +40,8 @@ def test_dpa_analysis_files_and_numbers(runs):
     summary = json.load(open(os.path.join(runs["dpa"], "summary.json")))
     assert record["top1_before"] == pytest.approx(summary["top1"])  # the run's own test accuracy
     md = open(os.path.join(folder, "analysis.md")).read()
-    assert "irrelevant channels zeroed" in md and f"{record['top1_after']:.2f}" in md
+    assert "irrelevant channels zeroed at all" in md and f"{record['top1_after']:.2f}" in md
+    assert f"zeroed at `{record['layer']}` only | {record['top1_after_layer']:.2f}" in md
 
 
 def test_zeroing_every_channel_of_a_site_leaves_one_prediction(runs):
@@ -54,7 +55,8 @@ def test_zeroing_every_channel_of_a_site_leaves_one_prediction(runs):
     assert irrelevant_channels(sites[-1]).all()
     _, test, info = build_datasets("synthetic", image_size=16, augment=False)
     loader = DataLoader(test, 64)
-    views = dpa_views(model, loader, info.num_classes)
+    views = dpa_views(model, loader, info.num_classes, layer=[n for n, m in model.named_modules() if m is sites[-1]][0])
+    assert views["top1_after_layer"] == views["top1_after"]  # only that site flags anything
     # the last site outputs zeros, so every image gets the same logits: accuracy = that class's share
     with torch.no_grad():  # resnet20's last DPA site feeds the pooling and the classifier directly
         logits = model.fc(torch.zeros(1, model.fc.in_features))

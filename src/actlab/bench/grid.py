@@ -182,7 +182,10 @@ def _pool_init(threads: int) -> None:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # a libc without prctl: orphans then finish their current run
+            pass
 
 
 def _run_in_worker(folder: str, cfg: TrainConfig, key: str) -> str:
