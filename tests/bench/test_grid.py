@@ -118,6 +118,12 @@ def test_bench_errors_name_the_problem(tmp_path, capsys):
     assert "resnet99" in capsys.readouterr().err
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "results.db" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "results.db").write_bytes(b"this is not sqlite" * 100)
+    assert cli_main(["bench", "--acts", "relu", "--models", "resnet20", "--out", str(corrupt)]) == 2
+    assert "not a readable actlab results database" in capsys.readouterr().err
+    assert (corrupt / "results.db").read_bytes() == b"this is not sqlite" * 100  # left as it was
 
 
 def test_the_main_jobs_grid_covers_what_it_promises():

@@ -50,9 +50,15 @@ class GridPoint:
 def connect(folder: str) -> sqlite3.Connection:
     """``folder/results.db`` with the ``runs`` table (created when missing)."""
     os.makedirs(folder, exist_ok=True)
-    db = sqlite3.connect(os.path.join(folder, DB_NAME), timeout=60)
+    path = os.path.join(folder, DB_NAME)
+    db = sqlite3.connect(path, timeout=60)
     db.row_factory = sqlite3.Row
-    db.execute(SCHEMA)
+    try:
+        db.execute(SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise ValueError(f"{path} is not a readable actlab results database ({exc}); move it away to "
+                         "start a new grid") from exc
     return db
 
 
