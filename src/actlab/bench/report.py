@@ -199,7 +199,8 @@ def results_table(summaries: list[Summary], paired: list[Paired], group_ranks: d
             lines.append(
                 f"| {rank:g} | {s.act} | {s.n} | {s.mean:.2f} ± {_fmt(s.std)} | [{_fmt(s.ci_low)}, {_fmt(s.ci_high)}] | "
                 + (f"{p.mean_diff:+.2f} | {_p(p.p_value)} | {p.wins}/{p.ties}/{p.losses} | " if p else "– | – | – | ")
-                + f"{_fmt(s.params, 0) if s.params is None else f'{s.params:,.0f}'} | {_fmt(s.flops / 1e6 if s.flops else None, 1)} | {_fmt(s.seconds, 1)} |")
+                + f"{'–' if s.params is None else f'{s.params:,.0f}'} | {_fmt(s.flops / 1e6 if s.flops else None, 1)} | "
+                f"{_fmt(s.seconds, 1)} |")
         lines.append("")
     return lines
 
