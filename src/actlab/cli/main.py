@@ -29,7 +29,7 @@ def _train_parser(sub) -> None:
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                        help=f"(default: {f.default if f.default is not dataclasses.MISSING else '{}'})")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines (the final summary line stays)")
 
 
 def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = None) -> TrainConfig:
