@@ -116,6 +116,7 @@ def test_bench_errors_name_the_problem(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert cli_main(["bench", "--acts", "relu", "--models", "resnet99", "--out", str(tmp_path)]) == 2
     assert "resnet99" in capsys.readouterr().err
+    assert not (tmp_path / "results.db").exists()  # a bad grid is refused before anything is written
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert "results.db" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt"

@@ -14,7 +14,6 @@ global batch (rank-major), so memories stay identical across ranks.
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -56,6 +55,14 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return words.view(torch.bool)[: shape.numel()].view(shape)
 
 
+def tau_grad(grad: torch.Tensor, out: torch.Tensor, ties: torch.Tensor, tau: float) -> torch.Tensor:
+    """TAU's input gradient for tau >= 0 from its output and the bit-packed ties ``x == tau``."""
+    grad_in = torch.ops.aten.threshold_backward(grad, out, tau)
+    if ties.device.type == "cpu" and not bool(ties.any()):  # no ties: skip the fix-up pass
+        return grad_in
+    return torch.where(unpack_bits(ties, out.shape), grad, grad_in)
+
+
 class _ThresholdUnit(torch.autograd.Function):
     """TAU: x if x >= tau else 0; the gradient passes where x >= tau (x == tau included).
 
@@ -81,15 +88,11 @@ class _ThresholdUnit(torch.autograd.Function):
         zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
         if out is None:
             return torch.where(unpack_bits(packed, ctx.shape), grad, zero), None
-        grad_in = torch.ops.aten.threshold_backward(grad, out, ctx.tau)
-        if packed.device.type == "cpu" and not bool(packed.any()):  # no ties: skip the fix-up pass
-            return grad_in, None
-        return torch.where(unpack_bits(packed, ctx.shape), grad, grad_in), None
+        return tau_grad(grad, out, packed, ctx.tau), None
 
 
 _KERNEL_MODES = ("auto", "native", "eager")
 _kernel_mode = os.environ.get("ACTLAB_DPA_KERNELS", "auto")
-_native_warned: list[bool] = []
 
 
 def set_kernels(mode: str) -> None:
@@ -113,15 +116,7 @@ def _native_ops(x: torch.Tensor, tau: float, batch: int, token_pool: str):
         return None
     from . import kernels
 
-    ops = kernels.dpa_cpu()
-    if ops is None:
-        if _kernel_mode == "native":
-            raise RuntimeError(f"DPA native kernels could not be built: {kernels.build_error()}")
-        if not _native_warned:
-            _native_warned.append(True)
-            warnings.warn(f"DPA: native CPU kernels unavailable ({kernels.build_error()}); using PyTorch ops.",
-                          RuntimeWarning)
-    return ops
+    return kernels.ops_or_fallback(kernels.dpa_cpu(), _kernel_mode == "native", "DPA", "PyTorch ops")
 
 
 class _TauPool(torch.autograd.Function):
@@ -156,8 +151,7 @@ class _TauPool(torch.autograd.Function):
             gv = None if grad_v is None else grad_v.contiguous()
             backward = ctx.ops.tau_pool_tokens_backward if tokens else ctx.ops.tau_pool_backward
             return backward(grad_out, out, gv, ctx.tau).view(shape), None, None
-        grad_in = torch.where(unpack_bits(packed, flat), grad_out,
-                              torch.ops.aten.threshold_backward(grad_out, out, ctx.tau))
+        grad_in = tau_grad(grad_out, out, packed, ctx.tau)
         if grad_v is not None:
             spread = grad_v / flat[1] if tokens else grad_v / flat[2]
             grad_in = grad_in + (spread[:, None, :] if tokens else spread[:, :, None])

@@ -354,15 +354,7 @@ def _native_ops(x: torch.Tensor):
     """actlab's C++ kernels when the mode allows them and ``x`` is a float32 CPU tensor, else None."""
     if _check_mode() not in ("auto", "native") or x.device.type != "cpu" or x.dtype != torch.float32:
         return None
-    ops = kernels.iieu_cpu()
-    if ops is None:
-        if _kernel_mode == "native":
-            raise RuntimeError(f"IIEU-B native kernels could not be built: {kernels.build_error()}")
-        if not _compiled.get("native_warned"):
-            _compiled["native_warned"] = True
-            warnings.warn(f"IIEU-B: native CPU kernels unavailable ({kernels.build_error()}); using the "
-                          "compiled kernels.", RuntimeWarning)
-    return ops
+    return kernels.ops_or_fallback(kernels.iieu_cpu(), _kernel_mode == "native", "IIEU-B", "the compiled kernels")
 
 
 def _native_layout(patches, x_t, inv_x, nu):

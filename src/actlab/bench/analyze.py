@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..activations import IIEUB
 from ..activations.dpa import DPA
+from ..activations.iieu import ConvPatches
 from ..data import build_datasets
 from ..train import TrainConfig, load_run_model
 
@@ -106,10 +107,9 @@ def iieu_views(model: nn.Module, loader, max_batches: int = 4, sample: int = 200
             x_t = args[0]
             x_pre = args[1] if len(args) > 1 and args[1] is not None else module._x_pre
             rho = module.ii_score(x_t, x_pre)
-            eta = module._patches.view_channel(module.eta.float())
-            if x_t.dim() == 3 and rho.dim() == 3 and eta.dim() != 1:  # conv site fed tokens: channel last
-                eta = module.eta.float()
-            below = rho < eta
+            # rho has x_t's layout: channels at dim 1 for conv maps, last for tokens and linear sites
+            channel_first = isinstance(module._patches, ConvPatches) and rho.dim() == 4
+            below = rho < (module.eta.float().view(-1, 1, 1) if channel_first else module.eta.float())
             suppressed[name][0] += int(below.sum())
             suppressed[name][1] += below.numel()
             flat = rho.flatten()

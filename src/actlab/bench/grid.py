@@ -212,14 +212,18 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         retry_failed: also redo points recorded as failed (by default they are kept, with their error).
         jobs: runs in parallel (processes, each with ``threads / jobs`` threads); 1 runs in this process.
     """
+    points = grid_points(groups, seeds)
+    configs = []
+    for point, overrides in points:  # every point is checked before anything is written or run
+        cfg = dataclasses.replace(base, **overrides, model=point.model, act=point.act, seed=point.seed)
+        cfg.validate()
+        key = run_key(cfg)
+        configs.append((point, key, dataclasses.replace(
+            cfg, out=os.path.join(folder, "runs", f"{point.model}-{point.act}-s{point.seed}-{key[:8]}"))))
     db = connect(folder)
     counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0}
     todo = []
-    points = grid_points(groups, seeds)
-    for point, overrides in points:
-        cfg = dataclasses.replace(base, **overrides, model=point.model, act=point.act, seed=point.seed)
-        key = run_key(cfg)
-        cfg = dataclasses.replace(cfg, out=os.path.join(folder, "runs", f"{point.model}-{point.act}-s{point.seed}-{key[:8]}"))
+    for point, key, cfg in configs:
         row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
         if row and (row["status"] in ("done", "skipped") or (row["status"] == "failed" and not retry_failed)):
             counts["kept"] += 1
@@ -232,7 +236,6 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
             counts["skipped"] += 1
             log(f"{point.model}/{point.act} seed {point.seed}: skipped ({reason})")
             continue
-        cfg.validate()
         todo.append((cfg, key))
     if counts["kept"]:
         log(f"{counts['kept']} of {len(points)} runs already recorded in {os.path.join(folder, DB_NAME)}: kept")

@@ -152,9 +152,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
-    from ..activations import get_spec
     from ..bench import grid, report
-    from ..models import get_model_spec
 
     grid_settings, seeds = {}, None
     if args.grid:
@@ -166,12 +164,6 @@ def cmd_bench(args) -> int:
     else:
         raise ValueError("give --acts and --models (or a --grid FILE)")
     seeds = _seeds(args.seeds) if args.seeds else [int(s) for s in seeds or [0, 1, 2]]
-    for group in groups:
-        for a in group.acts:
-            if a != "iieu_dc":
-                get_spec(a)
-        for m in group.models:
-            get_model_spec(m)
     base = config_from_args(args, skip=BENCH_OWN, defaults=grid_settings)
     base = dataclasses.replace(base, **{k: getattr(args, k) for k in ("dataset", "epochs") if getattr(args, k) is not None})
     base.validate()

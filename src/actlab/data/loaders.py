@@ -6,33 +6,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class EpochShuffle(Sampler[int]):
-    """A fresh permutation per epoch drawn from ``seed + epoch`` (call ``set_epoch`` like DistributedSampler)."""
+    """Training order: a fresh permutation per epoch drawn from ``seed + epoch`` (call ``set_epoch`` like
+    DistributedSampler), cut into global batches of ``batch_size * world``, of which rank r takes the
+    r-th contiguous slice. Gathering the ranks' batches rank-major gives exactly the batch one process
+    would see (DPA's sequential memory update depends on that order). Incomplete last global batches
+    are dropped."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.n, self.seed, self.epoch = len(dataset), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class RankSlices(Sampler[int]):
-    """DDP training order: the single-process permutation of ``seed + epoch`` cut into global batches of
-    ``batch_size * world``; rank r takes the r-th contiguous slice of each. Gathering the ranks'
-    batches rank-major gives exactly the batch one process would see (DPA's sequential memory update
-    depends on that order). Incomplete last global batches are dropped."""
-
-    def __init__(self, dataset: Dataset, seed: int, rank: int, world: int, batch_size: int):
+    def __init__(self, dataset: Dataset, seed: int, batch_size: int, rank: int = 0, world: int = 1):
         self.n, self.seed, self.rank, self.world, self.batch_size, self.epoch = len(dataset), seed, rank, world, batch_size, 0
         self.steps = self.n // (batch_size * world)
         if self.steps == 0:
-            raise ValueError(f"global batch {batch_size} x {world} ranks is larger than the training set ({self.n})")
+            raise ValueError(f"batch size {batch_size} x {world} process(es) is larger than the training set "
+                             f"({self.n} samples)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -70,13 +55,8 @@ def make_loaders(train: Dataset, test: Dataset, batch_size: int, *, workers: int
         rank, world: this process's rank and the number of processes (1: no DDP).
         eval_batch_size: test batch (default ``batch_size``); the test set is sharded without padding.
     """
-    if len(train) < batch_size * world:
-        raise ValueError(f"batch size {batch_size} x {world} process(es) is larger than the training set "
-                         f"({len(train)} samples)")
-    if world > 1:
-        train_sampler, test_sampler = RankSlices(train, seed, rank, world, batch_size), Shard(test, rank, world)
-    else:
-        train_sampler, test_sampler = EpochShuffle(train, seed), None
+    train_sampler = EpochShuffle(train, seed, batch_size, rank, world)
+    test_sampler = Shard(test, rank, world) if world > 1 else None
     common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
     train_loader = DataLoader(train, batch_size, sampler=train_sampler, drop_last=True, **common)
     test_loader = DataLoader(test, eval_batch_size or batch_size, sampler=test_sampler, shuffle=False, **common)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 
 import torch
 
@@ -48,6 +49,22 @@ def dpa_cpu():
 
 def build_error() -> str | None:
     return _state.get("error")
+
+
+_warned: set[str] = set()
+
+
+def ops_or_fallback(ops, strict: bool, what: str, fallback: str):
+    """``ops`` when the library was built; otherwise raise (``strict``: the user asked for native) or
+    warn once per ``what`` that it runs on ``fallback`` instead, and return None."""
+    if ops is None:
+        if strict:
+            raise RuntimeError(f"{what} native kernels could not be built: {build_error()}")
+        if what not in _warned:
+            _warned.add(what)
+            warnings.warn(f"{what}: native CPU kernels unavailable ({build_error()}); using {fallback}.",
+                          RuntimeWarning)
+    return ops
 
 
 def _build():
