@@ -29,22 +29,32 @@ struct Grad {
   Vec gx, grx, grho, gev;
 };
 
+// True when some lane of a comparison mask is set (set lanes are all-ones bit patterns, not 0.0).
+inline bool any_lane(const Vec& mask) {
+  return mask.zero_mask() != (1 << Vec::size()) - 1;
+}
+
+// exp is the costly part; lanes at or above eta never use it, so a vector with none below skips it
+// (same values bit for bit: the blends below would pick the other operand in every lane).
 inline Grad grad_at(const Vec& x, const Vec& g, const Vec& a, const Vec& n, const Vec& e) {
   const Vec zero(0.f);
   Vec rho = x * a + n;
   Vec below = rho < e;
+  Vec gs = g * x;
+  if (!any_lane(below)) return {g * rho + gs * a, gs * x, gs, zero};
   Vec expo = at::vec::minimum(rho - e, zero).exp();
   Vec s_low = expo * e;
   Vec scale = Vec::blendv(rho, s_low, below);
-  Vec gs = g * x;
   Vec grho = Vec::blendv(gs, gs * s_low, below);
   return {g * scale + grho * a, grho * x, grho, Vec::blendv(zero, gs * expo, below)};
 }
 
 inline Vec forward_at(const Vec& x, const Vec& a, const Vec& n, const Vec& e) {
   Vec rho = x * a + n;
+  Vec below = rho < e;
+  if (!any_lane(below)) return rho * x;
   Vec s_low = at::vec::minimum(rho - e, Vec(0.f)).exp() * e;
-  return Vec::blendv(rho, s_low, rho < e) * x;
+  return Vec::blendv(rho, s_low, below) * x;
 }
 
 void check(const at::Tensor& t, const char* name, int64_t dim) {
