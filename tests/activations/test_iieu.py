@@ -355,19 +355,27 @@ KERNEL_SITES = {  # producer, norm, input: every layout the native and compiled 
 
 
 @pytest.mark.parametrize("mode", ["compiled", "native"])
-@pytest.mark.parametrize("site", list(KERNEL_SITES))
+@pytest.mark.parametrize("site", list(KERNEL_SITES) + ["linear_published"])
 def test_fused_kernels_match_eager(mode, site, restore_kernels):
     """The fused kernels (torch.compile, or actlab's C++ CPU kernels) give the eager kernels' values and
-    gradients, zero patches and both branches of the adjuster included."""
+    gradients, zero patches (silenced, or the published 1 / (0 + eps)) and both branches of the adjuster
+    included."""
     iieu = restore_kernels
     if mode == "compiled" and site not in ("conv_grouped", "linear_tokens"):
         pytest.skip("compiled kernels: one conv and one linear layout keep the suite fast")
-    make_producer, make_norm, shape = KERNEL_SITES[site]
+    zero_patch = "published" if site == "linear_published" else "silence"
+    make_producer, make_norm, shape = KERNEL_SITES["linear_tokens" if zero_patch == "published" else site]
     torch.manual_seed(0)
     producer, norm = make_producer(), make_norm()
     x = torch.randn(shape)
-    x[0, ..., :2] = 0  # zero patches / a zero token
-    unit = IIEUB(producer.weight.shape[0], producer=producer)
+    if isinstance(producer, nn.Conv2d):
+        x[0, ..., :2] = 0  # zero patches
+    else:
+        rows = x.view(-1, shape[-1])
+        rows[:2] = 0  # zero tokens
+        for row, rms in ((2, 0.8e-6), (3, 1.25e-6)):  # just below / above the silencing RMS of 1e-6
+            rows[row] *= rms * shape[-1] ** 0.5 / rows[row].norm()
+    unit = IIEUB(producer.weight.shape[0], producer=producer, zero_patch=zero_patch)
     with torch.no_grad():
         unit.eta.uniform_(0.2, 0.8)  # both branches of the adjuster are taken
         unit.norm.weight.uniform_(0.5, 1.5)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+from actlab.activations import IIEUB
+
 from actlab.bench import speed
 
 
@@ -21,3 +25,37 @@ def test_speed_report_accounts_memory_and_sites(tmp_path, capsys):
     assert ("dpa", "conv", "eval") in by_key and ("frelu", "conv", "eval") not in by_key
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == len(rows) and "torch" in saved["environment"]
+
+
+
+def test_time_ratio_is_the_median_of_per_round_ratios(monkeypatch):
+    """Drift of the machine between rounds must cancel: each round's time is divided by ReLU's in that
+    round. With these costs the per-round ratios are 2, 2, 1.2 (median 2); medians 10 and 12 would say 1.2."""
+    now = {"t": 0.0}
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: now["t"])
+    round_cost = {"relu": [1, 10, 10], "dpa": [2, 20, 12]}
+    calls = {}
+
+    def fake_build(name, workload, device, train, iieu_eta=None):
+        def step(backward=True):
+            round_index = calls.setdefault((name, train), -1)  # -1: the warmup call
+            calls[(name, train)] += 1
+            if round_index >= 0:
+                now["t"] += round_cost[name][round_index]
+        return step, 1
+
+    monkeypatch.setattr(speed, "build", fake_build)
+    monkeypatch.setattr(speed, "saved_bytes", lambda fn: 1)  # (memory is not measured by calling the step)
+    rows = speed.run(["relu", "dpa"], repeats=3, warmup=1, device=torch.device("cpu"), workloads=("mlp",))
+    dpa = next(r for r in rows if r.activation == "dpa" and r.mode == "train")
+    assert dpa.ms_median == 12000.0 and dpa.time_vs_relu == 2.0
+
+
+def test_iieu_eta_puts_every_response_below_the_threshold():
+    """``--iieu-eta 10``, the kernels' worst case: every unit's eta is 10 and every rho is below it."""
+    step, sites = speed.build("iieu_b", "mlp", torch.device("cpu"), True, iieu_eta=10.0)
+    units = [m for m in step.model.modules() if isinstance(m, IIEUB)]
+    assert sites == len(units) == 1 and bool((units[0].eta == 10.0).all())
+    fc1 = step.model[0]
+    x_pre = step.inputs[:4]
+    assert bool((units[0].ii_score(fc1(x_pre), x_pre) < 10.0).all())

@@ -24,6 +24,7 @@ replays it in backward. Everything else is recomputed in backward. Norms, term-B
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -40,6 +41,20 @@ from .base import ActivationModule
 from .registry import ActivationSpec, register
 
 SILENT_RMS = 1e-6
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for the block; no context switch at all when it is not on (the usual case)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
+    """Autocast as it was for a recorded call (``enabled``, ``dtype``), switching only when needed."""
+    if enabled:
+        return torch.autocast(device_type, dtype=dtype)
+    return _autocast_off(device_type)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -217,8 +232,45 @@ def inverse_patch_norm(sumsq: torch.Tensor, patch_numel: int, eps: float, silenc
     norm = sumsq.sqrt()
     inv = 1.0 / (norm + eps)
     if silence:
-        inv = torch.where(norm < SILENT_RMS * math.sqrt(patch_numel), torch.zeros_like(inv), inv)
+        inv = torch.where(norm < _silent_norm(patch_numel), torch.zeros_like(inv), inv)
     return inv
+
+
+def _silent_norm(patch_numel: int) -> float:
+    """Patches with a norm below this have an RMS below SILENT_RMS."""
+    return SILENT_RMS * math.sqrt(patch_numel)
+
+
+def _native_rows_ops(patches, x_pre: torch.Tensor, ct: torch.dtype):
+    """The C++ ops for a Linear site's patch norms (one pass over x_pre each way), or None."""
+    if not isinstance(patches, LinearPatches) or ct != torch.float32:
+        return None
+    return _native_ops(x_pre)
+
+
+def _patch_inverse(patches, x_pre, eps, silence, ct):
+    """invX and the squared patch norms it came from, both shaped like ``patches.sumsq(x_pre)``."""
+    ops = _native_rows_ops(patches, x_pre, ct)
+    if ops is None:
+        sumsq = patches.sumsq(x_pre.to(ct))
+        return inverse_patch_norm(sumsq, patches.patch_numel, eps, silence), sumsq
+    shape = (*x_pre.shape[:-1], 1)
+    silent = _silent_norm(patches.patch_numel) if silence else -1.0
+    inv, sumsq = ops.rows_inv_norm(x_pre.contiguous().view(-1, x_pre.shape[-1]), eps, silent)
+    return inv.view(shape), sumsq.view(shape)
+
+
+def _patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
+    """dL/d x_pre (x_pre's dtype) from dL/d invX."""
+    ops = _native_rows_ops(patches, x_pre, ct)
+    if ops is None:
+        grad_sumsq = _inverse_patch_norm_grad(sumsq, patches.patch_numel, eps, silence, grad_inv)
+        return patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
+    silent = _silent_norm(patches.patch_numel) if silence else -1.0
+    rows = x_pre.contiguous().view(-1, x_pre.shape[-1])
+    grad = ops.rows_inv_norm_backward(rows, sumsq.contiguous().view(-1), grad_inv.contiguous().view(-1).float(),
+                                      eps, silent)
+    return grad.view(x_pre.shape)
 
 
 def _inverse_patch_norm_grad(sumsq: torch.Tensor, patch_numel: int, eps: float, silence: bool,
@@ -227,7 +279,7 @@ def _inverse_patch_norm_grad(sumsq: torch.Tensor, patch_numel: int, eps: float, 
     inv = 1.0 / (norm + eps)
     live = norm > 0
     if silence:
-        live = live & (norm >= SILENT_RMS * math.sqrt(patch_numel))
+        live = live & (norm >= _silent_norm(patch_numel))
     # d inv / d sumsq = -inv^2 / (2 norm); subgradient 0 at norm = 0, as torch.linalg.norm does
     safe = torch.where(live, norm, torch.ones_like(norm))
     return torch.where(live, -grad_inv * inv.square() / (2 * safe), torch.zeros_like(norm))
@@ -433,7 +485,7 @@ class BatchNormReplay:
         return (c, norm.weight, norm.bias, *stats)
 
     def replay(self, c, weight, bias, running_mean, running_var) -> torch.Tensor:
-        with torch.autocast(c.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+        with _autocast_as(c.device.type, self.autocast, self.autocast_dtype):
             return F.batch_norm(c, running_mean, running_var, weight, bias, self.batch_stats, 0.0, self.eps)
 
 
@@ -454,7 +506,7 @@ class LinearReplay:
         return (x, linear.weight, linear.bias)
 
     def replay(self, x, weight, bias) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+        with _autocast_as(x.device.type, self.autocast, self.autocast_dtype):
             return F.linear(x, weight, bias)
 
 
@@ -506,33 +558,31 @@ class IIEUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
                 term_b=None):
-        with torch.autocast(x_t.device.type, enabled=False):
+        with _autocast_off(x_t.device.type):
             ct = _compute_dtype(x_t)
-            sumsq = patches.sumsq(x_pre.to(ct))
-            inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
+            inv_x, sumsq = _patch_inverse(patches, x_pre, eps, silence, ct)
             out = _forward(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
-        keep_sumsq = sumsq.numel() * 8 <= x_t.numel()
+        keep_norms = sumsq.numel() * 16 <= x_t.numel()  # else recomputed in backward (depthwise convs)
         kept_x_t = None if replay is not None else x_t
         # term_b = (gap, ln_weight, ln_eps): nu was computed from a detached GAP(x_t); backward adds that
         # path's gradient to grad x_t itself, fused in the grad_x kernel (saves a full-size autograd add)
         gap, ln_weight, ln_eps = term_b if term_b is not None else (None, None, None)
-        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, sumsq if keep_sumsq else None, gap, ln_weight,
-                              *replay_tensors)
+        norms = (inv_x, sumsq) if keep_norms else (None, None)
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, gap, ln_weight, *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.ln_eps = patches, eps, silence, replay, ln_eps
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_t, x_pre, inv_w, nu, eta, sumsq, gap, ln_weight, *replay_tensors = ctx.saved_tensors
+        x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, ln_weight, *replay_tensors = ctx.saved_tensors
         patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
         if x_t is None:
             with torch.no_grad():
                 x_t = replay.replay(*replay_tensors)
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _autocast_off(grad_out.device.type):
             ct = _compute_dtype(x_t)
             if sumsq is None:
-                sumsq = patches.sumsq(x_pre.to(ct))
-            inv_x = inverse_patch_norm(sumsq, patches.patch_numel, eps, silence)
+                inv_x, sumsq = _patch_inverse(patches, x_pre, eps, silence, ct)
 
             def term_b_grad(grad_nv):  # dL/d GAP(x_t) spread over the positions, (B, C)
                 if gap is None:
@@ -548,11 +598,10 @@ class IIEUFunction(torch.autograd.Function):
             else:
                 grads = _backward_views(*args)
             grad_x, grad_iv, grad_wv, grad_nv, grad_ev = grads
-            grad_inv_x = grad_iv.reshape(inv_x.shape)
             grad_x_pre = None
             if ctx.needs_input_grad[1]:
-                grad_sumsq = _inverse_patch_norm_grad(sumsq, patches.patch_numel, eps, silence, grad_inv_x)
-                grad_x_pre = patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
+                grad_inv_x = grad_iv.reshape(inv_x.shape)
+                grad_x_pre = _patch_inverse_backward(patches, x_pre, sumsq, grad_inv_x, eps, silence, ct)
             grad_eta = grad_ev.reshape(-1) * (1 - eta.to(ct))
         return (grad_x, grad_x_pre, grad_wv.reshape(inv_w.shape).to(inv_w.dtype),
                 grad_nv.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None)
@@ -683,7 +732,7 @@ class IIEUB(ActivationModule):
 
     def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
         """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
-        with torch.autocast(x_t.device.type, enabled=False):
+        with _autocast_off(x_t.device.type):
             return self._term_b_from_gap(self._patches.gap(x_t))
 
     def _term_b_from_gap(self, gap: torch.Tensor) -> torch.Tensor:
@@ -701,13 +750,13 @@ class IIEUB(ActivationModule):
         if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:
             return self._conv_tokens(x_t, x_pre)
         self._patches.check(x_t, x_pre, self.site)
-        with torch.autocast(x_t.device.type, enabled=False):
+        with _autocast_off(x_t.device.type):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
         replay, replay_tensors = self._replay_for(x_t)
         silence = self.zero_patch == "silence"
         if _custom_backward_wanted():
             # term-B from a detached GAP: the autograd function adds that path's gradient itself
-            with torch.autocast(x_t.device.type, enabled=False):
+            with _autocast_off(x_t.device.type):
                 gap = self._patches.gap(x_t.detach())
                 nu = self._term_b_from_gap(gap)
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,

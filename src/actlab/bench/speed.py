@@ -4,10 +4,15 @@ Two workloads, run side by side on the same inputs:
   conv: two Conv3x3(64->64) + BN + act layers on a (32, 64, 32, 32) batch;
   mlp:  a ViT MLP block, (32, 65, 192) -> Linear 768 -> act -> Linear 192.
 Each activation is swapped in with ``actlab.convert``; timings are interleaved round-robin across
-activations so that drift of the machine affects all of them alike. DPA is timed as a training step
-with targets (memory updates every 5th step, as in training) and, separately, in eval mode.
+activations so that drift of the machine affects all of them alike, and "x ReLU time" is the median over
+rounds of each round's ratio to ReLU's step in the same round. DPA is timed as a training step with targets
+(memory updates every 5th step, as in training) and, separately, in eval mode.
 
-    python -m actlab.bench.speed [--repeats 20] [--acts relu,iieu_b,dpa] [--json out.json]
+IIEU-B's C++ kernels skip the exponential of the adjuster's lower branch wherever no response of a
+vector of 8 lies below eta, as on this random workload at eta's initial 0.05. ``--iieu-eta 10`` puts
+every response below it: the kernels' worst case.
+
+    python -m actlab.bench.speed [--repeats 20] [--acts relu,iieu_b,dpa] [--iieu-eta 10] [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn as nn
 
 import actlab
+from actlab.activations import IIEUB
 
 NUM_CLASSES = 10
 
@@ -65,6 +71,7 @@ def make_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, train: bo
             loss.backward()
         return loss
 
+    step.model, step.inputs = model, x  # for inspection (tests)
     return step
 
 
@@ -81,13 +88,19 @@ class Row:
     memory_vs_relu: float = float("nan")
 
 
-def build(name: str, workload: str, device: torch.device, train: bool):
-    """The workload's training (or eval) step with ``name`` swapped in, and how many sites it took."""
+def build(name: str, workload: str, device: torch.device, train: bool, iieu_eta: float | None = None):
+    """The workload's training (or eval) step with ``name`` swapped in, and how many sites it took.
+    ``iieu_eta``: set every IIEU-B threshold to this value (default: keep the initial one)."""
     torch.manual_seed(0)
     model, x = WORKLOADS[workload]()
     # converted for "relu" too: the MLP workload is built with GELU, and the baseline must be ReLU
     actlab.convert(model, name, num_classes=NUM_CLASSES, example_input=x[:2])
     sites = len(actlab.conversion_report(model).converted)
+    if iieu_eta is not None:
+        with torch.no_grad():
+            for unit in model.modules():
+                if isinstance(unit, IIEUB):
+                    unit.eta.fill_(iieu_eta)
     model, x = model.to(device), x.to(device)
     model.train(train)
     labels = torch.randint(0, NUM_CLASSES, (x.shape[0],), device=device)
@@ -100,10 +113,10 @@ def _sync(device: torch.device) -> None:
 
 
 def run(acts: list[str], repeats: int, warmup: int, device: torch.device,
-        workloads: tuple[str, ...] = tuple(WORKLOADS)) -> list[Row]:
+        workloads: tuple[str, ...] = tuple(WORKLOADS), iieu_eta: float | None = None) -> list[Row]:
     cases = [(a, w, "train") for w in workloads for a in acts]
     cases += [(a, w, "eval") for w in workloads for a in acts if a in ("relu", "dpa")]
-    built = {c: build(c[0], c[1], device, c[2] == "train") for c in cases}
+    built = {c: build(c[0], c[1], device, c[2] == "train", iieu_eta) for c in cases}
     steps = {c: b[0] for c, b in built.items()}
     times: dict[tuple, list[float]] = {c: [] for c in cases}
     for _ in range(warmup):
@@ -122,10 +135,11 @@ def run(acts: list[str], repeats: int, warmup: int, device: torch.device,
         mem = saved_bytes(lambda: steps[c](backward=False)) / 2**20 if c[2] == "train" else 0.0
         rows.append(Row(c[0], c[1], c[2], statistics.median(times[c]), q[2] - q[0], mem, built[c][1]))
     base = {(r.workload, r.mode): r for r in rows if r.activation == "relu"}
-    for r in rows:
+    for r, c in zip(rows, cases):
         ref = base.get((r.workload, r.mode))
         if ref:
-            r.time_vs_relu = r.ms_median / ref.ms_median
+            relu_times = times[("relu", c[1], c[2])]
+            r.time_vs_relu = statistics.median(t / t_relu for t, t_relu in zip(times[c], relu_times))
             r.memory_vs_relu = r.saved_mb / ref.saved_mb if ref.saved_mb else float("nan")
     return rows
 
@@ -137,7 +151,8 @@ def environment(device: torch.device) -> str:
 
 
 def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
-    lines = [f"Machine: {environment(device)}; median of {repeats} interleaved runs (IQR in brackets).", "",
+    lines = [f"Machine: {environment(device)}; median of {repeats} interleaved runs (IQR in brackets); "
+             "x ReLU time: median of the per-round ratios.", "",
              "| activation | workload | mode | sites | ms | x ReLU time | saved MB | x ReLU memory |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -160,6 +175,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--iieu-eta", type=float, default=None,
+                        help="set every IIEU-B threshold eta to this value (10: every response below it, the "
+                             "kernels' worst case; default: the initial 0.05)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
     acts = [a.strip() for a in args.acts.split(",") if a.strip()]
@@ -171,11 +189,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     device = torch.device(args.device)
-    rows = run(acts, args.repeats, args.warmup, device, workloads)
+    rows = run(acts, args.repeats, args.warmup, device, workloads, args.iieu_eta)
     print(markdown(rows, args.repeats, device))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "repeats": args.repeats,
+            json.dump({"environment": environment(device), "repeats": args.repeats, "iieu_eta": args.iieu_eta,
                        "rows": [asdict(r) for r in rows]}, f, indent=1)
     return rows
 

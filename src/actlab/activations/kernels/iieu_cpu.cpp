@@ -9,6 +9,7 @@
 // (actlab/activations/iieu.py, _backward_kernel) is the reference these are tested against.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -224,9 +225,69 @@ std::vector<at::Tensor> rows_backward(const at::Tensor& go, const at::Tensor& x,
   return {gx, giv, sums[1].sum(0), sums[0].contiguous(), sums[2].sum(0)};
 }
 
+// ---------------------------------------------------------------- patch norms of rows (linear sites)
+// invX of a token is 1 / (||x_pre row|| + eps), or 0 where ||row|| < silent_norm (silent_norm < 0: never).
+// Same float32 operations as inverse_patch_norm / _inverse_patch_norm_grad in iieu.py; only the order of
+// the sum of squares differs.
+
+inline float row_sumsq(const float* row, int64_t K) {
+  Vec acc(0.f);
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) {
+    Vec v = Vec::loadu(row + k);
+    acc = acc + v * v;
+  }
+  if (k < K) {
+    Vec v = Vec::loadu(row + k, K - k);  // zero-filled lanes add 0
+    acc = acc + v * v;
+  }
+  return vsum(acc);
+}
+
+// returns inv (R), sumsq (R)
+std::vector<at::Tensor> rows_inv_norm(const at::Tensor& x_pre, double eps, double silent_norm) {
+  check(x_pre, "x_pre", 2);
+  const int64_t R = x_pre.size(0), K = x_pre.size(1);
+  auto inv = at::empty({R}, x_pre.options());
+  auto sumsq = at::empty({R}, x_pre.options());
+  const float* X = x_pre.data_ptr<float>();
+  float *IV = inv.data_ptr<float>(), *SS = sumsq.data_ptr<float>();
+  const float e = static_cast<float>(eps), silent = static_cast<float>(silent_norm);
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float ss = row_sumsq(X + r * K, K), norm = std::sqrt(ss);
+      SS[r] = ss;
+      IV[r] = (silent_norm >= 0 && norm < silent) ? 0.f : 1.f / (norm + e);
+    }
+  });
+  return {inv, sumsq};
+}
+
+// grad_x_pre (R, K) from grad_inv (R): d inv / d sumsq = -inv^2 / (2 norm), 0 at norm 0 and silenced rows
+at::Tensor rows_inv_norm_backward(const at::Tensor& x_pre, const at::Tensor& sumsq, const at::Tensor& grad_inv,
+                                  double eps, double silent_norm) {
+  check(x_pre, "x_pre", 2); check(sumsq, "sumsq", 1); check(grad_inv, "grad_inv", 1);
+  const int64_t R = x_pre.size(0), K = x_pre.size(1);
+  auto grad = at::empty_like(x_pre);
+  const float *X = x_pre.data_ptr<float>(), *SS = sumsq.data_ptr<float>(), *GI = grad_inv.data_ptr<float>();
+  float* G = grad.data_ptr<float>();
+  const float e = static_cast<float>(eps), silent = static_cast<float>(silent_norm);
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float norm = std::sqrt(SS[r]), inv = 1.f / (norm + e);
+      const bool live = norm > 0 && !(silent_norm >= 0 && norm < silent);
+      const float g_sumsq = live ? -GI[r] * (inv * inv) / (2 * norm) : 0.f;
+      at::vec::map([g2 = Vec(2 * g_sumsq)](Vec x) { return x * g2; }, G + r * K, X + r * K, K);
+    }
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(actlab_iieu, m) {
+  m.def("rows_inv_norm", rows_inv_norm);
+  m.def("rows_inv_norm_backward", rows_inv_norm_backward);
   m.def("planes_forward", planes_forward);
   m.def("planes_backward", planes_backward);
   m.def("rows_forward", rows_forward);
