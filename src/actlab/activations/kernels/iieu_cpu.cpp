@@ -36,7 +36,7 @@ inline bool any_lane(const Vec& mask) {
 }
 
 // exp is the costly part; lanes at or above eta never use it, so a vector with none below skips it
-// (same values bit for bit: the blends below would pick the other operand in every lane).
+// (with the expressions the blends below would pick in every lane).
 inline Grad grad_at(const Vec& x, const Vec& g, const Vec& a, const Vec& n, const Vec& e) {
   const Vec zero(0.f);
   Vec rho = x * a + n;
