@@ -438,13 +438,25 @@ def _backward_part(index: int, *args):
     return _run_compiled(part, lambda: _compiled_fn(part)(*args), args)
 
 
-def _term_b_input_grad(grad_nu, nu, gap, weight, eps):
-    """dL/d GAP(x_t) (B, C) from dL/d nu, for nu = sigmoid(LayerNorm(gap) * weight + bias)."""
-    mean = gap.mean(1, keepdim=True)
-    rstd = torch.rsqrt(gap.var(1, unbiased=False, keepdim=True) + eps)
-    xhat = (gap - mean) * rstd
-    dxhat = grad_nu * nu * (1 - nu) * weight
-    return rstd * (dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True))
+@dataclass(frozen=True)
+class TermB:
+    """What term-B's forward, nu = sigmoid(LayerNorm(gap) * weight + bias), leaves for the gradient
+    through gap: the input and the LayerNorm's statistics (B, 1) and weight."""
+
+    gap: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: torch.Tensor
+
+    def tensors(self) -> tuple:
+        return self.gap, self.mean, self.rstd, self.weight
+
+    @staticmethod
+    def input_grad(grad_nu, nu, gap, mean, rstd, weight):
+        """dL/d gap (B, C) from dL/d nu: sigmoid's and LayerNorm's own backward kernels."""
+        grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
+        return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, None,
+                                                         [True, False, False])[0]
 
 
 def iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
@@ -564,17 +576,17 @@ class IIEUFunction(torch.autograd.Function):
             out = _forward(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
         keep_norms = sumsq.numel() * 16 <= x_t.numel()  # else recomputed in backward (depthwise convs)
         kept_x_t = None if replay is not None else x_t
-        # term_b = (gap, ln_weight, ln_eps): nu was computed from a detached GAP(x_t); backward adds that
-        # path's gradient to grad x_t itself, fused in the grad_x kernel (saves a full-size autograd add)
-        gap, ln_weight, ln_eps = term_b if term_b is not None else (None, None, None)
+        # term_b (a TermB): nu was computed from a detached GAP(x_t); backward adds that path's gradient
+        # to grad x_t itself, after the kernel (saves a full-size autograd add)
+        term_b_tensors = term_b.tensors() if term_b is not None else (None,) * 4
         norms = (inv_x, sumsq) if keep_norms else (None, None)
-        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, gap, ln_weight, *replay_tensors)
-        ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.ln_eps = patches, eps, silence, replay, ln_eps
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
+        ctx.patches, ctx.eps, ctx.silence, ctx.replay = patches, eps, silence, replay
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, ln_weight, *replay_tensors = ctx.saved_tensors
+        x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
         patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
         if x_t is None:
             with torch.no_grad():
@@ -588,8 +600,8 @@ class IIEUFunction(torch.autograd.Function):
                 if gap is None:
                     return None
                 positions = grad_out.numel() // nu.numel()
-                return _term_b_input_grad(grad_nv.reshape(nu.shape), nu.to(ct), gap.to(ct), ln_weight.to(ct),
-                                          ctx.ln_eps) / positions
+                grad_gap = TermB.input_grad(grad_nv.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype))
+                return grad_gap / positions
 
             args = (patches, grad_out, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct), term_b_grad)
             native = _native_ops(x_t) if grad_out.dtype == x_t.dtype else None
@@ -736,8 +748,14 @@ class IIEUB(ActivationModule):
             return self._term_b_from_gap(self._patches.gap(x_t))
 
     def _term_b_from_gap(self, gap: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.layer_norm(gap, (self.channels,), self.norm.weight.to(gap.dtype),
-                                          self.norm.bias.to(gap.dtype), self.norm.eps))
+        return self._term_b_with_stats(gap)[0]
+
+    def _term_b_with_stats(self, gap: torch.Tensor) -> tuple[torch.Tensor, TermB]:
+        """nu from GAP (B, C) in gap's dtype, and what its gradient through gap needs."""
+        weight = self.norm.weight.to(gap.dtype)
+        z, mean, rstd = torch.native_layer_norm(gap, (self.channels,), weight, self.norm.bias.to(gap.dtype),
+                                                self.norm.eps)  # = F.layer_norm, which runs this kernel
+        return torch.sigmoid(z), TermB(gap, mean.detach(), rstd.detach(), self.norm.weight)
 
     def forward(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
         if x_pre is None:
@@ -757,10 +775,9 @@ class IIEUB(ActivationModule):
         if _custom_backward_wanted():
             # term-B from a detached GAP: the autograd function adds that path's gradient itself
             with _autocast_off(x_t.device.type):
-                gap = self._patches.gap(x_t.detach())
-                nu = self._term_b_from_gap(gap)
+                nu, term_b = self._term_b_with_stats(self._patches.gap(x_t.detach()))
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
-                                      replay_tensors, (gap, self.norm.weight, self.norm.eps))
+                                      replay_tensors, term_b)
         return iieu_b_plain(x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
 
     @torch.no_grad()
