@@ -430,25 +430,24 @@ def test_native_kernels_on_whole_vectors_above_below_and_mixed(layout):
         x = torch.randn(2 * positions, channels).abs() * pattern[:channels]
         x[::3] *= pattern[16:16 + channels]  # some rows mixed within each vector
         inv, nu = torch.rand(2 * positions) + 0.5, torch.zeros(2, channels)
-        views = (x, inv.view(-1, 1), torch.ones(channels), nu.repeat_interleave(positions, 0), None)
+        iv, wv, nv = inv.view(-1, 1), torch.ones(channels), nu.repeat_interleave(positions, 0)
         dims = ((1,), (0,), ())  # grad_nu per row, summed per sample below
     else:  # (B, C, P) with one group: along P, the pattern's runs
         x = torch.randn(2, channels, positions).abs() * pattern[:positions]
         inv, nu = torch.rand(2, 1, positions) + 0.5, torch.zeros(2, channels)
-        views = (x, inv, torch.ones(channels).view(1, -1, 1), nu.unsqueeze(-1), None)
+        iv, wv, nv = inv, torch.ones(channels).view(1, -1, 1), nu.unsqueeze(-1)
         dims = ((1,), (0, 2), (2,))
     eta = torch.full((channels,), 0.05)
-    ev = eta.view(1, -1) if layout == "rows" else eta.view(1, -1, 1)
-    xv, iv, wv, nv, _ = views
+    ev = eta.view(wv.shape)
     go = torch.randn_like(x)
     forward = ops.rows_forward if layout == "rows" else ops.planes_forward
     backward = ops.rows_backward if layout == "rows" else ops.planes_backward
-    below = (xv * wv * iv + nv < ev)
+    below = (x * wv * iv + nv < ev)
     assert below.any() and (~below).any()
     out = forward(x, inv, torch.ones(channels), nu, eta)
-    torch.testing.assert_close(out, iieu._forward_kernel(xv, iv, wv, nv, ev), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, iieu._forward_kernel(x, iv, wv, nv, ev), rtol=1e-6, atol=1e-7)
     grad_x, grad_inv, grad_w, grad_nu, grad_eta = backward(go, x, inv, torch.ones(channels), nu, eta, False)
-    want = iieu._backward_kernel(go, xv, iv, wv, nv, ev, torch.zeros(()), *dims)
+    want = iieu._backward_kernel(go, x, iv, wv, nv, ev, torch.zeros(()), *dims)
     torch.testing.assert_close(grad_x, want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_inv.view(-1), want[1].reshape(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_w, want[2].reshape(-1), rtol=1e-5, atol=1e-5)

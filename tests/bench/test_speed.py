@@ -27,7 +27,6 @@ def test_speed_report_accounts_memory_and_sites(tmp_path, capsys):
     assert len(saved["rows"]) == len(rows) and "torch" in saved["environment"]
 
 
-
 def test_time_ratio_is_the_median_of_per_round_ratios(monkeypatch):
     """Drift of the machine between rounds must cancel: each round's time is divided by ReLU's in that
     round. With these costs the per-round ratios are 2, 2, 1.2 (median 2); medians 10 and 12 would say 1.2."""
@@ -45,7 +44,7 @@ def test_time_ratio_is_the_median_of_per_round_ratios(monkeypatch):
         return step, 1
 
     monkeypatch.setattr(speed, "build", fake_build)
-    monkeypatch.setattr(speed, "saved_bytes", lambda fn: 1)  # (memory is not measured by calling the step)
+    monkeypatch.setattr(speed, "saved_bytes", lambda fn: 1)  # memory is not what this test is about
     rows = speed.run(["relu", "dpa"], repeats=3, warmup=1, device=torch.device("cpu"), workloads=("mlp",))
     dpa = next(r for r in rows if r.activation == "dpa" and r.mode == "train")
     assert dpa.ms_median == 12000.0 and dpa.time_vs_relu == 2.0
