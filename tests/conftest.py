@@ -3,6 +3,6 @@ import os
 
 # IIEU-B's compiled kernels take seconds to compile per input shape; the suite tests the eager kernels
 # everywhere and the compiled ones against them in test_iieu.py::test_compiled_kernels_match_eager.
-os.environ.setdefault("ACTLAB_IIEU_KERNELS", "eager")
+
 # DPA likewise: the suite runs its PyTorch ops; test_dpa.py compares the native kernel against them.
-os.environ.setdefault("ACTLAB_DPA_KERNELS", "eager")
+

@@ -13,7 +13,6 @@ global batch (rank-major), so memories stay identical across ranks.
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -22,37 +21,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .base import ActivationModule
+from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
+from .kernels.composite import pack_bits, unpack_bits
 from .layout import global_pool
 from .registry import ActivationSpec, register
-
-
-# A bool tensor is one byte (0 or 1) per flag. Viewing 8 of them as one int64 word w, the product
-# w * 0x0102040810204080 collects byte t's flag into bit 56 + t without carries, so (w * M) >> 56 is the
-# packed byte. Unpacking looks each byte up in a 256-entry table of 8-flag words.
-_GATHER = 0x0102040810204080
-_UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _unpack_table(device: torch.device) -> torch.Tensor:
-    if device not in _UNPACK_TABLES:
-        flags = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # (256, 8): flag t of byte p
-        _UNPACK_TABLES[device] = flags.to(torch.uint8).contiguous().view(torch.int64).view(256).to(device)
-    return _UNPACK_TABLES[device]
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8 tensor of ceil(n / 8) bytes (8 flags per byte, flag t in bit t)."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad or flat.storage_offset() % 8:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.int64)
-    return ((words * _GATHER) >> 56).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    words = _unpack_table(packed.device)[packed.long()]
-    return words.view(torch.bool)[: shape.numel()].view(shape)
 
 
 def tau_grad(grad: torch.Tensor, out: torch.Tensor, ties: torch.Tensor, tau: float) -> torch.Tensor:
@@ -91,73 +63,6 @@ class _ThresholdUnit(torch.autograd.Function):
         return tau_grad(grad, out, packed, ctx.tau), None
 
 
-_KERNEL_MODES = ("auto", "native", "eager")
-_kernel_mode = os.environ.get("ACTLAB_DPA_KERNELS", "auto")
-
-
-def set_kernels(mode: str) -> None:
-    """How DPA's training forward runs on float32 CPU conv maps: ``"native"`` (actlab's C++ kernel: TAU,
-    the pooled response and the tie check in one pass, and a one-pass backward), ``"eager"`` (PyTorch
-    ops), or ``"auto"`` (default, also from ACTLAB_DPA_KERNELS: native when it can be built)."""
-    global _kernel_mode
-    if mode not in _KERNEL_MODES:
-        raise ValueError(f"DPA kernels must be one of {_KERNEL_MODES}, got {mode!r}")
-    _kernel_mode = mode
-
-
-def _native_ops(x: torch.Tensor, tau: float, batch: int, token_pool: str):
-    """The fused ops for this input, or None (other device, dtype, layout, or the mode says eager)."""
-    if _kernel_mode not in _KERNEL_MODES:
-        raise ValueError(f"ACTLAB_DPA_KERNELS must be one of {_KERNEL_MODES}, got {_kernel_mode!r}")
-    fused_layout = x.dim() == 4 or (x.dim() == 3 and token_pool == "mean")
-    if (_kernel_mode == "eager" or not fused_layout or x.device.type != "cpu" or x.dtype != torch.float32
-            or not x.is_contiguous() or x.shape[0] != batch or tau < 0 or not x.requires_grad
-            or not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        return None
-    from . import kernels
-
-    return kernels.ops_or_fallback(kernels.dpa_cpu(), _kernel_mode == "native", "DPA", "PyTorch ops")
-
-
-class _TauPool(torch.autograd.Function):
-    """TAU and the mean of its input over positions (B, C, H, W) or tokens (B, N, C) in one native pass:
-    returns out and v (B, C) float32. Gradients: TAU's (x >= tau passes) into x, plus v's mean spread
-    over the positions or tokens."""
-
-    @staticmethod
-    def forward(ctx, x, tau, ops):
-        if x.dim() == 4:
-            b, c, h, w = x.shape
-            out, v, ties = ops.tau_pool_forward(x.view(b, c, h * w), tau)
-        else:
-            out, v, ties = ops.tau_pool_tokens_forward(x, tau)
-        out = out.view(x.shape)
-        ctx.set_materialize_grads(False)
-        ctx.tau, ctx.ops = tau, ops
-        # exact ties x == tau are rare: only then is their bit mask kept (as _ThresholdUnit does)
-        ctx.save_for_backward(out, pack_bits(x == tau) if ties else None)
-        return out, v
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_v):
-        out, packed = ctx.saved_tensors
-        shape = out.shape
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        tokens = out.dim() == 3
-        flat = shape if tokens else torch.Size([shape[0], shape[1], shape[2] * shape[3]])
-        grad_out, out = grad_out.contiguous().view(flat), out.view(flat)
-        if packed is None:
-            gv = None if grad_v is None else grad_v.contiguous()
-            backward = ctx.ops.tau_pool_tokens_backward if tokens else ctx.ops.tau_pool_backward
-            return backward(grad_out, out, gv, ctx.tau).view(shape), None, None
-        grad_in = tau_grad(grad_out, out, packed, ctx.tau)
-        if grad_v is not None:
-            spread = grad_v / flat[1] if tokens else grad_v / flat[2]
-            grad_in = grad_in + (spread[:, None, :] if tokens else spread[:, :, None])
-        return grad_in.view(shape), None, None
-
-
 def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
     """TAU(x). Plain ops when no gradient is needed (identical values; exports as Relu for tau = 0)."""
     if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling() \
@@ -172,8 +77,8 @@ def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Te
                     alpha: float) -> torch.Tensor:
     """Apply ``memory[y_i] += alpha * (values_i - memory[y_i])`` for i in batch order, in place.
 
-    Vectorised by rounds: round j updates the j-th occurrence of every class at once, so each memory row
-    sees exactly the sequential sequence of operations.
+    Computed in closed form (``kernels.ops.closed_form_ema``): no loop over the batch and no host
+    synchronisation; equal to the sample-by-sample rule within float32 rounding.
 
     Args:
         memory: (K, C) float tensor, updated in place.
@@ -182,28 +87,8 @@ def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Te
     Returns:
         (B, C): row i is ``memory[labels[i]]`` right after sample i's own update.
     """
-    n = labels.numel()
-    after = torch.empty_like(values, dtype=memory.dtype)
-    if n == 0:
-        return after
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=memory.shape[0])
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(n, device=labels.device) - starts[labels[order]]
-    by_round = torch.argsort(rank, stable=True)
-    round_sizes = torch.bincount(rank).tolist()  # the only host sync: how many rounds, how large
-    values = values.to(memory.dtype)
-    pos = 0
-    for size in round_sizes:
-        rows = by_round[pos:pos + size]
-        pos += size
-        cls = labels[rows]
-        current = memory.index_select(0, cls)
-        updated = current + alpha * (values.index_select(0, rows) - current)
-        memory.index_copy_(0, cls, updated)
-        after.index_copy_(0, rows, updated)
-    return after
+    enabled = torch.ones((), dtype=torch.bool, device=memory.device)
+    return torch.ops.actlab.ema_update_(memory, labels, values.to(memory.dtype).contiguous(), alpha, enabled)
 
 
 _DPA_GROUP = None
@@ -279,12 +164,46 @@ class DPA(ActivationModule):
         super()._load_from_state_dict(*args, **kwargs)
         self._count_cache = None
 
-    def _advance_count(self) -> int:
+    def _advance_count(self) -> torch.Tensor:
+        """Advance ``count``; returns whether this forward is an update step, as a 0-dim bool tensor.
+        Eager mode keeps a host copy of ``count`` (no device sync per forward); traced graphs advance the
+        buffer on the device instead (no data-dependent Python value)."""
+        if torch.compiler.is_compiling():
+            self.count.copy_((self.count + 1) % self.interval)
+            return self.count == 0
         if self._count_cache is None:
             self._count_cache = int(self.count)
         self._count_cache = (self._count_cache + 1) % self.interval
         self.count.fill_(self._count_cache)
-        return self._count_cache
+        return torch.tensor(self._count_cache == 0, device=self.count.device)
+
+    def _fused_layout(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool] | None:
+        """x as the fused TAU/pool kernel's (B, C, P) maps or (B, N, C) tokens, without a copy, or None
+        (cls-token pooling, flat features, rows grouped k per sample, a layout that would need a copy)."""
+        if x.shape[0] != batch or self.tau < 0:
+            return None
+        if x.dim() == 4:
+            b, c, h, w = x.shape
+            if x.is_contiguous():
+                return x.view(b, c, h * w), False
+            if x.is_contiguous(memory_format=torch.channels_last):  # (B, H, W, C) in memory: tokens
+                return x.permute(0, 2, 3, 1).view(b, h * w, c), True
+            return None
+        if x.dim() == 3 and self.token_pool == "mean" and x.is_contiguous():
+            return x, True
+        return None
+
+    def _tau_pool(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """TAU(x) and the pooled response (B, C) float32, fused in one pass where the layout allows."""
+        fused = self._fused_layout(x, batch)
+        if fused is None:
+            return threshold_unit(x, self.tau), self.pool(x, batch)
+        flat, tokens = fused
+        out, v, _ = torch.ops.actlab.tau_pool(flat, self.tau, tokens)
+        if x.dim() == 4 and tokens:  # back from (B, H*W, C) to the channels_last map
+            b, c, h, w = x.shape
+            return out.view(b, h, w, c).permute(0, 3, 1, 2), v
+        return out.view(x.shape), v
 
     def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """Pooled response (B, C) in float32: spatial mean, class token or token mean, then the mean over
@@ -316,35 +235,35 @@ class DPA(ActivationModule):
                 f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
                 "`with actlab.targets(model, y): model(x)`, or call model.eval() for inference.")
         y = y.to(x.device)
-        fused = _native_ops(x, self.tau, y.shape[0], self.token_pool)
-        if fused is not None:
-            out, v = _TauPool.apply(x, self.tau, fused)
-        else:
-            v = self.pool(x, y.shape[0])
-        update = self._advance_count() == 0
+        out, v = self._tau_pool(x, y.shape[0])
+        update = self._advance_count()
+        eager = not torch.compiler.is_compiling()
         with torch.no_grad():
             v_now = v.detach()
-            if update:
-                labels, values, offset = _gather_global(y, v_now)
-                value_rows = sequential_ema_(self.value_memory, labels, values, self.alpha)
-                value_rows = value_rows[offset: offset + y.shape[0]]
-            else:
+            if eager and not bool(update):  # a host value in eager mode, no sync
                 value_rows = self.value_memory[y]
+            else:
+                labels, values, offset = _gather_global(y, v_now)
+                value_rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(),
+                                                          self.alpha, update)
+                value_rows = value_rows[offset: offset + y.shape[0]]
             mask = (value_rows < self.tau) & (v_now > self.tau) & (self.grad_memory[y] < 0)
-        if x.device.type == "cpu" and not bool(mask.any()):
+        if eager and x.device.type == "cpu" and not bool(mask.any()):
             # nothing masked: a constant 0 spares backward a full-size gradient through the pooling
             # (on GPUs the check would cost a device sync, so there the graph is kept)
             zero = v.new_zeros(())
             self._loss_terms = (zero, zero.long())
         else:
             self._loss_terms = ((v.square() * mask).sum(), mask.sum())
-        if fused is None:
-            out = threshold_unit(x, self.tau)
-        if update and out.requires_grad:
-            out.register_hook(self._grad_memory_hook(y))
+        if out.requires_grad and not (eager and not bool(update)):
+            out.register_hook(self._grad_memory_hook(y, update) if eager else self._traced_grad_hook(y, update))
         return out
 
-    def _grad_memory_hook(self, y: torch.Tensor):
+    def _pooled_sign(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
+        g = self.pool(grad, batch)
+        return torch.where(g > 0, 1.0, -1.0)
+
+    def _grad_memory_hook(self, y: torch.Tensor, update: torch.Tensor):
         done = []
 
         def hook(grad: torch.Tensor) -> None:
@@ -352,10 +271,19 @@ class DPA(ActivationModule):
                 return
             done.append(True)
             with torch.no_grad():
-                g = self.pool(grad, y.shape[0])
-                sign = torch.where(g > 0, 1.0, -1.0)
-                labels, values, _ = _gather_global(y, sign)
-                sequential_ema_(self.grad_memory, labels, values, self.alpha)
+                labels, values, _ = _gather_global(y, self._pooled_sign(grad, y.shape[0]))
+                torch.ops.actlab.ema_update_(self.grad_memory, labels, values, self.alpha, update)
+
+        return hook
+
+    def _traced_grad_hook(self, y: torch.Tensor, update: torch.Tensor):
+        """The hook as torch.compile traces it into the backward graph (update applied on the device)."""
+        memory, alpha = self.grad_memory, self.alpha
+
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                sign = self._pooled_sign(grad, y.shape[0])
+                torch.ops.actlab.ema_update_(memory, y, sign, alpha, update)
 
         return hook
 

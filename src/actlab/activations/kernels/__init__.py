@@ -1,83 +1,85 @@
-"""Native CPU kernels, built on first use with torch.utils.cpp_extension (a C++ compiler and ninja).
+"""actlab's kernel layer: every fused operation of IIEU-B and DPA, registered once with ``torch.library``.
 
-``iieu_cpu()`` returns the ``torch.ops.actlab_iieu`` namespace and ``dpa_cpu()`` the ``torch.ops.actlab_dpa``
-one (both built as one library), or ``None`` with the reason in ``build_error()`` when it cannot be built
-here (no compiler, unsupported platform). The build takes
-about half a minute once per machine and torch version; later processes load it from
-``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it).
+Each operation (``torch.ops.actlab.*``, defined in ``ops.py``) has three implementations behind one
+dispatch: actlab's C++ kernels for float32 CPU tensors (``native.py``), Triton kernels for CUDA tensors
+(``triton_kernels.py``), and the plain-PyTorch composite (``composite.py``) that is the reference and the
+fallback. Fake (meta) implementations and autograd formulas are registered with them, so
+``torch.compile`` traces through the operations without a graph break.
+
+``set_kernels(mode)`` chooses for both methods at once (also the environment variable
+``ACTLAB_KERNELS``):
+
+* ``"auto"`` (default): C++ on CPU, Triton on CUDA, each falling back to the composite with one warning
+  when it cannot be built or imported here.
+* ``"native"``: the same, but a missing build raises instead of falling back.
+* ``"eager"``: the composite everywhere.
+* ``"triton"``: Triton on every device, for testing the Triton kernels on CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
-import logging
 import os
-import sys
-import threading
 import warnings
 
-import torch
-
-_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("iieu_cpu.cpp", "dpa_cpu.cpp")]
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def _cflags() -> list[str]:
-    flags = ["-O3", "-fopenmp"]
-    # at::vec picks its AVX2 implementation from this macro; the matching -m flags are only safe where
-    # torch itself found AVX2 (wrong flags crash with an illegal instruction instead of raising)
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return flags
-
-
-def _loaded() -> bool:
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"], _state["error"] = _build()
-        return bool(_state["ok"])
-
-
-def iieu_cpu():
-    """The IIEU-B CPU ops (``planes_forward/backward``, ``rows_forward/backward``), or None."""
-    return torch.ops.actlab_iieu if _loaded() else None
-
-
-def dpa_cpu():
-    """DPA's fused conv-site ops (``tau_pool_forward/backward``), or None."""
-    return torch.ops.actlab_dpa if _loaded() else None
-
-
-def build_error() -> str | None:
-    return _state.get("error")
-
-
+MODES = ("auto", "native", "eager", "triton")
+_mode = os.environ.get("ACTLAB_KERNELS", "auto")
 _warned: set[str] = set()
 
 
-def ops_or_fallback(ops, strict: bool, what: str, fallback: str):
-    """``ops`` when the library was built; otherwise raise (``strict``: the user asked for native) or
-    warn once per ``what`` that it runs on ``fallback`` instead, and return None."""
-    if ops is None:
-        if strict:
-            raise RuntimeError(f"{what} native kernels could not be built: {build_error()}")
-        if what not in _warned:
-            _warned.add(what)
-            warnings.warn(f"{what}: native CPU kernels unavailable ({build_error()}); using {fallback}.",
-                          RuntimeWarning)
-    return ops
+def set_kernels(mode: str) -> None:
+    """Choose the implementation of the fused operations: "auto", "native", "eager" or "triton"."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
+    _mode = mode
 
 
-def _build():
-    # torch logs a CUDA_HOME warning on CPU-only machines on import; it does not concern a CPU kernel
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
+def kernel_mode() -> str:
+    """The current mode; an invalid ACTLAB_KERNELS value is reported here, where it is first used."""
+    if _mode not in MODES:
+        raise ValueError(f"ACTLAB_KERNELS must be one of {MODES}, got {_mode!r}")
+    return _mode
 
-        name = "actlab_cpu_kernels"
-        built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
-        if not built:
-            print("actlab: building the IIEU-B and DPA CPU kernels (once per machine, about 30 s)...", file=sys.stderr)
-        cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_cflags(), is_python_module=False)
-        return True, None
-    except Exception as exc:  # noqa: BLE001 - any build failure means "use the other kernels"
-        return False, f"{type(exc).__name__}: {exc}"
+
+def _unavailable(what: str, reason: str | None):
+    if kernel_mode() == "native":
+        raise RuntimeError(f"actlab {what} kernels are not available here: {reason}")
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"actlab: {what} kernels unavailable ({reason}); using the PyTorch composite instead. "
+                      "Choose explicitly with actlab.activations.kernels.set_kernels().", RuntimeWarning)
+
+
+def backend(x, cpu_native: bool = True):
+    """The module implementing the operations for tensor ``x``: ``native``, ``triton_kernels`` or
+    ``composite``. ``cpu_native``: the C++ kernel applies to this call (float32, a layout it handles)."""
+    from . import composite, native
+
+    mode = kernel_mode()
+    if mode == "eager" or x.dtype == composite.torch.float64:
+        return composite
+    if mode == "triton" or x.device.type == "cuda":
+        triton_kernels, reason = _triton()
+        if triton_kernels is not None:
+            return triton_kernels
+        _unavailable("Triton", reason)
+        return composite
+    if x.device.type == "cpu" and cpu_native and x.dtype == composite.torch.float32:
+        if native.available():
+            return native
+        _unavailable("C++ CPU", native.build_error())
+    return composite
+
+
+_TRITON: dict[str, object] = {}
+
+
+def _triton():
+    if "module" not in _TRITON:
+        try:
+            from . import triton_kernels
+
+            _TRITON["module"], _TRITON["reason"] = triton_kernels, None
+        except Exception as exc:  # noqa: BLE001 - no triton, or one that does not load on this platform
+            _TRITON["module"], _TRITON["reason"] = None, f"{type(exc).__name__}: {exc}"
+    return _TRITON["module"], _TRITON["reason"]

@@ -1,0 +1,149 @@
+"""The reference implementation of every fused operation, in plain PyTorch ops.
+
+These are what ``set_kernels("eager")`` runs, what the C++ and Triton kernels are tested against, and
+what any device without a fused kernel falls back to. Layouts (all tensors contiguous):
+
+* IIEU-B ``planes``: x (B, C, P) with P positions; inv (B, G, P) for G channel groups; nu (B, C).
+* IIEU-B ``rows``: x (R, C) with R = S * T rows (S samples of T tokens); inv (R,); nu (S, C).
+* inv_w and eta: (C,). Everything but x is float32 (float64 for float64 x); the math runs in that
+  compute dtype and the map outputs are returned in x's dtype.
+* DPA maps: x (B, C, P), pooled over P; DPA tokens: x (B, N, C), pooled over N. v is (B, C) in the
+  compute dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+# A bool tensor is one byte (0 or 1) per flag. Viewing 8 of them as one int64 word w, the product
+# w * 0x0102040810204080 collects byte t's flag into bit 56 + t without carries, so (w * M) >> 56 is the
+# packed byte. Unpacking looks each byte up in a 256-entry table of 8-flag words.
+_GATHER = 0x0102040810204080
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def packed_size(numel: int) -> int:
+    """Bytes of a bit mask of ``numel`` flags."""
+    return (numel + 7) // 8
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 tensor of ceil(n / 8) bytes (8 flags per byte, flag t in bit t)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad or flat.storage_offset() % 8:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(torch.int64)
+    return ((words * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool tensor of ``shape`` that ``pack_bits`` packed."""
+    bit = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    flags = (packed[:, None] >> bit) & 1
+    return flags.reshape(-1)[: shape.numel()].view(shape).bool()
+
+
+def _iieu_views(x, inv, inv_w, nu, eta):
+    """Broadcastable views of the per-position, per-channel and per-sample inputs against x."""
+    if x.dim() == 3:  # planes (B, C, P) -> (B, G, C/G, P)
+        b, c, p = x.shape
+        g = inv.shape[1]
+        return (x.view(b, g, c // g, p), inv.unsqueeze(2), inv_w.view(1, g, -1, 1), nu.view(b, g, -1, 1),
+                eta.view(1, g, -1, 1))
+    r, c = x.shape  # rows (R, C) -> (S, T, C)
+    s = nu.shape[0]
+    return x.view(s, r // s, c), inv.view(s, r // s, 1), inv_w, nu.view(s, 1, c), eta
+
+
+def iieu_forward(x, inv, inv_w, nu, eta):
+    """out = s(rho) * x with rho = x * inv_w * inv + nu, s(r) = r above eta, eta * exp(r - eta) below."""
+    ct = compute_dtype(x)
+    xv, iv, wv, nv, ev = _iieu_views(x.to(ct), inv, inv_w, nu, eta)
+    rho = xv * (wv * iv) + nv
+    scale = torch.where(rho >= ev, rho, ev * torch.exp(torch.clamp(rho - ev, max=0.0)))
+    return (scale * xv).to(x.dtype).view(x.shape)
+
+
+def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
+    """Gradients of ``iieu_forward`` w.r.t. x, inv, inv_w, nu and eta, each shaped like its input.
+
+    d out/d x = s + x * s'(rho) * inv_w * inv;  s' = 1 above eta, eta * exp(rho - eta) below;
+    d s/d eta = (1 - eta) * exp(rho - eta) below eta, 0 above.
+    """
+    ct = compute_dtype(x)
+    xv, iv, wv, nv, ev = _iieu_views(x.to(ct), inv, inv_w, nu, eta)
+    gv = grad_out.to(ct).view(xv.shape)
+    a = wv * iv
+    rho = xv * a + nv
+    below = rho < ev
+    expo = torch.exp(torch.clamp(rho - ev, max=0.0))
+    s_low = expo * ev
+    scale = torch.where(below, s_low, rho)
+    g_scale = gv * xv
+    g_rho = torch.where(below, g_scale * s_low, g_scale)
+    grad_x = (gv * scale + g_rho * a).to(x.dtype).view(x.shape)
+    g_rx = g_rho * xv
+    grad_eta_low = torch.where(below, g_scale * expo, torch.zeros_like(expo))
+    if x.dim() == 3:
+        grad_inv = (g_rx * wv).sum(2)
+        grad_w = (g_rx * iv).sum((0, 3)).view(-1)
+        grad_nu = g_rho.sum(3).view(nu.shape)
+        grad_eta = grad_eta_low.sum((0, 3)).view(-1)
+    else:
+        grad_inv = (g_rx * wv).sum(2).view(inv.shape)
+        grad_w = (g_rx * iv).sum((0, 1))
+        grad_nu = g_rho.sum(1)
+        grad_eta = grad_eta_low.sum((0, 1))
+    return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
+
+
+def rows_inv_norm(x, eps: float, silent: float):
+    """x (R, K) -> inv (R,) = 1 / (||x_r|| + eps), 0 where ||x_r|| < silent (silent < 0: never), and the
+    squared norms (R,), both in the compute dtype."""
+    sumsq = x.to(compute_dtype(x)).square().sum(1)
+    norm = sumsq.sqrt()
+    inv = 1.0 / (norm + eps)
+    if silent >= 0:
+        inv = torch.where(norm < silent, torch.zeros_like(inv), inv)
+    return inv, sumsq
+
+
+def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
+    """dL/d sumsq from dL/d inv; 0 at a zero norm (the subgradient torch.linalg.norm takes) and where
+    the norm is silenced."""
+    norm = sumsq.sqrt()
+    inv = 1.0 / (norm + eps)
+    live = norm > 0
+    if silent >= 0:
+        live = live & (norm >= silent)
+    safe = torch.where(live, norm, torch.ones_like(norm))
+    return torch.where(live, -grad_inv * inv.square() / (2 * safe), torch.zeros_like(norm))
+
+
+def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
+    """dL/d x (x's dtype) of ``rows_inv_norm`` from dL/d inv."""
+    grad_sumsq = inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
+    return (2 * x.to(sumsq.dtype) * grad_sumsq[:, None]).to(x.dtype)
+
+
+def tau_pool(x, tau: float, tokens: bool):
+    """TAU (x if x >= tau else 0), the mean (compute dtype) of x over positions (maps) or tokens, and the
+    bit-packed exact ties x == tau (where the gradient passes although the output cannot tell)."""
+    out = torch.where(x >= tau, x, torch.zeros_like(x))
+    ct = compute_dtype(x)
+    v = x.mean(1, dtype=ct) if tokens else x.mean(2, dtype=ct)
+    return out, v, pack_bits(x == tau)
+
+
+def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
+    """dL/d x of ``tau_pool``: grad_out where x >= tau (out > tau, or a tie), plus grad_v's mean spread."""
+    passes = (out > tau) | unpack_bits(ties, out.shape)
+    grad = torch.where(passes, grad_out, torch.zeros_like(grad_out))
+    if grad_v is None:
+        return grad
+    if tokens:
+        return grad + (grad_v / out.shape[1]).unsqueeze(1).to(grad.dtype)
+    return grad + (grad_v / out.shape[2]).unsqueeze(2).to(grad.dtype)

@@ -1,0 +1,103 @@
+"""actlab's C++ CPU kernels, built on first use with torch.utils.cpp_extension (a C++ compiler and ninja).
+
+The functions below take and return what their namesakes in ``composite.py`` do (float32 CPU tensors,
+contiguous). ``available()`` builds the library once (about half a minute per machine and torch version;
+later processes load it from ``~/.cache/torch_extensions``, which ``TORCH_EXTENSIONS_DIR`` moves) and
+says whether it could; ``build_error()`` says why not (no compiler, unsupported platform).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+import torch
+
+_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("iieu_cpu.cpp", "dpa_cpu.cpp")]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cflags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]
+    # at::vec picks its AVX2 implementation from this macro; the matching -m flags are only safe where
+    # torch itself found AVX2 (wrong flags crash with an illegal instruction instead of raising)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
+
+
+def _loaded() -> bool:
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"], _state["error"] = _build()
+        return bool(_state["ok"])
+
+
+def available() -> bool:
+    """Whether the C++ library is built and loaded (building it on the first call)."""
+    return _loaded()
+
+
+def build_error() -> str | None:
+    return _state.get("error")
+
+
+def iieu_forward(x, inv, inv_w, nu, eta):
+    ops = torch.ops.actlab_iieu
+    forward = ops.planes_forward if x.dim() == 3 else ops.rows_forward
+    return forward(x, inv, inv_w, nu, eta)
+
+
+def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False):
+    """As composite.iieu_backward; ``grad_into_x``: x is the caller's temporary, overwritten by grad_x."""
+    ops = torch.ops.actlab_iieu
+    backward = ops.planes_backward if x.dim() == 3 else ops.rows_backward
+    grad_x, grad_inv, grad_w, grad_nu, grad_eta = backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
+    return grad_x, grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta)
+
+
+def rows_inv_norm(x, eps: float, silent: float):
+    inv, sumsq = torch.ops.actlab_iieu.rows_inv_norm(x, eps, silent)
+    return inv, sumsq
+
+
+def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
+    return torch.ops.actlab_iieu.rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
+
+
+def tau_pool(x, tau: float, tokens: bool):
+    """As composite.tau_pool; the C++ pass counts the ties, and only when there are any is their mask
+    built (an all-zero mask otherwise)."""
+    from .composite import pack_bits, packed_size
+
+    ops = torch.ops.actlab_dpa
+    out, v, ties = (ops.tau_pool_tokens_forward if tokens else ops.tau_pool_forward)(x, tau)
+    mask = pack_bits(x == tau) if ties else x.new_zeros(packed_size(x.numel()), dtype=torch.uint8)
+    return out, v, mask
+
+
+def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
+    from . import composite
+
+    if bool(ties.any()):  # the C++ pass handles maps without ties; exact ties are rare
+        return composite.tau_pool_backward(grad_out, out, ties, grad_v, tau, tokens)
+    ops = torch.ops.actlab_dpa
+    return (ops.tau_pool_tokens_backward if tokens else ops.tau_pool_backward)(grad_out, out, grad_v, tau)
+
+
+def _build():
+    # torch logs a CUDA_HOME warning on CPU-only machines on import; it does not concern a CPU kernel
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        name = "actlab_cpu_kernels"
+        built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
+        if not built:
+            print("actlab: building the IIEU-B and DPA CPU kernels (once per machine, about 30 s)...", file=sys.stderr)
+        cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_cflags(), is_python_module=False)
+        return True, None
+    except Exception as exc:  # noqa: BLE001 - any build failure means "use the other kernels"
+        return False, f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,224 @@
+"""The fused operations as ``torch.library`` custom ops: one dispatch, fake kernels, autograd formulas.
+
+Shapes are those of ``composite.py`` (IIEU-B planes (B, C, P) / rows (R, C); DPA maps (B, C, P) /
+tokens (B, N, C)); every tensor argument must be contiguous. ``ema_update_`` is the sync-free closed
+form of DPA's sequential memory rule.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backend, composite
+
+
+def _tau_native(x: Tensor, tau: float) -> bool:
+    return tau >= 0  # the C++ TAU kernels assume tau >= 0
+
+
+# --- IIEU-B elementwise forward / backward -------------------------------------------------------------
+
+@torch.library.custom_op("actlab::iieu_forward", mutates_args=())
+def iieu_forward(x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor, eta: Tensor) -> Tensor:
+    """out = s(x * inv_w * inv + nu) * x, x's dtype; s(r) = r above eta, eta * exp(r - eta) below."""
+    return backend(x).iieu_forward(x, inv, inv_w, nu, eta)
+
+
+@iieu_forward.register_fake
+def _(x, inv, inv_w, nu, eta):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("actlab::iieu_backward", mutates_args=())
+def iieu_backward(grad_out: Tensor, x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor,
+                  eta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``iieu_forward`` w.r.t. (x, inv, inv_w, nu, eta), each shaped like its input."""
+    return tuple(backend(x, cpu_native=grad_out.dtype == x.dtype).iieu_backward(grad_out, x, inv, inv_w, nu, eta))
+
+
+@iieu_backward.register_fake
+def _(grad_out, x, inv, inv_w, nu, eta):
+    return (torch.empty_like(x), torch.empty_like(inv), torch.empty_like(inv_w), torch.empty_like(nu),
+            torch.empty_like(eta))
+
+
+def _iieu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _iieu_grad(ctx, grad_out):
+    grads = torch.ops.actlab.iieu_backward(grad_out.contiguous(), *ctx.saved_tensors)
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+iieu_forward.register_autograd(_iieu_grad, setup_context=_iieu_setup)
+
+
+# --- inverse row norms of a Linear site's input -------------------------------------------------------
+
+@torch.library.custom_op("actlab::rows_inv_norm", mutates_args=())
+def rows_inv_norm(x: Tensor, eps: float, silent: float) -> tuple[Tensor, Tensor]:
+    """x (R, K) -> (inv (R,), sumsq (R,)): 1 / (||x_r|| + eps), 0 below ``silent`` (< 0: never)."""
+    return tuple(backend(x).rows_inv_norm(x, eps, silent))
+
+
+@rows_inv_norm.register_fake
+def _(x, eps, silent):
+    dtype = composite.compute_dtype(x)
+    return x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape[0], dtype=dtype)
+
+
+@torch.library.custom_op("actlab::rows_inv_norm_backward", mutates_args=())
+def rows_inv_norm_backward(x: Tensor, sumsq: Tensor, grad_inv: Tensor, eps: float, silent: float) -> Tensor:
+    """dL/d x of ``rows_inv_norm`` from dL/d inv."""
+    return backend(x).rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
+
+
+@rows_inv_norm_backward.register_fake
+def _(x, sumsq, grad_inv, eps, silent):
+    return torch.empty_like(x)
+
+
+def _norm_setup(ctx, inputs, output):
+    x, ctx.eps, ctx.silent = inputs
+    ctx.save_for_backward(x, output[1])
+
+
+def _norm_grad(ctx, grad_inv, grad_sumsq):
+    x, sumsq = ctx.saved_tensors
+    if grad_inv is None:
+        grad_inv = torch.zeros_like(sumsq)
+    grad = torch.ops.actlab.rows_inv_norm_backward(x, sumsq, grad_inv.contiguous(), ctx.eps, ctx.silent)
+    if grad_sumsq is not None:  # sumsq is returned for backward; its own gradient is 2 x
+        grad = grad + (2 * x.to(sumsq.dtype) * grad_sumsq[:, None]).to(grad.dtype)
+    return grad, None, None
+
+
+rows_inv_norm.register_autograd(_norm_grad, setup_context=_norm_setup)
+
+
+@torch.library.custom_op("actlab::inv_norm", mutates_args=())
+def inv_norm(sumsq: Tensor, eps: float, silent: float) -> Tensor:
+    """1 / (sqrt(sumsq) + eps), 0 where sqrt(sumsq) < silent (< 0: never); elementwise, any shape. Its
+    gradient is 0 at a zero norm, where the plain ops' chain rule would give inf * 0 = NaN."""
+    norm = sumsq.sqrt()
+    inv = 1.0 / (norm + eps)
+    return torch.where(norm < silent, torch.zeros_like(inv), inv) if silent >= 0 else inv
+
+
+@inv_norm.register_fake
+def _(sumsq, eps, silent):
+    return torch.empty_like(sumsq)
+
+
+def _inv_norm_setup(ctx, inputs, output):
+    sumsq, ctx.eps, ctx.silent = inputs
+    ctx.save_for_backward(sumsq)
+
+
+def _inv_norm_grad(ctx, grad_inv):
+    (sumsq,) = ctx.saved_tensors
+    return composite.inv_norm_grad_sumsq(sumsq, grad_inv, ctx.eps, ctx.silent), None, None
+
+
+inv_norm.register_autograd(_inv_norm_grad, setup_context=_inv_norm_setup)
+
+
+# --- DPA: TAU and the pooled response in one pass ------------------------------------------------------
+
+@torch.library.custom_op("actlab::tau_pool", mutates_args=())
+def tau_pool(x: Tensor, tau: float, tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """TAU(x), the mean (float32; float64 for float64 x) over positions (x (B, C, P)) or tokens (x (B, N, C)), and the packed
+    ties x == tau (uint8, ceil(numel / 8))."""
+    return tuple(backend(x, cpu_native=_tau_native(x, tau)).tau_pool(x, tau, tokens))
+
+
+@tau_pool.register_fake
+def _(x, tau, tokens):
+    b, c = (x.shape[0], x.shape[2]) if tokens else x.shape[:2]
+    return (torch.empty_like(x), x.new_empty(b, c, dtype=composite.compute_dtype(x)),
+            x.new_empty(composite.packed_size(x.numel()), dtype=torch.uint8))
+
+
+@torch.library.custom_op("actlab::tau_pool_backward", mutates_args=())
+def tau_pool_backward(grad_out: Tensor, out: Tensor, ties: Tensor, grad_v: Tensor | None, tau: float,
+                      tokens: bool) -> Tensor:
+    """dL/d x of ``tau_pool``: grad_out where x >= tau, plus grad_v spread evenly over the pooled axis."""
+    native_ok = _tau_native(out, tau) and grad_out.dtype == out.dtype
+    return backend(out, cpu_native=native_ok).tau_pool_backward(grad_out, out, ties, grad_v, tau, tokens)
+
+
+@tau_pool_backward.register_fake
+def _(grad_out, out, ties, grad_v, tau, tokens):
+    return torch.empty_like(out)
+
+
+def _tau_setup(ctx, inputs, output):
+    _, ctx.tau, ctx.tokens = inputs
+    out, _, ties = output
+    ctx.save_for_backward(out, ties)
+
+
+def _tau_grad(ctx, grad_out, grad_v, grad_ties):
+    out, ties = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_v is not None:
+        grad_v = grad_v.contiguous()
+    grad = torch.ops.actlab.tau_pool_backward(grad_out.contiguous(), out, ties, grad_v, ctx.tau, ctx.tokens)
+    return grad, None, None
+
+
+tau_pool.register_autograd(_tau_grad, setup_context=_tau_setup)
+
+
+# --- DPA: the per-class exponential memory -------------------------------------------------------------
+
+@torch.library.custom_op("actlab::ema_update_", mutates_args=("memory",))
+def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, enabled: Tensor) -> Tensor:
+    """Where ``enabled`` (a 0-dim bool tensor), apply ``memory[y_i] += alpha * (values_i - memory[y_i])``
+    for i in batch order, in place. Returns (B, C): memory[y_i] right after sample i's own update (or
+    memory[y_i] unchanged when not enabled). No host synchronisation and no data-dependent loop."""
+    after, updated = closed_form_ema(memory, labels, values, alpha)
+    memory.copy_(torch.where(enabled, updated, memory))
+    return torch.where(enabled, after, memory.index_select(0, labels))
+
+
+@ema_update_.register_fake
+def _(memory, labels, values, alpha, enabled):
+    return memory.new_empty(labels.shape[0], memory.shape[1])
+
+
+def closed_form_ema(memory: Tensor, labels: Tensor, values: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """The sequential rule in closed form. With r_i the number of earlier samples of sample i's class
+    and d = 1 - alpha, the memory right after sample i is
+
+        after_i = d ** (r_i + 1) * M[y_i] + alpha * sum over earlier-or-same samples l of the class of
+                  d ** (r_i - r_l) * values_l,
+
+    computed in float64 (a (B, B) weight matrix). Each class's new row is the ``after`` of its last
+    sample; classes not in the batch keep theirs.
+
+    Shapes: memory (K, C); labels (B,) int64; values (B, C). Returns after (B, C) and the new memory (K, C),
+    both in memory's dtype.
+    """
+    n, k = labels.shape[0], memory.shape[0]
+    if n == 0:
+        return memory.new_empty(0, memory.shape[1]), memory.clone()
+    wide = torch.float64
+    same = labels[:, None] == labels[None, :]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril()
+    mine = same & earlier  # (i, l): l is sample i's class and not after it
+    rank = mine.sum(1) - 1
+    decay = torch.tensor(1.0 - alpha, dtype=wide, device=memory.device)
+    lag = (rank[:, None] - rank[None, :]).clamp_min(0)
+    weights = torch.where(mine, alpha * decay.pow(lag), torch.zeros((), dtype=wide, device=memory.device))
+    start = memory.index_select(0, labels).to(wide)
+    after = (weights @ values.to(wide) + decay.pow(rank + 1)[:, None] * start).to(memory.dtype)
+    classes = torch.arange(k, device=labels.device)
+    member = labels[None, :] == classes[:, None]  # (K, B)
+    counts = member.sum(1)
+    last = member & (rank[None, :] == counts[:, None] - 1)
+    last_sample = last.to(torch.uint8).argmax(1)  # any index where a class is absent: masked below
+    updated = torch.where((counts > 0)[:, None], after.index_select(0, last_sample), memory)
+    return after, updated

@@ -1,0 +1,331 @@
+"""Triton kernels of the fused operations (CUDA; on CPU tensors through Triton's interpreter).
+
+Each launcher takes and returns what its namesake in ``composite.py`` does, which is the reference it is
+tested against. Maps load in their own dtype (float32, bfloat16, float16), compute in float32 and store
+in the input's dtype. Reductions are deterministic: each program writes its partial sums to a buffer of
+its own, summed afterwards, so no atomics are used and two runs give the same bits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import composite
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
+    bc = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < P
+    c = bc % C
+    b = bc // C
+    g = c // CG
+    x = tl.load(X + bc * P + offs, mask=live, other=0.0).to(tl.float32)
+    inv = tl.load(INV + (b * G + g) * P + offs, mask=live, other=0.0)
+    w = tl.load(W + c)
+    n = tl.load(NU + bc)
+    e = tl.load(ETA + c)
+    rho = x * (w * inv) + n
+    scale = tl.where(rho >= e, rho, e * tl.exp(tl.minimum(rho - e, 0.0)))
+    tl.store(OUT + bc * P + offs, (scale * x).to(OUT.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, CG, G, P, NPB, SLAB, BLOCK: tl.constexpr):
+    """Program (b * G + g, position block): the group's channels one after the other; grad_inv summed
+    here over the group, per-channel sums written to PART (3, B * C, NPB)."""
+    bg = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1)
+    offs = pb * BLOCK + tl.arange(0, BLOCK)
+    live = offs < P
+    b = bg // G
+    g = bg % G
+    inv = tl.load(INV + bg * P + offs, mask=live, other=0.0)
+    acc_inv = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, CG):
+        c = g * CG + j
+        row = (b * C + c) * P
+        x = tl.load(X + row + offs, mask=live, other=0.0).to(tl.float32)
+        go = tl.load(GO + row + offs, mask=live, other=0.0).to(tl.float32)
+        w = tl.load(W + c)
+        n = tl.load(NU + b * C + c)
+        e = tl.load(ETA + c)
+        a = w * inv
+        rho = x * a + n
+        below = rho < e
+        expo = tl.exp(tl.minimum(rho - e, 0.0))
+        s_low = expo * e
+        scale = tl.where(below, s_low, rho)
+        g_scale = go * x
+        g_rho = tl.where(below, g_scale * s_low, g_scale)
+        tl.store(GX + row + offs, (go * scale + g_rho * a).to(GX.dtype.element_ty), mask=live)
+        g_rx = g_rho * x
+        acc_inv += g_rx * w
+        slot = (b * C + c) * NPB + pb
+        tl.store(PART + slot, tl.sum(g_rx * inv, axis=0))
+        tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=0))
+        tl.store(PART + 2 * SLAB + slot, tl.sum(tl.where(below, g_scale * expo, 0.0), axis=0))
+    tl.store(GINV + bg * P + offs, acc_inv, mask=live)
+
+
+@triton.jit
+def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (sample s, token block): rows s * T + t, all channels in chunks."""
+    s = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live_t = t < T
+    rows = s * T + t
+    inv = tl.load(INV + rows, mask=live_t, other=0.0)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        live = live_t[:, None] & live_c[None, :]
+        at = rows[:, None] * C + cc[None, :]
+        x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
+        w = tl.load(W + cc, mask=live_c, other=0.0)
+        n = tl.load(NU + s * C + cc, mask=live_c, other=0.0)
+        e = tl.load(ETA + cc, mask=live_c, other=0.0)
+        rho = x * (w[None, :] * inv[:, None]) + n[None, :]
+        scale = tl.where(rho >= e[None, :], rho, e[None, :] * tl.exp(tl.minimum(rho - e[None, :], 0.0)))
+        tl.store(OUT + at, (scale * x).to(OUT.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (sample s, token block tb): grad_inv of its rows summed here over all channels;
+    per-channel sums over its rows written to PART (3, S * NTB, C)."""
+    s = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    live_t = t < T
+    rows = s * T + t
+    inv = tl.load(INV + rows, mask=live_t, other=0.0)
+    acc_inv = tl.zeros([BLOCK_T], dtype=tl.float32)
+    part_row = (s * NTB + tb) * C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        live = live_t[:, None] & live_c[None, :]
+        at = rows[:, None] * C + cc[None, :]
+        x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
+        go = tl.load(GO + at, mask=live, other=0.0).to(tl.float32)
+        w = tl.load(W + cc, mask=live_c, other=0.0)[None, :]
+        n = tl.load(NU + s * C + cc, mask=live_c, other=0.0)[None, :]
+        e = tl.load(ETA + cc, mask=live_c, other=0.0)[None, :]
+        a = w * inv[:, None]
+        rho = x * a + n
+        below = rho < e
+        expo = tl.exp(tl.minimum(rho - e, 0.0))
+        s_low = expo * e
+        scale = tl.where(below, s_low, rho)
+        g_scale = go * x
+        g_rho = tl.where(below, g_scale * s_low, g_scale)
+        tl.store(GX + at, (go * scale + g_rho * a).to(GX.dtype.element_ty), mask=live)
+        g_rx = g_rho * x
+        acc_inv += tl.sum(g_rx * w, axis=1)
+        tl.store(PART + part_row + cc, tl.sum(g_rx * inv[:, None], axis=0), mask=live_c)
+        tl.store(PART + SLAB + part_row + cc, tl.sum(g_rho, axis=0), mask=live_c)
+        tl.store(PART + 2 * SLAB + part_row + cc, tl.sum(tl.where(below, g_scale * expo, 0.0), axis=0),
+                 mask=live_c)
+    tl.store(GINV + rows, acc_inv, mask=live_t)
+
+
+@triton.jit
+def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live_r = rows < R
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        live = live_r[:, None] & (kk < K)[None, :]
+        x = tl.load(X + rows[:, None] * K + kk[None, :], mask=live, other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    norm = tl.sqrt(acc)
+    inv = 1.0 / (norm + eps)
+    inv = tl.where((silent >= 0) & (norm < silent), 0.0, inv)
+    tl.store(INV + rows, inv, mask=live_r)
+    tl.store(SUMSQ + rows, acc, mask=live_r)
+
+
+@triton.jit
+def _rows_inv_norm_bwd(X, SUMSQ, GINV, GX, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live_r = rows < R
+    sumsq = tl.load(SUMSQ + rows, mask=live_r, other=0.0)
+    g_inv = tl.load(GINV + rows, mask=live_r, other=0.0)
+    norm = tl.sqrt(sumsq)
+    inv = 1.0 / (norm + eps)
+    live_norm = (norm > 0) & ~((silent >= 0) & (norm < silent))
+    safe = tl.where(live_norm, norm, 1.0)
+    g_sumsq = tl.where(live_norm, -g_inv * inv * inv / (2 * safe), 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        live = live_r[:, None] & (kk < K)[None, :]
+        at = rows[:, None] * K + kk[None, :]
+        x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
+        tl.store(GX + at, (2 * x * g_sumsq[:, None]).to(GX.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _tau_pool_maps(X, OUT, V, P, tau, BLOCK: tl.constexpr):
+    """Program per (b, c) plane: TAU over its P positions and their float32 mean."""
+    bc = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        live = offs < P
+        x = tl.load(X + bc * P + offs, mask=live, other=0.0)
+        tl.store(OUT + bc * P + offs, tl.where(x >= tau, x, 0.0).to(OUT.dtype.element_ty), mask=live)
+        acc += x.to(tl.float32)
+    tl.store(V + bc, tl.sum(acc, axis=0) / P)
+
+
+@triton.jit
+def _tau_pool_tokens(X, OUT, V, N, C, tau, BLOCK_C: tl.constexpr):
+    """Program (sample b, channel block): TAU over its N tokens and their float32 mean."""
+    b = tl.program_id(0).to(tl.int64)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = cc < C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n in range(0, N):
+        at = (b * N + n) * C + cc
+        x = tl.load(X + at, mask=live, other=0.0)
+        tl.store(OUT + at, tl.where(x >= tau, x, 0.0).to(OUT.dtype.element_ty), mask=live)
+        acc += x.to(tl.float32)
+    tl.store(V + b * C + cc, acc / N, mask=live)
+
+
+@triton.jit
+def _pack_ties(X, TIES, numel, tau, BLOCK_BYTES: tl.constexpr):
+    """Byte i holds the flags x == tau of elements 8i .. 8i + 7 (flag t in bit t)."""
+    byte = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    bit = tl.arange(0, 8)
+    at = byte[:, None] * 8 + bit[None, :]
+    live = at < numel
+    x = tl.load(X + at, mask=live, other=0.0)
+    flags = ((x == tau) & live).to(tl.int32) << bit[None, :]
+    tl.store(TIES + byte, tl.sum(flags, axis=1).to(tl.uint8), mask=byte * 8 < numel)
+
+
+@triton.jit
+def _tau_pool_bwd(GO, OUT, TIES, GV, GX, numel, P, N, C, tau, TOKENS: tl.constexpr, HAS_GV: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = at < numel
+    go = tl.load(GO + at, mask=live, other=0.0)
+    out = tl.load(OUT + at, mask=live, other=0.0)
+    tie = (tl.load(TIES + at // 8, mask=live, other=0).to(tl.int32) >> (at % 8).to(tl.int32)) & 1
+    grad = tl.where((out > tau) | (tie != 0), go, 0.0).to(tl.float32)
+    if HAS_GV:
+        if TOKENS:
+            spread = tl.load(GV + (at // (N * C)) * C + at % C, mask=live, other=0.0) / N
+        else:
+            spread = tl.load(GV + at // P, mask=live, other=0.0) / P
+        grad = grad + spread
+    tl.store(GX + at, grad.to(GX.dtype.element_ty), mask=live)
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def iieu_forward(x, inv, inv_w, nu, eta):
+    out = torch.empty_like(x)
+    if x.dim() == 3:
+        b, c, p = x.shape
+        g = inv.shape[1]
+        block = _pow2(p, 16, _BLOCK)
+        _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, nu, eta, out, c, c // g, g, p, BLOCK=block)
+    else:
+        r, c = x.shape
+        s = nu.shape[0]
+        t = r // s
+        block_c = _pow2(c, 16, 128)
+        block_t = _pow2(t, 1, max(1, 4096 // block_c))
+        _iieu_rows_fwd[(s, triton.cdiv(t, block_t))](x, inv, inv_w, nu, eta, out, c, t, BLOCK_T=block_t,
+                                                      BLOCK_C=block_c)
+    return out
+
+
+def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
+    grad_x = torch.empty_like(x)
+    grad_inv = torch.empty_like(inv)
+    if x.dim() == 3:
+        b, c, p = x.shape
+        g = inv.shape[1]
+        block = _pow2(p, 16, _BLOCK)
+        npb = triton.cdiv(p, block)
+        part = inv.new_empty(3, b * c, npb)
+        _iieu_planes_bwd[(b * g, npb)](grad_out, x, inv, inv_w, nu, eta, grad_x, grad_inv, part, c, c // g, g, p,
+                                       npb, b * c * npb, BLOCK=block)
+        part = part.view(3, b, c, npb)
+        grad_w, grad_nu, grad_eta = part[0].sum((0, 2)), part[1].sum(2), part[2].sum((0, 2))
+    else:
+        r, c = x.shape
+        s = nu.shape[0]
+        t = r // s
+        block_c = _pow2(c, 16, 128)
+        block_t = _pow2(t, 1, max(1, 4096 // block_c))
+        ntb = triton.cdiv(t, block_t)
+        part = inv.new_empty(3, s * ntb, c)
+        _iieu_rows_bwd[(s, ntb)](grad_out, x, inv, inv_w, nu, eta, grad_x, grad_inv, part, c, t, ntb, s * ntb * c,
+                                 BLOCK_T=block_t, BLOCK_C=block_c)
+        part = part.view(3, s, ntb, c)
+        grad_w, grad_nu, grad_eta = part[0].sum((0, 1)), part[1].sum(1), part[2].sum((0, 1))
+    return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
+
+
+def _norm_blocks(k: int) -> tuple[int, int]:
+    block_k = _pow2(k, 16, 256)
+    return max(1, 4096 // block_k), block_k
+
+
+def rows_inv_norm(x, eps: float, silent: float):
+    r, k = x.shape
+    inv = x.new_empty(r, dtype=torch.float32)
+    sumsq = torch.empty_like(inv)
+    block_r, block_k = _norm_blocks(k)
+    _rows_inv_norm[(triton.cdiv(r, block_r),)](x, inv, sumsq, r, k, eps, silent, BLOCK_R=block_r, BLOCK_K=block_k)
+    return inv, sumsq
+
+
+def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
+    r, k = x.shape
+    grad_x = torch.empty_like(x)
+    block_r, block_k = _norm_blocks(k)
+    _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x, sumsq, grad_inv, grad_x, r, k, eps, silent, BLOCK_R=block_r,
+                                                   BLOCK_K=block_k)
+    return grad_x
+
+
+def tau_pool(x, tau: float, tokens: bool):
+    out = torch.empty_like(x)
+    if tokens:
+        b, n, c = x.shape
+        v = x.new_empty(b, c, dtype=torch.float32)
+        block_c = _pow2(c, 16, 256)
+        _tau_pool_tokens[(b, triton.cdiv(c, block_c))](x, out, v, n, c, tau, BLOCK_C=block_c)
+    else:
+        b, c, p = x.shape
+        v = x.new_empty(b, c, dtype=torch.float32)
+        _tau_pool_maps[(b * c,)](x, out, v, p, tau, BLOCK=_pow2(p, 16, _BLOCK))
+    numel = x.numel()
+    ties = x.new_empty(composite.packed_size(numel), dtype=torch.uint8)
+    _pack_ties[(triton.cdiv(ties.numel(), 128),)](x, ties, numel, tau, BLOCK_BYTES=128)
+    return out, v, ties
+
+
+def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
+    grad_x = torch.empty_like(out)
+    numel = out.numel()
+    n, c = (out.shape[1], out.shape[2]) if tokens else (1, 1)
+    p = 1 if tokens else out.shape[2]
+    gv = grad_v if grad_v is not None else ties  # never read without HAS_GV
+    _tau_pool_bwd[(triton.cdiv(numel, _BLOCK),)](grad_out, out, ties, gv, grad_x, numel, p, n, c, tau, TOKENS=tokens,
+                                                 HAS_GV=grad_v is not None, BLOCK=_BLOCK)
+    return grad_x
