@@ -38,7 +38,7 @@ def train_steps(model: torch.nn.Module, steps: int, lam: float) -> list[tuple[fl
 def main() -> None:
     # Training uses IIEU-B's fused (compiled) kernels by default; compiling them takes up to a minute on a
     # small CPU the first time, which a one-minute tour should not spend.
-    actlab.activations.iieu.set_kernels("eager")
+    actlab.activations.kernels.set_kernels("eager")
     torch.manual_seed(0)
     example = torch.randn(2, 3, 32, 32)
     for name in ("relu", "iieu_b", "dpa"):

@@ -338,13 +338,13 @@ def test_inverse_filter_norms():
 
 @pytest.fixture
 def restore_kernels():
-    from actlab.activations import iieu
+    from actlab.activations import kernels
 
-    yield iieu
-    iieu.set_kernels(os.environ.get("ACTLAB_IIEU_KERNELS", "auto"))
+    yield kernels
+    kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
 
 
-KERNEL_SITES = {  # producer, norm, input: every layout the native and compiled kernels handle
+KERNEL_SITES = {  # producer, norm, input: every layout the fused kernels handle
     "conv": (lambda: nn.Conv2d(6, 8, 3, padding=1), lambda: nn.BatchNorm2d(8), (4, 6, 9, 9)),
     "conv_grouped": (lambda: nn.Conv2d(6, 8, 3, stride=2, groups=2), lambda: nn.BatchNorm2d(8), (3, 6, 9, 7)),
     "depthwise": (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), lambda: nn.Identity(), (2, 8, 5, 5)),
@@ -354,15 +354,17 @@ KERNEL_SITES = {  # producer, norm, input: every layout the native and compiled 
 }
 
 
-@pytest.mark.parametrize("mode", ["compiled", "native"])
-@pytest.mark.parametrize("site", list(KERNEL_SITES) + ["linear_published"])
-def test_fused_kernels_match_eager(mode, site, restore_kernels):
-    """The fused kernels (torch.compile, or actlab's C++ CPU kernels) give the eager kernels' values and
-    gradients, zero patches (silenced, or the published 1 / (0 + eps)) and both branches of the adjuster
-    included."""
-    iieu = restore_kernels
-    if mode == "compiled" and site not in ("conv_grouped", "linear_tokens"):
-        pytest.skip("compiled kernels: one conv and one linear layout keep the suite fast")
+@pytest.mark.parametrize("site", list(KERNEL_SITES) + ["linear_published", "conv_channels_last"])
+def test_fused_kernels_match_eager(site, restore_kernels):
+    """actlab's C++ CPU kernels give the composite's values and gradients, zero patches (silenced, or
+    the published 1 / (0 + eps)) and both branches of the adjuster included."""
+    kernels, mode = restore_kernels, "native"
+    from actlab.activations.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels not built here: {native.build_error()}")
+    channels_last = site == "conv_channels_last"
+    site = "conv" if channels_last else site
     zero_patch = "published" if site == "linear_published" else "silence"
     make_producer, make_norm, shape = KERNEL_SITES["linear_tokens" if zero_patch == "published" else site]
     torch.manual_seed(0)
@@ -370,6 +372,9 @@ def test_fused_kernels_match_eager(mode, site, restore_kernels):
     x = torch.randn(shape)
     if isinstance(producer, nn.Conv2d):
         x[0, ..., :2] = 0  # zero patches
+        if channels_last:  # taken as rows (B * H * W, C) without a layout copy
+            x = x.contiguous(memory_format=torch.channels_last)
+            producer, norm = producer.to(memory_format=torch.channels_last), norm.to(memory_format=torch.channels_last)
     else:
         rows = x.view(-1, shape[-1])
         rows[:2] = 0  # zero tokens
@@ -380,21 +385,20 @@ def test_fused_kernels_match_eager(mode, site, restore_kernels):
         unit.eta.uniform_(0.2, 0.8)  # both branches of the adjuster are taken
         unit.norm.weight.uniform_(0.5, 1.5)
     results = {}
-    for kernels in (mode, "eager"):
-        iieu.set_kernels(kernels)
+    for name in (mode, "eager"):
+        kernels.set_kernels(name)
         xs = x.clone().requires_grad_()
         out = unit(norm(producer(xs)))
         grads = torch.autograd.grad((out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum(),
                                     [xs, unit.eta, unit.norm.weight, producer.weight])
-        results[kernels] = (out, *grads)
+        results[name] = (out, *grads)
     for a, b in zip(results[mode], results["eager"]):  # float32 sums in another order: relative to the scale
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
 def test_unknown_kernel_mode(restore_kernels):
-    iieu = restore_kernels
     with pytest.raises(ValueError, match="one of"):
-        iieu.set_kernels("fast")
+        restore_kernels.set_kernels("fast")
 
 
 @pytest.mark.parametrize("site", ["grouped_conv", "linear_tokens"])
@@ -418,39 +422,28 @@ def test_ii_score_is_the_spec_rho(site):
 def test_native_kernels_on_whole_vectors_above_below_and_mixed(layout):
     """The C++ kernels skip exp for vectors with no response below eta: runs of 8 lanes all above, all
     below and mixed must all give the eager kernels' values and gradient sums."""
-    from actlab.activations import iieu, kernels
+    from actlab.activations.kernels import composite, native
 
-    ops = kernels.iieu_cpu()
-    if ops is None:
-        pytest.skip(f"native kernels not built here: {kernels.build_error()}")
+    if not native.available():
+        pytest.skip(f"native kernels not built here: {native.build_error()}")
     torch.manual_seed(0)
     channels, positions = 16, 37  # two full vectors and, on planes, a tail of 5
     pattern = torch.tensor([0.9] * 8 + [-0.9] * 8 + [0.9, -0.9] * 4 + [-0.9] * 13)  # above / below / mixed
     if layout == "rows":  # (R, C) rows of 2 samples; along C: one all-above and one all-below vector
         x = torch.randn(2 * positions, channels).abs() * pattern[:channels]
         x[::3] *= pattern[16:16 + channels]  # some rows mixed within each vector
-        inv, nu = torch.rand(2 * positions) + 0.5, torch.zeros(2, channels)
-        iv, wv, nv = inv.view(-1, 1), torch.ones(channels), nu.repeat_interleave(positions, 0)
-        dims = ((1,), (0,), ())  # grad_nu per row, summed per sample below
+        inv = torch.rand(2 * positions) + 0.5
     else:  # (B, C, P) with one group: along P, the pattern's runs
         x = torch.randn(2, channels, positions).abs() * pattern[:positions]
-        inv, nu = torch.rand(2, 1, positions) + 0.5, torch.zeros(2, channels)
-        iv, wv, nv = inv, torch.ones(channels).view(1, -1, 1), nu.unsqueeze(-1)
-        dims = ((1,), (0, 2), (2,))
-    eta = torch.full((channels,), 0.05)
-    ev = eta.view(wv.shape)
+        inv = torch.rand(2, 1, positions) + 0.5
+    nu, inv_w, eta = torch.zeros(2, channels), torch.ones(channels), torch.full((channels,), 0.05)
+    rho = composite.iieu_rho(x, inv, inv_w, nu)
+    assert (rho < 0.05).any() and (rho >= 0.05).any()
     go = torch.randn_like(x)
-    forward = ops.rows_forward if layout == "rows" else ops.planes_forward
-    backward = ops.rows_backward if layout == "rows" else ops.planes_backward
-    below = (x * wv * iv + nv < ev)
-    assert below.any() and (~below).any()
-    out = forward(x, inv, torch.ones(channels), nu, eta)
-    torch.testing.assert_close(out, iieu._forward_kernel(x, iv, wv, nv, ev), rtol=1e-6, atol=1e-7)
-    grad_x, grad_inv, grad_w, grad_nu, grad_eta = backward(go, x, inv, torch.ones(channels), nu, eta, False)
-    want = iieu._backward_kernel(go, x, iv, wv, nv, ev, torch.zeros(()), *dims)
-    torch.testing.assert_close(grad_x, want[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_inv.view(-1), want[1].reshape(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_w, want[2].reshape(-1), rtol=1e-5, atol=1e-5)
-    per_sample_nu = want[3].reshape(2, -1, channels).sum(1) if layout == "rows" else want[3].reshape(2, channels)
-    torch.testing.assert_close(grad_nu, per_sample_nu, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_eta, want[4].reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.iieu_forward(x, inv, inv_w, nu, eta),
+                               composite.iieu_forward(x, inv, inv_w, nu, eta), rtol=1e-6, atol=1e-7)
+    got = native.iieu_backward(go, x, inv, inv_w, nu, eta)
+    want = composite.iieu_backward(go, x, inv, inv_w, nu, eta)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -58,6 +58,12 @@ def _iieu_views(x, inv, inv_w, nu, eta):
     return x.view(s, r // s, c), inv.view(s, r // s, 1), inv_w, nu.view(s, 1, c), eta
 
 
+def iieu_rho(x, inv, inv_w, nu):
+    """rho = x * inv_w * inv + nu, x's flat shape, compute dtype."""
+    xv, iv, wv, nv, _ = _iieu_views(x.to(compute_dtype(x)), inv, inv_w, nu, inv_w)
+    return (xv * (wv * iv) + nv).view(x.shape)
+
+
 def iieu_forward(x, inv, inv_w, nu, eta):
     """out = s(rho) * x with rho = x * inv_w * inv + nu, s(r) = r above eta, eta * exp(r - eta) below."""
     ct = compute_dtype(x)

@@ -1,0 +1,233 @@
+"""IIEU-B's computation paths, all on the kernel layer's operations (``torch.ops.actlab``):
+
+* ``IIEUFunction``: eager training. Saves little (x_pre, which the producer keeps anyway, and small
+  per-channel / per-position values), replays ``x_t`` from its maker when it can, and recomputes the rest
+  in backward.
+* ``iieu_b_traced``: training under ``torch.compile``: the custom operations with their registered
+  autograd formulas, traced without a graph break.
+* ``iieu_b_inference``: eager forward without autograd, on the fused kernels.
+* ``iieu_b_plain``: plain tensor ops (the composite), for tracing, export and compile without grad.
+
+Norms, term-B and the adjuster run in float32 (float64 for float64 inputs), also under autocast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import backend, composite, native
+from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
+from ..kernels.composite import compute_dtype
+from .patches import (LinearPatches, autocast_off, inverse_patch_norm, patch_inverse, patch_inverse_backward,
+                      silent_threshold)
+
+
+def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
+    """Autocast as it was for a recorded call (``enabled``, ``dtype``), switching only when needed."""
+    if enabled:
+        return torch.autocast(device_type, dtype=dtype)
+    return autocast_off(device_type)
+
+
+@dataclass(frozen=True)
+class TermB:
+    """What term-B's forward, nu = sigmoid(LayerNorm(gap) * weight + bias), leaves for the gradient
+    through gap: the input and the LayerNorm's statistics (B, 1) and weight."""
+
+    gap: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: torch.Tensor
+
+    def tensors(self) -> tuple:
+        return self.gap, self.mean, self.rstd, self.weight
+
+    @staticmethod
+    def input_grad(grad_nu, nu, gap, mean, rstd, weight):
+        """dL/d gap (B, C) from dL/d nu: sigmoid's and LayerNorm's own backward kernels."""
+        grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
+        return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, None,
+                                                         [True, False, False])[0]
+
+
+
+
+@dataclass(frozen=True)
+class BatchNormReplay:
+    """How to recompute ``x_t = BatchNorm(c)`` in backward from the BN input ``c`` (which BatchNorm keeps
+    for its own backward anyway) instead of keeping ``x_t``: same kernel, same inputs, same values."""
+
+    batch_stats: bool
+    eps: float
+    autocast: bool
+    autocast_dtype: torch.dtype
+
+    @classmethod
+    def of_call(cls, norm: nn.Module, output: torch.Tensor) -> "BatchNormReplay":
+        device = output.device.type
+        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+        return cls(batch_stats, norm.eps, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def tensors(self, norm: nn.Module, c: torch.Tensor) -> tuple:
+        stats = (None, None) if self.batch_stats else (norm.running_mean, norm.running_var)
+        return (c, norm.weight, norm.bias, *stats)
+
+    def replay(self, c, weight, bias, running_mean, running_var) -> torch.Tensor:
+        with _autocast_as(c.device.type, self.autocast, self.autocast_dtype):
+            return F.batch_norm(c, running_mean, running_var, weight, bias, self.batch_stats, 0.0, self.eps)
+
+
+@dataclass(frozen=True)
+class LinearReplay:
+    """How to recompute ``x_t = Linear(x_pre)`` at a site without a norm, from ``x_pre`` and the weights
+    (which the Linear keeps for its own backward anyway): one matmul in backward instead of a kept map."""
+
+    autocast: bool
+    autocast_dtype: torch.dtype
+
+    @classmethod
+    def of_call(cls, linear: nn.Module, output: torch.Tensor) -> "LinearReplay":
+        device = output.device.type
+        return cls(torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def tensors(self, linear: nn.Module, x: torch.Tensor) -> tuple:
+        return (x, linear.weight, linear.bias)
+
+    def replay(self, x, weight, bias) -> torch.Tensor:
+        with _autocast_as(x.device.type, self.autocast, self.autocast_dtype):
+            return F.linear(x, weight, bias)
+
+
+
+def _add_spread(grad_x: torch.Tensor, grad_gap: torch.Tensor) -> None:
+    """grad_x (flat kernel layout) += grad_gap (B, C) at every position of each sample, in place."""
+    if grad_x.dim() == 3:  # planes (B, C, P)
+        grad_x.add_(grad_gap.unsqueeze(-1).to(grad_x.dtype))
+    else:  # rows (B * T, C)
+        grad_x.view(grad_gap.shape[0], -1, grad_gap.shape[1]).add_(grad_gap.unsqueeze(1).to(grad_x.dtype))
+
+
+class IIEUFunction(torch.autograd.Function):
+    """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward (eager training).
+
+    Saves x_pre, inv_w, nu, eta (and the squared patch norms when they are small) and x_t, or instead of
+    x_t the BatchNorm / Linear input and parameters that ``replay`` recomputes it from. x_pre is kept by
+    the producer for its own backward anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
+                term_b=None):
+        with autocast_off(x_t.device.type):
+            ct = compute_dtype(x_t)
+            inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
+            x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
+            out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
+        keep_norms = sumsq.numel() * 16 <= x_t.numel()  # else recomputed in backward (depthwise convs)
+        kept_x_t = None if replay is not None else x_t
+        # term_b (a TermB): nu was computed from a detached GAP(x_t); backward adds that path's gradient
+        # to grad x_t itself, after the kernel (saves a full-size autograd add)
+        term_b_tensors = term_b.tensors() if term_b is not None else (None,) * 4
+        norms = (inv_x, sumsq) if keep_norms else (None, None)
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
+        ctx.patches, ctx.eps, ctx.silence, ctx.replay = patches, eps, silence, replay
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
+        patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
+        if x_t is None:
+            with torch.no_grad():
+                x_t = replay.replay(*replay_tensors)
+        with autocast_off(grad_out.device.type):
+            ct = compute_dtype(x_t)
+            if sumsq is None:
+                inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
+            x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
+            go = patches.flat_like(grad_out, x)
+            kernels = backend(x, cpu_native=go.dtype == x.dtype)
+            args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
+            if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
+                own = replay is not None or x.data_ptr() != x_t.data_ptr()
+                grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own)
+            else:
+                grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
+            if gap is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample
+                positions = x_t.numel() // nu.numel()
+                grad_gap = TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype))
+                _add_spread(grad_x, grad_gap / positions)
+            grad_x_pre = None
+            if ctx.needs_input_grad[1]:
+                grad_x_pre = patch_inverse_backward(patches, x_pre, sumsq, grad_inv.reshape(inv_x.shape), eps,
+                                                    silence, ct)
+        return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
+                grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None)
+
+
+def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):
+    """The fused forward operation on the site's flat layout, back in x_t's shape."""
+    x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu)
+    return unflatten(torch.ops.actlab.iieu_forward(x, inv, inv_w.contiguous(), nu_flat, eta.contiguous()))
+
+
+def iieu_b_inference(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """Eager IIEU-B without autograd, on the fused kernels."""
+    with autocast_off(x_t.device.type):
+        ct = compute_dtype(x_t)
+        inv_x, _ = patch_inverse(patches, x_pre, eps, silence, ct)
+        return _op_forward(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
+
+
+def iieu_b_traced(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """IIEU-B for training under torch.compile: custom operations whose autograd formulas the compiler
+    traces (invX's gradient is 0 at a zero patch, where the plain ops' chain rule would give NaN)."""
+    with autocast_off(x_t.device.type):
+        ct = compute_dtype(x_t)
+        silent = silent_threshold(patches, silence)
+        if isinstance(patches, LinearPatches):
+            rows = x_pre.reshape(-1, x_pre.shape[-1]).contiguous()
+            inv, _ = torch.ops.actlab.rows_inv_norm(rows, eps, silent)
+            inv_x = inv.to(ct).view(*x_pre.shape[:-1], 1)
+        else:
+            inv_x = torch.ops.actlab.inv_norm(patches.sumsq(x_pre.to(ct)), eps, silent)
+        return _op_forward(patches, x_t, inv_x, inv_w.to(ct), nu.to(ct), eta.to(ct))
+
+
+def iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """IIEU-B with plain tensor ops (the composite): for tracing, export and compile without grad.
+
+    Shapes: x_t (B, C, H', W') or (B, *, C); x_pre the producer's input; inv_w (C,); nu (B, C); eta (C,).
+    """
+    with autocast_off(x_t.device.type):
+        ct = compute_dtype(x_t)
+        inv_x = inverse_patch_norm(patches.sumsq(x_pre.to(ct)), patches.patch_numel, eps, silence)
+        x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
+        return unflatten(composite.iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
+
+
+def iieu_b_rho(x_t, x_pre, inv_w, nu, patches, eps=1e-8, silence=True):
+    """rho = x_t * inv_w * invX + nu (the II-score before the adjuster), x_t's shape, compute dtype."""
+    ct = compute_dtype(x_t)
+    inv_x = inverse_patch_norm(patches.sumsq(x_pre.to(ct)), patches.patch_numel, eps, silence)
+    x, inv, nu_flat, unflatten = patches.flat(x_t.to(ct), inv_x, nu.to(ct))
+    return unflatten(composite.iieu_rho(x, inv, inv_w.to(ct), nu_flat).contiguous())
+
+
+def custom_backward_wanted() -> bool:
+    """The memory-saving autograd function serves eager training; compile and export trace the rest."""
+    return torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
+    """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``."""
+    if custom_backward_wanted():
+        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        return iieu_b_traced(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+    return iieu_b_inference(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)

@@ -1,0 +1,196 @@
+"""The IIEU-B module: binds to its site's producer, captures the producer input, picks a path."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..base import ActivationModule
+from ..kernels.composite import compute_dtype
+from .function import (BatchNormReplay, IIEUFunction, LinearReplay, TermB, custom_backward_wanted, iieu_b_inference,
+                       iieu_b_plain, iieu_b_rho, iieu_b_traced)
+from .patches import ConvPatches, LinearPatches, Patches, autocast_off
+
+
+def inverse_filter_norms(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(C_out, ...) filters -> 1 / (||w_c|| + eps), (C_out,), float32 or float64."""
+    return 1.0 / (weight.flatten(1).to(compute_dtype(weight)).norm(dim=1) + eps)
+
+
+class IIEUB(ActivationModule):
+    """IIEU-B activation for one site.
+
+    Args:
+        channels: C, the producer's output channels.
+        eta_init: initial per-channel threshold ``eta`` (shape (C,)).
+        norm_init: initial weight of the term-B LayerNorm ``norm`` (bias starts at 0).
+        eps: added to the filter and patch norms.
+        zero_patch: ``"silence"`` (term-S = 0 for patches with RMS < 1e-6) or ``"published"``.
+        producer: the Conv2d / Linear feeding this site; may also be bound later with ``bind``.
+        capture: when bound, record the producer's input with a forward pre-hook so ``forward(x_t)``
+            works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
+        recompute_linear: at a Linear site without a norm, recompute ``x_t`` in backward (one matmul)
+            instead of keeping it for backward: one feature map less per site, for about 15-20 % more
+            time of a ViT MLP block on a 2-core CPU (README, speed table). Sites after a BatchNorm always
+            recompute (cheap); other sites keep ``x_t``.
+
+    Shapes: conv site x_t (B, C, H', W'), x_pre (B, Cin, H, W); linear site x_t (B, *, C), x_pre (B, *, Cin).
+    """
+
+    def __init__(self, channels: int, eta_init: float = 0.05, norm_init: float = 0.01, eps: float = 1e-8,
+                 zero_patch: str = "silence", producer: nn.Module | None = None, capture: bool = True,
+                 recompute_linear: bool = True):
+        super().__init__()
+        if zero_patch not in ("silence", "published"):
+            raise ValueError(f"zero_patch must be 'silence' or 'published', got {zero_patch!r}")
+        self.channels, self.eps, self.zero_patch = channels, eps, zero_patch
+        self.recompute_linear = recompute_linear
+        self.eta = nn.Parameter(torch.full((channels,), float(eta_init)))
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        nn.init.constant_(self.norm.weight, norm_init)
+        nn.init.zeros_(self.norm.bias)
+        self.site = "<unbound>"
+        object.__setattr__(self, "_producer", None)  # a reference, not a submodule: no duplicate weights
+        self._patches: Patches | None = None
+        self._hooks: list = []
+        self._x_pre: torch.Tensor | None = None
+        object.__setattr__(self, "_maker", None)  # the BatchNorm / Linear whose output x_t is replayed
+        self._maker_io: tuple | None = None  # (input, output, output version, replay) of its last call
+        if producer is not None:
+            self.bind(producer, capture=capture)
+
+    @property
+    def producer(self) -> nn.Module | None:
+        return self._producer
+
+    def bind(self, producer: nn.Module, capture: bool = True, norm: nn.Module | None = None) -> "IIEUB":
+        """Attach to the Conv2d / Linear whose output (after an optional norm) this unit activates.
+
+        Args:
+            producer: the nn.Conv2d or nn.Linear of the site.
+            capture: record the producer's input with a forward pre-hook (else pass ``x_pre`` yourself).
+            norm: the site's norm, if any. The unit recomputes ``x_t`` in backward instead of keeping it
+                (one feature map less per site) when ``x_t`` is the output of a plain BatchNorm, or of a
+                Linear producer with no norm; other sites keep it.
+        """
+        if isinstance(producer, nn.Conv2d):
+            patches = ConvPatches.from_conv(producer)
+            out = producer.out_channels
+        elif isinstance(producer, nn.Linear):
+            patches = LinearPatches.from_linear(producer)
+            out = producer.out_features
+        else:
+            raise TypeError(f"IIEU-B site {self.site!r}: producer must be nn.Conv2d or nn.Linear, "
+                            f"got {type(producer).__name__}")
+        if out != self.channels:
+            raise ValueError(f"IIEU-B site {self.site!r}: producer has {out} output channels, unit has {self.channels}")
+        self.unbind()
+        object.__setattr__(self, "_producer", producer)
+        self._patches = patches
+        if capture:
+            self._hooks.append(producer.register_forward_pre_hook(self._capture))
+            # x_t recomputed in backward rather than kept, from what its maker keeps anyway
+            if norm is not None and type(norm).forward is _BatchNorm.forward:
+                self._watch_maker(norm, BatchNormReplay)
+            elif norm is None and self.recompute_linear and type(producer).forward is nn.Linear.forward:
+                self._watch_maker(producer, LinearReplay)
+        return self
+
+    def unbind(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._x_pre, self._patches, self._maker_io = [], None, None, None
+        object.__setattr__(self, "_producer", None)
+        object.__setattr__(self, "_maker", None)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self._x_pre = args[0]
+
+    def _watch_maker(self, maker: nn.Module, replay_type) -> None:
+        object.__setattr__(self, "_maker", maker)
+        self._replay_type = replay_type
+        self._hooks.append(maker.register_forward_hook(self._capture_maker))
+
+    def _capture_maker(self, maker: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():  # the compiler plans its own memory: no replay there
+            return
+        self._maker_io = (args[0], output, output._version, self._replay_type.of_call(maker, output))
+
+    def _replay_for(self, x_t: torch.Tensor):
+        """How to recompute x_t in backward, when x_t is, untouched, the output of its maker's last call."""
+        io, self._maker_io = self._maker_io, None
+        if io is None or io[1] is not x_t or io[2] != x_t._version:
+            return None, ()
+        maker_input, _, _, replay = io
+        return replay, replay.tensors(self._maker, maker_input)
+
+    def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
+        """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
+        with autocast_off(x_t.device.type):
+            return self._term_b_from_gap(self._patches.gap(x_t))
+
+    def _term_b_from_gap(self, gap: torch.Tensor) -> torch.Tensor:
+        return self._term_b_with_stats(gap)[0]
+
+    def _term_b_with_stats(self, gap: torch.Tensor) -> tuple[torch.Tensor, TermB]:
+        """nu from GAP (B, C) in gap's dtype, and what its gradient through gap needs."""
+        weight = self.norm.weight.to(gap.dtype)
+        z, mean, rstd = torch.native_layer_norm(gap, (self.channels,), weight, self.norm.bias.to(gap.dtype),
+                                                self.norm.eps)  # = F.layer_norm, which runs this kernel
+        return torch.sigmoid(z), TermB(gap, mean.detach(), rstd.detach(), self.norm.weight)
+
+    def forward(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
+        if x_pre is None:
+            x_pre, self._x_pre = self._x_pre, None
+        if self._producer is None or x_pre is None:
+            raise RuntimeError(
+                f"IIEU-B site {self.site!r} has no producer input: IIEU-B needs the Conv2d/Linear that feeds it. "
+                "Use actlab.convert(model, 'iieu_b'), or unit.bind(conv) and call the producer first, "
+                "or pass x_pre explicitly.")
+        if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:
+            return self._conv_tokens(x_t, x_pre)
+        self._patches.check(x_t, x_pre, self.site)
+        with autocast_off(x_t.device.type):
+            inv_w = inverse_filter_norms(self._producer.weight, self.eps)
+        silence = self.zero_patch == "silence"
+        if custom_backward_wanted():
+            replay, replay_tensors = self._replay_for(x_t)
+            # term-B from a detached GAP: the autograd function adds that path's gradient itself
+            with autocast_off(x_t.device.type):
+                nu, term_b = self._term_b_with_stats(self._patches.gap(x_t.detach()))
+            return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
+                                      replay_tensors, term_b)
+        args = (x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            return iieu_b_traced(*args)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return iieu_b_plain(*args)
+        return iieu_b_inference(*args)
+
+    @torch.no_grad()
+    def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
+        """rho = S + nu, the II-score before the adjuster, shaped like ``x_t`` (float32). Responses with
+        ``rho < eta`` are the ones the adjuster suppresses (scaled by ``eta * exp(rho - eta) < eta``)."""
+        if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:  # PVT-style tokens of a conv site
+            b, n, c = x_t.shape
+            h, w = self._patches.output_hw(*x_pre.shape[2:])
+            rho = self.ii_score(x_t.transpose(1, 2).reshape(b, c, h, w), x_pre)
+            return rho.flatten(2).transpose(1, 2)
+        self._patches.check(x_t, x_pre, self.site)
+        x_t, x_pre = x_t.float(), x_pre.float()
+        inv_w = inverse_filter_norms(self._producer.weight.float(), self.eps)
+        return iieu_b_rho(x_t, x_pre, inv_w, self.term_b(x_t), self._patches, self.eps, self.zero_patch == "silence")
+
+    def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
+        """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""
+        b, n, c = x_t.shape
+        h, w = self._patches.output_hw(*x_pre.shape[2:]) if x_pre.dim() == 4 else (-1, -1)
+        if h * w != n:
+            raise ValueError(f"IIEU-B site {self.site!r}: {n} tokens do not match the producer's "
+                             f"{h}x{w} output map")
+        out = self.forward(x_t.transpose(1, 2).reshape(b, c, h, w), x_pre)
+        return out.flatten(2).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        prod = type(self._producer).__name__ if self._producer is not None else "unbound"
+        return f"{self.channels}, producer={prod}, zero_patch={self.zero_patch!r}"
