@@ -1,8 +1,9 @@
 """Test-wide settings."""
 import os
 
-# IIEU-B's compiled kernels take seconds to compile per input shape; the suite tests the eager kernels
-# everywhere and the compiled ones against them in test_iieu.py::test_compiled_kernels_match_eager.
+import torch
 
-# DPA likewise: the suite runs its PyTorch ops; test_dpa.py compares the native kernel against them.
-
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter (test_triton.py); the
+# variable must be set before the kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
