@@ -217,17 +217,23 @@ def iieu_b_rho(x_t, x_pre, inv_w, nu, patches, eps=1e-8, silence=True):
     return unflatten(composite.iieu_rho(x, inv, inv_w.to(ct), nu_flat).contiguous())
 
 
-def custom_backward_wanted() -> bool:
-    """The memory-saving autograd function serves eager training; compile and export trace the rest."""
-    return torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+def path() -> str:
+    """Which computation serves the current call: "train" (eager, the memory-saving autograd function),
+    "traced_train" (torch.compile with autograd), "plain" (export, TorchScript tracing, compile without
+    autograd) or "inference" (eager without autograd)."""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return "plain"
+    if torch.compiler.is_compiling():
+        return "traced_train" if torch.is_grad_enabled() else "plain"
+    return "train" if torch.is_grad_enabled() else "inference"
 
 
 def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
     """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``."""
-    if custom_backward_wanted():
+    mode = path()
+    if mode == "train":
         return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
-    if torch.compiler.is_compiling() and torch.is_grad_enabled():
-        return iieu_b_traced(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return iieu_b_plain(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
-    return iieu_b_inference(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+    return PATHS[mode](x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+
+
+PATHS = {"traced_train": iieu_b_traced, "plain": iieu_b_plain, "inference": iieu_b_inference}

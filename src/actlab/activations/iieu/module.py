@@ -7,8 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..base import ActivationModule
 from ..kernels.composite import compute_dtype
-from .function import (BatchNormReplay, IIEUFunction, LinearReplay, TermB, custom_backward_wanted, iieu_b_inference,
-                       iieu_b_plain, iieu_b_rho, iieu_b_traced)
+from .function import PATHS, BatchNormReplay, IIEUFunction, LinearReplay, TermB, iieu_b_rho, path
 from .patches import ConvPatches, LinearPatches, Patches, autocast_off
 
 
@@ -153,19 +152,15 @@ class IIEUB(ActivationModule):
         with autocast_off(x_t.device.type):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
         silence = self.zero_patch == "silence"
-        if custom_backward_wanted():
+        mode = path()
+        if mode == "train":
             replay, replay_tensors = self._replay_for(x_t)
             # term-B from a detached GAP: the autograd function adds that path's gradient itself
             with autocast_off(x_t.device.type):
                 nu, term_b = self._term_b_with_stats(self._patches.gap(x_t.detach()))
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
                                       replay_tensors, term_b)
-        args = (x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
-        if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            return iieu_b_traced(*args)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return iieu_b_plain(*args)
-        return iieu_b_inference(*args)
+        return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
 
     @torch.no_grad()
     def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
