@@ -331,3 +331,24 @@ def test_gradcheck_tau_pool(dpa_kernels, mode):
             out, v, _ = torch.ops.actlab.tau_pool(t, 0.0, tokens)
             return out, v
         assert torch.autograd.gradcheck(f, (x,), fast_mode=False, **tol)
+
+
+@pytest.mark.parametrize("mode", ["eager", "native"])
+def test_channels_last_maps_fused_without_a_copy(dpa_kernels, mode):
+    """A channels_last map is taken as (B, H*W, C) tokens: same output, gradients and memories as the
+    contiguous map, output in channels_last."""
+    dpa_kernels(mode)
+    g = torch.Generator().manual_seed(6)
+    x0, w = torch.randn(4, 6, 5, 3, generator=g), torch.randn(4, 6, 5, 3, generator=g)
+    y = torch.tensor([0, 2, 2, 1])
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        site = DPA(6, 3, interval=1)
+        x = x0.clone().contiguous(memory_format=fmt).requires_grad_()
+        with actlab.targets(site, y):
+            out = site(x)
+        (out * w).sum().backward()
+        results.append((out, x.grad, site.value_memory.clone(), site.grad_memory.clone()))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -296,22 +296,36 @@ def _dpa_sites(model: nn.Module) -> list[DPA]:
     return [m for m in model.modules() if isinstance(m, DPA)]
 
 
-@contextmanager
-def targets(model: nn.Module, y: torch.Tensor) -> Iterator[None]:
-    """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block."""
+def check_targets(model: nn.Module, y: torch.Tensor) -> None:
+    """Raise a clear error when ``y`` cannot serve as the labels of ``model``'s DPA sites: not a (B,)
+    integer tensor, or a class outside a site's [0, num_classes). One host read of y's bounds (free for
+    CPU labels, which is where the trainer checks them)."""
     sites = _dpa_sites(model)
+    if not sites:
+        return
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"targets must be a tensor of class indices, got {type(y).__name__}")
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
+                         "(for mixup / soft labels pass the hard labels)")
+    if y.numel():
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host read for both bounds
+        for site in sites:
+            if lo < 0 or hi >= site.num_classes:
+                raise ValueError(f"DPA site {site.site!r}: targets out of range [0, {site.num_classes}) "
+                                 f"(min {lo}, max {hi})")
+
+
+@contextmanager
+def targets(model: nn.Module, y: torch.Tensor, validate: bool = True) -> Iterator[None]:
+    """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block.
+
+    ``validate``: check the labels first (``check_targets``); on a GPU that reads y's bounds back to the
+    host, so a training loop that checked its CPU labels already passes ``validate=False``."""
+    sites = _dpa_sites(model)
+    if validate:
+        check_targets(model, y)
     if sites:
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"targets must be a tensor of class indices, got {type(y).__name__}")
-        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
-                             "(for mixup / soft labels pass the hard labels)")
-        if y.numel():
-            lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync for both bounds
-            for site in sites:
-                if lo < 0 or hi >= site.num_classes:
-                    raise ValueError(f"DPA site {site.site!r}: targets out of range [0, {site.num_classes}) "
-                                     f"(min {lo}, max {hi})")
         y = y.long()
     for site in sites:
         site._targets = y

@@ -87,8 +87,8 @@ def cmd_eval(args) -> int:
     model, saved = load_run_model(args.dir)
     cfg = TrainConfig.from_dict(saved["config"])
     _, test, _ = build_datasets(cfg.dataset, args.data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False)
-    loader = DataLoader(test, cfg.batch_size, shuffle=False, num_workers=cfg.workers)
-    metrics = evaluate(model, loader, torch.device("cpu"), DistInfo(), amp=False)
+    loader = DataLoader(test, cfg.batch_size, shuffle=False, num_workers=cfg.workers or 0)
+    metrics = evaluate(model, loader, torch.device("cpu"), DistInfo())
     print(json.dumps({"run": args.dir, "epoch": saved["epoch"], **metrics}))
     return 0
 

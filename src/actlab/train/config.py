@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .precision import AMP_CHOICES
+
 
 @dataclass
 class TrainConfig:
@@ -26,9 +28,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     dpa_lambda: float = 1.0        # weight of DPA's channel loss (1 for CIFAR-10, 5 for CIFAR-100)
-    amp: bool = False              # CUDA only: float16 autocast with a GradScaler
+    amp: str = "auto"              # auto | bf16 | fp16 | off (auto: bf16 on CUDA where supported, else fp16; off on CPU)
+    compile: bool = False          # torch.compile the model for training and evaluation
+    channels_last: bool = False    # NHWC memory format for model and images
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None     # data loader processes; None: min(8, CPUs per process) on CUDA, 0 on CPU
     device: str = "auto"           # auto | cpu | cuda
     augment: bool = True
     randaugment: int | None = None
@@ -47,6 +51,9 @@ class TrainConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("amp"), bool):  # amp: true / false, as older configs wrote it
+            values["amp"] = "auto" if values["amp"] else "off"
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -73,6 +80,8 @@ class TrainConfig:
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 (or null for none)"),
             (self.dpa_lambda >= 0, "dpa_lambda must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}"),
+            (self.workers is None or self.workers >= 0, "workers must be >= 0 (or null for the default)"),
             (0 <= self.random_erasing <= 1, "random_erasing must be a probability"),
             (self.log_every >= 1, "log_every must be >= 1"),
         ]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -18,12 +17,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import dpa_loss, targets
+from ..activations.dpa import check_targets
 from ..data import build_datasets, make_loaders
 from ..models import create_model, model_stats
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import DistInfo, all_sum, cleanup, setup
 from .optim import build_optimizer
+from .precision import Precision
 from .schedule import lr_at
 
 CHECKPOINT, SUMMARY, CONFIG, LOG_JSONL, LOG_CSV = "checkpoint.pt", "summary.json", "config.json", "log.jsonl", "log.csv"
@@ -33,6 +34,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device, info: DistInfo) -> int:
+    """``cfg.workers``, or by default the CPUs per process (at most 8) on CUDA and 0 on the CPU, where
+    loader processes would compete with training for the same cores."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if info.enabled else 1)))
 
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> nn.Module:
@@ -53,48 +64,107 @@ class RunState:
     history: list = field(default_factory=list)
 
 
-def accuracy_counts(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
-    """Number of top-1 and top-5 hits in the batch."""
+def accuracy_counts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 and top-5 hits in the batch, as a (2,) tensor on the logits' device (no host sync)."""
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     hits = top.eq(y[:, None])
-    return int(hits[:, 0].sum()), int(hits.any(1).sum())
+    return torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+
+
+@dataclass
+class Totals:
+    """Running sums of an epoch, kept on the device and read only when reported."""
+
+    loss: torch.Tensor
+    channel_loss: torch.Tensor
+    top1: torch.Tensor
+    top5: torch.Tensor
+    samples: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Totals":
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(zero.clone(), zero.clone(), zero.clone(), zero.clone())
+
+    def add(self, loss: torch.Tensor, channel: torch.Tensor, hits: torch.Tensor, n: int) -> None:
+        self.loss += loss.detach() * n
+        self.channel_loss += channel.detach() * n
+        self.top1 += hits[0]
+        self.top5 += hits[1]
+        self.samples += n
+
+    def read(self, info: DistInfo, device: torch.device) -> dict:
+        """Means over every process's samples (one host sync)."""
+        values = torch.stack([self.loss, self.channel_loss, self.top1, self.top5]).tolist() + [self.samples]
+        loss, channel, top1, top5, n = all_sum(values, info, device)
+        n = max(n, 1)
+        return {"loss": loss / n, "channel_loss": channel / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo, amp: bool) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, info: DistInfo, precision: Precision | None = None,
+             channels_last: bool = False) -> dict:
+    """Test loss, top-1 and top-5 (%) over every process's share of the test set."""
+    precision = precision or Precision()
     model.eval()
-    total = [0.0, 0.0, 0.0, 0.0]  # loss sum, top1, top5, n
+    totals = Totals.zeros(device)
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        x, y = to_device(x, y, device, channels_last)
+        with precision.autocast(device):
             logits = model(x)
-        top1, top5 = accuracy_counts(logits, y)
-        total = [total[0] + float(F.cross_entropy(logits.float(), y, reduction="sum")), total[1] + top1,
-                 total[2] + top5, total[3] + len(y)]
-    loss, top1, top5, n = all_sum(total, info, device)
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+        loss = F.cross_entropy(logits.float(), y)
+        totals.add(loss, loss.new_zeros(()), accuracy_counts(logits, y), len(y))
+    means = totals.read(info, device)
+    return {"loss": means["loss"], "top1": means["top1"], "top5": means["top5"]}
+
+
+class NonFiniteLoss:
+    """Watches the loss on the device; ``check`` (at the log interval) raises for the first bad step."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad & (self.first < 0), step, self.first)
+
+    def check(self, epoch: int) -> None:
+        step = int(self.first)
+        if step >= 0:
+            raise FloatingPointError(f"the loss became non-finite at step {step} (epoch {epoch}); "
+                                     "lower the learning rate or enable grad_clip")
 
 
 def train_epoch(model, loader, optimizer, scaler, cfg: TrainConfig, state: RunState, total_steps: int,
-                warmup_steps: int, device: torch.device, info: DistInfo, progress) -> dict:
+                warmup_steps: int, device: torch.device, info: DistInfo, progress, precision: Precision,
+                raw_model: nn.Module) -> dict:
+    """One epoch. No host synchronisation per step: sums stay on the device and are read (with the
+    non-finite-loss check) every ``log_every`` steps and at the end."""
     model.train()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, channel loss sum, top1, n
-    t0, seen = time.perf_counter(), 0
+    totals, nonfinite = Totals.zeros(device), NonFiniteLoss(device)
+    t0 = time.perf_counter()
+    lr = cfg.lr
     for x, y in loader:
         lr = lr_at(state.step, cfg.lr, total_steps, warmup_steps, cfg.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cfg.amp):
-            with targets(model, y):
+        check_targets(raw_model, y)  # on the host copy: a device check would synchronise
+        x, y = to_device(x, y, device, cfg.channels_last)
+        with precision.autocast(device):
+            with targets(raw_model, y, validate=False):
                 logits = model(x)
             ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            channel = dpa_loss(model)
+            channel = dpa_loss(raw_model)
             loss = ce + cfg.dpa_lambda * channel
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {state.step} (epoch {state.epoch + 1}); "
-                                     "lower the learning rate or enable grad_clip")
+        nonfinite.watch(loss, state.step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -103,20 +173,26 @@ def train_epoch(model, loader, optimizer, scaler, cfg: TrainConfig, state: RunSt
         scaler.step(optimizer)
         scaler.update()
         state.step += 1
-        top1, _ = accuracy_counts(logits.detach(), y)
-        sums = [sums[0] + ce.item() * len(y), sums[1] + float(channel.detach()) * len(y), sums[2] + top1, sums[3] + len(y)]
-        seen += len(y)
+        totals.add(ce, channel, accuracy_counts(logits.detach(), y), len(y))
         progress.update(1)
         if state.step % cfg.log_every == 0:
-            progress.set_postfix(loss=f"{sums[0] / sums[3]:.3f}", acc=f"{100 * sums[2] / sums[3]:.1f}", lr=f"{lr:.3g}")
+            nonfinite.check(state.epoch + 1)
+            if not progress.disable:
+                seen = totals.read(DistInfo(), device)  # this process's share: no collective mid-epoch
+                progress.set_postfix(loss=f"{seen['loss']:.3f}", acc=f"{seen['top1']:.1f}", lr=f"{lr:.3g}")
+    nonfinite.check(state.epoch + 1)
+    means = totals.read(info, device)  # synchronises: the epoch's time is complete after it
     seconds = time.perf_counter() - t0
-    loss, channel, top1, n = all_sum(sums, info, device)
-    return {"train_loss": loss / n, "train_channel_loss": channel / n, "train_top1": 100 * top1 / n,
-            "seconds": seconds, "images_per_s": n / seconds if seconds else math.nan, "lr": lr}
+    images = totals.samples * info.world_size
+    return {"train_loss": means["loss"], "train_channel_loss": means["channel_loss"], "train_top1": means["top1"],
+            "seconds": seconds, "images_per_s": images / seconds if seconds else math.nan, "lr": lr}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The plain model inside DDP and torch.compile wrappers (what checkpoints store)."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
 def checkpoint_state(cfg, model, optimizer, scaler, state: RunState) -> dict:
@@ -199,19 +275,24 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     train_set, test_set, data_info = build_datasets(
         cfg.dataset, cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
         randaugment_magnitude=cfg.randaugment, random_erasing=cfg.random_erasing, download=cfg.download and info.is_main)
-    train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
-                                             rank=info.rank, world=info.world_size)
-    model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
-    stats = model_stats(model, data_info.image_size, data_info.in_channels)
+    train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=loader_workers(cfg, device, info),
+                                             seed=cfg.seed, rank=info.rank, world=info.world_size)
+    raw_model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
+    stats = model_stats(raw_model, data_info.image_size, data_info.in_channels)
+    if cfg.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if info.enabled and cfg.sync_bn:
+        if device.type != "cuda":
+            raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop --sync-bn on CPU")
+        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if info.enabled:
-        if cfg.sync_bn:
-            if device.type != "cuda":
-                raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop --sync-bn on CPU")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
-    amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    precision = Precision.resolve(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     path = os.path.join(cfg.out, CHECKPOINT)
     state = restore(path, cfg, model, optimizer, scaler) if resume else RunState()
     if info.is_main:
@@ -222,15 +303,14 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     log.rewrite(state.history)
     steps_per_epoch = len(train_loader)
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    run_cfg = dataclasses.replace(cfg, amp=amp)  # AMP only where it runs (CUDA)
     progress = tqdm(total=total_steps, initial=state.step, disable=quiet or not info.is_main, unit="step",
                     desc=f"{cfg.model}/{cfg.act}", dynamic_ncols=True)
     for epoch in range(state.epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
-        row = train_epoch(model, train_loader, optimizer, scaler, run_cfg, state, total_steps,
-                          warmup_steps, device, info, progress)
-        row = {"epoch": epoch + 1, **{f"test_{k}": v for k, v in evaluate(model, test_loader, device, info, amp).items()},
-               **row}
+        row = train_epoch(model, train_loader, optimizer, scaler, cfg, state, total_steps,
+                          warmup_steps, device, info, progress, precision, raw_model)
+        test = evaluate(model, test_loader, device, info, precision, cfg.channels_last)
+        row = {"epoch": epoch + 1, **{f"test_{k}": v for k, v in test.items()}, **row}
         state.epoch = epoch + 1
         state.history.append(row)
         if info.is_main:
@@ -246,7 +326,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
                "params": stats["params"], "flops": stats["flops"], "epochs": cfg.epochs, "steps": state.step,
                "model": cfg.model, "act": cfg.act, "dataset": cfg.dataset, "seed": cfg.seed,
                "train_seconds": sum(r["seconds"] for r in state.history), "world_size": info.world_size,
-               "environment": environment()}
+               "amp": precision.name, "environment": environment()}
     if info.is_main:
         with open(os.path.join(cfg.out, SUMMARY), "w") as f:
             json.dump(summary, f, indent=1)

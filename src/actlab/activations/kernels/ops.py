@@ -12,13 +12,24 @@ from torch import Tensor
 from . import backend, composite
 
 
+# every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
+_CONTIGUOUS = (torch.Tag.needs_contiguous_strides,)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """A contiguous tensor of t's shape and dtype: what the implementations return. (``empty_like``
+    would copy an input's strides, and the compiler would then read the real, contiguous output with
+    those strides.)"""
+    return t.new_empty(t.shape)
+
+
 def _tau_native(x: Tensor, tau: float) -> bool:
     return tau >= 0  # the C++ TAU kernels assume tau >= 0
 
 
 # --- IIEU-B elementwise forward / backward -------------------------------------------------------------
 
-@torch.library.custom_op("actlab::iieu_forward", mutates_args=())
+@torch.library.custom_op("actlab::iieu_forward", mutates_args=(), tags=_CONTIGUOUS)
 def iieu_forward(x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor, eta: Tensor) -> Tensor:
     """out = s(x * inv_w * inv + nu) * x, x's dtype; s(r) = r above eta, eta * exp(r - eta) below."""
     return backend(x).iieu_forward(x, inv, inv_w, nu, eta)
@@ -26,10 +37,10 @@ def iieu_forward(x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor, eta: Tensor)
 
 @iieu_forward.register_fake
 def _(x, inv, inv_w, nu, eta):
-    return torch.empty_like(x)
+    return _dense(x)
 
 
-@torch.library.custom_op("actlab::iieu_backward", mutates_args=())
+@torch.library.custom_op("actlab::iieu_backward", mutates_args=(), tags=_CONTIGUOUS)
 def iieu_backward(grad_out: Tensor, x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor,
                   eta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``iieu_forward`` w.r.t. (x, inv, inv_w, nu, eta), each shaped like its input."""
@@ -38,8 +49,8 @@ def iieu_backward(grad_out: Tensor, x: Tensor, inv: Tensor, inv_w: Tensor, nu: T
 
 @iieu_backward.register_fake
 def _(grad_out, x, inv, inv_w, nu, eta):
-    return (torch.empty_like(x), torch.empty_like(inv), torch.empty_like(inv_w), torch.empty_like(nu),
-            torch.empty_like(eta))
+    return (_dense(x), _dense(inv), _dense(inv_w), _dense(nu),
+            _dense(eta))
 
 
 def _iieu_setup(ctx, inputs, output):
@@ -56,7 +67,7 @@ iieu_forward.register_autograd(_iieu_grad, setup_context=_iieu_setup)
 
 # --- inverse row norms of a Linear site's input -------------------------------------------------------
 
-@torch.library.custom_op("actlab::rows_inv_norm", mutates_args=())
+@torch.library.custom_op("actlab::rows_inv_norm", mutates_args=(), tags=_CONTIGUOUS)
 def rows_inv_norm(x: Tensor, eps: float, silent: float) -> tuple[Tensor, Tensor]:
     """x (R, K) -> (inv (R,), sumsq (R,)): 1 / (||x_r|| + eps), 0 below ``silent`` (< 0: never)."""
     return tuple(backend(x).rows_inv_norm(x, eps, silent))
@@ -68,7 +79,7 @@ def _(x, eps, silent):
     return x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape[0], dtype=dtype)
 
 
-@torch.library.custom_op("actlab::rows_inv_norm_backward", mutates_args=())
+@torch.library.custom_op("actlab::rows_inv_norm_backward", mutates_args=(), tags=_CONTIGUOUS)
 def rows_inv_norm_backward(x: Tensor, sumsq: Tensor, grad_inv: Tensor, eps: float, silent: float) -> Tensor:
     """dL/d x of ``rows_inv_norm`` from dL/d inv."""
     return backend(x).rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
@@ -76,7 +87,7 @@ def rows_inv_norm_backward(x: Tensor, sumsq: Tensor, grad_inv: Tensor, eps: floa
 
 @rows_inv_norm_backward.register_fake
 def _(x, sumsq, grad_inv, eps, silent):
-    return torch.empty_like(x)
+    return _dense(x)
 
 
 def _norm_setup(ctx, inputs, output):
@@ -97,7 +108,7 @@ def _norm_grad(ctx, grad_inv, grad_sumsq):
 rows_inv_norm.register_autograd(_norm_grad, setup_context=_norm_setup)
 
 
-@torch.library.custom_op("actlab::inv_norm", mutates_args=())
+@torch.library.custom_op("actlab::inv_norm", mutates_args=(), tags=_CONTIGUOUS)
 def inv_norm(sumsq: Tensor, eps: float, silent: float) -> Tensor:
     """1 / (sqrt(sumsq) + eps), 0 where sqrt(sumsq) < silent (< 0: never); elementwise, any shape. Its
     gradient is 0 at a zero norm, where the plain ops' chain rule would give inf * 0 = NaN."""
@@ -108,7 +119,7 @@ def inv_norm(sumsq: Tensor, eps: float, silent: float) -> Tensor:
 
 @inv_norm.register_fake
 def _(sumsq, eps, silent):
-    return torch.empty_like(sumsq)
+    return _dense(sumsq)
 
 
 def _inv_norm_setup(ctx, inputs, output):
@@ -126,7 +137,7 @@ inv_norm.register_autograd(_inv_norm_grad, setup_context=_inv_norm_setup)
 
 # --- DPA: TAU and the pooled response in one pass ------------------------------------------------------
 
-@torch.library.custom_op("actlab::tau_pool", mutates_args=())
+@torch.library.custom_op("actlab::tau_pool", mutates_args=(), tags=_CONTIGUOUS)
 def tau_pool(x: Tensor, tau: float, tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
     """TAU(x), the mean (float32; float64 for float64 x) over positions (x (B, C, P)) or tokens (x (B, N, C)), and the packed
     ties x == tau (uint8, ceil(numel / 8))."""
@@ -136,11 +147,11 @@ def tau_pool(x: Tensor, tau: float, tokens: bool) -> tuple[Tensor, Tensor, Tenso
 @tau_pool.register_fake
 def _(x, tau, tokens):
     b, c = (x.shape[0], x.shape[2]) if tokens else x.shape[:2]
-    return (torch.empty_like(x), x.new_empty(b, c, dtype=composite.compute_dtype(x)),
+    return (_dense(x), x.new_empty(b, c, dtype=composite.compute_dtype(x)),
             x.new_empty(composite.packed_size(x.numel()), dtype=torch.uint8))
 
 
-@torch.library.custom_op("actlab::tau_pool_backward", mutates_args=())
+@torch.library.custom_op("actlab::tau_pool_backward", mutates_args=(), tags=_CONTIGUOUS)
 def tau_pool_backward(grad_out: Tensor, out: Tensor, ties: Tensor, grad_v: Tensor | None, tau: float,
                       tokens: bool) -> Tensor:
     """dL/d x of ``tau_pool``: grad_out where x >= tau, plus grad_v spread evenly over the pooled axis."""
@@ -150,7 +161,7 @@ def tau_pool_backward(grad_out: Tensor, out: Tensor, ties: Tensor, grad_v: Tenso
 
 @tau_pool_backward.register_fake
 def _(grad_out, out, ties, grad_v, tau, tokens):
-    return torch.empty_like(out)
+    return _dense(out)
 
 
 def _tau_setup(ctx, inputs, output):
@@ -174,7 +185,7 @@ tau_pool.register_autograd(_tau_grad, setup_context=_tau_setup)
 
 # --- DPA: the per-class exponential memory -------------------------------------------------------------
 
-@torch.library.custom_op("actlab::ema_update_", mutates_args=("memory",))
+@torch.library.custom_op("actlab::ema_update_", mutates_args=("memory",), tags=_CONTIGUOUS)
 def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, enabled: Tensor) -> Tensor:
     """Where ``enabled`` (a 0-dim bool tensor), apply ``memory[y_i] += alpha * (values_i - memory[y_i])``
     for i in batch order, in place. Returns (B, C): memory[y_i] right after sample i's own update (or
