@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.actlab-installed
 
-.PHONY: test bench demo speed venv clean
+.PHONY: test bench demo speed gpu-check venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 speed: $(STAMP)
 	$(PY) -m actlab.bench.speed
+
+# On a machine with one CUDA GPU and torch/triton/timm/pytest installed (no registry needed): GPU tests and
+# the whole-model GPU speed benchmark, table last. Uses that machine's python3, not .venv.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

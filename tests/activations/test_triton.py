@@ -16,6 +16,7 @@ from actlab.activations.kernels import composite
 
 triton_kernels = pytest.importorskip("actlab.activations.kernels.triton_kernels", reason="triton not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []  # part of `pytest -m gpu` on a GPU machine
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
 

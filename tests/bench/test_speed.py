@@ -58,3 +58,20 @@ def test_iieu_eta_puts_every_response_below_the_threshold():
     fc1 = step.model[0]
     x_pre = step.inputs[:4]
     assert bool((units[0].ii_score(fc1(x_pre), x_pre) < 10.0).all())
+
+
+def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys):
+    """The whole-model benchmark's accounting on a small stand-in case: every activation gets a row with
+    its ratios to ReLU (ReLU's own exactly 1), memory is the bytes saved for backward on the CPU, and a
+    spent time budget lists the cases it skipped."""
+    from actlab.bench import model_speed
+
+    small = (model_speed.Case("resnet20", 4, 8, ("iieu_b", "dpa"), num_classes=10),
+             model_speed.Case("vgg11", 4, 8, ("dpa",), num_classes=10))
+    monkeypatch.setitem(model_speed.SUITES, "cpu", small)
+    rows = model_speed.main(["--suite", "cpu", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--budget-s", "0"])
+    out = capsys.readouterr().out
+    assert [r.activation for r in rows] == ["relu", "iieu_b", "dpa"]  # the first case runs, then the budget is spent
+    assert rows[0].time_vs_relu == 1.0 and rows[0].memory_vs_relu == 1.0
+    assert all(r.memory_mb > 0 and r.ms_median > 0 for r in rows)
+    assert "skipped (time budget): vgg11, batch 4, 8x8, eager" in out

@@ -13,6 +13,8 @@ vector of 8 lies below eta, as on this random workload at eta's initial 0.05. ``
 every response below it: the kernels' worst case.
 
     python -m actlab.bench.speed [--repeats 20] [--acts relu,iieu_b,dpa] [--iieu-eta 10] [--json out.json]
+
+With ``--device cuda`` it runs the whole-model GPU suite of ``actlab.bench.model_speed`` instead.
 """
 from __future__ import annotations
 
@@ -180,6 +182,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
                              "kernels' worst case; default: the initial 0.05)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):  # on a GPU: the whole-model training steps (model_speed)
+        from . import model_speed
+
+        return model_speed.main(["--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+                                + (["--json", args.json] if args.json else []))
     acts = [a.strip() for a in args.acts.split(",") if a.strip()]
     for a in acts:
         actlab.activations.get_spec(a)  # unknown names fail before any work

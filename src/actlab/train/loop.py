@@ -202,11 +202,15 @@ def checkpoint_state(cfg, model, optimizer, scaler, state: RunState) -> dict:
             "history": state.history}
 
 
+# settings a resumed run may change: where and how fast it runs, not what it computes
+RESUMABLE_CHANGES = ("out", "workers", "log_every", "epochs", "device", "compile")
+
+
 def restore(path: str, cfg: TrainConfig, model, optimizer, scaler) -> RunState:
     """Load everything from the run's checkpoint; refuses one written by a different configuration."""
     saved = ckpt.load(path)
     mismatched = {k: (saved["config"].get(k), v) for k, v in cfg.to_dict().items()
-                  if k not in ("out", "workers", "log_every", "epochs") and saved["config"].get(k) != v}
+                  if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v}
     if mismatched:
         raise ckpt.CheckpointError(f"{path} was written by a different configuration: "
                                    + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items()))

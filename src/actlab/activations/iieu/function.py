@@ -221,11 +221,16 @@ def iieu_b_rho(x_t, x_pre, inv_w, nu, patches, eps=1e-8, silence=True):
     return unflatten(composite.iieu_rho(x, inv, inv_w.to(ct), nu_flat).contiguous())
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
+
+
 def path() -> str:
     """Which computation serves the current call: "train" (eager, the memory-saving autograd function),
     "traced_train" (torch.compile with autograd), "plain" (export, TorchScript tracing, compile without
     autograd) or "inference" (eager without autograd)."""
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if torch.jit.is_tracing() or _exporting():
         return "plain"
     if torch.compiler.is_compiling():
         return "traced_train" if torch.is_grad_enabled() else "plain"

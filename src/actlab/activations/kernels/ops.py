@@ -13,7 +13,7 @@ from . import backend, composite
 
 
 # every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
-_CONTIGUOUS = (torch.Tag.needs_contiguous_strides,)
+_CONTIGUOUS = tuple(getattr(torch.Tag, name) for name in ("needs_contiguous_strides",) if hasattr(torch.Tag, name))
 
 
 def _dense(t: Tensor) -> Tensor:

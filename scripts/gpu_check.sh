@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a machine with one CUDA GPU whose python3 already has torch,
+# torchvision, timm, triton and pytest (no package registry needed): install actlab without
+# dependencies, run the GPU tests, then the whole-model GPU speed benchmark; the table comes last.
+# Logs and JSON go to $OUT (default /tmp/actlab-gpu-check). Budget: about 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/actlab-gpu-check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+
+python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { tail -20 "$OUT/install.log"; echo "install failed"; exit 1; }
+python3 - <<'PY' | tee "$OUT/environment.txt"
+import platform, torch, triton
+print(f"{torch.cuda.get_device_name()}; driver CUDA {torch.version.cuda}; torch {torch.__version__}; "
+      f"triton {triton.__version__}; Python {platform.python_version()}")
+PY
+echo "== pytest -m gpu ($(elapsed) s)"
+timeout 270 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+tests_rc=${PIPESTATUS[0]}
+echo "== speed benchmark ($(elapsed) s)"
+left=$(( 460 - $(elapsed) ))
+timeout $(( left > 60 ? left : 60 )) python3 -m actlab.bench.model_speed --suite gpu --repeats 10 --warmup 2 \
+  --budget-s $(( left > 90 ? left - 30 : 60 )) --json "$OUT/speed.json" >"$OUT/speed.log" 2>&1
+speed_rc=$?
+echo "== done in $(elapsed) s: pytest rc=$tests_rc, speed rc=$speed_rc"
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+tail -n 40 "$OUT/speed.log"
+exit $(( tests_rc != 0 || speed_rc != 0 ))

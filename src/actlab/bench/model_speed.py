@@ -1,0 +1,209 @@
+"""Whole-model training steps of IIEU-B, IIEU-DC and DPA side by side with ReLU.
+
+Each case is one architecture at one batch and input size, built once per activation; the steps
+(forward with targets, loss with DPA's channel loss, backward, SGD step) run interleaved round-robin, and
+"x ReLU time" is the median over rounds of each round's ratio to ReLU's step in the same round. Memory is
+the peak allocated during a step (``torch.cuda.max_memory_allocated`` above what the model and optimizer
+already hold) on CUDA, and the bytes saved for backward on the CPU.
+
+Suites:
+  gpu: IIEU paper ResNet-26 and ResNet-50 (its placement) at batch 128, 224x224; ViT-Tiny/4 at 32x32,
+       batch 256; bf16 autocast; eager and torch.compile.
+  cpu: IIEU paper ResNet-26 training steps at batch 16, 64x64 and batch 8, 224x224, float32, eager.
+
+    python -m actlab.bench.model_speed --suite gpu [--repeats 20] [--compile both|eager|compiled] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actlab
+from actlab.models import create_model
+
+from .speed import environment, saved_bytes
+
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Case:
+    """One architecture at one size; ``acts`` are compared against ReLU."""
+
+    model: str
+    batch: int
+    image_size: int
+    acts: tuple[str, ...]
+    num_classes: int = NUM_CLASSES
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}, batch {self.batch}, {self.image_size}x{self.image_size}"
+
+
+SUITES = {
+    "gpu": (Case("resnet26", 128, 224, ("iieu_b", "iieu_dc")),
+            Case("resnet50", 128, 224, ("iieu_b", "iieu_dc", "dpa")),
+            Case("vit_tiny", 256, 32, ("iieu_b", "dpa"), num_classes=100)),
+    "cpu": (Case("resnet26", 16, 64, ("iieu_b", "iieu_dc")),
+            Case("resnet26", 8, 224, ("iieu_b", "iieu_dc"))),
+}
+
+
+@dataclass
+class Row:
+    case: str
+    activation: str
+    compiled: bool
+    precision: str
+    ms_median: float
+    ms_iqr: float
+    memory_mb: float
+    time_vs_relu: float = float("nan")
+    memory_vs_relu: float = float("nan")
+
+
+class TrainingStep:
+    """One model's training step on fixed random data (what the timing loop calls)."""
+
+    def __init__(self, case: Case, act: str, device: torch.device, dtype: torch.dtype | None, compiled: bool):
+        torch.manual_seed(0)
+        self.model = create_model(case.model, act, case.num_classes, image_size=case.image_size).to(device)
+        self.x = torch.randn(case.batch, 3, case.image_size, case.image_size, device=device)
+        self.y = torch.randint(0, case.num_classes, (case.batch,), device=device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.device, self.dtype = device, dtype
+
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            with actlab.targets(self.model, self.y, validate=False):
+                logits = self.forward(self.x)
+            return F.cross_entropy(logits.float(), self.y) + actlab.dpa_loss(self.model)
+
+    def __call__(self) -> None:
+        loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def memory_mb(self) -> float:
+        """Peak bytes a step adds on CUDA; bytes saved for backward on the CPU."""
+        if self.device.type != "cuda":
+            return saved_bytes(self.loss) / 2**20
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """ms per call of each step, the steps called round-robin ``repeats`` times after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[key].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, compiled: bool, repeats: int,
+             warmup: int) -> list[Row]:
+    acts = ("relu", *case.acts)
+    steps = {act: TrainingStep(case, act, device, dtype, compiled) for act in acts}
+    times = time_interleaved(steps, repeats, warmup, device)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    rows = []
+    for act in acts:
+        q = statistics.quantiles(times[act], n=4)
+        rows.append(Row(case.label, act, compiled, precision, statistics.median(times[act]), q[2] - q[0],
+                        steps[act].memory_mb()))
+    relu = rows[0]
+    for row in rows:
+        row.time_vs_relu = statistics.median(t / r for t, r in zip(times[row.activation], times["relu"]))
+        row.memory_vs_relu = row.memory_mb / relu.memory_mb if relu.memory_mb else float("nan")
+    del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
+    memory = "peak MB" if device.type == "cuda" else "saved MB"
+    lines = [f"Machine: {environment(device)}; median of {repeats} interleaved training steps (IQR in brackets); "
+             "x ReLU: median of the per-round ratios.", "",
+             f"| case | activation | mode | ms | x ReLU time | {memory} | x ReLU memory |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = f"{r.precision}, {'compiled' if r.compiled else 'eager'}"
+        lines.append(f"| {r.case} | {r.activation} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | {r.time_vs_relu:.2f} | "
+                     f"{r.memory_mb:.0f} | {r.memory_vs_relu:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=list(SUITES), default=None,
+                        help="gpu (default on CUDA) or cpu (default otherwise)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the suite's models")
+    parser.add_argument("--compile", choices=("both", "eager", "compiled"), default=None,
+                        help="default: both on CUDA, eager on the CPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (the first always runs; the rest are listed as skipped)")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
+    cases = SUITES[suite]
+    if args.models:
+        wanted = {m.strip() for m in args.models.split(",")}
+        unknown = wanted - {c.model for c in cases}
+        if unknown:
+            parser.error(f"models {sorted(unknown)} are not in the {suite} suite: {sorted({c.model for c in cases})}")
+        cases = tuple(c for c in cases if c.model in wanted)
+    compile_mode = args.compile or ("both" if device.type == "cuda" else "eager")
+    modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[compile_mode]
+    dtype = torch.bfloat16 if suite == "gpu" else None
+    rows, skipped, start = [], [], time.perf_counter()
+    # eager cases first: the compiled ones take minutes to compile and go last within the budget
+    for compiled in modes:
+        for case in cases:
+            if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                skipped.append(f"{case.label}, {'compiled' if compiled else 'eager'}")
+                continue
+            rows += run_case(case, device, dtype, compiled, args.repeats, args.warmup)
+            print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
+    print(markdown(rows, args.repeats, device))
+    if skipped:
+        print("skipped (time budget): " + "; ".join(skipped))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device), "repeats": args.repeats, "rows": [asdict(r) for r in rows],
+                       "skipped": skipped}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
