@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import actlab
-from actlab.activations import DPA, IIEUB
+from actlab.activations import DPA
 from actlab.activations.kernels import composite
 
 pytestmark = [pytest.mark.gpu,

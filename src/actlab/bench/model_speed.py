@@ -22,13 +22,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import actlab
 from actlab.models import create_model
 
-from .speed import environment, saved_bytes
+from .speed import environment, saved_bytes, time_interleaved
 
 NUM_CLASSES = 1000
 
@@ -104,27 +103,6 @@ class TrainingStep:
         self()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict:
-    """ms per call of each step, the steps called round-robin ``repeats`` times after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times[key].append(1000 * (time.perf_counter() - t0))
-    return times
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, compiled: bool, repeats: int,

@@ -114,23 +114,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """ms per call of each step, the steps called round-robin ``repeats`` times after ``warmup`` rounds,
+    so that every step sees the same machine state."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[key].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
 def run(acts: list[str], repeats: int, warmup: int, device: torch.device,
         workloads: tuple[str, ...] = tuple(WORKLOADS), iieu_eta: float | None = None) -> list[Row]:
     cases = [(a, w, "train") for w in workloads for a in acts]
     cases += [(a, w, "eval") for w in workloads for a in acts if a in ("relu", "dpa")]
     built = {c: build(c[0], c[1], device, c[2] == "train", iieu_eta) for c in cases}
     steps = {c: b[0] for c, b in built.items()}
-    times: dict[tuple, list[float]] = {c: [] for c in cases}
-    for _ in range(warmup):
-        for c in cases:
-            steps[c]()
-    for _ in range(repeats):  # round-robin: every activation sees the same machine state
-        for c in cases:
-            _sync(device)
-            t0 = time.perf_counter()
-            steps[c]()
-            _sync(device)
-            times[c].append(1000 * (time.perf_counter() - t0))
+    times = time_interleaved(steps, repeats, warmup, device)
     rows = []
     for c in cases:
         q = statistics.quantiles(times[c], n=4)

@@ -217,9 +217,9 @@ def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     silent = silent_threshold(patches, silence)
     if isinstance(patches, LinearPatches):
         rows = x_pre.contiguous().view(-1, x_pre.shape[-1])
-        grad = backend(rows).rows_inv_norm_backward(rows, sumsq.contiguous().view(-1).float() if ct == torch.float32
-                                                    else sumsq.contiguous().view(-1),
-                                                    grad_inv.contiguous().view(-1).to(sumsq.dtype), eps, silent)
+        flat_sumsq = sumsq.contiguous().view(-1)
+        grad_inv = grad_inv.contiguous().view(-1).to(flat_sumsq.dtype)
+        grad = backend(rows).rows_inv_norm_backward(rows, flat_sumsq, grad_inv, eps, silent)
         return grad.view(x_pre.shape)
     from ..kernels.composite import inv_norm_grad_sumsq
 

@@ -35,6 +35,20 @@ def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _grad_terms(x, go, a, n, e):
+    """Per element of IIEU-B's backward, with a = inv_w * inv: grad_x, and the terms whose sums give the
+    gradients of a (times x), nu and eta (before its (1 - eta) factor)."""
+    rho = x * a + n
+    below = rho < e
+    expo = tl.exp(tl.minimum(rho - e, 0.0))
+    s_low = expo * e
+    scale = tl.where(below, s_low, rho)
+    g_scale = go * x
+    g_rho = tl.where(below, g_scale * s_low, g_scale)
+    return go * scale + g_rho * a, g_rho * x, g_rho, tl.where(below, g_scale * expo, 0.0)
+
+
+@triton.jit
 def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, CG, G, P, NPB, SLAB, BLOCK: tl.constexpr):
     """Program (b * G + g, position block): the group's channels one after the other; grad_inv summed
     here over the group, per-channel sums written to PART (3, B * C, NPB)."""
@@ -54,21 +68,13 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, CG, G, P, NPB, S
         w = tl.load(W + c)
         n = tl.load(NU + b * C + c)
         e = tl.load(ETA + c)
-        a = w * inv
-        rho = x * a + n
-        below = rho < e
-        expo = tl.exp(tl.minimum(rho - e, 0.0))
-        s_low = expo * e
-        scale = tl.where(below, s_low, rho)
-        g_scale = go * x
-        g_rho = tl.where(below, g_scale * s_low, g_scale)
-        tl.store(GX + row + offs, (go * scale + g_rho * a).to(GX.dtype.element_ty), mask=live)
-        g_rx = g_rho * x
+        grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w * inv, n, e)
+        tl.store(GX + row + offs, grad_x.to(GX.dtype.element_ty), mask=live)
         acc_inv += g_rx * w
         slot = (b * C + c) * NPB + pb
         tl.store(PART + slot, tl.sum(g_rx * inv, axis=0))
         tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=0))
-        tl.store(PART + 2 * SLAB + slot, tl.sum(tl.where(below, g_scale * expo, 0.0), axis=0))
+        tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=0))
     tl.store(GINV + bg * P + offs, acc_inv, mask=live)
 
 
@@ -117,21 +123,12 @@ def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB,
         w = tl.load(W + cc, mask=live_c, other=0.0)[None, :]
         n = tl.load(NU + s * C + cc, mask=live_c, other=0.0)[None, :]
         e = tl.load(ETA + cc, mask=live_c, other=0.0)[None, :]
-        a = w * inv[:, None]
-        rho = x * a + n
-        below = rho < e
-        expo = tl.exp(tl.minimum(rho - e, 0.0))
-        s_low = expo * e
-        scale = tl.where(below, s_low, rho)
-        g_scale = go * x
-        g_rho = tl.where(below, g_scale * s_low, g_scale)
-        tl.store(GX + at, (go * scale + g_rho * a).to(GX.dtype.element_ty), mask=live)
-        g_rx = g_rho * x
+        grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w * inv[:, None], n, e)
+        tl.store(GX + at, grad_x.to(GX.dtype.element_ty), mask=live)
         acc_inv += tl.sum(g_rx * w, axis=1)
         tl.store(PART + part_row + cc, tl.sum(g_rx * inv[:, None], axis=0), mask=live_c)
         tl.store(PART + SLAB + part_row + cc, tl.sum(g_rho, axis=0), mask=live_c)
-        tl.store(PART + 2 * SLAB + part_row + cc, tl.sum(tl.where(below, g_scale * expo, 0.0), axis=0),
-                 mask=live_c)
+        tl.store(PART + 2 * SLAB + part_row + cc, tl.sum(g_eta, axis=0), mask=live_c)
     tl.store(GINV + rows, acc_inv, mask=live_t)
 
 
