@@ -132,3 +132,30 @@ def test_checkpoint_moves_between_gpu_and_cpu(first, second, tmp_path):
     assert math.isfinite(summary["loss"]) and summary["environment"]["cuda"] is not None
     model, saved = load_run_model(str(tmp_path / "run"))
     assert saved["epoch"] == 2 and all(not t.is_cuda for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+def test_training_steps_do_not_synchronise(act):
+    """Eager training steps (DPA update steps included) run without a device-to-host synchronisation."""
+    from actlab.models import create_model
+
+    torch.manual_seed(6)
+    model = create_model("resnet20", act, 10, image_size=16).to(CUDA)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(32, 3, 16, 16, device=CUDA), torch.randint(0, 10, (32,), device=CUDA)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with actlab.targets(model, y, validate=False):
+                loss = F.cross_entropy(model(x).float(), y) + actlab.dpa_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # first call: kernel loading, cuDNN's choice, DPA's host copy of its step count
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):  # covers a DPA memory update (every 5th step)
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

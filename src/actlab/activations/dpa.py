@@ -194,10 +194,10 @@ class DPA(ActivationModule):
         super()._load_from_state_dict(*args, **kwargs)
         self._count_cache = None
 
-    def _advance_count(self) -> torch.Tensor:
-        """Advance ``count``; returns whether this forward is an update step, as a 0-dim bool tensor.
-        Eager mode keeps a host copy of ``count`` (no device sync per forward); traced graphs advance the
-        buffer on the device instead (no data-dependent Python value)."""
+    def _advance_count(self) -> bool | torch.Tensor:
+        """Advance ``count``; returns whether this forward is an update step. Eager mode keeps a host copy
+        of ``count`` and answers with a Python bool (no device sync per forward); traced graphs advance
+        the buffer on the device and answer with a 0-dim bool tensor (no data-dependent Python value)."""
         if torch.compiler.is_compiling():
             self.count.copy_((self.count + 1) % self.interval)
             return self.count == 0
@@ -205,7 +205,7 @@ class DPA(ActivationModule):
             self._count_cache = int(self.count)
         self._count_cache = (self._count_cache + 1) % self.interval
         self.count.fill_(self._count_cache)
-        return torch.tensor(self._count_cache == 0, device=self.count.device)
+        return self._count_cache == 0
 
     def _fused_layout(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool] | None:
         """x as the fused TAU/pool kernel's (B, C, P) maps or (B, N, C) tokens, without a copy, or None
@@ -273,9 +273,11 @@ class DPA(ActivationModule):
         eager = not torch.compiler.is_compiling()
         with torch.no_grad():
             v_now = v.detach()
-            if eager and not bool(update):  # a host value in eager mode, no sync
+            if eager and not update:
                 value_rows = self.value_memory[y]
             else:
+                if eager:
+                    update = torch.ones((), dtype=torch.bool, device=x.device)
                 labels, values, offset = _gather_global(y, v_now)
                 value_rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(),
                                                           self.alpha, update)
@@ -288,7 +290,7 @@ class DPA(ActivationModule):
             self._loss_terms = (zero, zero.long())
         else:
             self._loss_terms = ((v.square() * mask).sum(), mask.sum())
-        if out.requires_grad and not (eager and not bool(update)):
+        if out.requires_grad and not (eager and update is False):
             out.register_hook(self._grad_memory_hook(y, update) if eager else self._traced_grad_hook(y, update))
         return out
 
