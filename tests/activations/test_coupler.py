@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import actlab
@@ -87,3 +88,31 @@ def test_errors_and_bf16():
         out = dc(main.bfloat16(), short.bfloat16())
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref32).norm() / ref32.norm() < 2e-2
+
+
+def test_fusion_keeps_no_map_beyond_what_the_network_keeps():
+    """In a residual chain the coupler's weighted sum saves its output (the next conv's input) and the
+    identity shortcut (this block's conv input), not the main branch: saved bytes stay within the
+    plain add's plus the coupler's small per-channel tensors."""
+    from actlab.bench.speed import saved_bytes
+
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(16, 16, 3, padding=1, bias=False) for _ in range(3)]
+    couplers = [actlab.DynamicCoupler(16, reduction=4) for _ in range(3)]
+    x = torch.randn(4, 16, 16, 16, requires_grad=True)
+
+    def chain(fuse):
+        def run():
+            h = x
+            for conv, coupler in zip(convs, couplers):
+                h = fuse(coupler, conv(h), h)
+            return h.square().mean()
+        return run
+
+    plain = saved_bytes(chain(lambda coupler, main, shortcut: main + shortcut))
+    coupled = saved_bytes(chain(lambda coupler, main, shortcut: coupler(main, shortcut)))
+    map_bytes = x.numel() * 4
+    assert coupled <= plain + 0.5 * map_bytes, (coupled, plain, map_bytes)
+    naive = saved_bytes(chain(lambda coupler, main, shortcut: coupler.weights(main, shortcut)[:, 0, :, None, None] * main
+                              + coupler.weights(main, shortcut)[:, 1, :, None, None] * shortcut))
+    assert naive >= coupled + 2 * map_bytes  # keeping main and shortcut would cost maps: the test measures something

@@ -34,6 +34,35 @@ class CouplerIIEU(nn.Module):
         return iieu_b(h, a, inv_w, nu, self.eta, LinearPatches.from_linear(fc), self.eps, True)
 
 
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dims where ``shape`` (same rank) has size 1."""
+    dims = tuple(i for i, (n, m) in enumerate(zip(t.shape, shape)) if m == 1 and n != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out = w1 * main + w2 * shortcut (w1, w2 broadcast per sample and channel; w1 > 0).
+
+    Saves ``out`` and ``shortcut`` instead of ``main`` and ``shortcut``: in a residual network ``out`` is
+    the next block's input, which its first convolution keeps anyway, and an identity ``shortcut`` is
+    this block's input, which its own first convolution keeps. ``main`` is recovered where its gradient
+    sum needs it, as ``main - shortcut = (out - w2 * shortcut) / w1 - shortcut``, per (sample, channel)."""
+
+    @staticmethod
+    def forward(ctx, main, shortcut, w1, w2):
+        out = w1 * main + w2 * shortcut
+        ctx.save_for_backward(out, shortcut, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, shortcut, w1, w2 = ctx.saved_tensors
+        grad_shortcut_weight = _sum_to(grad * shortcut, w2.shape)
+        # sum of grad * main = sum of grad * (out - w2 * shortcut) / w1
+        grad_main_weight = (_sum_to(grad * out, w1.shape) - w2 * grad_shortcut_weight) / w1
+        return grad * w1, grad * w2, grad_main_weight, grad_shortcut_weight
+
+
 class DynamicCoupler(nn.Module):
     """Replace ``main + shortcut`` by ``l1 * main + l2 * shortcut`` with per-sample channel weights.
 
@@ -73,4 +102,7 @@ class DynamicCoupler(nn.Module):
 
     def forward(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         lam = self.weights(main, shortcut).to(main.dtype)
-        return per_channel(lam[:, 0], main) * main + per_channel(lam[:, 1], shortcut) * shortcut
+        w1, w2 = per_channel(lam[:, 0], main), per_channel(lam[:, 1], shortcut)
+        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            return _WeightedSum.apply(main, shortcut, w1, w2)
+        return w1 * main + w2 * shortcut
