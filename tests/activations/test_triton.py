@@ -99,6 +99,10 @@ def test_tau_pool_forward_and_backward(tokens, shape, tau, dtype):
     for gv in (grad_v, None):
         close(triton_kernels.tau_pool_backward(grad_out, out, ties, gv, tau, tokens),
               composite.tau_pool_backward(grad_out, out, ties, gv, tau, tokens), dtype)
+    # ties=None (no ties, as eager training passes it on the CPU): only out > tau passes
+    no_ties = triton_kernels.tau_pool_backward(grad_out, out, None, None, tau, tokens)
+    close(no_ties, composite.tau_pool_backward(grad_out, out, None, None, tau, tokens), dtype)
+    assert not torch.equal(no_ties, composite.tau_pool_backward(grad_out, out, ties, None, tau, tokens))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .base import ActivationModule
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from .kernels import backend
-from .kernels.composite import pack_bits, packed_size, unpack_bits
+from .kernels.composite import pack_bits, unpack_bits
 from .layout import global_pool
 from .registry import ActivationSpec, register
 
@@ -85,8 +85,6 @@ class _EagerTauPool(torch.autograd.Function):
         out, ties = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        if ties is None:
-            ties = torch.zeros(packed_size(out.numel()), dtype=torch.uint8, device=out.device)
         grad_out = grad_out.contiguous()
         kernels = backend(out, cpu_native=ctx.tau >= 0 and grad_out.dtype == out.dtype)
         grad_v = None if grad_v is None else grad_v.contiguous()

@@ -39,11 +39,21 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return ((words * _GATHER) >> 56).to(torch.uint8)
 
 
+_UNPACK_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpack_table(device: torch.device) -> torch.Tensor:
+    """(256,) int64 words: entry p holds the 8 one-byte flags of packed byte p."""
+    if device not in _UNPACK_TABLES:
+        flags = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # (256, 8): flag t of byte p
+        _UNPACK_TABLES[device] = flags.to(torch.uint8).contiguous().view(torch.int64).view(256).to(device)
+    return _UNPACK_TABLES[device]
+
+
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The bool tensor of ``shape`` that ``pack_bits`` packed."""
-    bit = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    flags = (packed[:, None] >> bit) & 1
-    return flags.reshape(-1)[: shape.numel()].view(shape).bool()
+    words = _unpack_table(packed.device)[packed.long()]
+    return words.view(torch.bool)[: shape.numel()].view(shape)
 
 
 def _iieu_views(x, inv, inv_w, nu, eta):
@@ -145,8 +155,11 @@ def tau_pool(x, tau: float, tokens: bool):
 
 
 def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
-    """dL/d x of ``tau_pool``: grad_out where x >= tau (out > tau, or a tie), plus grad_v's mean spread."""
-    passes = (out > tau) | unpack_bits(ties, out.shape)
+    """dL/d x of ``tau_pool``: grad_out where x >= tau (out > tau, or a tie), plus grad_v's mean spread.
+    ``ties``: the packed mask, or None when there are none."""
+    passes = out > tau
+    if ties is not None:
+        passes = passes | unpack_bits(ties, out.shape)
     grad = torch.where(passes, grad_out, torch.zeros_like(grad_out))
     if grad_v is None:
         return grad

@@ -81,7 +81,7 @@ def tau_pool(x, tau: float, tokens: bool):
 def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
     from . import composite
 
-    if bool(ties.any()):  # the C++ pass handles maps without ties; exact ties are rare
+    if ties is not None and bool(ties.any()):  # the C++ pass handles maps without ties; exact ties are rare
         return composite.tau_pool_backward(grad_out, out, ties, grad_v, tau, tokens)
     ops = torch.ops.actlab_dpa
     return (ops.tau_pool_tokens_backward if tokens else ops.tau_pool_backward)(grad_out, out, grad_v, tau)

@@ -318,6 +318,8 @@ def tau_pool(x, tau: float, tokens: bool):
 
 
 def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
+    if ties is None:  # no ties (the eager path drops an all-zero mask on the CPU)
+        ties = torch.zeros(composite.packed_size(out.numel()), dtype=torch.uint8, device=out.device)
     grad_x = torch.empty_like(out)
     numel = out.numel()
     n, c = (out.shape[1], out.shape[2]) if tokens else (1, 1)
