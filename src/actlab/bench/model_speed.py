@@ -12,6 +12,7 @@ Suites:
   cpu: IIEU paper ResNet-26 training steps at batch 16, 64x64 and batch 8, 224x224, float32, eager.
 
     python -m actlab.bench.model_speed --suite gpu [--repeats 20] [--compile both|eager|compiled] [--json F]
+    python -m actlab.bench.model_speed --suite gpu --profile resnet26:iieu_b,resnet26:relu
 """
 from __future__ import annotations
 
@@ -138,6 +139,24 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def profile(case: Case, act: str, device: torch.device, dtype: torch.dtype | None, steps: int = 3,
+            rows: int = 25) -> str:
+    """The PyTorch profiler's kernel table for a few eager training steps of one activation (after two warm-ups)."""
+    step = TrainingStep(case, act, device, dtype, compiled=False)
+    for _ in range(2):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"{case.label}, {act}, {steps} steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=list(SUITES), default=None,
@@ -151,6 +170,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the first always runs; the rest are listed as skipped)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--profile", metavar="MODEL:ACT[,MODEL:ACT]",
+                        help="print the profiler's kernel table for these eager steps instead of timing the suite")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
@@ -164,6 +185,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     compile_mode = args.compile or ("both" if device.type == "cuda" else "eager")
     modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[compile_mode]
     dtype = torch.bfloat16 if suite == "gpu" else None
+    if args.profile:
+        for target in args.profile.split(","):
+            model, act = target.split(":")
+            case = next((c for c in cases if c.model == model), None)
+            if case is None:
+                parser.error(f"model {model!r} is not in the {suite} suite: {sorted({c.model for c in cases})}")
+            print(profile(case, act, device, dtype), flush=True)
+        return []
     rows, skipped, start = [], [], time.perf_counter()
     # eager cases first: the compiled ones take minutes to compile and go last within the budget
     for compiled in modes:
