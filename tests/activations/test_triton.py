@@ -47,6 +47,7 @@ def iieu_inputs(layout, dims, dtype=torch.float32, seed=0):
 
 IIEU_GEOMETRIES = [  # planes (B, C, G, P) with tails after 16-wide blocks; rows (S, T, C)
     ("planes", (2, 8, 2, 37)), ("planes", (3, 6, 1, 5)), ("planes", (2, 8, 8, 20)),  # grouped, dense, depthwise
+    ("planes", (2, 40, 1, 300)),  # several channel and position tiles per group, both with tails
     ("rows", (2, 5, 11)), ("rows", (4, 1, 200)), ("rows", (1, 37, 16)),  # tokens, per-row nu, batch 1
 ]
 

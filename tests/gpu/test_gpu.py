@@ -114,7 +114,8 @@ def test_converted_models_train_under_bf16(source, act, compiled):
 
         model = timm.create_model(name, pretrained=False, num_classes=10, img_size=64)
     size = 64
-    actlab.convert(model, act, num_classes=10, example_input=torch.randn(2, 3, size, size), strict=True)
+    # IIEU-B needs a producing module: torchvision's ReLUs after the residual adds stay ReLU (strict would refuse)
+    actlab.convert(model, act, num_classes=10, example_input=torch.randn(2, 3, size, size), strict=act == "dpa")
     model = model.to(CUDA)
     x, y = torch.randn(16, 3, size, size, device=CUDA), torch.randint(0, 10, (16,), device=CUDA)
     losses = _train(model, x, y, steps=8, compiled=compiled)  # one batch, fitted: the loss must fall

@@ -361,7 +361,9 @@ def targets(model: nn.Module, y: torch.Tensor, validate: bool = True) -> Iterato
     if sites:
         y = y.long()
     for site in sites:
-        site._targets = y
+        # a view of its own per site: torch.compile (2.11) misplaced the graph input of one tensor read
+        # through many module attributes, which Inductor then rejected ("used before it has been defined")
+        site._targets = y.view(y.shape)
     try:
         yield
     finally:

@@ -221,7 +221,7 @@ def closed_form_ema(memory: Tensor, labels: Tensor, values: Tensor, alpha: float
     earlier = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril()
     mine = same & earlier  # (i, l): l is sample i's class and not after it
     rank = mine.sum(1) - 1
-    decay = torch.tensor(1.0 - alpha, dtype=wide, device=memory.device)
+    decay = torch.full((), 1.0 - alpha, dtype=wide, device=memory.device)  # a fill, not a host copy (no sync)
     lag = (rank[:, None] - rank[None, :]).clamp_min(0)
     weights = torch.where(mine, alpha * decay.pow(lag), torch.zeros((), dtype=wide, device=memory.device))
     start = memory.index_select(0, labels).to(wide)

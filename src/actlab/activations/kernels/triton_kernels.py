@@ -14,6 +14,7 @@ import triton.language as tl
 from . import composite
 
 _BLOCK = 1024
+_TILE = 4096  # elements of a 2D tile
 
 
 @triton.jit
@@ -49,33 +50,37 @@ def _grad_terms(x, go, a, n, e):
 
 
 @triton.jit
-def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, CG, G, P, NPB, SLAB, BLOCK: tl.constexpr):
-    """Program (b * G + g, position block): the group's channels one after the other; grad_inv summed
-    here over the group, per-channel sums written to PART (3, B * C, NPB)."""
+def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, NCB, NPB, SLAB,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (b * G + g, channel block cb, position block pb) on a (BLOCK_C, BLOCK_P) tile of the group's
+    planes: grad_x; grad_inv summed over the tile's channels into GINV_PART (NCB, B * G, P); per-channel
+    sums over the tile's positions into PART (3, B * C, NPB). Tiles keep every program short and the grid
+    wide, also for deep layers with few positions and many channels."""
     bg = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1)
-    offs = pb * BLOCK + tl.arange(0, BLOCK)
-    live = offs < P
+    cb = tl.program_id(1)
+    pb = tl.program_id(2)
     b = bg // G
     g = bg % G
-    inv = tl.load(INV + bg * P + offs, mask=live, other=0.0)
-    acc_inv = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(0, CG):
-        c = g * CG + j
-        row = (b * C + c) * P
-        x = tl.load(X + row + offs, mask=live, other=0.0).to(tl.float32)
-        go = tl.load(GO + row + offs, mask=live, other=0.0).to(tl.float32)
-        w = tl.load(W + c)
-        n = tl.load(NU + b * C + c)
-        e = tl.load(ETA + c)
-        grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w * inv, n, e)
-        tl.store(GX + row + offs, grad_x.to(GX.dtype.element_ty), mask=live)
-        acc_inv += g_rx * w
-        slot = (b * C + c) * NPB + pb
-        tl.store(PART + slot, tl.sum(g_rx * inv, axis=0))
-        tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=0))
-        tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=0))
-    tl.store(GINV + bg * P + offs, acc_inv, mask=live)
+    offs = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    live_p = offs < P
+    local = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_c = local < CG
+    c = g * CG + local
+    live = live_c[:, None] & live_p[None, :]
+    at = (b * C + c)[:, None] * P + offs[None, :]
+    inv = tl.load(INV + bg * P + offs, mask=live_p, other=0.0)
+    x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
+    go = tl.load(GO + at, mask=live, other=0.0).to(tl.float32)
+    w = tl.load(W + c, mask=live_c, other=0.0)
+    n = tl.load(NU + b * C + c, mask=live_c, other=0.0)
+    e = tl.load(ETA + c, mask=live_c, other=0.0)
+    grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
+    tl.store(GX + at, grad_x.to(GX.dtype.element_ty), mask=live)
+    tl.store(GINV_PART + (cb * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0), mask=live_p)
+    slot = (b * C + c) * NPB + pb
+    tl.store(PART + slot, tl.sum(g_rx * inv[None, :], axis=1), mask=live_c)
+    tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=1), mask=live_c)
+    tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=1), mask=live_c)
 
 
 @triton.jit
@@ -255,11 +260,16 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     if x.dim() == 3:
         b, c, p = x.shape
         g = inv.shape[1]
-        block = _pow2(p, 16, _BLOCK)
-        npb = triton.cdiv(p, block)
+        cg = c // g
+        block_p = _pow2(p, 16, 256)
+        block_c = _pow2(cg, 1, max(1, _TILE // block_p))
+        ncb, npb = triton.cdiv(cg, block_c), triton.cdiv(p, block_p)
         part = inv.new_empty(3, b * c, npb)
-        _iieu_planes_bwd[(b * g, npb)](grad_out, x, inv, inv_w, nu, eta, grad_x, grad_inv, part, c, c // g, g, p,
-                                       npb, b * c * npb, BLOCK=block)
+        ginv_part = grad_inv if ncb == 1 else inv.new_empty(ncb, b * g, p)
+        _iieu_planes_bwd[(b * g, ncb, npb)](grad_out, x, inv, inv_w, nu, eta, grad_x, ginv_part, part, c, cg, g, p,
+                                            ncb, npb, b * c * npb, BLOCK_C=block_c, BLOCK_P=block_p)
+        if ncb > 1:
+            torch.sum(ginv_part, 0, out=grad_inv.view(b * g, p))
         part = part.view(3, b, c, npb)
         grad_w, grad_nu, grad_eta = part[0].sum((0, 2)), part[1].sum(2), part[2].sum((0, 2))
     else:
