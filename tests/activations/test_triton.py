@@ -64,6 +64,19 @@ def test_iieu_forward_and_backward(layout, dims, dtype):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 7), 1), ((3, 40, 20, 15), 2), ((2, 8, 4, 4), 8)],
+                         ids=["dense", "tiles", "depthwise"])
+def test_channel_sums_and_scales(shape, groups, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    close(triton_kernels.channel_sumsq(x, groups, torch.float32), composite.channel_sumsq(x, groups, torch.float32))
+    scale = torch.randn(shape[0], groups, *shape[2:], generator=g).to(DEVICE)
+    got, want = triton_kernels.channel_scale(x, scale), composite.channel_scale(x, scale)
+    assert got.dtype == x.dtype
+    close(got, want, dtype)
+
+
 @pytest.mark.parametrize("silent", [-1.0, 1e-6 * 7 ** 0.5], ids=["published", "silence"])
 def test_rows_inverse_norms(silent):
     g = torch.Generator().manual_seed(1)

@@ -90,21 +90,23 @@ class ConvPatches:
         return sq.view(b, self.groups, c // self.groups, h, w).sum(2)
 
     def sumsq(self, x_pre: torch.Tensor) -> torch.Tensor:
-        """(B, Cin, H, W) -> squared patch norms (B, G, H', W')."""
-        sq = self._grouped_square_sum(x_pre)
+        """(B, Cin, H, W) -> squared patch norms (B, G, H', W'), in plain tensor ops."""
+        return self.window_sum(self._grouped_square_sum(x_pre))
+
+    def window_sum(self, sq: torch.Tensor) -> torch.Tensor:
+        """Per-position group sums of squares (B, G, H, W) -> their sums over each receptive field (B, G, H', W')."""
         if any(self.pads):
             sq = F.pad(sq, self.pads)
         return F.conv2d(sq, self._ones(sq), stride=self.stride, dilation=self.dilation, groups=self.groups)
 
-    def sumsq_backward(self, x_pre: torch.Tensor, grad_sumsq: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x_pre.shape
+    def window_sum_backward(self, grad_sumsq: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The adjoint of ``window_sum``: (B, G, H', W') -> (B, G, H, W)."""
+        h, w = hw
         l, r, t, bt = self.pads
-        padded = (b, self.groups, h + t + bt, w + l + r)
+        padded = (grad_sumsq.shape[0], self.groups, h + t + bt, w + l + r)
         g = torch.nn.grad.conv2d_input(padded, self._ones(grad_sumsq), grad_sumsq, stride=self.stride,
                                        dilation=self.dilation, groups=self.groups)
-        g = g[:, :, t:t + h, l:l + w]
-        grad = x_pre.view(b, self.groups, c // self.groups, h, w) * (2 * g).unsqueeze(2)
-        return grad.view(b, c, h, w)
+        return g[:, :, t:t + h, l:l + w]
 
     def flat(self, x_t: torch.Tensor, inv_x: torch.Tensor, nu: torch.Tensor):
         """The kernels' layout of a site's tensors, without copies where the memory allows it:
@@ -156,9 +158,6 @@ class LinearPatches:
     def sumsq(self, x_pre: torch.Tensor) -> torch.Tensor:
         return x_pre.square().sum(-1, keepdim=True)
 
-    def sumsq_backward(self, x_pre: torch.Tensor, grad_sumsq: torch.Tensor) -> torch.Tensor:
-        return 2 * x_pre * grad_sumsq
-
     def flat(self, x_t: torch.Tensor, inv_x: torch.Tensor, nu: torch.Tensor):
         """Rows (R, C) with inv (R,) and nu per sample (S, C), or per row when nu has x_t's shape (the
         coupler's per-row term-B). Returns (x, inv, nu, unflatten) as ``ConvPatches.flat``."""
@@ -208,7 +207,8 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
         inv, sumsq = backend(rows).rows_inv_norm(rows, eps, silent_threshold(patches, silence))
         shape = (*x_pre.shape[:-1], 1)
         return inv.view(shape).to(ct), sumsq.view(shape).to(ct)
-    sumsq = patches.sumsq(x_pre.to(ct))
+    # squares summed over channels in one pass over x_pre in its own dtype (no float32 copy of the map)
+    sumsq = patches.window_sum(backend(x_pre, cpu_native=False).channel_sumsq(x_pre, patches.groups, ct))
     return inverse_patch_norm(sumsq, patches.patch_numel, eps, silence), sumsq
 
 
@@ -224,4 +224,5 @@ def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     from ..kernels.composite import inv_norm_grad_sumsq
 
     grad_sumsq = inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
-    return patches.sumsq_backward(x_pre.to(ct), grad_sumsq).to(x_pre.dtype)
+    grad_sq = patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])
+    return backend(x_pre, cpu_native=False).channel_scale(x_pre, (2 * grad_sq).contiguous())

@@ -116,6 +116,21 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
 
 
+def channel_sumsq(x, groups: int, ct: torch.dtype):
+    """Sum of squares over each group's channels: (B, C, *S) -> (B, G, *S) in ``ct``."""
+    b, c = x.shape[:2]
+    return x.to(ct).square().view(b, groups, c // groups, *x.shape[2:]).sum(2)
+
+
+def channel_scale(x, scale):
+    """x (B, C, *S) times its group's ``scale`` (B, G, *S) at every position, computed in scale's dtype,
+    returned in x's."""
+    b, c = x.shape[:2]
+    g = scale.shape[1]
+    grouped = x.to(scale.dtype).view(b, g, c // g, *x.shape[2:])
+    return (grouped * scale.unsqueeze(2)).view(x.shape).to(x.dtype)
+
+
 def rows_inv_norm(x, eps: float, silent: float):
     """x (R, K) -> inv (R,) = 1 / (||x_r|| + eps), 0 where ||x_r|| < silent (silent < 0: never), and the
     squared norms (R,), both in the compute dtype."""

@@ -138,6 +138,32 @@ def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB,
 
 
 @triton.jit
+def _channel_sumsq(X, OUT, CG, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (b * G + g, position block): sum of squares over the group's CG channels, in float32."""
+    bg = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    live_p = offs < P
+    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live = (cc < CG)[:, None] & live_p[None, :]
+        x = tl.load(X + (bg * CG + cc)[:, None] * P + offs[None, :], mask=live, other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=0)
+    tl.store(OUT + bg * P + offs, acc.to(OUT.dtype.element_ty), mask=live_p)
+
+
+@triton.jit
+def _channel_scale(X, S, OUT, CG, P, BLOCK: tl.constexpr):
+    """Program (b * C + c, position block): x times its group's scale, stored in x's dtype."""
+    bc = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < P
+    x = tl.load(X + bc * P + offs, mask=live, other=0.0).to(tl.float32)
+    s = tl.load(S + (bc // CG) * P + offs, mask=live, other=0.0).to(tl.float32)
+    tl.store(OUT + bc * P + offs, (x * s).to(OUT.dtype.element_ty), mask=live)
+
+
+@triton.jit
 def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live_r = rows < R
@@ -285,6 +311,29 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
         part = part.view(3, s, ntb, c)
         grad_w, grad_nu, grad_eta = part[0].sum((0, 1)), part[1].sum(1), part[2].sum((0, 1))
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
+
+
+def channel_sumsq(x, groups: int, ct: torch.dtype):
+    if not x.is_contiguous() or ct == torch.float64:
+        return composite.channel_sumsq(x, groups, ct)
+    b, c = x.shape[:2]
+    p = x[0, 0].numel()
+    out = x.new_empty((b, groups, *x.shape[2:]), dtype=ct)
+    block_p = _pow2(p, 16, 256)
+    block_c = _pow2(c // groups, 1, max(1, _TILE // block_p))
+    _channel_sumsq[(b * groups, triton.cdiv(p, block_p))](x, out, c // groups, p, BLOCK_C=block_c, BLOCK_P=block_p)
+    return out
+
+
+def channel_scale(x, scale):
+    if not (x.is_contiguous() and scale.is_contiguous()) or x.dtype == torch.float64:
+        return composite.channel_scale(x, scale)
+    b, c = x.shape[:2]
+    p = x[0, 0].numel()
+    out = torch.empty_like(x)
+    block = _pow2(p, 16, _BLOCK)
+    _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, out, c // scale.shape[1], p, BLOCK=block)
+    return out
 
 
 def _norm_blocks(k: int) -> tuple[int, int]:
