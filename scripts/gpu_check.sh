@@ -16,10 +16,12 @@ elapsed() { echo $(( $(date +%s) - start )); }
 
 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { tail -20 "$OUT/install.log"; echo "install failed"; exit 1; }
+DRIVER="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+export DRIVER="${DRIVER:-unknown}"
 python3 - <<'PY' | tee "$OUT/environment.txt"
-import platform, torch, triton
-print(f"{torch.cuda.get_device_name()}; driver CUDA {torch.version.cuda}; torch {torch.__version__}; "
-      f"triton {triton.__version__}; Python {platform.python_version()}")
+import os, platform, torch, triton
+print(f"{torch.cuda.get_device_name()}; driver {os.environ['DRIVER']}; torch {torch.__version__} (CUDA "
+      f"{torch.version.cuda}); triton {triton.__version__}; Python {platform.python_version()}")
 PY
 STAGES="${STAGES:-tests train profile speed}"
 SPEED_ARGS="${SPEED_ARGS:-}"
