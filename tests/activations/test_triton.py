@@ -77,6 +77,21 @@ def test_channel_sums_and_scales(shape, groups, dtype):
     close(got, want, dtype)
 
 
+@pytest.mark.parametrize("gather", [True, False], ids=["memory", "rows"])
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_dpa_mask(gather, tau):
+    g = torch.Generator().manual_seed(4)
+    b, c, k = 6, 37, 5
+    v = torch.randn(b, c, generator=g).to(DEVICE)
+    value = torch.randn(k if gather else b, c, generator=g).to(DEVICE)
+    grad_memory = torch.randn(k, c, generator=g).to(DEVICE)
+    labels = torch.tensor([0, 4, 4, 2, 0, 1], device=DEVICE)
+    got = triton_kernels.dpa_mask(v, value, grad_memory, labels, tau, gather)
+    want = composite.dpa_mask(v, value, grad_memory, labels, tau, gather)
+    assert got.dtype == torch.bool and 0 < int(want.sum()) < want.numel()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("silent", [-1.0, 1e-6 * 7 ** 0.5], ids=["published", "silence"])
 def test_rows_inverse_norms(silent):
     g = torch.Generator().manual_seed(1)

@@ -22,7 +22,9 @@ import torch.nn as nn
 
 from .base import ActivationModule
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
+from .kernels.ops import closed_form_ema
 from .kernels import backend
+from .kernels import composite
 from .kernels.composite import pack_bits, unpack_bits
 from .layout import global_pool
 from .registry import ActivationSpec, register
@@ -115,8 +117,11 @@ def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Te
     Returns:
         (B, C): row i is ``memory[labels[i]]`` right after sample i's own update.
     """
-    enabled = torch.ones((), dtype=torch.bool, device=memory.device)
-    return torch.ops.actlab.ema_update_(memory, labels, values.to(memory.dtype).contiguous(), alpha, enabled)
+    # eager: the closed form directly (the registered operation, for traced graphs, adds its dispatch and
+    # an "enabled" select to every call)
+    after, updated = closed_form_ema(memory, labels, values.to(memory.dtype), alpha)
+    memory.copy_(updated)
+    return after
 
 
 _DPA_GROUP = None
@@ -186,7 +191,8 @@ class DPA(ActivationModule):
         self.site = "<dpa>"
         self._count_cache: int | None = None  # host copy of `count`, avoids a device sync per forward
         self._targets: torch.Tensor | None = None
-        self._loss_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (v, mask) of the last training forward, () when it masked nothing, None after an eval forward
+        self._loss_terms: tuple[torch.Tensor, ...] | None = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -272,31 +278,35 @@ class DPA(ActivationModule):
         with torch.no_grad():
             v_now = v.detach()
             if eager and not update:
-                value_rows = self.value_memory[y]
+                value_rows, gather = self.value_memory, True
             else:
-                if eager:
-                    update = torch.ones((), dtype=torch.bool, device=x.device)
                 labels, values, offset = _gather_global(y, v_now)
-                value_rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(),
-                                                          self.alpha, update)
-                value_rows = value_rows[offset: offset + y.shape[0]]
-            mask = (value_rows < self.tau) & (v_now > self.tau) & (self.grad_memory[y] < 0)
+                if eager:
+                    value_rows = sequential_ema_(self.value_memory, labels, values, self.alpha)
+                else:
+                    value_rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(),
+                                                              self.alpha, update)
+                value_rows, gather = value_rows[offset: offset + y.shape[0]], False
+            if eager:  # one kernel on GPUs instead of seven small operations
+                mask = backend(v_now, cpu_native=False).dpa_mask(v_now, value_rows, self.grad_memory, y, self.tau,
+                                                                 gather)
+            else:
+                mask = composite.dpa_mask(v_now, value_rows, self.grad_memory, y, self.tau, gather)
         if eager and x.device.type == "cpu" and not bool(mask.any()):
-            # nothing masked: a constant 0 spares backward a full-size gradient through the pooling
+            # nothing masked: no term, which spares backward a full-size gradient through the pooling
             # (on GPUs the check would cost a device sync, so there the graph is kept)
-            zero = v.new_zeros(())
-            self._loss_terms = (zero, zero.long())
+            self._loss_terms = ()
         else:
-            self._loss_terms = ((v.square() * mask).sum(), mask.sum())
+            self._loss_terms = (v, mask)  # dpa_loss sums all sites' terms in a few operations
         if out.requires_grad and not (eager and update is False):
-            out.register_hook(self._grad_memory_hook(y, update) if eager else self._traced_grad_hook(y, update))
+            out.register_hook(self._grad_memory_hook(y) if eager else self._traced_grad_hook(y, update))
         return out
 
     def _pooled_sign(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
         g = self.pool(grad, batch)
         return torch.where(g > 0, 1.0, -1.0)
 
-    def _grad_memory_hook(self, y: torch.Tensor, update: torch.Tensor):
+    def _grad_memory_hook(self, y: torch.Tensor):
         done = []
 
         def hook(grad: torch.Tensor) -> None:
@@ -305,7 +315,7 @@ class DPA(ActivationModule):
             done.append(True)
             with torch.no_grad():
                 labels, values, _ = _gather_global(y, self._pooled_sign(grad, y.shape[0]))
-                torch.ops.actlab.ema_update_(self.grad_memory, labels, values, self.alpha, update)
+                sequential_ema_(self.grad_memory, labels, values, self.alpha)
 
         return hook
 
@@ -378,12 +388,22 @@ def dpa_loss(model: nn.Module) -> torch.Tensor:
     Under torch.distributed every rank must call it (it all-reduces the count of masked entries): the
     mean is over the global batch, scaled by the world size so that DDP's gradient averaging gives the
     single-process gradient. The value on one rank is then its share times the world size."""
-    terms = [s._loss_terms for s in _dpa_sites(model) if s._loss_terms is not None]
-    if not terms:
+    sites = [s for s in _dpa_sites(model) if s._loss_terms is not None]
+    trained = [s._loss_terms for s in sites]
+    if not trained:
         ref = next(iter(model.parameters()), None)
         return torch.zeros((), device=ref.device if ref is not None else None)
-    total = torch.stack([t[0] for t in terms]).sum()
-    count = torch.stack([t[1] for t in terms]).sum()
+    terms = [t for t in trained if t]  # () : a site that masked nothing in this forward
+    if terms:  # all sites at once: two concatenations and a few reductions, not kernels per site
+        values = torch.cat([v.reshape(-1) for v, _ in terms])
+        masks = torch.cat([m.reshape(-1) for _, m in terms])
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        total = torch.where(masks, values.square(), zero).sum()
+        count = masks.sum()
+    else:
+        device = sites[0].value_memory.device
+        total = torch.zeros((), device=device)
+        count = torch.zeros((), dtype=torch.long, device=device)
     if _distributed():
         # the mean over the *global* batch's masked entries: DDP averages gradients over ranks, so
         # world * local_sum / global_count makes the step equal to one process on the global batch

@@ -52,7 +52,19 @@ def _unavailable(what: str, reason: str | None):
 
 def backend(x, cpu_native: bool = True):
     """The module implementing the operations for tensor ``x``: ``native``, ``triton_kernels`` or
-    ``composite``. ``cpu_native``: the C++ kernel applies to this call (float32, a layout it handles)."""
+    ``composite``. ``cpu_native``: the C++ kernel applies to this call (float32, a layout it handles).
+    Resolved once per (mode, device type, dtype, cpu_native): eager training asks at every site."""
+    key = (_mode, x.device.type, x.dtype, cpu_native)
+    chosen = _BACKENDS.get(key)
+    if chosen is None:
+        chosen = _BACKENDS[key] = _resolve(x, cpu_native)
+    return chosen
+
+
+_BACKENDS: dict[tuple, object] = {}
+
+
+def _resolve(x, cpu_native: bool):
     from . import composite, native
 
     mode = kernel_mode()

@@ -181,3 +181,13 @@ def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
     if tokens:
         return grad + (grad_v / out.shape[1]).unsqueeze(1).to(grad.dtype)
     return grad + (grad_v / out.shape[2]).unsqueeze(2).to(grad.dtype)
+
+
+def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):
+    """DPA's irrelevant entries (B, C) bool: the sample's class memory says the channel stays below tau
+    (value) and its gradient pushes it down (grad), yet the sample responds above tau.
+
+    ``value_rows``: the value memory (K, C) to look up at ``labels`` when ``gather``, else the rows (B, C)
+    already looked up. v (B, C); grad_memory (K, C); labels (B,) int64."""
+    rows = value_rows[labels] if gather else value_rows
+    return (rows < tau) & (v > tau) & (grad_memory[labels] < 0)

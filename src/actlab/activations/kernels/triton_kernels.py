@@ -258,6 +258,21 @@ def _tau_pool_bwd(GO, OUT, TIES, GV, GX, numel, P, N, C, tau, TOKENS: tl.constex
     tl.store(GX + at, grad.to(GX.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _dpa_mask(V, VSRC, GMEM, Y, MASK, C, tau, GATHER: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (sample b, channel block): the mask of ``composite.dpa_mask`` in one pass."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = c < C
+    label = tl.load(Y + b)
+    row = label if GATHER else b
+    value = tl.load(VSRC + row * C + c, mask=live, other=0.0)
+    grad = tl.load(GMEM + label * C + c, mask=live, other=0.0)
+    v = tl.load(V + b * C + c, mask=live, other=0.0)
+    hit = (value < tau) & (v > tau) & (grad < 0)
+    tl.store(MASK + b * C + c, hit.to(tl.uint8), mask=live)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
@@ -387,3 +402,12 @@ def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
     _tau_pool_bwd[(triton.cdiv(numel, _BLOCK),)](grad_out, out, ties, gv, grad_x, numel, p, n, c, tau, TOKENS=tokens,
                                                  HAS_GV=grad_v is not None, BLOCK=_BLOCK)
     return grad_x
+
+
+def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):
+    b, c = v.shape
+    mask = torch.empty(b, c, dtype=torch.uint8, device=v.device)
+    block_c = _pow2(c, 16, 1024)
+    _dpa_mask[(b, triton.cdiv(c, block_c))](v.contiguous(), value_rows.contiguous(), grad_memory.contiguous(),
+                                            labels.contiguous(), mask, c, tau, GATHER=gather, BLOCK_C=block_c)
+    return mask.view(torch.bool)
