@@ -77,6 +77,20 @@ def test_channel_sums_and_scales(shape, groups, dtype):
     close(got, want, dtype)
 
 
+@pytest.mark.parametrize("silent", [-1.0, 0.3])
+def test_inverse_norms_and_their_gradient(silent):
+    g = torch.Generator().manual_seed(5)
+    sumsq = torch.rand(3, 2, 9, 11, generator=g) * 4
+    sumsq[0, 0, :2] = 0  # zero patches: inv 1 / eps, gradient 0
+    sumsq[1, 1, :3] = 0.01  # below the silent norm 0.3 when silencing
+    sumsq, grad_inv = sumsq.to(DEVICE), torch.randn(sumsq.shape, generator=g).to(DEVICE)
+    close(triton_kernels.inverse_norm(sumsq, 1e-5, silent), composite.inverse_norm(sumsq, 1e-5, silent))
+    got = triton_kernels.inv_norm_grad_sumsq(sumsq, grad_inv, 1e-5, silent)
+    want = composite.inv_norm_grad_sumsq(sumsq, grad_inv, 1e-5, silent)
+    assert torch.equal(got == 0, want == 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("gather", [True, False], ids=["memory", "rows"])
 @pytest.mark.parametrize("tau", [0.0, 0.3])
 def test_dpa_mask(gather, tau):

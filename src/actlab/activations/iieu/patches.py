@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import backend
-from ..kernels.composite import compute_dtype
+from ..kernels.composite import compute_dtype, inverse_norm
 
 SILENT_RMS = 1e-6
 
@@ -183,11 +183,7 @@ Patches = ConvPatches | LinearPatches
 
 def inverse_patch_norm(sumsq: torch.Tensor, patch_numel: int, eps: float, silence: bool) -> torch.Tensor:
     """invX = 1 / (||patch|| + eps); patches with RMS < 1e-6 get 0 when ``silence``."""
-    norm = sumsq.sqrt()
-    inv = 1.0 / (norm + eps)
-    if silence:
-        inv = torch.where(norm < _silent_norm(patch_numel), torch.zeros_like(inv), inv)
-    return inv
+    return inverse_norm(sumsq, eps, _silent_norm(patch_numel) if silence else -1.0)
 
 
 def _silent_norm(patch_numel: int) -> float:
@@ -208,8 +204,9 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
         shape = (*x_pre.shape[:-1], 1)
         return inv.view(shape).to(ct), sumsq.view(shape).to(ct)
     # squares summed over channels in one pass over x_pre in its own dtype (no float32 copy of the map)
-    sumsq = patches.window_sum(backend(x_pre, cpu_native=False).channel_sumsq(x_pre, patches.groups, ct))
-    return inverse_patch_norm(sumsq, patches.patch_numel, eps, silence), sumsq
+    kernels = backend(x_pre, cpu_native=False)
+    sumsq = patches.window_sum(kernels.channel_sumsq(x_pre, patches.groups, ct))
+    return kernels.inverse_norm(sumsq, eps, silent_threshold(patches, silence)), sumsq
 
 
 def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
@@ -221,8 +218,7 @@ def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
         grad_inv = grad_inv.contiguous().view(-1).to(flat_sumsq.dtype)
         grad = backend(rows).rows_inv_norm_backward(rows, flat_sumsq, grad_inv, eps, silent)
         return grad.view(x_pre.shape)
-    from ..kernels.composite import inv_norm_grad_sumsq
-
-    grad_sumsq = inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
+    kernels = backend(x_pre, cpu_native=False)
+    grad_sumsq = kernels.inv_norm_grad_sumsq(sumsq, grad_inv.contiguous(), eps, silent)
     grad_sq = patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])
-    return backend(x_pre, cpu_native=False).channel_scale(x_pre, (2 * grad_sq).contiguous())
+    return kernels.channel_scale(x_pre, (2 * grad_sq).contiguous())

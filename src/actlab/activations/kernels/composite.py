@@ -142,6 +142,15 @@ def rows_inv_norm(x, eps: float, silent: float):
     return inv, sumsq
 
 
+def inverse_norm(sumsq, eps: float, silent: float):
+    """1 / (sqrt(sumsq) + eps), 0 where the norm is below ``silent`` (silent < 0: never); sumsq's shape."""
+    norm = sumsq.sqrt()
+    inv = 1.0 / (norm + eps)
+    if silent >= 0:
+        inv = torch.where(norm < silent, torch.zeros_like(inv), inv)
+    return inv
+
+
 def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
     """dL/d sumsq from dL/d inv; 0 at a zero norm (the subgradient torch.linalg.norm takes) and where
     the norm is silenced."""

@@ -164,6 +164,27 @@ def _channel_scale(X, S, OUT, CG, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _inverse_norm(S, INV, n, eps, silent, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    norm = tl.sqrt(tl.load(S + offs, mask=live, other=1.0))
+    inv = tl.where(norm < silent, 0.0, 1.0 / (norm + eps))
+    tl.store(INV + offs, inv, mask=live)
+
+
+@triton.jit
+def _inv_norm_grad(S, GINV, GS, n, eps, silent, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    norm = tl.sqrt(tl.load(S + offs, mask=live, other=1.0))
+    g = tl.load(GINV + offs, mask=live, other=0.0)
+    inv = 1.0 / (norm + eps)
+    on = (norm > 0) & (norm >= silent)
+    safe = tl.where(on, norm, 1.0)
+    tl.store(GS + offs, tl.where(on, -g * inv * inv / (2 * safe), 0.0), mask=live)
+
+
+@triton.jit
 def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live_r = rows < R
@@ -349,6 +370,25 @@ def channel_scale(x, scale):
     block = _pow2(p, 16, _BLOCK)
     _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, out, c // scale.shape[1], p, BLOCK=block)
     return out
+
+
+def inverse_norm(sumsq, eps: float, silent: float):
+    if not sumsq.is_contiguous() or sumsq.dtype != torch.float32:
+        return composite.inverse_norm(sumsq, eps, silent)
+    inv = torch.empty_like(sumsq)
+    n = sumsq.numel()
+    _inverse_norm[(triton.cdiv(n, _BLOCK),)](sumsq, inv, n, eps, silent, BLOCK=_BLOCK)
+    return inv
+
+
+def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
+    if not (sumsq.is_contiguous() and grad_inv.is_contiguous()) or sumsq.dtype != torch.float32 \
+            or grad_inv.dtype != torch.float32:
+        return composite.inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
+    grad = torch.empty_like(sumsq)
+    n = sumsq.numel()
+    _inv_norm_grad[(triton.cdiv(n, _BLOCK),)](sumsq, grad_inv, grad, n, eps, silent, BLOCK=_BLOCK)
+    return grad
 
 
 def _norm_blocks(k: int) -> tuple[int, int]:
