@@ -6,7 +6,9 @@ with ``actlab.convert``; the converted activation is checked against the indepen
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -110,3 +112,93 @@ def test_aliases_and_case():
     assert set(actlab.list_activations()) >= {
         "relu", "leaky_relu", "prelu", "elu", "selu", "softplus", "gelu", "silu", "mish", "gdn", "acon_c",
         "meta_acon", "smu", "frelu", "dyrelu", "iieu_b", "dpa"}
+
+
+# ----------------------------------------------------------------------------- non-finite inputs
+
+def _poisoned(layout: str) -> torch.Tensor:
+    """A batch of three: a NaN in sample 0, +inf in sample 1, sample 2 finite."""
+    x = torch.randn(*LAYOUT_INPUTS[layout])
+    flat = x.view(x.shape[0], -1)
+    flat[0, 3] = float("nan")
+    flat[1, 1] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_non_finite_inputs_stay_non_finite(name, layout):
+    """No activation turns a NaN or inf into a finite value: what ReLU would propagate, it propagates."""
+    site = converted_site(name, layout).float()  # eval: BatchNorm's running statistics keep samples apart
+    out = site(_poisoned(layout))
+    rows = out.reshape(out.shape[0], -1)
+    assert not torch.isfinite(rows[0]).all(), "the NaN sample came out finite"
+    assert not torch.isfinite(rows[1]).all(), "the inf sample came out finite"
+    assert torch.isfinite(rows[2]).all(), "a finite sample came out non-finite"
+
+
+def _kernel_modes():
+    from actlab.activations.kernels import native
+
+    modes = ["eager"]
+    if native.available():
+        modes.append("native")
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        modes.append("triton")
+    return modes
+
+
+@contextlib.contextmanager
+def _kernels(mode: str):
+    from actlab.activations import kernels
+
+    kernels.set_kernels(mode)
+    try:
+        yield
+    finally:
+        kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
+
+
+def _train_step(name: str, layout: str, mode: str):
+    site = converted_site(name, layout).float().train()
+    x = _poisoned(layout).requires_grad_()
+    y = torch.tensor([0, 1, 2])
+    with _kernels(mode), actlab.targets(site, y):
+        out = site(x)
+        loss = out.sum() + actlab.dpa_loss(site)
+        loss.backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("name,layout", [(n, lay) for n, lay in CASES if n in ("iieu_b", "dpa")])
+def test_fused_kernels_propagate_non_finite_values_as_the_eager_ops(name, layout):
+    """Training forward and backward on every kernel path: the same entries end up non-finite as on the
+    plain PyTorch ops (nothing silently zeroed), forward and backward."""
+    want_out, want_grad = _train_step(name, layout, "eager")
+    assert not torch.isfinite(want_out).all()
+    for mode in _kernel_modes()[1:]:
+        got_out, got_grad = _train_step(name, layout, mode)
+        assert torch.equal(torch.isfinite(got_out), torch.isfinite(want_out)), mode
+        assert torch.equal(torch.isfinite(got_grad), torch.isfinite(want_grad)), mode
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nlc"])
+def test_dpa_memories_never_take_non_finite_values(layout):
+    """Five training steps (a memory update on the fifth) with a NaN sample and an inf sample in every
+    batch: both memories stay finite on every kernel path, and the finite sample's class is learned."""
+    for mode in _kernel_modes():
+        torch.manual_seed(0)
+        site = make_site(layout)
+        actlab.convert(site, "dpa", num_classes=4, example_input=torch.randn(2, *LAYOUT_INPUTS[layout][1:]))
+        site[1].eval()  # running statistics: the poisoned samples do not reach the finite one
+        y = torch.tensor([0, 1, 2])
+        with _kernels(mode):
+            for _ in range(5):
+                x = _poisoned(layout)
+                with actlab.targets(site, y):
+                    out = site(x)
+                (out.nan_to_num().sum() + actlab.dpa_loss(site)).backward()
+        dpa = site[2]
+        for memory in (dpa.value_memory, dpa.grad_memory):
+            assert torch.isfinite(memory).all(), mode
+            assert memory[2].abs().sum() > 0, f"{mode}: the finite sample's class was not updated"
+            assert memory[3].abs().sum() == 0, f"{mode}: a class without samples changed"

@@ -146,9 +146,11 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "unknown config key(s) ['modle']" in capsys.readouterr().err
 
 
-def test_nonfinite_loss_stops_with_a_message(tmp_path):
+@pytest.mark.parametrize("act", ["relu", "dpa", "iieu_b"])
+def test_nonfinite_loss_stops_with_a_message(tmp_path, act):
+    """A diverging run stops at the first non-finite loss, whichever activation (none hides a NaN)."""
     with pytest.raises(FloatingPointError, match="non-finite at step"):
-        train(TrainConfig(**{**RUN, "act": "relu", "lr": 1e30, "epochs": 1}, out=str(tmp_path / "nan")), quiet=True)
+        train(TrainConfig(**{**RUN, "act": act, "lr": 1e30, "epochs": 1}, out=str(tmp_path / "nan")), quiet=True)
 
 
 def test_cli_list(capsys):

@@ -1,4 +1,4 @@
-"""Dynamic Coupler of IIEU-DC (SPEC section 2): fuses a residual block's main and shortcut branches.
+"""Dynamic Coupler of IIEU-DC: fuses a residual block's main and shortcut branches.
 
     a        = LN_2C([GAP(main), GAP(shortcut)]) -> rows a_1, a_2 (C each)   (LN w=1, b=0)
     h_i      = W1 a_i                       (C -> C/r, no bias, shared)

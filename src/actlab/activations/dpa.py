@@ -1,15 +1,16 @@
-"""DPA: Dual-Perspective Activation (SPEC section 3).
+"""DPA: Dual-Perspective Activation.
 
-Forward is TAU, ``x if x >= tau else 0``. During training with targets, each site keeps per-class
-memories of the pooled pre-activation (``value_memory``, PreA-FM) and of the sign of the pooled output
-gradient (``grad_memory``, PostA-BM), updated every ``interval``-th forward with an exponential rule
-applied sample by sample in batch order. Channels that the memories flag as irrelevant for a sample's
-class but that still respond are penalised by the channel loss, read with ``dpa_loss(model)``.
+Forward is TAU, ``0 if x < tau else x`` (a NaN stays NaN, as through ReLU). During training with
+targets, each site keeps per-class memories of the pooled pre-activation (``value_memory``, PreA-FM) and
+of the sign of the pooled output gradient (``grad_memory``, PostA-BM), updated every ``interval``-th
+forward with an exponential rule applied sample by sample in batch order; a sample whose pooled values
+are not finite updates no memory. Channels that the memories flag as irrelevant for a sample's class
+but that still respond are penalised by the channel loss, read with ``dpa_loss(model)``.
 
-The memories are buffers (saved in checkpoints). Updates are vectorised over classes and channels;
-the only Python loop is over "rounds" (the k-th occurrence of every class at once), which gives exactly
-the results of the sequential rule. Under torch.distributed every rank applies the same update to the
-global batch (rank-major), so memories stay identical across ranks.
+The memories are buffers (saved in checkpoints). Updates are computed in closed form over the batch
+(no loop over samples, no host synchronisation) and equal the sequential rule within float32 rounding.
+Under torch.distributed every rank applies the same update to the global batch (rank-major), so memories
+stay identical across ranks.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class _ThresholdUnit(torch.autograd.Function):
     def forward(ctx, x, tau):
         ctx.tau, ctx.shape = tau, x.shape
         if tau >= 0:
-            out = torch.relu(x) if tau == 0 else torch.where(x >= tau, x, torch.zeros_like(x))
+            out = torch.relu(x) if tau == 0 else torch.where(x < tau, torch.zeros_like(x), x)
             ctx.save_for_backward(out, pack_bits(x == tau))
             return out
         mask = x >= tau
@@ -100,7 +101,7 @@ def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
         return _ThresholdUnit.apply(x, tau)
     if tau == 0.0:
         return torch.relu(x)
-    return torch.where(x >= tau, x, torch.zeros_like(x))
+    return torch.where(x < tau, torch.zeros_like(x), x)  # NaN passes, as through ReLU
 
 
 def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Tensor,
@@ -304,7 +305,8 @@ class DPA(ActivationModule):
 
     def _pooled_sign(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
         g = self.pool(grad, batch)
-        return torch.where(g > 0, 1.0, -1.0)
+        sign = torch.where(g > 0, 1.0, -1.0)
+        return torch.where(torch.isfinite(g), sign, g)  # non-finite: the memory update leaves the sample out
 
     def _grad_memory_hook(self, y: torch.Tensor):
         done = []

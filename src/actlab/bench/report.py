@@ -13,7 +13,7 @@ from collections import defaultdict
 from .grid import load_rows
 from .stats import Paired, Summary, overall_ranking, paired_against, ranks, summarize
 
-# SPEC section 6: the DPA paper's top-1 (%) with ReLU and with DPA, by (actlab model, dataset)
+# the DPA paper's published top-1 (%) with ReLU and with DPA, by (actlab model, dataset)
 PAPER_DPA = {
     ("vit_tiny", "cifar10"): (89.9, 91.3), ("vit_tiny", "cifar100"): (65.7, 70.5), ("vit_tiny", "imagenet"): (70.9, 72.2),
     ("cait_xxs24", "cifar10"): (89.4, 91.4), ("cait_xxs24", "cifar100"): (65.8, 68.5), ("cait_xxs24", "imagenet"): (74.0, 75.0),

@@ -107,7 +107,7 @@ def build_digits(data_dir, train_aug, image_size=None, download=False):
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # fixed split, same everywhere
     n_test = int(round(len(y) * DIGITS_TEST_FRACTION))
     test_idx, train_idx = perm[:n_test], perm[n_test:]
-    # raw [0, 1] pixels, no mean subtraction: the black background stays exactly zero (SPEC 1, zero patches)
+    # raw [0, 1] pixels, no mean subtraction: the black background stays exactly zero (IIEU-B's zero patches)
     train = TensorImages(x[train_idx], y[train_idx], image_transform(size, None, None, True, train_aug))
     test = TensorImages(x[test_idx], y[test_idx], image_transform(size, None, None, False, None))
     return train, test, DatasetInfo("digits", 10, size)

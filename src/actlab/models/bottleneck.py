@@ -1,6 +1,6 @@
 """The IIEU paper's bottleneck ResNets (resnet14 / resnet26 / resnet50) with its IIEU placement.
 
-``iieu_placement=True`` (used for iieu_b / iieu_dc, SPEC section 1): conv-BN-act after bn1, bn2 and bn3
+``iieu_placement=True`` (used for iieu_b / iieu_dc, as in the IIEU paper): conv-BN-act after bn1, bn2 and bn3
 (act3 *before* the residual fusion), an activation on the BN'd projection shortcut, and no activation
 after the fusion. ``False``: the standard block (activation after the add).
 """

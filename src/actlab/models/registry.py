@@ -12,7 +12,7 @@ from ..activations import get_spec, list_activations
 from ..convert import convert
 from . import bottleneck, cifar, mobile, transformers
 
-IIEU_DC = "iieu_dc"  # IIEU-B everywhere plus the Dynamic Coupler at every residual fusion (SPEC 2)
+IIEU_DC = "iieu_dc"  # IIEU-B everywhere plus the Dynamic Coupler at every residual fusion
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def create_model(name: str, act: str = "relu", num_classes: int = 10, *, image_s
         name: one of ``list_models()``.
         act: a registered activation, or ``"iieu_dc"`` (IIEU-B plus the Dynamic Coupler at every residual
             fusion; residual models only). For the bottleneck ResNets ``iieu_b`` / ``iieu_dc`` also switch
-            to the IIEU paper's placement (SPEC section 1).
+            to the IIEU paper's placement.
         num_classes, image_size, in_channels: the data's.
         act_kwargs: passed to every new activation (e.g. ``{"tau": 0.1}`` for DPA).
         **kw: passed to the architecture (``width=`` for mobilenet_v2, ``drop_path_rate=`` for transformers).

@@ -79,7 +79,7 @@ def iieu_forward(x, inv, inv_w, nu, eta):
     ct = compute_dtype(x)
     xv, iv, wv, nv, ev = _iieu_views(x.to(ct), inv, inv_w, nu, eta)
     rho = xv * (wv * iv) + nv
-    scale = torch.where(rho >= ev, rho, ev * torch.exp(torch.clamp(rho - ev, max=0.0)))
+    scale = torch.where(rho < ev, ev * torch.exp(torch.clamp(rho - ev, max=0.0)), rho)
     return (scale * xv).to(x.dtype).view(x.shape)
 
 
@@ -170,9 +170,9 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
 
 
 def tau_pool(x, tau: float, tokens: bool):
-    """TAU (x if x >= tau else 0), the mean (compute dtype) of x over positions (maps) or tokens, and the
+    """TAU (0 if x < tau else x: NaN stays NaN), the mean (compute dtype) of x over positions (maps) or tokens, and the
     bit-packed exact ties x == tau (where the gradient passes although the output cannot tell)."""
-    out = torch.where(x >= tau, x, torch.zeros_like(x))
+    out = torch.where(x < tau, torch.zeros_like(x), x)  # NaN passes, as through ReLU
     ct = compute_dtype(x)
     v = x.mean(1, dtype=ct) if tokens else x.mean(2, dtype=ct)
     return out, v, pack_bits(x == tau)

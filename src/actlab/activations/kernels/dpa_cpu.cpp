@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> tau_pool_forward(const at::Tensor& x
         Vec xv = Vec::loadu(xr + p);
         acc = acc + xv;
         eq = eq + Vec::blendv(zero, one, xv == vt);
-        Vec::blendv(zero, xv, xv >= vt).store(orow + p);
+        Vec::blendv(xv, zero, xv < vt).store(orow + p);
       }
       float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
       float n_eq = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, eq);
@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> tau_pool_forward(const at::Tensor& x
         const float xv = xr[p];
         sum += xv;
         n_eq += xv == tau;
-        orow[p] = xv >= tau ? xv : 0.f;
+        orow[p] = xv < tau ? 0.f : xv;
       }
       V[bc] = sum / static_cast<float>(P);
       ties[bc] = static_cast<int64_t>(n_eq);
@@ -116,13 +116,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t> tau_pool_tokens_forward(const at::Te
           Vec xv = Vec::loadu(xr + c);
           (Vec::loadu(vb + c) + xv).store(vb + c);
           eq = eq + Vec::blendv(zero, one, xv == vt);
-          Vec::blendv(zero, xv, xv >= vt).store(orow + c);
+          Vec::blendv(xv, zero, xv < vt).store(orow + c);
         }
         for (; c < C; ++c) {
           const float xv = xr[c];
           vb[c] += xv;
           n_eq += xv == tau;
-          orow[c] = xv >= tau ? xv : 0.f;
+          orow[c] = xv < tau ? 0.f : xv;
         }
       }
       for (int64_t c = 0; c < C; ++c) vb[c] /= static_cast<float>(N);

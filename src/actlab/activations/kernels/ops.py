@@ -210,6 +210,9 @@ def closed_form_ema(memory: Tensor, labels: Tensor, values: Tensor, alpha: float
     computed in float64 (a (B, B) weight matrix). Each class's new row is the ``after`` of its last
     sample; classes not in the batch keep theirs.
 
+    A sample whose values are not all finite is left out: it changes no memory, and its ``after`` row is
+    its class's memory as it stands.
+
     Shapes: memory (K, C); labels (B,) int64; values (B, C). Returns after (B, C) and the new memory (K, C),
     both in memory's dtype.
     """
@@ -217,6 +220,10 @@ def closed_form_ema(memory: Tensor, labels: Tensor, values: Tensor, alpha: float
     if n == 0:
         return memory.new_empty(0, memory.shape[1]), memory.clone()
     wide = torch.float64
+    start = memory.index_select(0, labels).to(wide)
+    finite = torch.isfinite(values).all(1)
+    values = torch.where(finite[:, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
+    labels = torch.where(finite, labels, k)  # class k does not exist: no memory row, no member below
     same = labels[:, None] == labels[None, :]
     earlier = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril()
     mine = same & earlier  # (i, l): l is sample i's class and not after it
@@ -224,8 +231,8 @@ def closed_form_ema(memory: Tensor, labels: Tensor, values: Tensor, alpha: float
     decay = torch.full((), 1.0 - alpha, dtype=wide, device=memory.device)  # a fill, not a host copy (no sync)
     lag = (rank[:, None] - rank[None, :]).clamp_min(0)
     weights = torch.where(mine, alpha * decay.pow(lag), torch.zeros((), dtype=wide, device=memory.device))
-    start = memory.index_select(0, labels).to(wide)
-    after = (weights @ values.to(wide) + decay.pow(rank + 1)[:, None] * start).to(memory.dtype)
+    after = weights @ values.to(wide) + decay.pow(rank + 1)[:, None] * start
+    after = torch.where(finite[:, None], after, start).to(memory.dtype)
     classes = torch.arange(k, device=labels.device)
     member = labels[None, :] == classes[:, None]  # (K, B)
     counts = member.sum(1)

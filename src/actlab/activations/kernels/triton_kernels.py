@@ -31,7 +31,7 @@ def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
     n = tl.load(NU + bc)
     e = tl.load(ETA + c)
     rho = x * (w * inv) + n
-    scale = tl.where(rho >= e, rho, e * tl.exp(tl.minimum(rho - e, 0.0)))
+    scale = tl.where(rho < e, e * tl.exp(tl.minimum(rho - e, 0.0)), rho)
     tl.store(OUT + bc * P + offs, (scale * x).to(OUT.dtype.element_ty), mask=live)
 
 
@@ -101,7 +101,7 @@ def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, BLOCK_T: tl.constexpr, BLOCK_C
         n = tl.load(NU + s * C + cc, mask=live_c, other=0.0)
         e = tl.load(ETA + cc, mask=live_c, other=0.0)
         rho = x * (w[None, :] * inv[:, None]) + n[None, :]
-        scale = tl.where(rho >= e[None, :], rho, e[None, :] * tl.exp(tl.minimum(rho - e[None, :], 0.0)))
+        scale = tl.where(rho < e[None, :], e[None, :] * tl.exp(tl.minimum(rho - e[None, :], 0.0)), rho)
         tl.store(OUT + at, (scale * x).to(OUT.dtype.element_ty), mask=live)
 
 
@@ -229,7 +229,7 @@ def _tau_pool_maps(X, OUT, V, P, tau, BLOCK: tl.constexpr):
         offs = p0 + tl.arange(0, BLOCK)
         live = offs < P
         x = tl.load(X + bc * P + offs, mask=live, other=0.0)
-        tl.store(OUT + bc * P + offs, tl.where(x >= tau, x, 0.0).to(OUT.dtype.element_ty), mask=live)
+        tl.store(OUT + bc * P + offs, tl.where(x < tau, 0.0, x).to(OUT.dtype.element_ty), mask=live)
         acc += x.to(tl.float32)
     tl.store(V + bc, tl.sum(acc, axis=0) / P)
 
@@ -244,7 +244,7 @@ def _tau_pool_tokens(X, OUT, V, N, C, tau, BLOCK_C: tl.constexpr):
     for n in range(0, N):
         at = (b * N + n) * C + cc
         x = tl.load(X + at, mask=live, other=0.0)
-        tl.store(OUT + at, tl.where(x >= tau, x, 0.0).to(OUT.dtype.element_ty), mask=live)
+        tl.store(OUT + at, tl.where(x < tau, 0.0, x).to(OUT.dtype.element_ty), mask=live)
         acc += x.to(tl.float32)
     tl.store(V + b * C + cc, acc / N, mask=live)
 
