@@ -81,7 +81,9 @@ INPUTS = {"nchw": (3, 5, 5), "nc": (5,), "nlc": (4, 5)}
 def test_dpa_matches_sequential_rule_over_many_steps(layout, k):
     torch.manual_seed(0)
     net = Net(layout, k)
-    actlab.convert(net, "dpa", num_classes=4, example_input=torch.randn(2 * k, *INPUTS[layout]), strict=True)
+    # k rows per sample come from the data here, not from the model (as in TNT): declared explicitly
+    actlab.convert(net, "dpa", num_classes=4, example_input=torch.randn(2 * k, *INPUTS[layout]), strict=True,
+                   rows_per_sample=k)
     twin = copy.deepcopy(net)  # its layers drive the reference; its DPA module is never called
     seq = ref.SequentialDPA(4, 6)
     batch, lam = 12, 2.0
@@ -215,7 +217,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="blocks.0.*cannot pool"):
         with actlab.targets(site, torch.tensor([0])):
             site(torch.randn(1, 4, 2, 2, 2))
-    with pytest.raises(ValueError, match="blocks.0.*not a multiple"):
+    with pytest.raises(ValueError, match="blocks.0.*the targets hold 2 labels, but the input has 3 rows"):
         with actlab.targets(site, torch.tensor([0, 1])):
             site(torch.randn(3, 4))
     with pytest.raises(ValueError, match="num_classes"):
@@ -352,3 +354,18 @@ def test_channels_last_maps_fused_without_a_copy(dpa_kernels, mode):
     assert results[1][0].is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("labels", [4, 1, 16])
+def test_targets_of_another_length_than_the_batch_are_refused(labels):
+    """8 samples with 4, 1 or 16 labels: an error naming the site and both sizes, and no memory touched
+    (the k x B row grouping applies only where the site declares it)."""
+    net = Net("nchw", 1)
+    actlab.convert(net, "dpa", num_classes=4, example_input=torch.randn(2, *INPUTS["nchw"]), strict=True)
+    site = next(m for m in net.modules() if isinstance(m, DPA))
+    before = copy.deepcopy(site.state_dict())
+    with pytest.raises(ValueError, match=rf"DPA site '{site.site}': the targets hold {labels} labels, but the "
+                                         r"input has 8 rows"):
+        with actlab.targets(net, torch.zeros(labels, dtype=torch.long)):
+            net(torch.randn(8, *INPUTS["nchw"]))
+    assert all(torch.equal(before[k], v) for k, v in site.state_dict().items())

@@ -170,13 +170,16 @@ class DPA(ActivationModule):
         alpha: weight of the newest sample in the memory update.
         token_pool: how (B, N, C) inputs are pooled: ``"mean"`` over tokens or ``"cls"`` (token 0, for
             models that classify from a class token). ``convert`` sets it per site.
+        rows_per_sample: k, the input rows per sample (1; k for TNT-style inner blocks whose leading dim
+            is k * B, sample-major). ``convert`` sets it from the example forward; any other leading dim
+            is an error, so labels of the wrong length are never paired with the wrong samples.
 
     Buffers: ``value_memory`` (K, C), ``grad_memory`` (K, C), ``count`` (scalar).
-    Shapes: (L, C, H, W), (L, C) or (L, N, C) -> same, with L = k * B (rows grouped per sample).
+    Shapes: (L, C, H, W), (L, C) or (L, N, C) -> same, with L = k * B.
     """
 
     def __init__(self, channels: int, num_classes: int, tau: float = 0.0, interval: int = 5,
-                 alpha: float = 0.9, token_pool: str = "mean"):
+                 alpha: float = 0.9, token_pool: str = "mean", rows_per_sample: int = 1):
         super().__init__()
         if num_classes is None or int(num_classes) <= 0:
             raise ValueError("DPA needs num_classes (a positive int): its memories have one row per class")
@@ -184,6 +187,9 @@ class DPA(ActivationModule):
             raise ValueError(f"token_pool must be 'mean' or 'cls', got {token_pool!r}")
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
+        if int(rows_per_sample) < 1:
+            raise ValueError(f"rows_per_sample must be >= 1, got {rows_per_sample}")
+        self.rows_per_sample = int(rows_per_sample)
         self.channels, self.num_classes = channels, int(num_classes)
         self.tau, self.interval, self.alpha, self.token_pool = float(tau), int(interval), float(alpha), token_pool
         self.register_buffer("value_memory", torch.zeros(self.num_classes, channels))
@@ -255,13 +261,16 @@ class DPA(ActivationModule):
             v = global_pool(x, torch.float32)
         if v.shape[1] != self.channels:
             raise ValueError(f"DPA site {self.site!r}: expected {self.channels} channels, got shape {tuple(x.shape)}")
-        rows = v.shape[0]
-        if rows != batch:
-            if rows % batch:
-                raise ValueError(f"DPA site {self.site!r}: leading dim {rows} is not a multiple of the "
-                                 f"batch size {batch} given by the targets")
-            v = v.view(batch, rows // batch, -1).mean(1)
+        if v.shape[0] != batch:
+            v = v.view(batch, self.rows_per_sample, -1).mean(1)
         return v
+
+    def _check_rows(self, x: torch.Tensor, batch: int) -> None:
+        rows = x.shape[0]
+        if rows != batch * self.rows_per_sample:
+            per = "" if self.rows_per_sample == 1 else f" x {self.rows_per_sample} rows per sample"
+            raise ValueError(f"DPA site {self.site!r}: the targets hold {batch} labels{per}, but the input has "
+                             f"{rows} rows (shape {tuple(x.shape)}); pass one label per sample of this batch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._loss_terms = None
@@ -273,6 +282,7 @@ class DPA(ActivationModule):
                 f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
                 "`with actlab.targets(model, y): model(x)`, or call model.eval() for inference.")
         y = y.to(x.device)
+        self._check_rows(x, y.shape[0])
         out, v = self._tau_pool(x, y.shape[0])
         update = self._advance_count()
         eager = not torch.compiler.is_compiling()
@@ -334,7 +344,8 @@ class DPA(ActivationModule):
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, num_classes={self.num_classes}, tau={self.tau}, interval={self.interval}, "
-                f"alpha={self.alpha}, token_pool={self.token_pool!r}")
+                f"alpha={self.alpha}, token_pool={self.token_pool!r}"
+                + (f", rows_per_sample={self.rows_per_sample}" if self.rows_per_sample != 1 else ""))
 
 
 def _dpa_sites(model: nn.Module) -> list[DPA]:

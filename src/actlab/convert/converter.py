@@ -170,7 +170,8 @@ def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, 
             return None, f"cannot pool a {call.in_shape} input per sample"
         if call.in_shape[0] % batch:
             return None, f"leading dim {call.in_shape[0]} is not a multiple of the batch {batch}"
-        kwargs = {"num_classes": num_classes, "token_pool": _token_pool(model, call, batch), **kwargs}
+        kwargs = {"num_classes": num_classes, "token_pool": _token_pool(model, call, batch),
+                  "rows_per_sample": call.in_shape[0] // batch, **kwargs}
     module = spec.factory(channels=channels, **kwargs) if spec.needs_channels else spec.factory(**kwargs)
     if spec.needs_producer:
         module.bind(call.producer, norm=call.norm)
