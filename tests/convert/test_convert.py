@@ -123,6 +123,15 @@ def test_dpa_token_pooling_follows_the_model():
     actlab.convert(tnt, "dpa")
     pools = {n: m.token_pool for n, m in tnt.named_modules() if isinstance(m, DPA)}
     assert pools["blocks.0.mlp_in.act"] == "mean" and pools["blocks.0.mlp.act"] == "cls"
+    rows = {n: m.rows_per_sample for n, m in tnt.named_modules() if isinstance(m, DPA)}
+    assert rows["blocks.0.mlp_in.act"] == 16 and rows["blocks.0.mlp.act"] == 1  # inner blocks: one row per patch
+    tnt.train()
+    y = torch.tensor([1, 7])
+    with actlab.targets(tnt, y):
+        tnt(torch.randn(2, 3, 32, 32)).sum().backward()
+    with pytest.raises(ValueError, match=r"blocks.0.mlp_in.act'?: the targets hold 1 labels x 16 rows per sample"):
+        with actlab.targets(tnt, y[:1]):
+            tnt(torch.randn(2, 3, 32, 32))
 
 
 class FunctionalNet(nn.Module):
