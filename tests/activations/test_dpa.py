@@ -1,6 +1,7 @@
 """DPA: the vectorised memories against the SPEC's sample-by-sample rule, persistence, errors, DDP."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -369,3 +370,25 @@ def test_targets_of_another_length_than_the_batch_are_refused(labels):
         with actlab.targets(net, torch.zeros(labels, dtype=torch.long)):
             net(torch.randn(8, *INPUTS["nchw"]))
     assert all(torch.equal(before[k], v) for k, v in site.state_dict().items())
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "eval"])
+def test_memories_and_count_change_only_in_a_training_forward_with_a_graph(context):
+    net = Net("nchw", 1)
+    actlab.convert(net, "dpa", num_classes=4, example_input=torch.randn(2, *INPUTS["nchw"]), strict=True)
+    site = next(m for m in net.modules() if isinstance(m, DPA))
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    for _ in range(6):  # training steps first: memories (updated at the 5th) and count away from their start
+        with actlab.targets(net, y):
+            net(torch.randn(6, *INPUTS["nchw"])).sum().backward()
+    before = copy.deepcopy(site.state_dict())
+    guard = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "eval": contextlib.nullcontext}[context]
+    net.train(context != "eval")
+    with guard():
+        for _ in range(7):  # spans an update step of the schedule
+            with actlab.targets(net, y):
+                out = net(torch.randn(6, *INPUTS["nchw"]))
+            net(torch.randn(6, *INPUTS["nchw"]))  # and without targets: no error either
+    assert torch.isfinite(out).all()
+    assert all(torch.equal(before[k], v) for k, v in site.state_dict().items())
+    assert float(actlab.dpa_loss(net)) == 0.0

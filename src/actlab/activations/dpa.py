@@ -7,6 +7,10 @@ forward with an exponential rule applied sample by sample in batch order; a samp
 are not finite updates no memory. Channels that the memories flag as irrelevant for a sample's class
 but that still respond are penalised by the channel loss, read with ``dpa_loss(model)``.
 
+State rule: the memories and the update schedule (``count``) change only in a training-mode forward that
+carries targets and builds an autograd graph. Eval mode, ``torch.no_grad()`` and
+``torch.inference_mode()`` run plain TAU and need no targets.
+
 The memories are buffers (saved in checkpoints). Updates are computed in closed form over the batch
 (no loop over samples, no host synchronisation) and equal the sequential rule within float32 rounding.
 Under torch.distributed every rank applies the same update to the global batch (rank-major), so memories
@@ -274,7 +278,9 @@ class DPA(ActivationModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._loss_terms = None
-        if not self.training:
+        if not (self.training and torch.is_grad_enabled()):
+            # eval, no_grad and inference_mode: plain TAU; memories and count change only in a training
+            # forward that builds a graph (else the schedule would shift and only one memory would update)
             return threshold_unit(x, self.tau)
         y = self._targets
         if y is None:
