@@ -154,6 +154,43 @@ def test_functional_activations_are_reported_not_lost():
     assert "not seen" in str(report)
 
 
+class ReluOnlyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("model,include,problem", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), None, "the example forward called no activation module"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "layer9.*", r"include='layer9.\*' matched none of the 1 site"),
+    (ReluOnlyNet(), None, "the example forward called no activation module; 1 functional activation"),
+], ids=["no-activations", "include-matches-nothing", "functional-only"])
+def test_strict_refuses_a_conversion_that_does_nothing(model, include, problem):
+    with pytest.raises(ValueError, match=rf"convert\(strict=True\): {problem}"):
+        actlab.convert(model, "silu", include=include, example_input=torch.randn(2, 3, 8, 8), strict=True)
+    actlab.convert(model, "silu", include=include, example_input=torch.randn(2, 3, 8, 8))  # not strict: a report
+
+
+def test_reconverting_keeps_trained_parameters_and_hooks_clean():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    example = torch.randn(2, 3, 8, 8)
+    actlab.convert(model, "iieu_b", example_input=example, strict=True)
+    unit = model[2]
+    with torch.no_grad():
+        unit.eta.fill_(0.3)  # as if trained
+    actlab.convert(model, "iieu_b", example_input=example, strict=True)
+    assert model[2] is unit and torch.all(unit.eta == 0.3)
+    assert "already this activation" in str(actlab.conversion_report(model))
+    assert len(model[0]._forward_pre_hooks) == 1  # the unused twin built on the way left no hook behind
+    actlab.convert(model, "iieu_b", example_input=example, zero_patch="published")  # other settings: replaced
+    assert model[2] is not unit and model[2].zero_patch == "published" and len(model[0]._forward_pre_hooks) == 1
+    actlab.convert(model, "dpa", num_classes=3, example_input=example, strict=True)
+    assert isinstance(model[2], DPA) and len(model[0]._forward_pre_hooks) == 0
+
+
 def test_activation_inside_a_norm_module():
     from timm.layers import BatchNormAct2d
 

@@ -194,6 +194,8 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
 
     Sites are found by one eval-mode forward on ``example_input``. Every call of an activation becomes a
     site with its own module: a module that its owner calls several times is split (``SiteSplit``).
+    A site that already is the requested activation with the same settings keeps its module, and so
+    its trained parameters and memories; a conversion to another activation or other settings replaces it.
 
     Args:
         model: any nn.Module (torchvision, timm, your own).
@@ -204,7 +206,9 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         example_input: a batch (or tuple of inputs) the model accepts; default a random (2, 3, H, W) batch
             sized from the model's config (224 when unknown).
         act_types: module classes treated as activations (default ``convert.ACTIVATION_TYPES``).
-        strict: raise if any site that was not excluded stays unconverted.
+        strict: raise if any site that was not excluded stays unconverted, if the example forward called
+            no activation module, if ``include`` matches no site, or if functional activations
+            (``F.relu(x)`` in a forward) remain, which module swapping cannot reach.
         **kwargs: passed to each new activation (e.g. ``tau=`` for DPA, ``zero_patch=`` for IIEU-B).
     Returns:
         ``model`` itself, converted. ``actlab.conversion_report(model)`` says what changed and why.
@@ -239,6 +243,9 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
                 reason = slot.inconsistent
             else:
                 module, reason = _build(spec, call, model, batch, num_classes, dict(kwargs))
+                if module is not None and _same_activation(module, slot.original):
+                    _detach(module, keep=[])  # unused: the site keeps its module and trained parameters
+                    module, reason = None, ALREADY
             if module is None:
                 record.reason = reason
                 has_state = any(True for _ in slot.original.parameters()) or any(True for _ in slot.original.buffers())
@@ -257,10 +264,34 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             setattr(owner, attr, replacement)
     object.__setattr__(model, "_actlab_report", report)
     if strict:
-        left = [s for s in report.kept if s.reason not in ("excluded by pattern", "not matched by include")]
-        if left:
-            raise ValueError(f"convert(strict=True): {len(left)} site(s) left unconverted\n{report}")
+        _check_strict(report, include)
     return model
+
+
+ALREADY = "already this activation with these settings (kept, with its trained parameters)"
+
+
+def _same_activation(new: nn.Module, old: nn.Module) -> bool:
+    """Re-converting a site to what it already is must not reset what it learned."""
+    return type(new) is type(old) and new.extra_repr() == old.extra_repr()
+
+
+def _check_strict(report: ConversionReport, include) -> None:
+    """strict=True: every site that was not deliberately left out is the requested activation, and the
+    call did something: no sites, an include that matches none, or functional activations (which module
+    swapping cannot reach) are errors too."""
+    problems = []
+    if not report.sites:
+        problems.append("the example forward called no activation module")
+    elif include is not None and all(s.reason == "not matched by include" for s in report.sites):
+        problems.append(f"include={include!r} matched none of the {len(report.sites)} site(s)")
+    left = [s for s in report.kept if s.reason not in ("excluded by pattern", "not matched by include", ALREADY)]
+    if left:
+        problems.append(f"{len(left)} site(s) left unconverted")
+    if report.functional:
+        problems.append(f"{len(report.functional)} functional activation(s) that module swapping cannot reach")
+    if problems:
+        raise ValueError(f"convert(strict=True): {'; '.join(problems)}\n{report}")
 
 
 def _detach(old: nn.Module, keep: list[nn.Module]) -> None:
