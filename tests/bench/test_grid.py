@@ -135,3 +135,13 @@ def test_the_main_jobs_grid_covers_what_it_promises():
     cnn = next(m for m in acts if m != "vit_micro")
     assert {"relu", "gelu", "silu", "iieu_b", "iieu_dc", "dpa"} <= acts[cnn]
     assert {"relu", "iieu_b", "dpa"} <= acts["vit_micro"]
+
+
+@pytest.mark.parametrize("seeds", ["3-1", "", "a-b", "1,,x"])
+def test_bad_seed_lists_are_errors(tmp_path, capsys, seeds):
+    from actlab.cli.main import main as cli
+
+    assert cli(["bench", "--acts", "relu", "--models", "vit_micro", "--dataset", "synthetic", "--seeds", seeds,
+                "--out", str(tmp_path / "b")]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

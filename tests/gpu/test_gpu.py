@@ -129,7 +129,7 @@ def test_checkpoint_moves_between_gpu_and_cpu(first, second, tmp_path):
     run = dict(model="resnet20", act="dpa", dataset="synthetic", image_size=8, batch_size=64, lr=0.05, log_every=5,
                amp="off", out=str(tmp_path / "run"))
     train(TrainConfig(**run, epochs=1, device=first), quiet=True)
-    summary = train(TrainConfig(**run, epochs=2, device=second), resume=True, quiet=True)
+    summary = train(TrainConfig(**run, epochs=2, device=second), resume=True, quiet=True, extend=True)
     assert math.isfinite(summary["loss"]) and summary["environment"]["cuda"] is not None
     model, saved = load_run_model(str(tmp_path / "run"))
     assert saved["epoch"] == 2 and all(not t.is_cuda for t in model.state_dict().values())

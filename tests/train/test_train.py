@@ -14,7 +14,7 @@ import actlab
 from actlab.cli import main as cli
 from actlab.models import create_model
 from actlab.train import CheckpointError, TrainConfig, load_run_model, lr_at, train
-from actlab.train.checkpoint import load, save_atomic
+from actlab.train.checkpoint import KEYS, load, save_atomic
 from actlab.train.optim import param_groups
 
 RUN = dict(model="resnet20", act="dpa", dataset="synthetic", image_size=8, epochs=3, batch_size=64, lr=0.05,
@@ -47,7 +47,7 @@ def test_weight_decay_skips_norms_biases_and_activation_parameters():
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    save_atomic({"format": "actlab-checkpoint-1", "value": torch.ones(2)}, path)
+    save_atomic({"format": "actlab-checkpoint-1", **dict.fromkeys(KEYS, 0), "value": torch.ones(2)}, path)
 
     class Unpicklable:
         def __reduce__(self):
@@ -225,3 +225,61 @@ def test_compiled_run_matches_the_plain_run(tmp_path):
     assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-3)
     model, _ = load_run_model(str(tmp_path / "compiled"))  # the checkpoint holds the plain model
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_resume_refuses_changed_epochs_unless_extended_and_never_moves(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(run_cli(out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    for extra, message in [(["--epochs", "2"], "epochs: checkpoint 1 vs now 2 (to train a run for more epochs, "
+                                               "resume with --extend)"),
+                           (["--epochs", "1", "--extend"], "--extend: the run has trained 1 epoch(s)"),
+                           (["--out", str(tmp_path / "elsewhere")], "a resumed run stays in its folder")]:
+        assert cli(["train", "--resume", str(out), "--quiet", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+    assert cli(run_cli(tmp_path / "new", "--epochs", "1", "--extend")) == 2
+    assert "--extend continues a run" in capsys.readouterr().err
+    assert cli(["train", "--resume", str(out), "--quiet", "--epochs", "2", "--extend"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("lr: 1e-3\nepochs: ten\n", "bad value for epochs: 'ten'"),
+    ("epochs: 1.5\n", "epochs must be int, got 1.5"),
+    ("epochs: [1\n", "is not valid YAML"),
+    ("min_lr: -1\n", "min_lr must be within [0, lr]"),
+    ("image_size: 0\n", "image_size must be >= 1"),
+    ("lr: .inf\n", "lr must be a finite number"),
+    ("momentum: .nan\n", "momentum must be a finite number"),
+    ("act: dpa\nact_kwargs: {bogus: 1}\n", "activation 'dpa' takes no setting(s) ['bogus']"),
+    ("augment: maybe\n", "bad value for augment: 'maybe'"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, capsys, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    assert cli(["train", "--config", str(cfg), "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_scalars_go_through_the_flag_coercion():
+    cfg = TrainConfig.from_dict({"lr": "1e-3", "augment": "no", "epochs": "2", "weight_decay": 0})
+    assert (cfg.lr, cfg.augment, cfg.epochs, cfg.weight_decay) == (1e-3, False, 2, 0.0)
+
+
+def test_unusable_out_folder_and_incomplete_checkpoint_are_messages(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli(run_cli(blocker, "--epochs", "1")) == 2
+    assert str(blocker) in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert cli(run_cli(out, "--epochs", "1")) == 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved["model_config"]
+    torch.save(saved, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert cli(["eval", str(out)]) == 2
+    assert "incomplete actlab checkpoint: missing ['model_config']" in capsys.readouterr().err

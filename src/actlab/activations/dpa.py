@@ -432,8 +432,10 @@ def dpa_loss(model: nn.Module) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
-def _dpa(channels: int, num_classes: int | None = None, **kw) -> DPA:
-    return DPA(channels, num_classes, **kw)
+def _dpa(channels: int, num_classes: int | None = None, tau: float = 0.0, interval: int = 5, alpha: float = 0.9,
+         token_pool: str = "mean", rows_per_sample: int = 1) -> DPA:
+    return DPA(channels, num_classes, tau=tau, interval=interval, alpha=alpha, token_pool=token_pool,
+               rows_per_sample=rows_per_sample)
 
 
 register(ActivationSpec("dpa", _dpa, needs_channels=True, needs_num_classes=True,

@@ -5,6 +5,7 @@ and whether it needs a producing layer (IIEU-B reads the producer's input and fi
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +36,22 @@ class ActivationSpec:
     needs_num_classes: bool = False
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())
+
+
+    # set by the converter for each site, never by a user's settings
+    SITE_ARGUMENTS = ("channels", "num_classes", "producer", "capture")
+
+    def check_kwargs(self, kwargs: dict) -> None:
+        """Raise ValueError naming the settings this activation does not take."""
+        params = inspect.signature(self.factory).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and n not in self.SITE_ARGUMENTS]
+        unknown = sorted(k for k in kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(f"activation {self.name!r} takes no setting(s) {unknown}; "
+                             f"it takes {accepted or 'none'}")
 
 
 _REGISTRY: dict[str, ActivationSpec] = {}

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sqlite3
 import sys
 
 from ..train.config import TrainConfig, coerce
@@ -25,6 +26,9 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one model (or continue a run with --resume)")
     p.add_argument("--config", help="YAML file of config keys; command-line options override it")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume and a larger --epochs: train the run further (the LR schedule is recomputed "
+                        "over the new total)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
@@ -42,7 +46,10 @@ def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = N
         if not os.path.isfile(args.config):
             raise ValueError(f"config file {args.config} not found")
         with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{args.config} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config} must hold a mapping of config keys")
         values.update(loaded)
@@ -62,14 +69,19 @@ def cmd_train(args) -> int:
             raise ValueError(f"--resume {args.resume}: no config.json there (not an actlab run folder)")
         with open(path) as f:
             values = json.load(f)
+        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise ValueError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its folder; "
+                             "drop --out (or copy the folder first)")
         overrides = {f.name: coerce(f.name, getattr(args, f.name)) for f in dataclasses.fields(TrainConfig)
                      if getattr(args, f.name) is not None}
         values.update(overrides, out=args.resume)
         cfg = TrainConfig.from_dict(values)
         resume = os.path.isfile(os.path.join(args.resume, "checkpoint.pt"))  # killed before the first epoch ended
     else:
+        if args.extend:
+            raise ValueError("--extend continues a run: use it with --resume DIR")
         cfg, resume = config_from_args(args), False
-    summary = train(cfg, resume=resume, quiet=args.quiet)
+    summary = train(cfg, resume=resume, quiet=args.quiet, extend=args.extend and resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per DDP process
         print(json.dumps({k: summary[k] for k in ("top1", "top5", "loss", "params", "epochs")}))
     return 0
@@ -145,6 +157,8 @@ def _seeds(text: str) -> list[int]:
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(t) for t in text.split("-"))
+            if lo > hi:
+                raise ValueError(text)
             return list(range(lo, hi + 1))
         return [int(t) for t in _csv(text)]
     except ValueError:
@@ -163,7 +177,7 @@ def cmd_bench(args) -> int:
         groups = [grid.GridGroup(tuple(_csv(args.models)), tuple(_csv(args.acts)))]
     else:
         raise ValueError("give --acts and --models (or a --grid FILE)")
-    seeds = _seeds(args.seeds) if args.seeds else [int(s) for s in seeds or [0, 1, 2]]
+    seeds = _seeds(args.seeds) if args.seeds is not None else [int(s) for s in seeds or [0, 1, 2]]
     base = config_from_args(args, skip=BENCH_OWN, defaults=grid_settings)
     base = dataclasses.replace(base, **{k: getattr(args, k) for k in ("dataset", "epochs") if getattr(args, k) is not None})
     base.validate()
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 "analyze": cmd_analyze}
     try:
         return handlers[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, sqlite3.DatabaseError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
         print(f"actlab {args.command}: error: {message}", file=sys.stderr)
         return 2

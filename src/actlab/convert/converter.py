@@ -214,6 +214,7 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         ``model`` itself, converted. ``actlab.conversion_report(model)`` says what changed and why.
     """
     spec = get_spec(name)
+    spec.check_kwargs(kwargs)
     if spec.needs_num_classes:
         num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
         if num_classes is None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 FORMAT = "actlab-checkpoint-1"
+KEYS = ("config", "model", "model_config", "optimizer", "scaler", "rng", "epoch", "step", "history")
 
 
 class CheckpointError(RuntimeError):
@@ -43,6 +44,9 @@ def load(path: str) -> dict:
         raise CheckpointError(f"{path} is not a readable actlab checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an actlab checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete actlab checkpoint: missing {missing}")
     return state
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .precision import AMP_CHOICES
@@ -54,6 +55,11 @@ class TrainConfig:
         values = dict(values)
         if isinstance(values.get("amp"), bool):  # amp: true / false, as older configs wrote it
             values["amp"] = "auto" if values["amp"] else "off"
+        for key, value in values.items():
+            if isinstance(value, str) and _kinds(known[key]) - {str}:
+                values[key] = coerce(key, value)  # YAML scalars PyYAML left as text (1e-3, "no") as flags are
+            elif isinstance(value, int) and not isinstance(value, bool) and float in _kinds(known[key]):
+                values[key] = float(value)
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -62,8 +68,9 @@ class TrainConfig:
         from ..data import list_datasets
         from ..models import get_model_spec
 
-        from ..activations import list_activations
+        from ..activations import get_spec, list_activations
 
+        self._check_types()
         get_model_spec(self.model)
         if self.act not in list_activations() + ["iieu_dc"]:
             raise ValueError(f"unknown act {self.act!r}; choose from {list_activations() + ['iieu_dc']}")
@@ -84,13 +91,46 @@ class TrainConfig:
             (self.workers is None or self.workers >= 0, "workers must be >= 0 (or null for the default)"),
             (0 <= self.random_erasing <= 1, "random_erasing must be a probability"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (0 <= self.min_lr <= self.lr, "min_lr must be within [0, lr]"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.image_size is None or self.image_size >= 1, "image_size must be >= 1 (or null for the dataset's)"),
+            (self.randaugment is None or self.randaugment >= 0, "randaugment must be >= 0 (or null for none)"),
+            (self.drop_path is None or 0 <= self.drop_path < 1, "drop_path must be in [0, 1) (or null)"),
+            (self.width is None or self.width > 0, "width must be > 0 (or null)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad config: {message}")
+        get_spec("iieu_b" if self.act == "iieu_dc" else self.act).check_kwargs(self.act_kwargs)
+
+    def _check_types(self) -> None:
+        """Every field holds its declared type (bools are not numbers here) and every float is finite."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _kinds(f)
+            if value is None:
+                if type(None) not in kinds:
+                    raise ValueError(f"bad config: {f.name} must not be null")
+                continue
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = (isinstance(value, bool) if bool in kinds else False) or \
+                (isinstance(value, str) and str in kinds) or (isinstance(value, dict) and dict in kinds) or \
+                (numeric and float in kinds) or (numeric and isinstance(value, int) and int in kinds)
+            if not ok:
+                wanted = " or ".join(sorted(k.__name__ for k in kinds if k is not type(None)))
+                raise ValueError(f"bad config: {f.name} must be {wanted}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"bad config: {f.name} must be a finite number, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "None": type(None)}
+
+
+def _kinds(f: dataclasses.Field) -> set[type]:
+    """The types a field's annotation allows: ``"int | None"`` -> {int, NoneType}."""
+    return {_TYPES[part.strip()] for part in str(f.type).split("|")}
 
 
 def coerce(key: str, text: str):
@@ -118,5 +158,5 @@ def coerce(key: str, text: str):
                 raise ValueError(text)
             return value
     except ValueError:
-        raise ValueError(f"bad value for {key}: {text!r} is not a {kind}") from None
+        raise ValueError(f"bad value for {key}: {text!r} is not of type {kind}") from None
     return text

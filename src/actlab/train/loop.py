@@ -203,17 +203,27 @@ def checkpoint_state(cfg, model, optimizer, scaler, state: RunState) -> dict:
 
 
 # settings a resumed run may change: where and how fast it runs, not what it computes
-RESUMABLE_CHANGES = ("out", "workers", "log_every", "epochs", "device", "compile")
+RESUMABLE_CHANGES = ("out", "workers", "log_every", "device", "compile")
 
 
-def restore(path: str, cfg: TrainConfig, model, optimizer, scaler) -> RunState:
-    """Load everything from the run's checkpoint; refuses one written by a different configuration."""
+def restore(path: str, cfg: TrainConfig, model, optimizer, scaler, extend: bool = False) -> RunState:
+    """Load everything from the run's checkpoint; refuses one written by a different configuration.
+
+    ``extend``: the run continues to a larger ``epochs`` (the LR schedule is then recomputed over the new
+    total from the current step, so it does not end as the original run would have); without it a
+    changed ``epochs`` is refused like any other setting that changes what the run computes."""
     saved = ckpt.load(path)
+    allowed = RESUMABLE_CHANGES + (("epochs",) if extend else ())
     mismatched = {k: (saved["config"].get(k), v) for k, v in cfg.to_dict().items()
-                  if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v}
+                  if k not in allowed and saved["config"].get(k) != v}
     if mismatched:
+        hint = " (to train a run for more epochs, resume with --extend)" if "epochs" in mismatched else ""
         raise ckpt.CheckpointError(f"{path} was written by a different configuration: "
-                                   + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items()))
+                                   + ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+                                   + hint)
+    if extend and cfg.epochs <= saved["epoch"]:
+        raise ValueError(f"--extend: the run has trained {saved['epoch']} epoch(s); give --epochs above that "
+                         f"(got {cfg.epochs})")
     try:
         unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -262,17 +272,21 @@ def environment() -> dict:
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Run (or continue) a training run in ``cfg.out``; returns the summary written to summary.json."""
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, extend: bool = False) -> dict:
+    """Run (or continue) a training run in ``cfg.out``; returns the summary written to summary.json.
+    ``extend`` (with ``resume``): continue a run to a larger ``cfg.epochs``."""
     cfg.validate()
+    if extend and not resume:
+        raise ValueError("extend continues an existing run: use it with resume")
     info, device = setup(cfg.device)
     try:
-        return _train(cfg, resume, quiet, info, device)
+        return _train(cfg, resume, quiet, info, device, extend)
     finally:
         cleanup()
 
 
-def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: torch.device) -> dict:
+def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: torch.device,
+           extend: bool = False) -> dict:
     from tqdm import tqdm
 
     seed_everything(cfg.seed + info.rank)
@@ -298,7 +312,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     precision = Precision.resolve(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     path = os.path.join(cfg.out, CHECKPOINT)
-    state = restore(path, cfg, model, optimizer, scaler) if resume else RunState()
+    state = restore(path, cfg, model, optimizer, scaler, extend) if resume else RunState()
     if info.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, CONFIG), "w") as f:
