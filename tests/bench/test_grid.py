@@ -83,7 +83,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     base = TrainConfig(dataset="synthetic", epochs=1, image_size=8, batch_size=128)
     groups = [grid.GridGroup(("resnet20",), ("gelu", "relu"))]
     counts = grid.run_grid(str(tmp_path), base, groups, [0], log=lambda _: None)
-    assert counts == {"done": 1, "failed": 1, "skipped": 0, "kept": 0}
+    assert counts == {"done": 1, "failed": 1, "skipped": 0, "kept": 0, "busy": 0}
     rows = {r["act"]: r for r in grid.load_rows(str(tmp_path))}
     assert rows["gelu"]["status"] == "failed" and "FloatingPointError: loss is nan" in rows["gelu"]["error"]
     assert rows["relu"]["status"] == "done" and rows["relu"]["top1"] is not None
@@ -145,3 +145,48 @@ def test_bad_seed_lists_are_errors(tmp_path, capsys, seeds):
                 "--out", str(tmp_path / "b")]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+SMALL = ["bench", "--acts", "relu,silu", "--models", "vit_micro", "--dataset", "synthetic", "--seeds", "0",
+         "--epochs", "1", "--image-size", "8", "--batch-size", "128"]
+
+
+def test_a_leased_run_is_left_to_its_owner_and_a_dead_owners_lease_is_taken_over(tmp_path, capsys):
+    out = str(tmp_path / "bench")
+    base = TrainConfig(dataset="synthetic", epochs=1, image_size=8, batch_size=128)
+    groups = [grid.GridGroup(("vit_micro",), ("relu",))]
+    cfg = dataclasses.replace(base, model="vit_micro", act="relu", seed=0)
+    run_dir = os.path.join(out, "runs", f"vit_micro-relu-s0-{grid.run_key(cfg)[:8]}")
+    with grid.RunFolder(run_dir).lease() as held:  # another bench is training this run
+        assert held
+        assert grid.run_grid(out, base, groups, [0], log=lambda *_: None)["busy"] == 1
+    assert not os.path.isdir(run_dir) and all(r["status"] != "done" for r in db_rows(out))
+    # an owner killed while holding the lease: the kernel drops its lock, the next bench trains the run
+    code = ("import sys, time; from actlab.bench.grid import RunFolder\n"
+            f"with RunFolder({run_dir!r}).lease() as held:\n    print(held, flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "True"
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert grid.run_grid(out, base, groups, [0], log=lambda *_: None)["done"] == 1
+    assert [r["attempts"] for r in db_rows(out)] == [1]
+
+
+def test_two_benches_on_one_folder_train_each_run_once(tmp_path):
+    out = str(tmp_path / "bench")
+    cmd = [sys.executable, "-m", "actlab", *SMALL, "--out", out]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=300)
+    rows = db_rows(out)
+    assert sorted(r["act"] for r in rows) == ["relu", "silu"]
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in rows), [(r["act"], r["attempts"]) for r in rows]
+
+
+def test_resume_removes_the_temporary_file_of_an_interrupted_checkpoint_write(tmp_path):
+    run = dict(model="vit_micro", act="relu", dataset="synthetic", image_size=8, batch_size=128, out=str(tmp_path / "r"))
+    train(TrainConfig(**run, epochs=1), quiet=True)
+    orphan = tmp_path / "r" / ".checkpoint-abc123.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    train(TrainConfig(**run, epochs=2), resume=True, extend=True, quiet=True)
+    assert not orphan.exists() and (tmp_path / "r" / "checkpoint.pt").exists()

@@ -8,14 +8,17 @@ with its error and the grid goes on.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..models import get_model_spec
@@ -127,30 +130,75 @@ def _history(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _resumable(run_dir: str, cfg: TrainConfig) -> bool:
-    """A checkpoint written by this very config is there (the run was killed after an epoch)."""
-    try:
-        with open(os.path.join(run_dir, CONFIG)) as f:
-            return json.load(f) == cfg.to_dict() and os.path.isfile(os.path.join(run_dir, CHECKPOINT))
-    except (OSError, ValueError):
-        return False
+class RunFolder:
+    """One grid run's folder: whether its checkpoint can resume a config, and the lease that lets one
+    process at a time train it.
+
+    The lease is an exclusive ``flock`` on ``<folder>.lock`` beside the folder, held while the run trains:
+    two benches on one grid folder never train the same run, and the kernel releases the lock of a
+    process that dies, however it dies, so a stale lease is taken over by the next bench."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def resumable(self, cfg: TrainConfig) -> bool:
+        """A checkpoint written by this very config is there (the run was killed after an epoch)."""
+        try:
+            with open(os.path.join(self.path, CONFIG)) as f:
+                return json.load(f) == cfg.to_dict() and os.path.isfile(os.path.join(self.path, CHECKPOINT))
+        except (OSError, ValueError):
+            return False
+
+    def reset(self) -> None:
+        """Remove what a partial run of another config (or one without a checkpoint) left."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    @contextmanager
+    def lease(self) -> Iterator[bool]:
+        """Yields True while this process holds the run's lease, False when another process holds it."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.time():.0f}\n".encode())
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
 
 
-def run_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, quiet: bool = True) -> str:
-    """Train one grid point and record it; returns the final status ('done' or 'failed')."""
+def run_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, quiet: bool = True,
+              retry_failed: bool = False) -> str:
+    """Train one grid point and record it; returns the final status: 'done' or 'failed', 'busy' when
+    another process holds its lease, 'kept' when another process recorded it meanwhile."""
+    folder = RunFolder(cfg.out)
+    with folder.lease() as held:
+        if not held:
+            return "busy"
+        row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
+        if row and (row["status"] in ("done", "skipped") or (row["status"] == "failed" and not retry_failed)):
+            return "kept"  # finished by another bench between our look at the database and the lease
+        return _train_point(db, cfg, key, folder, quiet)
+
+
+def _train_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, folder: RunFolder, quiet: bool) -> str:
     base = dict(act=cfg.act, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=cfg.epochs,
                 config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out)
     attempts = (db.execute("SELECT attempts FROM runs WHERE key = ?", (key,)).fetchone() or [0])[0] + 1
     _upsert(db, key, **base, status="running", attempts=attempts, started=time.time(), error=None)
     t0 = time.perf_counter()
     try:
-        resume = _resumable(cfg.out, cfg)
-        if not resume and os.path.isdir(cfg.out):
-            shutil.rmtree(cfg.out)  # a partial run of another config or without checkpoint: start clean
+        resume = folder.resumable(cfg)
+        if not resume:
+            folder.reset()
         try:
             summary = train(cfg, resume=resume, quiet=quiet)
         except CheckpointError:
-            shutil.rmtree(cfg.out, ignore_errors=True)  # unreadable checkpoint (killed while writing?)
+            folder.reset()  # unreadable checkpoint (killed while writing?)
             summary = train(cfg, resume=False, quiet=quiet)
     except KeyboardInterrupt:
         raise
@@ -194,10 +242,10 @@ def _pool_init(threads: int) -> None:
             pass
 
 
-def _run_in_worker(folder: str, cfg: TrainConfig, key: str) -> str:
+def _run_in_worker(folder: str, cfg: TrainConfig, key: str, retry_failed: bool) -> str:
     db = connect(folder)
     try:
-        return run_point(db, cfg, key)
+        return run_point(db, cfg, key, retry_failed=retry_failed)
     finally:
         db.close()
 
@@ -221,7 +269,7 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         configs.append((point, key, dataclasses.replace(
             cfg, out=os.path.join(folder, "runs", f"{point.model}-{point.act}-s{point.seed}-{key[:8]}"))))
     db = connect(folder)
-    counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0}
+    counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0, "busy": 0}
     todo = []
     for point, key, cfg in configs:
         row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
@@ -244,12 +292,16 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         counts[status] += 1
         r = db.execute("SELECT top1, seconds, error FROM runs WHERE key = ?", (key,)).fetchone()
         label = f"[{i}/{len(todo)}] {cfg.model}/{cfg.act} seed {cfg.seed}"
-        log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s" if status == "done"
-            else f"{label}: FAILED {r['error'].splitlines()[0]}")
+        if status == "done":
+            log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s")
+        elif status == "failed":
+            log(f"{label}: FAILED {r['error'].splitlines()[0]}")
+        else:
+            log(f"{label}: {'training in another bench (left to it)' if status == 'busy' else 'recorded by another bench'}")
 
     if jobs <= 1:
         for i, (cfg, key) in enumerate(todo, 1):
-            report(i, cfg, key, run_point(db, cfg, key, quiet=quiet))
+            report(i, cfg, key, run_point(db, cfg, key, quiet=quiet, retry_failed=retry_failed))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -259,7 +311,7 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         threads = max(1, torch.get_num_threads() // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_pool_init,
                                  initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_in_worker, folder, cfg, key): (cfg, key) for cfg, key in todo}
+            futures = {pool.submit(_run_in_worker, folder, cfg, key, retry_failed): (cfg, key) for cfg, key in todo}
             for i, future in enumerate(as_completed(futures), 1):
                 report(i, *futures[future], future.result())
     db.close()

@@ -34,6 +34,17 @@ def save_atomic(state: dict, path: str) -> None:
         raise
 
 
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files of writes that a kill interrupted (``save_atomic`` never left the old
+    checkpoint torn, but its half-written temporary stays); returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.startswith(".checkpoint-") and n.endswith(".tmp")]
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+    return names
+
+
 def load(path: str) -> dict:
     """Read a checkpoint written by ``save_atomic``; errors name the file and the problem."""
     if not os.path.isfile(path):

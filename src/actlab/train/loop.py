@@ -312,6 +312,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     precision = Precision.resolve(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     path = os.path.join(cfg.out, CHECKPOINT)
+    if resume and info.is_main:
+        ckpt.remove_temporaries(cfg.out)  # left by a kill during a checkpoint write
     state = restore(path, cfg, model, optimizer, scaler, extend) if resume else RunState()
     if info.is_main:
         os.makedirs(cfg.out, exist_ok=True)
