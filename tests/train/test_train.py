@@ -283,3 +283,17 @@ def test_unusable_out_folder_and_incomplete_checkpoint_are_messages(tmp_path, ca
     capsys.readouterr()
     assert cli(["eval", str(out)]) == 2
     assert "incomplete actlab checkpoint: missing ['model_config']" in capsys.readouterr().err
+
+
+def test_train_command_takes_the_datasets_recommended_settings_where_unset():
+    from actlab.cli.main import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv]), recommend=True)
+
+    cnn = cfg("--model", "resnet20", "--act", "iieu_b", "--dataset", "digits", "--epochs", "3")
+    assert (cnn.lr, cnn.batch_size, cnn.image_size, cnn.warmup_epochs, cnn.optimizer) == (0.05, 64, 16, 0.5, "sgd")
+    vit = cfg("--model", "vit_micro", "--act", "dpa", "--lr", "0.001")  # digits is the default dataset
+    assert (vit.optimizer, vit.lr, vit.weight_decay, vit.batch_size) == ("adamw", 0.001, 0.05, 32)  # flags win
+    other = cfg("--model", "resnet20", "--dataset", "synthetic")
+    assert (other.lr, other.batch_size, other.image_size) == (0.1, 128, None)  # no recommendation: field defaults

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import sys
 
-from ..train.config import TrainConfig, coerce
+from ..train.config import TrainConfig, coerce, recommended_settings
 
 
 def _train_parser(sub) -> None:
@@ -36,9 +36,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines (the final summary line stays)")
 
 
-def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = None) -> TrainConfig:
+def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                     recommend: bool = False) -> TrainConfig:
     """The config from ``defaults``, then ``--config`` YAML, then the command line's field flags on top
-    (``skip``: fields that the command sets itself)."""
+    (``skip``: fields that the command sets itself). ``recommend``: settings still unset take the
+    dataset's recommended values for the model's family (``recommended_settings``)."""
     values: dict = dict(defaults or {})
     if args.config:
         import yaml
@@ -57,6 +59,10 @@ def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = N
         text = None if f.name in skip else getattr(args, f.name)
         if text is not None:
             values[f.name] = coerce(f.name, text)
+    if recommend:
+        dataset, model = values.get("dataset", TrainConfig.dataset), values.get("model", TrainConfig.model)
+        if isinstance(dataset, str) and isinstance(model, str):
+            values = {**recommended_settings(dataset, model), **values}
     return TrainConfig.from_dict(values)
 
 
@@ -80,7 +86,7 @@ def cmd_train(args) -> int:
     else:
         if args.extend:
             raise ValueError("--extend continues a run: use it with --resume DIR")
-        cfg, resume = config_from_args(args), False
+        cfg, resume = config_from_args(args, recommend=True), False
     summary = train(cfg, resume=resume, quiet=args.quiet, extend=args.extend and resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per DDP process
         print(json.dumps({k: summary[k] for k in ("top1", "top5", "loss", "params", "epochs")}))

@@ -27,6 +27,7 @@ class ModelSpec:
         residual: the builder takes ``fuse=`` ("add" | "coupler"), so ``iieu_dc`` applies.
         iieu_placement: the builder takes ``iieu_placement=`` (the IIEU paper's bottleneck placement).
         summary: one line for ``actlab list models``.
+        family: ``"cnn"`` or ``"transformer"`` (which training recipe suits it).
     """
 
     name: str
@@ -35,6 +36,7 @@ class ModelSpec:
     residual: bool = False
     iieu_placement: bool = False
     summary: str = ""
+    family: str = "cnn"
 
 
 def _sized(fn):  # builders that take no image_size
@@ -54,11 +56,11 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
               summary="bottleneck ResNet-50 (IIEU placement with iieu_b / iieu_dc)"),
     ModelSpec("mobilenet_v2", mobile.mobilenet_v2, "relu6", summary="torchvision MobileNetV2, width= option"),
     ModelSpec("shufflenet_v2", mobile.shufflenet_v2, "relu", summary="torchvision ShuffleNetV2 1.0x"),
-    ModelSpec("vit_tiny", transformers.vit_tiny, "gelu", summary="timm ViT-Tiny (patch 4 at 32x32)"),
-    ModelSpec("cait_xxs24", transformers.cait_xxs24, "gelu", summary="timm CaiT-XXS24"),
-    ModelSpec("pvt_tiny", transformers.pvt_tiny, "gelu", summary="timm pvt_v2_b0, stand-in for PVT-Tiny"),
-    ModelSpec("tnt_small", transformers.tnt_small, "gelu", summary="timm TNT-S"),
-    ModelSpec("vit_micro", transformers.vit_micro, "gelu", summary="tiny ViT for CPU runs (64 wide, 4 deep)"),
+    ModelSpec("vit_tiny", transformers.vit_tiny, "gelu", summary="timm ViT-Tiny (patch 4 at 32x32)", family="transformer"),
+    ModelSpec("cait_xxs24", transformers.cait_xxs24, "gelu", summary="timm CaiT-XXS24", family="transformer"),
+    ModelSpec("pvt_tiny", transformers.pvt_tiny, "gelu", summary="timm pvt_v2_b0, stand-in for PVT-Tiny", family="transformer"),
+    ModelSpec("tnt_small", transformers.tnt_small, "gelu", summary="timm TNT-S", family="transformer"),
+    ModelSpec("vit_micro", transformers.vit_micro, "gelu", summary="tiny ViT for CPU runs (64 wide, 4 deep)", family="transformer"),
 ]}
 
 MODEL_ACTS = "every name of actlab.list_activations(), plus 'iieu_dc'"
