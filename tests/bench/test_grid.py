@@ -13,6 +13,7 @@ import pytest
 from actlab.bench import grid
 from actlab.cli.main import main as cli_main
 from actlab.train import TrainConfig, train
+from actlab.train.run_folder import RunFolder
 
 BENCH = ["bench", "--acts", "relu,dpa,iieu_dc", "--models", "resnet20,vit_micro", "--dataset", "synthetic",
          "--seeds", "0", "--epochs", "2", "--image-size", "8", "--batch-size", "128"]
@@ -157,12 +158,12 @@ def test_a_leased_run_is_left_to_its_owner_and_a_dead_owners_lease_is_taken_over
     groups = [grid.GridGroup(("vit_micro",), ("relu",))]
     cfg = dataclasses.replace(base, model="vit_micro", act="relu", seed=0)
     run_dir = os.path.join(out, "runs", f"vit_micro-relu-s0-{grid.run_key(cfg)[:8]}")
-    with grid.RunFolder(run_dir).lease() as held:  # another bench is training this run
+    with RunFolder(run_dir).lease() as held:  # another bench is training this run
         assert held
         assert grid.run_grid(out, base, groups, [0], log=lambda *_: None)["busy"] == 1
     assert not os.path.isdir(run_dir) and all(r["status"] != "done" for r in db_rows(out))
     # an owner killed while holding the lease: the kernel drops its lock, the next bench trains the run
-    code = ("import sys, time; from actlab.bench.grid import RunFolder\n"
+    code = ("import sys, time; from actlab.train.run_folder import RunFolder\n"
             f"with RunFolder({run_dir!r}).lease() as held:\n    print(held, flush=True); time.sleep(60)")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline().strip() == "True"

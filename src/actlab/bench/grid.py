@@ -8,23 +8,20 @@ with its error and the grid goes on.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import socket
 import sqlite3
 import time
 import traceback
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..models import get_model_spec
 from ..train import TrainConfig, train
 from ..train.checkpoint import CheckpointError
-from ..train.loop import CHECKPOINT, CONFIG, LOG_JSONL, environment
+from ..train.loop import environment
+from ..train.run_folder import RunFolder
 
 DB_NAME = "results.db"
 SCHEMA = """
@@ -122,55 +119,6 @@ def _upsert(db: sqlite3.Connection, key: str, **values) -> None:
                    f"ON CONFLICT(key) DO UPDATE SET {sets}", [key, *values.values()])
 
 
-def _history(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, LOG_JSONL)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-class RunFolder:
-    """One grid run's folder: whether its checkpoint can resume a config, and the lease that lets one
-    process at a time train it.
-
-    The lease is an exclusive ``flock`` on ``<folder>.lock`` beside the folder, held while the run trains:
-    two benches on one grid folder never train the same run, and the kernel releases the lock of a
-    process that dies, however it dies, so a stale lease is taken over by the next bench."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def resumable(self, cfg: TrainConfig) -> bool:
-        """A checkpoint written by this very config is there (the run was killed after an epoch)."""
-        try:
-            with open(os.path.join(self.path, CONFIG)) as f:
-                return json.load(f) == cfg.to_dict() and os.path.isfile(os.path.join(self.path, CHECKPOINT))
-        except (OSError, ValueError):
-            return False
-
-    def reset(self) -> None:
-        """Remove what a partial run of another config (or one without a checkpoint) left."""
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    @contextmanager
-    def lease(self) -> Iterator[bool]:
-        """Yields True while this process holds the run's lease, False when another process holds it."""
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.time():.0f}\n".encode())
-            yield True
-        finally:
-            os.close(fd)  # releases the lock
-
-
 def run_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, quiet: bool = True,
               retry_failed: bool = False) -> str:
     """Train one grid point and record it; returns the final status: 'done' or 'failed', 'busy' when
@@ -207,7 +155,7 @@ def _train_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, folder: Run
                 error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}",
                 versions=json.dumps(versions()))
         return "failed"
-    history = _history(cfg.out)
+    history = folder.history()
     train_s = summary["train_seconds"]
     images = sum(r["images_per_s"] * r["seconds"] for r in history)
     _upsert(db, key, **base, status="done", top1=summary["top1"], top5=summary["top5"], loss=summary["loss"],

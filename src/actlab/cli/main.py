@@ -20,6 +20,7 @@ import sqlite3
 import sys
 
 from ..train.config import TrainConfig, coerce, recommended_settings
+from ..train.run_folder import RunFolder
 
 
 def _train_parser(sub) -> None:
@@ -70,11 +71,8 @@ def cmd_train(args) -> int:
     from ..train import train
 
     if args.resume:
-        path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"--resume {args.resume}: no config.json there (not an actlab run folder)")
-        with open(path) as f:
-            values = json.load(f)
+        folder = RunFolder(args.resume)
+        values = folder.stored_config()
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise ValueError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its folder; "
                              "drop --out (or copy the folder first)")
@@ -82,7 +80,7 @@ def cmd_train(args) -> int:
                      if getattr(args, f.name) is not None}
         values.update(overrides, out=args.resume)
         cfg = TrainConfig.from_dict(values)
-        resume = os.path.isfile(os.path.join(args.resume, "checkpoint.pt"))  # killed before the first epoch ended
+        resume = folder.has_checkpoint()  # none: killed before the first epoch ended
     else:
         if args.extend:
             raise ValueError("--extend continues a run: use it with --resume DIR")

@@ -2,6 +2,7 @@
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .loop import evaluate, load_run_model, train
+from .run_folder import RunFolder
 from .schedule import lr_at
 
-__all__ = ["CheckpointError", "TrainConfig", "evaluate", "load_run_model", "lr_at", "train"]
+__all__ = ["CheckpointError", "RunFolder", "TrainConfig", "evaluate", "load_run_model", "lr_at", "train"]

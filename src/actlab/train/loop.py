@@ -25,9 +25,11 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_sum, cleanup, setup
 from .optim import build_optimizer
 from .precision import Precision
+from .run_folder import RunFolder
 from .schedule import lr_at
 
-CHECKPOINT, SUMMARY, CONFIG, LOG_JSONL, LOG_CSV = "checkpoint.pt", "summary.json", "config.json", "log.jsonl", "log.csv"
+CHECKPOINT, SUMMARY, CONFIG, LOG_JSONL, LOG_CSV = (RunFolder.CHECKPOINT, RunFolder.SUMMARY, RunFolder.CONFIG,
+                                                   RunFolder.LOG_JSONL, RunFolder.LOG_CSV)
 
 
 def seed_everything(seed: int) -> None:
@@ -313,7 +315,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     path = os.path.join(cfg.out, CHECKPOINT)
     if resume and info.is_main:
-        ckpt.remove_temporaries(cfg.out)  # left by a kill during a checkpoint write
+        RunFolder(cfg.out).remove_temporaries()  # left by a kill during a checkpoint write
     state = restore(path, cfg, model, optimizer, scaler, extend) if resume else RunState()
     if info.is_main:
         os.makedirs(cfg.out, exist_ok=True)
