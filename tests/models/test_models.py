@@ -50,7 +50,7 @@ def test_iieu_dc_puts_a_coupler_at_every_fusion():
     fusions = [m.fuse for m in model.modules() if hasattr(m, "fuse")]
     assert len(fusions) == 9 and all(isinstance(f, DynamicCoupler) for f in fusions)
     assert any(isinstance(m, actlab.IIEUB) for m in model.modules())
-    with pytest.raises(ValueError, match="needs a residual model"):
+    with pytest.raises(ValueError, match="iieu_dc replaces residual adds; vgg11 has none; models that take it"):
         create_model("vgg11", act="iieu_dc")
 
 

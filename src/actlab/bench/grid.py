@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..models import get_model_spec
+from ..models import unsupported
 from ..train import TrainConfig, train
 from ..train.checkpoint import CheckpointError
 from ..train.loop import environment
@@ -65,13 +65,6 @@ def connect(folder: str) -> sqlite3.Connection:
 def run_key(cfg: TrainConfig) -> str:
     values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_KEY}
     return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def incompatibility(model: str, act: str) -> str | None:
-    """Why ``act`` cannot run on ``model`` (None when it can)."""
-    if act == "iieu_dc" and not get_model_spec(model).residual:
-        return f"iieu_dc replaces residual adds; {model} has none"
-    return None
 
 
 @dataclass(frozen=True)
@@ -224,7 +217,7 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         if row and (row["status"] in ("done", "skipped") or (row["status"] == "failed" and not retry_failed)):
             counts["kept"] += 1
             continue
-        reason = incompatibility(point.model, point.act)
+        reason = unsupported(point.model, point.act)
         if reason:
             _upsert(db, key, act=point.act, model=point.model, dataset=cfg.dataset, seed=point.seed,
                     epochs=cfg.epochs, config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out,

@@ -112,11 +112,12 @@ def cmd_eval(args) -> int:
 def cmd_list(args) -> int:
     from .. import list_activations
     from ..data import list_datasets
-    from ..models import get_model_spec, list_models
+    from ..models import get_model_spec, list_models, model_acts
 
     what = args.what or "all"
     if what in ("activations", "all"):
-        print("activations: " + ", ".join(list_activations()) + " (and iieu_dc for residual models)")
+        variants = sorted(set(model_acts()) - set(list_activations()))
+        print("activations: " + ", ".join(list_activations()) + f" (model variants: {', '.join(variants)})")
     if what in ("models", "all"):
         print("models:")
         for name in list_models():
@@ -170,6 +171,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
+    from .. import list_activations
     from ..bench import grid, report
 
     grid_settings, seeds = {}, None
@@ -191,7 +193,7 @@ def cmd_bench(args) -> int:
     if args.speed_repeats:
         from ..bench import speed
 
-        speed_acts = sorted({a for g in groups for a in g.acts if a != "iieu_dc"})
+        speed_acts = sorted({a for g in groups for a in g.acts if a in list_activations()})  # not model variants
         speed.main(["--acts", ",".join(speed_acts), "--repeats", str(args.speed_repeats),
                     "--json", os.path.join(args.out, report.SPEED_FILE)])
     path = report.write_report(args.out, tie=args.tie)

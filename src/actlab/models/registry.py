@@ -65,15 +65,36 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
 
 MODEL_ACTS = "every name of actlab.list_activations(), plus 'iieu_dc'"
 
+# model variants: names that `act` takes besides the registered activations, each the activation put at
+# every site plus a change of the architecture itself
+VARIANTS = {IIEU_DC: "iieu_b"}
+
 
 def list_models() -> list[str]:
     return sorted(MODELS)
+
+
+def model_acts() -> list[str]:
+    """Every name a model's ``act`` takes: the registered activations and the model variants."""
+    return sorted([*list_activations(), *VARIANTS])
+
+
+def site_activation(act: str) -> str:
+    """The registered activation that ``act`` puts at every site (a variant's own, else ``act``)."""
+    return VARIANTS.get(act, act)
 
 
 def get_model_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {list_models()}")
     return MODELS[name]
+
+
+def unsupported(model: str, act: str) -> str | None:
+    """Why ``model`` cannot take ``act`` (None when it can)."""
+    if act == IIEU_DC and not get_model_spec(model).residual:
+        return f"iieu_dc replaces residual adds; {model} has none"
+    return None
 
 
 def create_model(name: str, act: str = "relu", num_classes: int = 10, *, image_size: int = 32,
@@ -92,12 +113,12 @@ def create_model(name: str, act: str = "relu", num_classes: int = 10, *, image_s
         the model; ``model.actlab_config`` holds the arguments that rebuild it.
     """
     spec = get_model_spec(name)
-    if act != IIEU_DC:
+    if act not in VARIANTS:
         get_spec(act)  # unknown names fail here, naming the choices
-    elif not spec.residual:
-        raise ValueError(f"act 'iieu_dc' needs a residual model (the coupler replaces residual adds); {name!r} "
-                         f"has none. Residual models: {[m for m, s in MODELS.items() if s.residual]}")
-    site_act = "iieu_b" if act == IIEU_DC else act
+    reason = unsupported(name, act)
+    if reason:
+        raise ValueError(f"{reason}; models that take it: {[m for m in MODELS if unsupported(m, act) is None]}")
+    site_act = site_activation(act)
     arch_kw = dict(kw)
     if spec.residual:
         arch_kw.setdefault("fuse", "coupler" if act == IIEU_DC else "add")

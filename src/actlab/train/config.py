@@ -66,14 +66,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         from ..data import list_datasets
-        from ..models import get_model_spec
-
-        from ..activations import get_spec, list_activations
+        from ..activations import get_spec
+        from ..models import get_model_spec, model_acts, site_activation
 
         self._check_types()
         get_model_spec(self.model)
-        if self.act not in list_activations() + ["iieu_dc"]:
-            raise ValueError(f"unknown act {self.act!r}; choose from {list_activations() + ['iieu_dc']}")
+        if self.act not in model_acts():
+            raise ValueError(f"unknown act {self.act!r}; choose from {model_acts()}")
         if self.dataset not in list_datasets():
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list_datasets()}")
         checks = [
@@ -101,7 +100,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad config: {message}")
-        get_spec("iieu_b" if self.act == "iieu_dc" else self.act).check_kwargs(self.act_kwargs)
+        get_spec(site_activation(self.act)).check_kwargs(self.act_kwargs)
 
     def _check_types(self) -> None:
         """Every field holds its declared type (bools are not numbers here) and every float is finite."""
