@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 
 from ..activations import IIEUB
 from ..activations.dpa import DPA
-from ..activations.iieu import ConvPatches
 from ..data import build_datasets
 from ..train import TrainConfig, load_run_model
 
@@ -104,12 +103,8 @@ def iieu_views(model: nn.Module, loader, max_batches: int = 4, sample: int = 200
 
     def hook(name):
         def pre(module, args):
-            x_t = args[0]
-            x_pre = args[1] if len(args) > 1 and args[1] is not None else module._x_pre
-            rho = module.ii_score(x_t, x_pre)
-            # rho has x_t's layout: channels at dim 1 for conv maps, last for tokens and linear sites
-            channel_first = isinstance(module._patches, ConvPatches) and rho.dim() == 4
-            below = rho < (module.eta.float().view(-1, 1, 1) if channel_first else module.eta.float())
+            rho = module.ii_score(args[0], args[1] if len(args) > 1 else None)
+            below = module.below_eta(rho)
             suppressed[name][0] += int(below.sum())
             suppressed[name][1] += below.numel()
             flat = rho.flatten()

@@ -163,9 +163,15 @@ class IIEUB(ActivationModule):
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
 
     @torch.no_grad()
-    def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
+    def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
         """rho = S + nu, the II-score before the adjuster, shaped like ``x_t`` (float32). Responses with
-        ``rho < eta`` are the ones the adjuster suppresses (scaled by ``eta * exp(rho - eta) < eta``)."""
+        ``rho < eta`` are the ones the adjuster suppresses (scaled by ``eta * exp(rho - eta) < eta``).
+        ``x_pre`` defaults to the producer input captured for the coming forward (e.g. in a forward
+        pre-hook on this unit)."""
+        if x_pre is None:
+            x_pre = self._x_pre
+            if x_pre is None:
+                raise RuntimeError(f"IIEU-B site {self.site!r}: no captured producer input; pass x_pre")
         if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:  # PVT-style tokens of a conv site
             b, n, c = x_t.shape
             h, w = self._patches.output_hw(*x_pre.shape[2:])
@@ -175,6 +181,12 @@ class IIEUB(ActivationModule):
         x_t, x_pre = x_t.float(), x_pre.float()
         inv_w = inverse_filter_norms(self._producer.weight.float(), self.eps)
         return iieu_b_rho(x_t, x_pre, inv_w, self.term_b(x_t), self._patches, self.eps, self.zero_patch == "silence")
+
+    def below_eta(self, rho: torch.Tensor) -> torch.Tensor:
+        """Where the adjuster suppresses (rho < eta), for an ``ii_score`` of any layout: channels at dim 1
+        of a conv map, last for tokens and linear sites."""
+        channel_first = isinstance(self._patches, ConvPatches) and rho.dim() == 4
+        return rho < (self.eta.float().view(-1, 1, 1) if channel_first else self.eta.float())
 
     def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
         """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""
