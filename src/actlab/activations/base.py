@@ -6,3 +6,7 @@ import torch.nn as nn
 
 class ActivationModule(nn.Module):
     """Base of every actlab activation module (lets ``convert`` swap actlab activations too)."""
+
+    def release(self) -> None:
+        """Called when ``convert`` replaces this module: undo what building it attached elsewhere
+        (hooks on a producer). Nothing by default."""

@@ -32,7 +32,7 @@ from .kernels import backend
 from .kernels import composite
 from .kernels.composite import pack_bits, unpack_bits
 from .layout import global_pool
-from .registry import ActivationSpec, register
+from .registry import ActivationSpec, Site, SiteMismatch, register
 
 
 def tau_grad(grad: torch.Tensor, out: torch.Tensor, ties: torch.Tensor, tau: float) -> torch.Tensor:
@@ -438,5 +438,18 @@ def _dpa(channels: int, num_classes: int | None = None, tau: float = 0.0, interv
                rows_per_sample=rows_per_sample)
 
 
-register(ActivationSpec("dpa", _dpa, needs_channels=True, needs_num_classes=True,
+def _from_site(site: Site, num_classes: int | None = None, **kwargs) -> DPA:
+    """Pooling follows the site: the class token where the model classifies from one, k rows per sample
+    where the leading dim is k times the batch (TNT's inner blocks)."""
+    if site.in_shape[0] % site.batch:
+        raise SiteMismatch(f"leading dim {site.in_shape[0]} is not a multiple of the batch {site.batch}")
+    num_classes = num_classes if num_classes is not None else site.num_classes
+    if num_classes is None:
+        raise ValueError("DPA needs num_classes= (it keeps per-class memories)")
+    kwargs.setdefault("token_pool", "cls" if site.class_token else "mean")
+    kwargs.setdefault("rows_per_sample", site.in_shape[0] // site.batch)
+    return _dpa(site.channels, num_classes, **kwargs)
+
+
+register(ActivationSpec("dpa", _dpa, needs_channels=True, needs_num_classes=True, from_site=_from_site,
                         summary="dual-perspective activation: TAU + per-class channel denoising"))

@@ -15,6 +15,33 @@ LAYOUTS = ("nchw", "nc", "nlc")  # conv maps, flat features, tokens (channel las
 
 
 @dataclass(frozen=True)
+class Site:
+    """What ``convert`` found out about one activation call, for the activation to build itself from.
+
+    Args:
+        channels, layout: the input's channel count and layout (one of ``LAYOUTS``).
+        in_shape: the input's shape in the example forward, whose batch size is ``batch``.
+        producer, norm: the Conv2d / Linear that made the input, and the norm between them (or None).
+        num_classes: the model's class count (None when unknown).
+        class_token: the input is (B, N, C) tokens with the class token first, and the model classifies
+            from that token.
+    """
+
+    channels: int
+    layout: str
+    in_shape: tuple[int, ...]
+    batch: int
+    producer: nn.Module | None = None
+    norm: nn.Module | None = None
+    num_classes: int | None = None
+    class_token: bool = False
+
+
+class SiteMismatch(ValueError):
+    """The activation cannot sit at this site; the message says why (the site is then left as it was)."""
+
+
+@dataclass(frozen=True)
 class ActivationSpec:
     """What the registry knows about one activation.
 
@@ -26,6 +53,9 @@ class ActivationSpec:
         needs_producer: the module must be bound to the Conv2d/Linear that feeds it (IIEU-B).
         needs_num_classes: the module keeps per-class state (DPA).
         summary: one line for ``actlab list``.
+        from_site: ``from_site(site, **kwargs) -> module`` for activations that take more from the site
+            than its channel count (default: ``factory(channels=site.channels, **kwargs)``); raises
+            ``SiteMismatch`` where it cannot sit.
     """
 
     name: str
@@ -36,6 +66,15 @@ class ActivationSpec:
     needs_num_classes: bool = False
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())
+    from_site: Callable[..., nn.Module] | None = None
+
+    def build(self, site: Site, kwargs: dict) -> nn.Module:
+        """The module for one site (``SiteMismatch`` where it cannot sit there)."""
+        if self.needs_channels and site.layout not in self.layouts:
+            raise SiteMismatch(f"{self.name} does not take this input layout (shape {site.in_shape})")
+        if self.from_site is not None:
+            return self.from_site(site, **kwargs)
+        return self.factory(channels=site.channels, **kwargs) if self.needs_channels else self.factory(**kwargs)
 
 
     # set by the converter for each site, never by a user's settings

@@ -8,8 +8,8 @@ from fnmatch import fnmatch
 
 import torch.nn as nn
 
-from ..activations.iieu import IIEUB
-from ..activations.registry import ActivationSpec, get_spec
+from ..activations.base import ActivationModule
+from ..activations.registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, get_spec
 from .trace import ACTIVATION_TYPES, ActivationCall, Trace, trace_activations
 
 
@@ -135,17 +135,17 @@ def _channels_and_layout(call: ActivationCall) -> tuple[int | None, str]:
     return None, f"{len(shape)}-d"
 
 
-def _token_pool(model: nn.Module, call: ActivationCall, batch: int) -> str:
-    """'cls' where the site's tokens carry the class token at index 0 and the model classifies from it."""
+def _class_token(model: nn.Module, call: ActivationCall, batch: int) -> bool:
+    """Whether the site's (B, N, C) tokens carry the class token at index 0 and the model classifies from it."""
     shape = call.in_shape
     if shape is None or len(shape) != 3 or shape[0] != batch:
-        return "mean"
+        return False
     if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
-        return "mean"
+        return False
     num_patches = next((m.num_patches for m in model.modules() if isinstance(getattr(m, "num_patches", None), int)),
                        None)
     prefix = getattr(model, "num_prefix_tokens", 1)
-    return "cls" if shape[1] == 1 or (num_patches is not None and shape[1] == num_patches + prefix) else "mean"
+    return shape[1] == 1 or (num_patches is not None and shape[1] == num_patches + prefix)
 
 
 def _infer_num_classes(model: nn.Module) -> int | None:
@@ -155,27 +155,25 @@ def _infer_num_classes(model: nn.Module) -> int | None:
 
 def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, batch: int,
            num_classes: int | None, kwargs: dict) -> tuple[nn.Module | None, str]:
-    """The new module for one call, or (None, reason it stays as it was)."""
+    """The new module for one call, or (None, reason it stays as it was). The activation builds itself
+    from what the call tells about its site."""
     if call is None:
         if spec.needs_channels:
             return None, "not called during the example forward, so its channel count is unknown"
         return spec.factory(**kwargs), ""
-    channels, layout = _channels_and_layout(call)
     if spec.needs_producer and call.producer is None:
         return None, call.no_site_reason
-    if spec.needs_channels and (channels is None or layout not in spec.layouts):
+    channels, layout = _channels_and_layout(call)
+    if spec.needs_channels and channels is None:
         return None, f"{spec.name} does not take this input layout (shape {call.in_shape})"
-    if spec.needs_num_classes:
-        if layout not in ("nchw", "nc", "nlc"):
-            return None, f"cannot pool a {call.in_shape} input per sample"
-        if call.in_shape[0] % batch:
-            return None, f"leading dim {call.in_shape[0]} is not a multiple of the batch {batch}"
-        kwargs = {"num_classes": num_classes, "token_pool": _token_pool(model, call, batch),
-                  "rows_per_sample": call.in_shape[0] // batch, **kwargs}
-    module = spec.factory(channels=channels, **kwargs) if spec.needs_channels else spec.factory(**kwargs)
-    if spec.needs_producer:
-        module.bind(call.producer, norm=call.norm)
-    return module, ""
+    if spec.needs_num_classes and layout not in LAYOUTS:
+        return None, f"cannot pool a {call.in_shape} input per sample"
+    site = Site(channels, layout, tuple(call.in_shape), batch, call.producer, call.norm, num_classes,
+                _class_token(model, call, batch))
+    try:
+        return spec.build(site, kwargs), ""
+    except SiteMismatch as exc:
+        return None, str(exc)
 
 
 def _matches(name: str, patterns) -> bool:
@@ -301,8 +299,8 @@ def _detach(old: nn.Module, keep: list[nn.Module]) -> None:
     for module in old.modules():
         if id(module) in kept:
             continue
-        if isinstance(module, IIEUB):
-            module.unbind()
+        if isinstance(module, ActivationModule):
+            module.release()
         elif isinstance(module, SiteSplit):
             module._reset_handle.remove()
 

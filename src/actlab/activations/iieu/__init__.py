@@ -22,7 +22,7 @@ replays it in backward. Everything else is recomputed in backward. Norms, term-B
 (float64 for float64 inputs), also under autocast. The elementwise math runs on actlab's kernel layer
 (``actlab.activations.kernels``).
 """
-from ..registry import ActivationSpec, register
+from ..registry import ActivationSpec, Site, SiteMismatch, register
 from .function import IIEUFunction, TermB, iieu_b, iieu_b_plain
 from .module import IIEUB, inverse_filter_norms
 from .patches import SILENT_RMS, ConvPatches, LinearPatches, inverse_patch_norm
@@ -30,5 +30,11 @@ from .patches import SILENT_RMS, ConvPatches, LinearPatches, inverse_patch_norm
 __all__ = ["IIEUB", "IIEUFunction", "ConvPatches", "LinearPatches", "SILENT_RMS", "TermB", "iieu_b", "iieu_b_plain",
            "inverse_filter_norms", "inverse_patch_norm"]
 
-register(ActivationSpec("iieu_b", IIEUB, needs_channels=True, needs_producer=True,
+def _from_site(site: Site, **kwargs) -> IIEUB:
+    if site.producer is None:
+        raise SiteMismatch("IIEU-B needs the Conv2d or Linear that produces its input")
+    return IIEUB(site.channels, **kwargs).bind(site.producer, norm=site.norm)
+
+
+register(ActivationSpec("iieu_b", IIEUB, needs_channels=True, needs_producer=True, from_site=_from_site,
                         summary="IIEU-B: norm-decoupled feature-filter similarity re-calibration"))

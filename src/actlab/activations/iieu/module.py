@@ -95,6 +95,9 @@ class IIEUB(ActivationModule):
                 self._watch_maker(producer, LinearReplay)
         return self
 
+    def release(self) -> None:
+        self.unbind()
+
     def unbind(self) -> None:
         for handle in self._hooks:
             handle.remove()
