@@ -20,6 +20,7 @@ from ..activations import IIEUB
 from ..activations.dpa import DPA
 from ..data import build_datasets
 from ..train import TrainConfig, load_run_model
+from .plots import pyplot, save_figure
 
 
 def irrelevant_channels(site: DPA) -> torch.Tensor:
@@ -126,7 +127,7 @@ def iieu_views(model: nn.Module, loader, max_batches: int = 4, sample: int = 200
 
 
 def _heatmaps(site_name: str, site: DPA, path: str) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     for ax, data, title, cmap in ((axes[0], site.value_memory, "value memory M_v (PreA-FM)", "coolwarm"),
@@ -140,13 +141,11 @@ def _heatmaps(site_name: str, site: DPA, path: str) -> None:
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.suptitle(f"DPA memories at {site_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _share_plot(share: dict[str, list[float]], path: str) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name, per_class in share.items():
@@ -155,13 +154,11 @@ def _share_plot(share: dict[str, list[float]], path: str) -> None:
     ax.set_ylabel("% of active responses on irrelevant channels")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _score_plot(views: dict, path: str) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = views["sites"]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 3.8))
@@ -171,9 +168,48 @@ def _score_plot(views: dict, path: str) -> None:
     ax.set_xticks(range(1, len(names) + 1), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("II-score rho = S + nu")
     ax.set_title("II-score distribution per IIEU layer (test images)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def _dpa_section(model: nn.Module, loader, num_classes: int, layer: str | None, out: str) -> tuple[list[str], dict]:
+    """Compute the DPA views, plot them into ``out``, and return the markdown lines and the record."""
+    dpa_sites = {n: m for n, m in model.named_modules() if isinstance(m, DPA)}
+    if layer is not None and layer not in dpa_sites:
+        raise ValueError(f"--layer {layer!r} is not a DPA site of this model; sites: {list(dpa_sites)}")
+    layer = layer or list(dpa_sites)[-1]
+    views = dpa_views(model, loader, num_classes, layer=layer)
+    _heatmaps(layer, dpa_sites[layer], os.path.join(out, "dpa_memories.png"))
+    _share_plot(views["irrelevant_share"], os.path.join(out, "dpa_irrelevant_share.png"))
+    md = ["## DPA", "",
+          f"Channels flagged irrelevant (M_v < tau and M_g < 0) per class at `{layer}`: "
+          f"{views['flagged_per_class'][layer]} of {dpa_sites[layer].channels}.", "",
+          "![memories](dpa_memories.png)", "",
+          "Share of each class's active responses (pooled v > tau) that fall on channels flagged irrelevant for "
+          "that class, per DPA site:", "", "![share](dpa_irrelevant_share.png)", "",
+          "| site | mean share over classes |", "|---|---:|"]
+    for name, per_class in views["irrelevant_share"].items():
+        vals = [v for v in per_class if v == v]
+        md.append(f"| {name} | {100 * sum(vals) / len(vals):.1f} % |" if vals else f"| {name} | – |")
+    md += ["", "Second observation of the DPA paper: zero the channels flagged irrelevant for the true class.",
+           "", "| | test top-1 % |", "|---|---:|",
+           f"| as trained | {views['top1_before']:.2f} |",
+           f"| irrelevant channels zeroed at all {len(dpa_sites)} DPA sites | {views['top1_after']:.2f} |",
+           f"| irrelevant channels zeroed at `{layer}` only | {views['top1_after_layer']:.2f} |", ""]
+    return md, {**views, "layer": layer}
+
+
+def _iieu_section(model: nn.Module, loader, max_batches: int, out: str) -> tuple[list[str], dict]:
+    """Compute the IIEU views, plot them into ``out``, and return the markdown lines and the record."""
+    views = iieu_views(model, loader, max_batches=max_batches)
+    _score_plot(views, os.path.join(out, "iieu_scores.png"))
+    quantiles = {n: torch.quantile(s, torch.tensor([0.05, 0.5, 0.95])).tolist() for n, s in views["scores"].items()}
+    md = ["## IIEU", "", "![scores](iieu_scores.png)", "",
+          "| layer | rho 5 % | median | 95 % | suppressed (rho < eta) |", "|---|---:|---:|---:|---:|"]
+    for name in views["sites"]:
+        q = quantiles[name]
+        md.append(f"| {name} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {100 * views['suppressed_share'][name]:.1f} % |")
+    md.append("")
+    return md, {"sites": views["sites"], "suppressed_share": views["suppressed_share"], "score_quantiles": quantiles}
 
 
 def analyze(run_dir: str, layer: str | None = None, data_dir: str | None = None, max_batches: int | None = None) -> str:
@@ -183,9 +219,6 @@ def analyze(run_dir: str, layer: str | None = None, data_dir: str | None = None,
         layer: DPA site (module name) for the heatmaps; default the last DPA site.
         max_batches: limit the test batches used (default: the whole test set for DPA, 4 for IIEU).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     model, saved = load_run_model(run_dir)
     cfg = TrainConfig.from_dict(saved["config"])
     model.eval()
@@ -198,44 +231,13 @@ def analyze(run_dir: str, layer: str | None = None, data_dir: str | None = None,
     md = [f"# Analysis of {run_dir}", "", f"{cfg.model} with {cfg.act} on {cfg.dataset}, epoch {saved['epoch']}, "
           f"{len(test)} test images.", ""]
     record: dict = {"run": run_dir, "act": cfg.act, "model": cfg.model}
-    dpa_sites = {n: m for n, m in model.named_modules() if isinstance(m, DPA)}
-    iieu_sites = [m for m in model.modules() if isinstance(m, IIEUB)]
-    if dpa_sites:
-        if layer is not None and layer not in dpa_sites:
-            raise ValueError(f"--layer {layer!r} is not a DPA site of this model; sites: {list(dpa_sites)}")
-        layer = layer or list(dpa_sites)[-1]
-        views = dpa_views(model, loader, info.num_classes, layer=layer)
-        _heatmaps(layer, dpa_sites[layer], os.path.join(out, "dpa_memories.png"))
-        _share_plot(views["irrelevant_share"], os.path.join(out, "dpa_irrelevant_share.png"))
-        record["dpa"] = {**views, "layer": layer}
-        md += ["## DPA", "",
-               f"Channels flagged irrelevant (M_v < tau and M_g < 0) per class at `{layer}`: "
-               f"{views['flagged_per_class'][layer]} of {dpa_sites[layer].channels}.", "",
-               "![memories](dpa_memories.png)", "",
-               "Share of each class's active responses (pooled v > tau) that fall on channels flagged irrelevant for "
-               "that class, per DPA site:", "", "![share](dpa_irrelevant_share.png)", "",
-               "| site | mean share over classes |", "|---|---:|"]
-        for name, per_class in views["irrelevant_share"].items():
-            vals = [v for v in per_class if v == v]
-            md.append(f"| {name} | {100 * sum(vals) / len(vals):.1f} % |" if vals else f"| {name} | – |")
-        md += ["", "Second observation of the DPA paper: zero the channels flagged irrelevant for the true class.",
-               "", "| | test top-1 % |", "|---|---:|",
-               f"| as trained | {views['top1_before']:.2f} |",
-               f"| irrelevant channels zeroed at all {len(dpa_sites)} DPA sites | {views['top1_after']:.2f} |",
-               f"| irrelevant channels zeroed at `{layer}` only | {views['top1_after_layer']:.2f} |", ""]
-    if iieu_sites:
-        views = iieu_views(model, loader, max_batches=max_batches or 4)
-        _score_plot(views, os.path.join(out, "iieu_scores.png"))
-        record["iieu"] = {"sites": views["sites"], "suppressed_share": views["suppressed_share"],
-                          "score_quantiles": {n: torch.quantile(s, torch.tensor([0.05, 0.5, 0.95])).tolist()
-                                              for n, s in views["scores"].items()}}
-        md += ["## IIEU", "", "![scores](iieu_scores.png)", "",
-               "| layer | rho 5 % | median | 95 % | suppressed (rho < eta) |", "|---|---:|---:|---:|---:|"]
-        for name in views["sites"]:
-            q = record["iieu"]["score_quantiles"][name]
-            md.append(f"| {name} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {100 * views['suppressed_share'][name]:.1f} % |")
-        md.append("")
-    if not dpa_sites and not iieu_sites:
+    if any(isinstance(m, DPA) for m in model.modules()):
+        lines, record["dpa"] = _dpa_section(model, loader, info.num_classes, layer, out)
+        md += lines
+    if any(isinstance(m, IIEUB) for m in model.modules()):
+        lines, record["iieu"] = _iieu_section(model, loader, max_batches or 4, out)
+        md += lines
+    if "dpa" not in record and "iieu" not in record:
         md += [f"This run uses {cfg.act}: it has no DPA or IIEU sites to analyse.", ""]
     with open(os.path.join(out, "analysis.json"), "w") as f:
         json.dump(record, f, indent=1)

@@ -11,6 +11,7 @@ import os
 from collections import defaultdict
 
 from .grid import load_rows
+from .plots import pyplot, save_figure
 from .stats import Paired, Summary, overall_ranking, paired_against, ranks, summarize
 
 # the DPA paper's published top-1 (%) with ReLU and with DPA, by (actlab model, dataset)
@@ -51,7 +52,7 @@ def _groups(summaries: list[Summary]) -> dict[tuple[str, str], list[Summary]]:
 
 def plot_accuracy(rows, summaries, path) -> None:
     """Mean top-1 per act with its 95 % interval, each seed as a dot; one panel per (model, dataset)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = _groups(summaries)
     colors = _colors([s.act for s in summaries])
@@ -68,14 +69,12 @@ def plot_accuracy(rows, summaries, path) -> None:
         ax.set_xlabel("test top-1 % (mean, 95 % CI; | = seeds)")
         ax.set_title(f"{model} on {dataset}")
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_cost(summaries, path) -> None:
     """Bubble chart: top-1 against FLOPs, bubble area proportional to parameters; colour = act, marker = model."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     colors = _colors([s.act for s in summaries])
@@ -95,14 +94,12 @@ def plot_cost(summaries, path) -> None:
     ax.set_ylabel("test top-1 % (mean over seeds)")
     ax.set_title("accuracy against cost (bubble area: parameters)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(rows, path) -> None:
     """Test top-1 per epoch, mean over seeds, one line per act; one panel per (model, dataset)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves: dict[tuple[str, str], dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -120,14 +117,12 @@ def plot_curves(rows, path) -> None:
         ax.set_title(f"{model} on {dataset}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_speed(speed: dict, path) -> None:
     """Time and saved-memory ratios to ReLU from the speed benchmark, per workload."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = speed["rows"]
     workloads = sorted({r["workload"] for r in rows})
@@ -142,9 +137,7 @@ def plot_speed(speed: dict, path) -> None:
         ax.set_xticks(list(xs), [r["activation"] for r in rs], rotation=45, ha="right")
         ax.set_title(f"{workload} workload (training step)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def paper_matches(summaries: list[Summary]) -> list[tuple[str, str, float, float, Summary | None, Summary | None]]:
@@ -159,7 +152,7 @@ def paper_matches(summaries: list[Summary]) -> list[tuple[str, str, float, float
 
 
 def plot_paper(matches, path) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(1.8 * len(matches) + 2, 3.6))
     for i, (model, dataset, p_relu, p_dpa, relu, dpa) in enumerate(matches):
@@ -169,9 +162,7 @@ def plot_paper(matches, path) -> None:
     ax.set_xticks(range(len(matches)), [f"{m}\n{d}" for m, d, *_ in matches])
     ax.set_ylabel("top-1 %")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def settings_line(configs: list[dict]) -> str:
@@ -205,89 +196,100 @@ def results_table(summaries: list[Summary], paired: list[Paired], group_ranks: d
     return lines
 
 
-def write_report(folder: str, baseline: str = "relu", tie: float = 0.0) -> str:
-    """Write ``folder/report.md``, ``report.html`` and the PNG plots; returns the markdown path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import markdown
-
-    rows = load_rows(folder)
+def _header(folder: str, rows: list[dict], baseline: str, tie: float) -> list[str]:
     done = [r for r in rows if r["status"] == "done"]
-    summaries = summarize(rows)
-    paired = paired_against(rows, baseline, tie=tie)
-    group_ranks = ranks(summaries)
+    if not done:
+        return ["# actlab bench report", "", "No finished runs yet.", ""]
     status = defaultdict(int)
     for r in rows:
         status[r["status"]] += 1
-    md = ["# actlab bench report", ""]
-    if done:
-        env = done[0]["versions"]
-        seeds = sorted({r["seed"] for r in done})
-        md += [f"{len(done)} finished runs ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}) from "
-               f"`{os.path.join(folder, 'results.db')}`, seeds {seeds}; settings per model below.",
-               f"Machine: {env.get('machine')}, {env.get('threads')} thread(s) per run"
-               f"{', ' + env['cuda'] if env.get('cuda') else ', CPU'}; Python {env.get('python')}, torch {env.get('torch')}, "
-               f"torchvision {env.get('torchvision')}, timm {env.get('timm')}, actlab {env.get('actlab')}.", "",
-               "Top-1 is measured on the test set after the **last** epoch of each run (no best-epoch picking). "
-               "The interval is the 95 % t-interval of the mean over seeds; p is a two-sided paired t-test over "
-               f"seeds against {baseline} (– when fewer than two pairs or identical differences); W/T/L counts seeds "
-               f"where the act beat, tied (|Δ| ≤ {tie}) or lost to {baseline}. With 3 seeds only large, consistent "
-               "differences can reach p < 0.05.", ""]
-    else:
-        md += ["No finished runs yet.", ""]
+    env = done[0]["versions"]
+    seeds = sorted({r["seed"] for r in done})
+    return ["# actlab bench report", "",
+            f"{len(done)} finished runs ({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}) from "
+            f"`{os.path.join(folder, 'results.db')}`, seeds {seeds}; settings per model below.",
+            f"Machine: {env.get('machine')}, {env.get('threads')} thread(s) per run"
+            f"{', ' + env['cuda'] if env.get('cuda') else ', CPU'}; Python {env.get('python')}, torch {env.get('torch')}, "
+            f"torchvision {env.get('torchvision')}, timm {env.get('timm')}, actlab {env.get('actlab')}.", "",
+            "Top-1 is measured on the test set after the **last** epoch of each run (no best-epoch picking). "
+            "The interval is the 95 % t-interval of the mean over seeds; p is a two-sided paired t-test over "
+            f"seeds against {baseline} (– when fewer than two pairs or identical differences); W/T/L counts seeds "
+            f"where the act beat, tied (|Δ| ≤ {tie}) or lost to {baseline}. With 3 seeds only large, consistent "
+            "differences can reach p < 0.05.", ""]
+
+
+def _results(rows: list[dict], summaries: list[Summary], baseline: str, tie: float) -> list[str]:
     configs: dict = defaultdict(list)
-    for r in done:
-        configs[(r["model"], r["dataset"])].append(r["config"])
-    md += ["## Results", ""] + results_table(summaries, paired, group_ranks, configs)
+    for r in rows:
+        if r["status"] == "done":
+            configs[(r["model"], r["dataset"])].append(r["config"])
+    paired = paired_against(rows, baseline, tie=tie)
+    md = ["## Results", ""] + results_table(summaries, paired, ranks(summaries), configs)
     overall = overall_ranking(summaries)
     if overall:
         md += ["## Ranking", "", "Mean rank of each activation over the (model, dataset) groups it ran in (1 = best).", "",
                "| place | act | mean rank | groups |", "|---:|---|---:|---:|"]
         md += [f"| {i} | {a} | {r:.2f} | {n} |" for i, (a, r, n) in enumerate(overall, 1)] + [""]
+    return md
+
+
+def _plots(folder: str, rows: list[dict], summaries: list[Summary]) -> list[str]:
     plots = []
     if summaries:
         plot_accuracy(rows, summaries, os.path.join(folder, PLOTS["accuracy"]))
         plot_cost(summaries, os.path.join(folder, PLOTS["cost"]))
         plots += [("Accuracy per activation", "accuracy"), ("Accuracy against parameters and FLOPs", "cost")]
-    if any(r["history"] for r in done):
+    if any(r["history"] for r in rows if r["status"] == "done"):
         plot_curves(rows, os.path.join(folder, PLOTS["curves"]))
         plots.append(("Training curves (test top-1 per epoch, mean over seeds)", "curves"))
-    md += ["## Plots", ""] + [f"### {title}\n\n![{key}]({PLOTS[key]})\n" for title, key in plots]
+    return ["## Plots", ""] + [f"### {title}\n\n![{key}]({PLOTS[key]})\n" for title, key in plots]
+
+
+def _speed(folder: str) -> list[str]:
     speed_path = os.path.join(folder, SPEED_FILE)
-    md += ["## Speed and memory", ""]
-    if os.path.isfile(speed_path):
-        with open(speed_path) as f:
-            speed = json.load(f)
-        plot_speed(speed, os.path.join(folder, PLOTS["speed"]))
-        md += [f"From `python -m actlab.bench.speed` ({speed.get('repeats')} interleaved repeats, medians; "
-               f"{speed.get('environment', '?')}). Ratios to ReLU for a training step.", "",
-               "| workload | act | time / ReLU | saved memory / ReLU |", "|---|---|---:|---:|"]
-        md += [f"| {r['workload']} | {r['activation']} | {r['time_vs_relu']:.2f} | {r['memory_vs_relu']:.2f} |"
-               for r in speed["rows"] if r["mode"] == "train"]
-        md += ["", f"![speed]({PLOTS['speed']})", ""]
-    else:
-        md += [f"No `{SPEED_FILE}` in this folder (run `actlab bench ... --speed-repeats N`).", ""]
-    md += ["## The papers' figures", ""]
+    md = ["## Speed and memory", ""]
+    if not os.path.isfile(speed_path):
+        return md + [f"No `{SPEED_FILE}` in this folder (run `actlab bench ... --speed-repeats N`).", ""]
+    with open(speed_path) as f:
+        speed = json.load(f)
+    plot_speed(speed, os.path.join(folder, PLOTS["speed"]))
+    md += [f"From `python -m actlab.bench.speed` ({speed.get('repeats')} interleaved repeats, medians; "
+           f"{speed.get('environment', '?')}). Ratios to ReLU for a training step.", "",
+           "| workload | act | time / ReLU | saved memory / ReLU |", "|---|---|---:|---:|"]
+    md += [f"| {r['workload']} | {r['activation']} | {r['time_vs_relu']:.2f} | {r['memory_vs_relu']:.2f} |"
+           for r in speed["rows"] if r["mode"] == "train"]
+    return md + ["", f"![speed]({PLOTS['speed']})", ""]
+
+
+def _papers(folder: str, summaries: list[Summary]) -> list[str]:
+    md = ["## The papers' figures", ""]
     matches = paper_matches(summaries)
     if matches:
         plot_paper(matches, os.path.join(folder, PLOTS["paper"]))
         md += ["| model | dataset | paper ReLU | paper DPA | ours ReLU | ours DPA |", "|---|---|---:|---:|---:|---:|"]
         md += [f"| {m} | {d} | {pr} | {pd} | {_fmt(r.mean if r else None)} | {_fmt(x.mean if x else None)} |"
                for m, d, pr, pd, r, x in matches]
-        md += ["", f"![paper]({PLOTS['paper']})", ""]
-    else:
-        ran = sorted({(s.model, s.dataset) for s in summaries})
-        md += ["None of the runs here uses a model and dataset of the papers' tables "
-               f"(ran: {', '.join(f'{m}/{d}' for m, d in ran) or 'nothing'}). For reference, the DPA paper's top-1 "
-               "(ReLU -> DPA): " + "; ".join(f"{m}/{d} {a} -> {b}" for (m, d), (a, b) in PAPER_DPA.items()) + ". "
-               "The IIEU paper claims ResNet-26 with IIEU matches ResNet-101 with ReLU on ImageNet.", ""]
+        return md + ["", f"![paper]({PLOTS['paper']})", ""]
+    ran = sorted({(s.model, s.dataset) for s in summaries})
+    return md + ["None of the runs here uses a model and dataset of the papers' tables "
+                 f"(ran: {', '.join(f'{m}/{d}' for m, d in ran) or 'nothing'}). For reference, the DPA paper's top-1 "
+                 "(ReLU -> DPA): " + "; ".join(f"{m}/{d} {a} -> {b}" for (m, d), (a, b) in PAPER_DPA.items()) + ". "
+                 "The IIEU paper claims ResNet-26 with IIEU matches ResNet-101 with ReLU on ImageNet.", ""]
+
+
+def _without_result(rows: list[dict]) -> list[str]:
     failed = [r for r in rows if r["status"] in ("failed", "skipped", "running")]
-    if failed:
-        md += ["## Runs without a result", "", "| model | act | seed | status | reason |", "|---|---|---:|---|---|"]
-        md += [f"| {r['model']} | {r['act']} | {r['seed']} | {r['status']} | "
-               f"{(r['error'] or 'interrupted').splitlines()[0].replace('|', '/')} |" for r in failed] + [""]
-    text = "\n".join(md)
+    if not failed:
+        return []
+    return ["## Runs without a result", "", "| model | act | seed | status | reason |", "|---|---|---:|---|---|"] + [
+        f"| {r['model']} | {r['act']} | {r['seed']} | {r['status']} | "
+        f"{(r['error'] or 'interrupted').splitlines()[0].replace('|', '/')} |" for r in failed] + [""]
+
+
+def _write(folder: str, text: str) -> str:
+    """report.md and its HTML rendering; returns the markdown path."""
+    import markdown
+
     md_path = os.path.join(folder, "report.md")
     with open(md_path, "w") as f:
         f.write(text)
@@ -298,6 +300,15 @@ def write_report(folder: str, baseline: str = "relu", tie: float = 0.0) -> str:
                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
                 "th{background:#f3f3f3}img{max-width:100%}</style></head><body>" + body + "</body></html>")
     return md_path
+
+
+def write_report(folder: str, baseline: str = "relu", tie: float = 0.0) -> str:
+    """Write ``folder/report.md``, ``report.html`` and the PNG plots; returns the markdown path."""
+    rows = load_rows(folder)
+    summaries = summarize(rows)
+    sections = (_header(folder, rows, baseline, tie), _results(rows, summaries, baseline, tie),
+                _plots(folder, rows, summaries), _speed(folder), _papers(folder, summaries), _without_result(rows))
+    return _write(folder, "\n".join(line for section in sections for line in section))
 
 
 def ranked_table(folder: str, baseline: str = "relu") -> str:
