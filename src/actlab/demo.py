@@ -61,7 +61,7 @@ def main() -> None:
             flagged = ((site.value_memory < 0) & (site.grad_memory < 0)).float().mean().item()
             print(f"  layer4.1 last site: memories {tuple(site.value_memory.shape)} in the state_dict, "
                   f"{flagged:.0%} of (class, channel) pairs flagged irrelevant")
-    print("\nNext: `make test`, and README.md for the API.")
+    print("\nNext: `make test`, and docs/api.md for the API.")
 
 
 if __name__ == "__main__":

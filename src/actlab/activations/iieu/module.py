@@ -30,7 +30,7 @@ class IIEUB(ActivationModule):
             works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
         recompute_linear: at a Linear site without a norm, recompute ``x_t`` in backward (one matmul)
             instead of keeping it for backward: one feature map less per site, for about 15-20 % more
-            time of a ViT MLP block on a 2-core CPU (README, speed table). Sites after a BatchNorm always
+            time of a ViT MLP block on a 2-core CPU (docs/performance.md). Sites after a BatchNorm always
             recompute (cheap); other sites keep ``x_t``.
 
     Shapes: conv site x_t (B, C, H', W'), x_pre (B, Cin, H, W); linear site x_t (B, *, C), x_pre (B, *, Cin).
