@@ -318,3 +318,29 @@ def test_activation_reached_through_a_module_list_is_split_with_a_working_reset(
     assert isinstance(split, SiteSplit) and [u.producer for u in split.sites] == list(model.convs)
     for _ in range(3):  # the counter is reset by the running module on every forward
         model(torch.randn(2, 3, 4, 4)).sum().backward()
+
+
+def test_torchvision_vit_pools_its_class_token_and_the_report_says_so():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10)
+    actlab.convert(vit, "dpa", num_classes=10, example_input=torch.randn(2, 3, 32, 32), strict=True)
+    sites = [m for m in vit.modules() if isinstance(m, DPA)]
+    assert len(sites) == 2 and {m.token_pool for m in sites} == {"cls"}
+    assert str(actlab.conversion_report(vit)).count("(pools the class token)") == 2
+    vit.train()
+    with actlab.targets(vit, torch.tensor([3, 4])):
+        vit(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_a_conversion_that_keeps_most_sites_warns_and_one_that_converts_them_does_not():
+    with pytest.warns(UserWarning, match=r"only 0 of 1 activation calls converted \(1 x functional activation"):
+        actlab.convert(ReluOnlyNet(), "silu", example_input=torch.randn(2, 3, 8, 8))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2), nn.ReLU())
+    model(torch.randn(2, 3, 8, 8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actlab.convert(model, "iieu_b", example_input=torch.randn(2, 3, 8, 8))  # 2 of 2: no warning

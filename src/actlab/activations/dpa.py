@@ -348,6 +348,11 @@ class DPA(ActivationModule):
 
         return hook
 
+    def site_note(self) -> str:
+        notes = (["pools the class token"] if self.token_pool == "cls" else []) + \
+            ([f"{self.rows_per_sample} rows per sample"] if self.rows_per_sample > 1 else [])
+        return ", ".join(notes)
+
     def extra_repr(self) -> str:
         return (f"{self.channels}, num_classes={self.num_classes}, tau={self.tau}, interval={self.interval}, "
                 f"alpha={self.alpha}, token_pool={self.token_pool!r}"

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
@@ -48,6 +49,7 @@ class SiteRecord:
     producer: str = ""
     norm: str = ""
     shape: tuple | None = None
+    note: str = ""  # how the new module reads its site (e.g. DPA pooling the class token)
 
 
 @dataclass
@@ -73,7 +75,8 @@ class ConversionReport:
         for s in self.sites:
             if s.converted:
                 via = f"  <- {s.producer}" + (f" -> {s.norm}" if s.norm else "") if s.producer else ""
-                lines.append(f"  converted  {s.name:<{width}}  {s.original} -> {s.new}{via}")
+                note = f"  ({s.note})" if s.note else ""
+                lines.append(f"  converted  {s.name:<{width}}  {s.original} -> {s.new}{via}{note}")
         for s in self.kept:
             lines.append(f"  kept       {s.name:<{width}}  {s.original}: {s.reason}")
         for note in self.functional:
@@ -140,6 +143,8 @@ def _class_token(model: nn.Module, call: ActivationCall, batch: int) -> bool:
     shape = call.in_shape
     if shape is None or len(shape) != 3 or shape[0] != batch:
         return False
+    if isinstance(getattr(model, "class_token", None), nn.Parameter) and isinstance(getattr(model, "seq_length", None), int):
+        return shape[1] == model.seq_length  # torchvision's VisionTransformer: its head reads x[:, 0]
     if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
         return False
     num_patches = next((m.num_patches for m in model.modules() if isinstance(getattr(m, "num_patches", None), int)),
@@ -252,6 +257,7 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             else:
                 changed = True
                 record.converted, record.new = True, type(module).__name__
+                record.note = module.site_note() if isinstance(module, ActivationModule) else ""
                 if hasattr(module, "site"):
                     module.site = slot.name
             report.sites.append(record)
@@ -264,6 +270,8 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
     object.__setattr__(model, "_actlab_report", report)
     if strict:
         _check_strict(report, include)
+    else:
+        _warn_if_mostly_kept(report)
     return model
 
 
@@ -273,6 +281,19 @@ ALREADY = "already this activation with these settings (kept, with its trained p
 def _same_activation(new: nn.Module, old: nn.Module) -> bool:
     """Re-converting a site to what it already is must not reset what it learned."""
     return type(new) is type(old) and new.extra_repr() == old.extra_repr()
+
+
+def _warn_if_mostly_kept(report: ConversionReport) -> None:
+    """One warning when fewer than half of the activation calls a conversion could take were converted."""
+    eligible = [s for s in report.sites if s.reason not in ("excluded by pattern", "not matched by include", ALREADY)]
+    converted = sum(s.converted for s in eligible)
+    calls = len(eligible) + len(report.functional)
+    if calls and converted < calls / 2:
+        reasons = Counter(s.reason for s in eligible if not s.converted)
+        reasons.update("functional activation (not a module)" for _ in report.functional)
+        top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
+        warnings.warn(f"actlab.convert -> {report.activation}: only {converted} of {calls} activation calls converted "
+                      f"({top}); actlab.conversion_report(model) lists every site", stacklevel=3)
 
 
 def _check_strict(report: ConversionReport, include) -> None:
