@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import actlab
-
+from .. import dpa_loss, targets
 from ..data import build_datasets
 from ..models import create_model
 from ..train import TrainConfig, train
@@ -74,8 +73,8 @@ def plain_loop(s: Setting, seed: int) -> dict:
         loss_sum = torch.zeros((), device=device)
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), actlab.targets(model, y):
-                loss = F.cross_entropy(model(x).float(), y) + actlab.dpa_loss(model)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), targets(model, y):
+                loss = F.cross_entropy(model(x).float(), y) + dpa_loss(model)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

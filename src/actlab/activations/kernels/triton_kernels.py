@@ -18,6 +18,21 @@ _TILE = 4096  # elements of a 2D tile
 
 
 @triton.jit
+def _adjusted(rho, e):
+    """The adjuster s(rho): rho at or above eta, eta * exp(rho - eta) below (a NaN stays NaN)."""
+    return tl.where(rho < e, e * tl.exp(tl.minimum(rho - e, 0.0)), rho)
+
+
+@triton.jit
+def _channel_params(W, NU, ETA, nu_row, cc, live_c):
+    """inv_w, nu and eta of channels ``cc``; ``nu_row`` is the offset of the sample's nu row."""
+    w = tl.load(W + cc, mask=live_c, other=0.0)
+    n = tl.load(NU + nu_row + cc, mask=live_c, other=0.0)
+    e = tl.load(ETA + cc, mask=live_c, other=0.0)
+    return w, n, e
+
+
+@triton.jit
 def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -31,8 +46,7 @@ def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
     n = tl.load(NU + bc)
     e = tl.load(ETA + c)
     rho = x * (w * inv) + n
-    scale = tl.where(rho < e, e * tl.exp(tl.minimum(rho - e, 0.0)), rho)
-    tl.store(OUT + bc * P + offs, (scale * x).to(OUT.dtype.element_ty), mask=live)
+    tl.store(OUT + bc * P + offs, (_adjusted(rho, e) * x).to(OUT.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -71,9 +85,7 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, N
     inv = tl.load(INV + bg * P + offs, mask=live_p, other=0.0)
     x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
     go = tl.load(GO + at, mask=live, other=0.0).to(tl.float32)
-    w = tl.load(W + c, mask=live_c, other=0.0)
-    n = tl.load(NU + b * C + c, mask=live_c, other=0.0)
-    e = tl.load(ETA + c, mask=live_c, other=0.0)
+    w, n, e = _channel_params(W, NU, ETA, b * C, c, live_c)
     grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
     tl.store(GX + at, grad_x.to(GX.dtype.element_ty), mask=live)
     tl.store(GINV_PART + (cb * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0), mask=live_p)
@@ -97,12 +109,9 @@ def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, BLOCK_T: tl.constexpr, BLOCK_C
         live = live_t[:, None] & live_c[None, :]
         at = rows[:, None] * C + cc[None, :]
         x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
-        w = tl.load(W + cc, mask=live_c, other=0.0)
-        n = tl.load(NU + s * C + cc, mask=live_c, other=0.0)
-        e = tl.load(ETA + cc, mask=live_c, other=0.0)
+        w, n, e = _channel_params(W, NU, ETA, s * C, cc, live_c)
         rho = x * (w[None, :] * inv[:, None]) + n[None, :]
-        scale = tl.where(rho < e[None, :], e[None, :] * tl.exp(tl.minimum(rho - e[None, :], 0.0)), rho)
-        tl.store(OUT + at, (scale * x).to(OUT.dtype.element_ty), mask=live)
+        tl.store(OUT + at, (_adjusted(rho, e[None, :]) * x).to(OUT.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -125,9 +134,8 @@ def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB,
         at = rows[:, None] * C + cc[None, :]
         x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
         go = tl.load(GO + at, mask=live, other=0.0).to(tl.float32)
-        w = tl.load(W + cc, mask=live_c, other=0.0)[None, :]
-        n = tl.load(NU + s * C + cc, mask=live_c, other=0.0)[None, :]
-        e = tl.load(ETA + cc, mask=live_c, other=0.0)[None, :]
+        w, n, e = _channel_params(W, NU, ETA, s * C, cc, live_c)
+        w, n, e = w[None, :], n[None, :], e[None, :]
         grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w * inv[:, None], n, e)
         tl.store(GX + at, grad_x.to(GX.dtype.element_ty), mask=live)
         acc_inv += tl.sum(g_rx * w, axis=1)
