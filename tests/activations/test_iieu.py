@@ -215,8 +215,10 @@ def conv_bn_block(replay: bool, seed: int = 0):
 @pytest.mark.parametrize("kernels", ["eager", "native"])
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_batchnorm_replay_gives_identical_gradients(bn_mode, autocast, kernels, restore_kernels):
-    restore_kernels.set_kernels(kernels)  # native: grad_x is written over the replayed x_t
+def test_batchnorm_replay_gives_the_same_gradients(bn_mode, autocast, kernels, restore_kernels):
+    """x_t recomputed from the BatchNorm's input and statistics (the C++ kernel applies the affine map as
+    it reads c) gives the gradients of keeping x_t, to float rounding."""
+    restore_kernels.set_kernels(kernels)
     x = torch.randn(4, 32, 8, 8)
     grads = []
     for replay in (True, False):
@@ -230,7 +232,9 @@ def test_batchnorm_replay_gives_identical_gradients(bn_mode, autocast, kernels, 
             loss = out.float().square().sum()
         grads.append(torch.autograd.grad(loss, [xs, conv.weight, bn.weight, unit.eta, unit.norm.weight]))
     for with_replay, without in zip(*grads):
-        assert torch.equal(with_replay, without)
+        err = ((with_replay - without).norm() / without.norm()).item()
+        assert err < (2e-2 if autocast else 2e-6), err  # bf16: GAP from c's statistics, not the rounded x_t
+        assert not torch.equal(without, torch.zeros_like(without))
 
 
 def test_saved_memory_close_to_relu():

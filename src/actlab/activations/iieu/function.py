@@ -57,27 +57,53 @@ class TermB:
 
 @dataclass(frozen=True)
 class BatchNormReplay:
-    """How to recompute ``x_t = BatchNorm(c)`` in backward from the BN input ``c`` (which BatchNorm keeps
-    for its own backward anyway) instead of keeping ``x_t``: same kernel, same inputs, same values."""
+    """How to recompute ``x_t = BatchNorm(c)`` in backward instead of keeping it: as the per-channel affine
+    map ``x_t = c * scale + shift`` with the statistics the BatchNorm used in forward, from its input ``c``
+    (which BatchNorm keeps for its own backward anyway). The C++ kernel applies the map as it reads ``c``;
+    other kernels get ``x_t`` recomputed in ``x_t``'s dtype. Equal to the forward's ``x_t`` to float
+    rounding."""
 
     batch_stats: bool
     eps: float
-    autocast: bool
-    autocast_dtype: torch.dtype
+    dtype: torch.dtype
 
     @classmethod
     def of_call(cls, norm: nn.Module, output: torch.Tensor) -> "BatchNormReplay":
-        device = output.device.type
         batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-        return cls(batch_stats, norm.eps, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return cls(batch_stats, norm.eps, output.dtype)
 
-    def tensors(self, norm: nn.Module, c: torch.Tensor) -> tuple:
-        stats = (None, None) if self.batch_stats else (norm.running_mean, norm.running_var)
-        return (c, norm.weight, norm.bias, *stats)
+    def prepare(self, norm: nn.Module, c: torch.Tensor, x_t: torch.Tensor):
+        """The saved tensors (c, scale, shift) and, when the batch statistics give it for free, GAP(x_t)
+        (B, C) in the compute dtype (else None). One pass over ``c`` in training mode, none in eval mode."""
+        ct = compute_dtype(x_t)
+        plane_means = None
+        with torch.no_grad():
+            if self.batch_stats:
+                source = c.detach()
+                plane_means, mean, var = backend(source, cpu_native=source.is_contiguous()).batch_moments(source)
+            else:
+                mean, var = norm.running_mean.double(), norm.running_var.double()
+            scale = (var + self.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight.detach().double()
+            shift = -mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.detach().double()
+            gap = None
+            if plane_means is not None and x_t.dim() == 4:  # GAP of a conv map: the affine map of c's plane means
+                gap = (plane_means * scale + shift).to(ct)
+        return (c, scale.to(ct), shift.to(ct)), gap
 
-    def replay(self, c, weight, bias, running_mean, running_var) -> torch.Tensor:
-        with _autocast_as(c.device.type, self.autocast, self.autocast_dtype):
-            return F.batch_norm(c, running_mean, running_var, weight, bias, self.batch_stats, 0.0, self.eps)
+    def replay(self, c, scale, shift) -> torch.Tensor:
+        shape = (-1,) + (1,) * (c.dim() - 2)
+        return torch.addcmul(shift.view(shape), c.to(scale.dtype), scale.view(shape)).to(self.dtype)
+
+    def kernel_input(self, c, scale, shift):
+        """(x, affine) for the backward kernel: c with (scale, shift) for the C++ kernel to apply, or the
+        recomputed x_t and None."""
+        if c.dtype == self.dtype == torch.float32 and c.device.type == "cpu" and backend(c) is native:
+            return c, (scale, shift)
+        return self.replay(c, scale, shift), None
 
 
 @dataclass(frozen=True)
@@ -93,12 +119,16 @@ class LinearReplay:
         device = output.device.type
         return cls(torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
-    def tensors(self, linear: nn.Module, x: torch.Tensor) -> tuple:
-        return (x, linear.weight, linear.bias)
+    def prepare(self, linear: nn.Module, x: torch.Tensor, x_t: torch.Tensor):
+        """The saved tensors; no GAP comes with them (None)."""
+        return (x, linear.weight, linear.bias), None
 
     def replay(self, x, weight, bias) -> torch.Tensor:
         with _autocast_as(x.device.type, self.autocast, self.autocast_dtype):
             return F.linear(x, weight, bias)
+
+    def kernel_input(self, x, weight, bias):
+        return self.replay(x, weight, bias), None
 
 
 
@@ -140,9 +170,10 @@ class IIEUFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
         patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
+        affine = None
         if x_t is None:
             with torch.no_grad():
-                x_t = replay.replay(*replay_tensors)
+                x_t, affine = replay.kernel_input(*replay_tensors)
         with autocast_off(grad_out.device.type):
             ct = compute_dtype(x_t)
             if sumsq is None:
@@ -150,10 +181,13 @@ class IIEUFunction(torch.autograd.Function):
             x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
             go = patches.flat_like(grad_out, x)
             kernels = backend(x, cpu_native=go.dtype == x.dtype)
+            if affine is not None and kernels is not native:
+                x, affine = composite.affine_input(x, *affine), None
             args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
             if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
-                own = replay is not None or x.data_ptr() != x_t.data_ptr()
-                grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own)
+                own = affine is None and (replay is not None or x.data_ptr() != x_t.data_ptr())
+                grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own,
+                                                                                   affine=affine)
             else:
                 grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
             if gap is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample

@@ -119,12 +119,13 @@ class IIEUB(ActivationModule):
         self._maker_io = (args[0], output, output._version, self._replay_type.of_call(maker, output))
 
     def _replay_for(self, x_t: torch.Tensor):
-        """How to recompute x_t in backward, when x_t is, untouched, the output of its maker's last call."""
+        """How to recompute x_t in backward, when x_t is, untouched, the output of its maker's last call:
+        (replay, its saved tensors, GAP(x_t) when the replay's preparation gives it, else None)."""
         io, self._maker_io = self._maker_io, None
         if io is None or io[1] is not x_t or io[2] != x_t._version:
-            return None, ()
+            return None, (), None
         maker_input, _, _, replay = io
-        return replay, replay.tensors(self._maker, maker_input)
+        return (replay, *replay.prepare(self._maker, maker_input, x_t))
 
     def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
         """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
@@ -157,10 +158,12 @@ class IIEUB(ActivationModule):
         silence = self.zero_patch == "silence"
         mode = path()
         if mode == "train":
-            replay, replay_tensors = self._replay_for(x_t)
+            replay, replay_tensors, gap = self._replay_for(x_t)
             # term-B from a detached GAP: the autograd function adds that path's gradient itself
             with autocast_off(x_t.device.type):
-                nu, term_b = self._term_b_with_stats(self._patches.gap(x_t.detach()))
+                if gap is None:
+                    gap = self._patches.gap(x_t.detach())
+                nu, term_b = self._term_b_with_stats(gap)
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
                                       replay_tensors, term_b)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)

@@ -93,8 +93,16 @@ class ConvPatches:
         """(B, Cin, H, W) -> squared patch norms (B, G, H', W'), in plain tensor ops."""
         return self.window_sum(self._grouped_square_sum(x_pre))
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution without padding: each patch is one position's channels (no window sum)."""
+        return self.kernel_size == (1, 1) and not any(self.pads)
+
     def window_sum(self, sq: torch.Tensor) -> torch.Tensor:
         """Per-position group sums of squares (B, G, H, W) -> their sums over each receptive field (B, G, H', W')."""
+        if self.pointwise:
+            sh, sw = self.stride
+            return sq if (sh, sw) == (1, 1) else sq[:, :, ::sh, ::sw].contiguous()
         if any(self.pads):
             sq = F.pad(sq, self.pads)
         return F.conv2d(sq, self._ones(sq), stride=self.stride, dilation=self.dilation, groups=self.groups)
@@ -102,6 +110,13 @@ class ConvPatches:
     def window_sum_backward(self, grad_sumsq: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """The adjoint of ``window_sum``: (B, G, H', W') -> (B, G, H, W)."""
         h, w = hw
+        if self.pointwise:
+            sh, sw = self.stride
+            if (sh, sw) == (1, 1):
+                return grad_sumsq
+            grad = grad_sumsq.new_zeros(grad_sumsq.shape[0], self.groups, h, w)
+            grad[:, :, ::sh, ::sw] = grad_sumsq
+            return grad
         l, r, t, bt = self.pads
         padded = (grad_sumsq.shape[0], self.groups, h + t + bt, w + l + r)
         g = torch.nn.grad.conv2d_input(padded, self._ones(grad_sumsq), grad_sumsq, stride=self.stride,
@@ -204,7 +219,7 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
         shape = (*x_pre.shape[:-1], 1)
         return inv.view(shape).to(ct), sumsq.view(shape).to(ct)
     # squares summed over channels in one pass over x_pre in its own dtype (no float32 copy of the map)
-    kernels = backend(x_pre, cpu_native=False)
+    kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
     sumsq = patches.window_sum(kernels.channel_sumsq(x_pre, patches.groups, ct))
     return kernels.inverse_norm(sumsq, eps, silent_threshold(patches, silence)), sumsq
 
@@ -218,7 +233,7 @@ def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
         grad_inv = grad_inv.contiguous().view(-1).to(flat_sumsq.dtype)
         grad = backend(rows).rows_inv_norm_backward(rows, flat_sumsq, grad_inv, eps, silent)
         return grad.view(x_pre.shape)
-    kernels = backend(x_pre, cpu_native=False)
+    kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
     grad_sumsq = kernels.inv_norm_grad_sumsq(sumsq, grad_inv.contiguous(), eps, silent)
     grad_sq = patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])
     return kernels.channel_scale(x_pre, (2 * grad_sq).contiguous())

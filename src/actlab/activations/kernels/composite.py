@@ -116,6 +116,27 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
 
 
+def affine_input(x, scale, shift):
+    """x * scale + shift per channel, in the compute dtype: channels at dim 1 of planes (B, C, P), last
+    of rows (R, C)."""
+    ct = compute_dtype(x)
+    if x.dim() == 3:
+        scale, shift = scale.view(-1, 1), shift.view(-1, 1)
+    return torch.addcmul(shift.to(ct), x.to(ct), scale.to(ct))
+
+
+def batch_moments(x):
+    """x (B, C, *S) -> the mean of each plane (B, C) and, per channel over B and S, the mean and the biased
+    variance (C,), all float64: the statistics a training-mode BatchNorm normalises x with."""
+    b, c = x.shape[:2]
+    planes = x.reshape(b, c, -1).to(compute_dtype(x))
+    plane_var, plane_mean = torch.var_mean(planes, dim=2, correction=0)
+    plane_mean, plane_var = plane_mean.double(), plane_var.double()
+    mean = plane_mean.mean(0)
+    var = (plane_var + (plane_mean - mean).square()).mean(0)
+    return plane_mean, mean, var
+
+
 def channel_sumsq(x, groups: int, ct: torch.dtype):
     """Sum of squares over each group's channels: (B, C, *S) -> (B, G, *S) in ``ct``."""
     b, c = x.shape[:2]

@@ -96,12 +96,19 @@ at::Tensor planes_forward(const at::Tensor& x, const at::Tensor& inv, const at::
 // returns grad_x (B, C, P), grad_inv (B, G, P), grad_w (C), grad_nu (B, C), grad_eta_part (C)
 // grad_into_x: write grad_x over x (a recomputed x the caller owns), saving an allocation;
 // grad_eta_part = sum of g * x * exp(rho - eta) below eta (d s / d eta = (1 - eta) * that).
+//
+// scale, shift: empty, or (C) each, when x holds the input c of a per-channel affine map and the
+// activation's input is x_t = c * scale + shift (a BatchNorm recomputed from its input and statistics).
 std::vector<at::Tensor> planes_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& inv,
                                         const at::Tensor& w, const at::Tensor& nu, const at::Tensor& eta,
-                                        bool grad_into_x) {
+                                        bool grad_into_x, const at::Tensor& scale, const at::Tensor& shift) {
   check(go, "grad_out", 3); check(x, "x", 3); check(inv, "inv", 3); check(w, "w", 1); check(nu, "nu", 2);
   check(eta, "eta", 1);
+  const bool affine = scale.numel() > 0;
+  if (affine) { check(scale, "scale", 1); check(shift, "shift", 1); }
+  TORCH_CHECK(!(affine && grad_into_x), "iieu_cpu: grad_into_x needs x to be x_t itself, not an affine input");
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2), G = inv.size(1), Cg = C / G;
+  const float *SC = affine ? scale.data_ptr<float>() : nullptr, *SH = affine ? shift.data_ptr<float>() : nullptr;
   auto gx = grad_into_x ? x : at::empty_like(x);  // each element is read before it is written
   auto giv = at::empty_like(inv);
   auto gnu = at::empty({B, C}, x.options());
@@ -123,11 +130,15 @@ std::vector<at::Tensor> planes_backward(const at::Tensor& go, const at::Tensor& 
         const float *xr = X + bc * P, *gr = GO + bc * P;
         float* gxr = GX + bc * P;
         const Vec vw(W[c]), vn(N[bc]), ve(E[c]);
+        const Vec vsc(affine ? SC[c] : 1.f), vsh(affine ? SH[c] : 0.f);
         Vec acc_n(0.f), acc_w(0.f), acc_e(0.f);
         int64_t p = 0;
-        auto step = [&](int64_t k) {  // k < Vec::size(): the tail, loaded and stored partially
+        // k < Vec::size(): the tail, loaded and stored partially; its unused lanes have grad_out 0 and
+        // so contribute 0 to every sum, whatever x_t there is
+        auto step = [&](int64_t k) {
           Vec ivv = k ? Vec::loadu(iv + p, k) : Vec::loadu(iv + p);
           Vec xv = k ? Vec::loadu(xr + p, k) : Vec::loadu(xr + p);
+          if (affine) xv = at::vec::fmadd(xv, vsc, vsh);
           Vec gv = k ? Vec::loadu(gr + p, k) : Vec::loadu(gr + p);
           Grad d = grad_at(xv, gv, vw * ivv, vn, ve);
           Vec gi = (k ? Vec::loadu(giv_row + p, k) : Vec::loadu(giv_row + p)) + d.grx * vw;
@@ -283,6 +294,110 @@ at::Tensor rows_inv_norm_backward(const at::Tensor& x_pre, const at::Tensor& sum
   return grad;
 }
 
+// ---------------------------------------------------------------- batch statistics of planes
+// For x (B, C, P): the mean of each plane (B, C) and, per channel over all B * P values, the mean and
+// the biased variance (C), all float64: what a training-mode BatchNorm normalises c with. Each plane's
+// sums are taken about its first value (no cancellation for maps far from zero) in float32 runs of
+// kRun values added into float64; planes are combined with the pairwise-update formula.
+std::vector<at::Tensor> plane_moments(const at::Tensor& x) {
+  check(x, "x", 3);
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2);
+  TORCH_CHECK(B * P > 0, "iieu_cpu: plane_moments needs at least one value per channel");
+  auto opts = x.options().dtype(at::kDouble);
+  auto plane_mean = at::empty({B, C}, opts), plane_m2 = at::empty({B, C}, opts);
+  const float* X = x.data_ptr<float>();
+  double *PM = plane_mean.data_ptr<double>(), *PM2 = plane_m2.data_ptr<double>();
+  constexpr int64_t kRun = 512;
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const float* xr = X + bc * P;
+      if (P == 0) { PM[bc] = 0; PM2[bc] = 0; continue; }
+      const float k = xr[0];
+      const Vec vk(k);
+      double s1 = 0, s2 = 0;
+      int64_t p = 0;
+      while (p + Vec::size() <= P) {
+        Vec a1(0.f), a2(0.f);
+        const int64_t stop = std::min(P - (P - p) % Vec::size(), p + kRun);
+        for (; p < stop; p += Vec::size()) {
+          Vec d = Vec::loadu(xr + p) - vk;
+          a1 = a1 + d;
+          a2 = at::vec::fmadd(d, d, a2);
+        }
+        s1 += vsum(a1);
+        s2 += vsum(a2);
+      }
+      for (; p < P; ++p) {
+        const double d = static_cast<double>(xr[p]) - k;
+        s1 += d;
+        s2 += d * d;
+      }
+      PM[bc] = k + s1 / P;
+      PM2[bc] = std::max(s2 - s1 * s1 / P, 0.0);
+    }
+  });
+  auto mean = at::empty({C}, opts), var = at::empty({C}, opts);
+  double *M = mean.data_ptr<double>(), *V = var.data_ptr<double>();
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double m = 0;
+      for (int64_t b = 0; b < B; ++b) m += PM[b * C + c];
+      m /= B;
+      double m2 = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const double d = PM[b * C + c] - m;
+        m2 += PM2[b * C + c] + P * d * d;
+      }
+      M[c] = m;
+      V[c] = m2 / (B * P);
+    }
+  });
+  return {plane_mean, mean, var};
+}
+
+// ---------------------------------------------------------------- channel sums of squares (conv patch norms)
+// x (B, C, P) -> (B, G, P): the sum over each group's C / G channels of x^2 at every position.
+at::Tensor planes_channel_sumsq(const at::Tensor& x, int64_t G) {
+  check(x, "x", 3);
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2), Cg = C / G;
+  TORCH_CHECK(G > 0 && C % G == 0, "iieu_cpu: channels not divisible into groups");
+  auto out = at::empty({B, G, P}, x.options());
+  const float* X = x.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  constexpr int64_t kSpan = 1024;  // positions per task: the accumulator row stays in L1
+  const int64_t spans = (P + kSpan - 1) / kSpan;
+  at::parallel_for(0, B * G * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bg = t / spans, p0 = (t % spans) * kSpan, n = std::min(kSpan, P - p0);
+      const float* xg = X + bg * Cg * P + p0;
+      float* o = O + bg * P + p0;
+      std::fill(o, o + n, 0.f);
+      for (int64_t c = 0; c < Cg; ++c) {
+        const float* xr = xg + c * P;
+        at::vec::map2([](Vec acc, Vec v) { return at::vec::fmadd(v, v, acc); }, o, o, xr, n);
+      }
+    }
+  });
+  return out;
+}
+
+// x (B, C, P), s (B, G, P) -> x * s of each channel's group, (B, C, P)
+at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s) {
+  check(x, "x", 3); check(s, "scale", 3);
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2), G = s.size(1), Cg = C / G;
+  TORCH_CHECK(s.size(0) == B && s.size(2) == P && G > 0 && C % G == 0, "iieu_cpu: scale does not match x");
+  auto out = at::empty_like(x);
+  const float *X = x.data_ptr<float>(), *S = s.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, c = bc % C;
+      at::vec::map2([](Vec v, Vec f) { return v * f; }, O + bc * P, X + bc * P, S + (b * G + c / Cg) * P, P);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(actlab_iieu, m) {
@@ -292,4 +407,7 @@ TORCH_LIBRARY(actlab_iieu, m) {
   m.def("planes_backward", planes_backward);
   m.def("rows_forward", rows_forward);
   m.def("rows_backward", rows_backward);
+  m.def("plane_moments", plane_moments);
+  m.def("planes_channel_sumsq", planes_channel_sumsq);
+  m.def("planes_channel_scale", planes_channel_scale);
 }

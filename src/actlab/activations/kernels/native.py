@@ -14,6 +14,8 @@ import threading
 
 import torch
 
+from . import composite
+
 _SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("iieu_cpu.cpp", "dpa_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -50,12 +52,47 @@ def iieu_forward(x, inv, inv_w, nu, eta):
     return forward(x, inv, inv_w, nu, eta)
 
 
-def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False):
-    """As composite.iieu_backward; ``grad_into_x``: x is the caller's temporary, overwritten by grad_x."""
+def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False, affine=None):
+    """As composite.iieu_backward; ``grad_into_x``: x is the caller's temporary, overwritten by grad_x.
+    ``affine``: None, or per-channel (scale, shift) of planes: x holds c and the input is c * scale + shift,
+    computed inside the kernel."""
     ops = torch.ops.actlab_iieu
-    backward = ops.planes_backward if x.dim() == 3 else ops.rows_backward
-    grad_x, grad_inv, grad_w, grad_nu, grad_eta = backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
+    if x.dim() == 3:
+        scale, shift = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE)
+        grads = ops.planes_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x, scale, shift)
+    else:
+        if affine is not None:
+            x, grad_into_x = composite.affine_input(x, *affine), True
+        grads = ops.rows_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
+    grad_x, grad_inv, grad_w, grad_nu, grad_eta = grads
     return grad_x, grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta)
+
+
+_NO_AFFINE = torch.empty(0)
+
+
+def batch_moments(x):
+    """As composite.batch_moments, for a contiguous float32 x (B, C, *S)."""
+    return tuple(torch.ops.actlab_iieu.plane_moments(x.view(x.shape[0], x.shape[1], -1)))
+
+
+def channel_sumsq(x, groups: int, ct: torch.dtype):
+    """As composite.channel_sumsq, for a contiguous float32 x (B, C, *S) and ct float32."""
+    b = x.shape[0]
+    out = torch.ops.actlab_iieu.planes_channel_sumsq(x.view(b, x.shape[1], -1), groups)
+    return out.view(b, groups, *x.shape[2:])
+
+
+def channel_scale(x, scale):
+    """As composite.channel_scale, for contiguous float32 x (B, C, *S) and scale (B, G, *S)."""
+    b, c = x.shape[:2]
+    out = torch.ops.actlab_iieu.planes_channel_scale(x.view(b, c, -1), scale.view(b, scale.shape[1], -1))
+    return out.view(x.shape)
+
+
+# small maps (B, G, H', W'): the composite's few elementwise ops are as fast as a kernel would be
+inverse_norm = composite.inverse_norm
+inv_norm_grad_sumsq = composite.inv_norm_grad_sumsq
 
 
 def rows_inv_norm(x, eps: float, silent: float):
@@ -70,17 +107,13 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
 def tau_pool(x, tau: float, tokens: bool):
     """As composite.tau_pool; the C++ pass counts the ties, and only when there are any is their mask
     built (an all-zero mask otherwise)."""
-    from .composite import pack_bits, packed_size
-
     ops = torch.ops.actlab_dpa
     out, v, ties = (ops.tau_pool_tokens_forward if tokens else ops.tau_pool_forward)(x, tau)
-    mask = pack_bits(x == tau) if ties else x.new_zeros(packed_size(x.numel()), dtype=torch.uint8)
+    mask = composite.pack_bits(x == tau) if ties else x.new_zeros(composite.packed_size(x.numel()), dtype=torch.uint8)
     return out, v, mask
 
 
 def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
-    from . import composite
-
     if ties is not None and bool(ties.any()):  # the C++ pass handles maps without ties; exact ties are rare
         return composite.tau_pool_backward(grad_out, out, ties, grad_v, tau, tokens)
     ops = torch.ops.actlab_dpa

@@ -357,6 +357,10 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
 
 
+# per-channel statistics of a map: torch's own reductions are as fast on a GPU
+batch_moments = composite.batch_moments
+
+
 def channel_sumsq(x, groups: int, ct: torch.dtype):
     if not x.is_contiguous() or ct == torch.float64:
         return composite.channel_sumsq(x, groups, ct)

@@ -1,0 +1,134 @@
+"""actlab's C++ CPU kernels for the patch norms and the BatchNorm replay, against float64 references
+written from their definitions; the pointwise patch windows against the convolution they replace."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from actlab.activations import IIEUB
+from actlab.activations.iieu import ConvPatches
+from actlab.activations.iieu.function import BatchNormReplay
+from actlab.activations.kernels import composite, native
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not native.available():
+        pytest.skip(f"native kernels not built here: {native.build_error()}")
+
+
+def moments_reference(x: torch.Tensor):
+    x = x.double().flatten(2)
+    return x.mean(2), x.mean((0, 2)), x.var((0, 2), correction=0)
+
+
+@pytest.mark.parametrize("shape,offset", [((4, 3, 37), 0.0), ((2, 5, 1100), 1000.0), ((1, 2, 7), -3.0),
+                                          ((3, 4, 1), 0.5), ((2, 16, 64), 0.0)],
+                         ids=["tail", "far_from_zero", "batch1_short", "one_position", "whole_vectors"])
+@pytest.mark.parametrize("impl", ["native", "composite"])
+def test_batch_moments(shape, offset, impl):
+    """Per-plane means and per-channel mean and biased variance, float64; a map far from zero (mean 1000,
+    spread 1) keeps its variance, which a sum of squares minus the squared mean would lose."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) + offset
+    got = (native if impl == "native" else composite).batch_moments(x)
+    for a, b in zip(got, moments_reference(x)):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # float32 runs of the spread-1 values
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 7), 1), ((3, 40, 20, 60), 2), ((2, 8, 4, 4), 8),
+                                          ((1, 3, 1, 1), 3)], ids=["dense", "spans", "depthwise", "one_position"])
+def test_channel_sums_and_scales(shape, groups):
+    """Sums of squares over each group's channels (positions beyond one L1 span of 1024 included), and
+    each channel scaled by its group's per-position factor."""
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    b, c = shape[:2]
+    xd = x.double().view(b, groups, c // groups, *shape[2:])
+    want = xd.square().sum(2)
+    torch.testing.assert_close(native.channel_sumsq(x, groups, torch.float32).double(), want, rtol=1e-5, atol=1e-6)
+    scale = torch.randn(b, groups, *shape[2:])
+    want = (xd * scale.double().unsqueeze(2)).view(shape)
+    torch.testing.assert_close(native.channel_scale(x, scale).double(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dims", [(2, 8, 2, 37), (3, 6, 1, 16)], ids=["grouped_tail", "whole_vectors"])
+def test_planes_backward_with_affine_input(dims):
+    """The kernel reading c and applying x_t = c * scale + shift gives the gradients of the kernel given
+    x_t itself, and leaves c untouched."""
+    b, c, g, p = dims
+    torch.manual_seed(2)
+    raw = torch.randn(b, c, p) * 3 + 1
+    scale, shift = torch.rand(c) + 0.2, torch.randn(c) * 0.3
+    x_t = composite.affine_input(raw, scale, shift)
+    inv, nu = torch.rand(b, g, p) + 0.2, torch.rand(b, c)
+    inv_w, eta = torch.rand(c) + 0.5, torch.rand(c) * 0.8
+    go = torch.randn(b, c, p)
+    kept = raw.clone()
+    got = native.iieu_backward(go, raw, inv, inv_w, nu, eta, affine=(scale, shift))
+    want = composite.iieu_backward(go, x_t, inv, inv_w, nu, eta)
+    assert torch.equal(raw, kept)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5 * max(w.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_pointwise_window_sums_are_the_convolution(stride):
+    """1x1 producers skip the window convolution: their sums (a subsampling) and its adjoint equal the
+    convolution's, on odd sizes where a stride leaves a partial last window."""
+    conv = nn.Conv2d(4, 6, 1, stride=stride, bias=False)
+    patches = ConvPatches.from_conv(conv)
+    assert patches.pointwise
+    sq = torch.rand(2, 1, 9, 7, dtype=torch.float64)
+    want = F.conv2d(sq, torch.ones(1, 1, 1, 1, dtype=torch.float64), stride=stride)
+    got = patches.window_sum(sq)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(got)
+    want_back = torch.nn.grad.conv2d_input(sq.shape, torch.ones(1, 1, 1, 1, dtype=torch.float64), grad, stride=stride)
+    torch.testing.assert_close(patches.window_sum_backward(grad, (9, 7)), want_back, rtol=0, atol=0)
+    assert not ConvPatches.from_conv(nn.Conv2d(4, 6, 1, padding=1)).pointwise
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batchnorm_replay_recomputes_x_t_and_its_gap(training, layout):
+    """The affine map from the BatchNorm input and the statistics the BatchNorm used gives its output to
+    float32 rounding; from batch statistics it also gives GAP(x_t)."""
+    torch.manual_seed(3)
+    norm = nn.BatchNorm2d(5, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+        norm.running_mean.uniform_(-1.0, 1.0)
+        norm.running_var.uniform_(0.5, 2.0)
+    norm.train(training)
+    c = torch.randn(3, 5, 6, 7) * 4 + 2
+    if layout == "channels_last":
+        c = c.contiguous(memory_format=torch.channels_last)
+    x_t = norm(c)
+    replay = BatchNormReplay.of_call(norm, x_t)
+    (source, scale, shift), gap = replay.prepare(norm, c, x_t)
+    assert source is c
+    torch.testing.assert_close(replay.replay(source, scale, shift), x_t, rtol=1e-5, atol=1e-5)
+    if training:
+        torch.testing.assert_close(gap, x_t.mean((2, 3)), rtol=1e-5, atol=1e-5)
+    else:
+        assert gap is None
+
+
+def test_unit_keeps_only_what_batchnorm_keeps_and_matches_the_reference():
+    """A conv-BN-IIEU-B block trained with the replay (C++ kernels) matches the same block keeping x_t."""
+    torch.manual_seed(4)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+    replayed, kept = IIEUB(16).bind(conv, norm=bn), IIEUB(16).bind(conv)
+    x = torch.randn(4, 8, 9, 9)
+    results = []
+    for unit in (replayed, kept):
+        xs = x.clone().requires_grad_()
+        out = unit(bn(conv(xs)))
+        results.append((out, *torch.autograd.grad(out.square().sum(), [xs, conv.weight, unit.eta])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
