@@ -116,3 +116,34 @@ def test_fusion_keeps_no_map_beyond_what_the_network_keeps():
     naive = saved_bytes(chain(lambda coupler, main, shortcut: coupler.weights(main, shortcut)[:, 0, :, None, None] * main
                               + coupler.weights(main, shortcut)[:, 1, :, None, None] * shortcut))
     assert naive >= coupled + 2 * map_bytes  # keeping main and shortcut would cost maps: the test measures something
+
+
+@pytest.mark.parametrize("layout", ["maps", "channels_last", "tokens"])
+def test_float32_training_path_matches_the_plain_ops(layout, monkeypatch):
+    """The eager training path (C++ kernels for contiguous float32 maps, the weight network's gradient
+    folded into the branches' pass) against the plain tensor ops with autograd, frozen parameters
+    included."""
+    torch.manual_seed(5)
+    dc = actlab.DynamicCoupler(16, reduction=4)
+    with torch.no_grad():
+        dc.out_norm.weight.uniform_(0.5, 2.0)
+    dc.in_norm.bias.requires_grad_(False)
+    shape = (3, 9, 16) if layout == "tokens" else (3, 16, 5, 7)
+    main, shortcut = torch.randn(shape), torch.randn(shape)
+    if layout == "channels_last":
+        main, shortcut = (t.contiguous(memory_format=torch.channels_last) for t in (main, shortcut))
+    weight = torch.randn(shape)
+    params = [p for p in dc.parameters() if p.requires_grad]
+    results = []
+    for plain in (False, True):
+        m, s = main.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        if plain:  # what forward computes outside eager training, differentiated by autograd
+            lam = dc.weights(m, s)
+            view = (lambda t: t[:, None, :]) if layout == "tokens" else (lambda t: t[:, :, None, None])
+            out = view(lam[:, 0]) * m + view(lam[:, 1]) * s
+        else:
+            out = dc(m, s)
+        results.append((out, *torch.autograd.grad((out * weight).sum(), [m, s, *params])))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert dc.in_norm.bias.grad is None

@@ -338,6 +338,19 @@ def test_parameters_names_and_init():
 def test_inverse_filter_norms():
     w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
     torch.testing.assert_close(inverse_filter_norms(w, 1e-8), torch.tensor([1 / 5, 1.0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(inverse_filter_norms(w.requires_grad_(), 1e-8), torch.tensor([1 / 5, 1.0]),
+                               rtol=1e-6, atol=0)
+
+
+def test_inverse_filter_norms_gradient():
+    """The one-pass backward against float64 gradcheck, and 0 (not NaN) for an all-zero filter."""
+    from actlab.activations.iieu.module import InverseFilterNorms
+
+    w = torch.randn(5, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: InverseFilterNorms.apply(t, 1e-3), (w,))
+    zero = torch.zeros(2, 4, requires_grad=True)
+    inverse_filter_norms(zero, 1e-8).sum().backward()
+    assert torch.equal(zero.grad, torch.zeros(2, 4))
 
 
 @pytest.fixture

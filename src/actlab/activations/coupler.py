@@ -9,11 +9,14 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .iieu import LinearPatches, iieu_b, inverse_filter_norms
+from .kernels import backend, native
 from .layout import global_pool, per_channel
 
 
@@ -34,33 +37,55 @@ class CouplerIIEU(nn.Module):
         return iieu_b(h, a, inv_w, nu, self.eta, LinearPatches.from_linear(fc), self.eps, True)
 
 
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum ``t`` over the dims where ``shape`` (same rank) has size 1."""
-    dims = tuple(i for i, (n, m) in enumerate(zip(t.shape, shape)) if m == 1 and n != 1)
-    return t.sum(dims, keepdim=True) if dims else t
+def _kernels_for(main: torch.Tensor, shortcut: torch.Tensor):
+    """C++ kernels for float32 CPU maps in (B, C, *S) order, contiguous; else the composite (or Triton)."""
+    native_ok = main.dim() != 3 and main.is_contiguous() and shortcut.is_contiguous() and shortcut.dtype == main.dtype
+    return backend(main, cpu_native=native_ok)
 
 
-class _WeightedSum(torch.autograd.Function):
-    """out = w1 * main + w2 * shortcut (w1, w2 broadcast per sample and channel; w1 > 0).
+class _CoupledSum(torch.autograd.Function):
+    """out = l1 * main + l2 * shortcut in eager training, with the fusion weights' gradient path folded in.
 
-    Saves ``out`` and ``shortcut`` instead of ``main`` and ``shortcut``: in a residual network ``out`` is
-    the next block's input, which its first convolution keeps anyway, and an identity ``shortcut`` is
-    this block's input, which its own first convolution keeps. ``main`` is recovered where its gradient
-    sum needs it, as ``main - shortcut = (out - w2 * shortcut) / w1 - shortcut``, per (sample, channel)."""
+    The weights come from the branches' GAPs without autograd; backward turns dL/d(l1, l2) into dL/d GAP
+    and the coupler's parameter gradients by recomputing its small weight network from the saved GAPs, and
+    adds dL/d GAP, spread over the positions, to each branch's gradient in the pass that scales it: one
+    pass for the sums, one for both branch gradients, and no full-size map of the pooling's own.
+
+    Saves ``out`` and ``shortcut``, not ``main``: in a residual network ``out`` is the next block's input,
+    which its first convolution keeps anyway, and an identity ``shortcut`` is this block's input, which its
+    own first convolution keeps. The sum of grad * main is recovered as (sum of grad * out - l2 * sum of
+    grad * shortcut) / l1, per (sample, channel).
+    """
 
     @staticmethod
-    def forward(ctx, main, shortcut, w1, w2):
-        out = w1 * main + w2 * shortcut
-        ctx.save_for_backward(out, shortcut, w1, w2)
+    def forward(ctx, main, shortcut, coupler, *params):
+        with torch.no_grad():
+            pooled = coupler.pooled(main, shortcut)
+            lam = coupler.weights_from_pooled(pooled)
+        w1, w2 = lam[:, 0].contiguous(), lam[:, 1].contiguous()
+        kernels = _kernels_for(main, shortcut)
+        out = kernels.coupler_forward(main, shortcut, w1, w2)
+        ctx.save_for_backward(out, shortcut, pooled, w1, w2)
+        ctx.coupler, ctx.params, ctx.kernels = coupler, params, kernels
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, shortcut, w1, w2 = ctx.saved_tensors
-        grad_shortcut_weight = _sum_to(grad * shortcut, w2.shape)
-        # sum of grad * main = sum of grad * (out - w2 * shortcut) / w1
-        grad_main_weight = (_sum_to(grad * out, w1.shape) - w2 * grad_shortcut_weight) / w1
-        return grad * w1, grad * w2, grad_main_weight, grad_shortcut_weight
+        out, shortcut, pooled, w1, w2 = ctx.saved_tensors
+        kernels = ctx.kernels
+        if kernels is native:
+            grad = grad.contiguous()
+        sum_out, sum_shortcut = kernels.coupler_sums(grad, out, shortcut)
+        grad_w1 = (sum_out - w2 * sum_shortcut) / w1
+        with torch.enable_grad():
+            pooled = pooled.detach().requires_grad_()
+            lam = ctx.coupler.weights_from_pooled(pooled)
+            grads = torch.autograd.grad(lam, [pooled, *ctx.params], torch.stack([grad_w1, sum_shortcut], 1),
+                                        allow_unused=True)
+        positions = grad.shape[1] if grad.dim() == 3 else math.prod(grad.shape[2:])
+        spread_main, spread_shortcut = (grads[0] / positions).chunk(2, dim=1)
+        grad_main, grad_shortcut = kernels.coupler_grads(grad, w1, w2, spread_main, spread_shortcut)
+        return grad_main, grad_shortcut, None, *grads[1:]
 
 
 class DynamicCoupler(nn.Module):
@@ -86,23 +111,34 @@ class DynamicCoupler(nn.Module):
         nn.init.constant_(self.out_norm.weight, 0.01)
         nn.init.zeros_(self.out_norm.bias)
 
-    def weights(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """Fusion weights (B, 2, C), in float32 (float64 for float64 inputs); rows sum to 1."""
+    def pooled(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """[GAP(main), GAP(shortcut)] (B, 2C) in float32 (float64 for float64 inputs)."""
         if main.shape != shortcut.shape:
             raise ValueError(f"DynamicCoupler: main {tuple(main.shape)} and shortcut {tuple(shortcut.shape)} differ")
-        with torch.autocast(main.device.type, enabled=False):
-            dtype = torch.float64 if main.dtype == torch.float64 else torch.float32
-            pooled = torch.cat([global_pool(main, dtype), global_pool(shortcut, dtype)], 1)
-            if pooled.shape[1] != 2 * self.channels:
-                raise ValueError(f"DynamicCoupler: expected {self.channels} channels, got {pooled.shape[1] // 2}")
+        dtype = torch.float64 if main.dtype == torch.float64 else torch.float32
+        pooled = torch.cat([global_pool(main, dtype), global_pool(shortcut, dtype)], 1)
+        if pooled.shape[1] != 2 * self.channels:
+            raise ValueError(f"DynamicCoupler: expected {self.channels} channels, got {pooled.shape[1] // 2}")
+        return pooled
+
+    def weights_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, 2C) pooled branches -> fusion weights (B, 2, C) in pooled's dtype; rows sum to 1."""
+        with torch.autocast(pooled.device.type, enabled=False):
             a = self.in_norm(pooled).view(-1, 2, self.channels)
             h = self.act(self.fc1(a), a, self.fc1)
             z = self.out_norm(self.fc2(h).flatten(1)).view(-1, 2, self.channels)
             return z.softmax(dim=1)
 
+    def weights(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """Fusion weights (B, 2, C), in float32 (float64 for float64 inputs); rows sum to 1."""
+        with torch.autocast(main.device.type, enabled=False):
+            return self.weights_from_pooled(self.pooled(main, shortcut))
+
     def forward(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        lam = self.weights(main, shortcut).to(main.dtype)
-        w1, w2 = per_channel(lam[:, 0], main), per_channel(lam[:, 1], shortcut)
         if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            return _WeightedSum.apply(main, shortcut, w1, w2)
-        return w1 * main + w2 * shortcut
+            if main.shape != shortcut.shape:  # checked before the autograd function sees them
+                raise ValueError(f"DynamicCoupler: main {tuple(main.shape)} and shortcut {tuple(shortcut.shape)} differ")
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            return _CoupledSum.apply(main, shortcut, self, *trainable)
+        lam = self.weights(main, shortcut).to(main.dtype)
+        return per_channel(lam[:, 0], main) * main + per_channel(lam[:, 1], shortcut) * shortcut

@@ -11,8 +11,30 @@ from .function import PATHS, BatchNormReplay, IIEUFunction, LinearReplay, TermB,
 from .patches import ConvPatches, LinearPatches, Patches, autocast_off
 
 
+class InverseFilterNorms(torch.autograd.Function):
+    """inv_w = 1 / (||w_c|| + eps) with a one-pass backward: the weight's gradient is
+    ``-grad_c * inv_w_c^2 / ||w_c|| * w_c``, one multiply over the weight (0 for an all-zero filter), where
+    the chain rule through ``norm`` makes three weight-sized passes and a view autograd cannot add into."""
+
+    @staticmethod
+    def forward(ctx, weight, eps):
+        norms = weight.flatten(1).to(compute_dtype(weight)).norm(dim=1)
+        inv = 1.0 / (norms + eps)
+        ctx.save_for_backward(weight, norms, inv)
+        return inv
+
+    @staticmethod
+    def backward(ctx, grad_inv):
+        weight, norms, inv = ctx.saved_tensors
+        coef = torch.where(norms > 0, -grad_inv * inv.square() / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                           torch.zeros_like(norms))
+        return weight * coef.to(weight.dtype).view(-1, *(1,) * (weight.dim() - 1)), None
+
+
 def inverse_filter_norms(weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(C_out, ...) filters -> 1 / (||w_c|| + eps), (C_out,), float32 or float64."""
+    if weight.requires_grad and torch.is_grad_enabled() and path() == "train":
+        return InverseFilterNorms.apply(weight, eps)
     return 1.0 / (weight.flatten(1).to(compute_dtype(weight)).norm(dim=1) + eps)
 
 

@@ -137,6 +137,40 @@ def batch_moments(x):
     return plane_mean, mean, var
 
 
+def _sample_channel(w, x):
+    """(B, C) values as a view broadcasting against x: maps (B, C, *S), tokens (B, N, C) or (B, C)."""
+    if x.dim() == 3:
+        return w[:, None, :]
+    return w.view(*w.shape, *(1,) * (x.dim() - 2))
+
+
+def _positions_dims(x) -> tuple:
+    return (1,) if x.dim() == 3 else tuple(range(2, x.dim()))
+
+
+def coupler_forward(main, shortcut, w1, w2):
+    """The Dynamic Coupler's fusion out = w1 * main + w2 * shortcut, weights (B, C) per sample and channel
+    (channels at dim 1 of maps (B, C, *S), last of tokens (B, N, C)), computed in main's dtype."""
+    w1, w2 = w1.to(main.dtype), w2.to(main.dtype)
+    return main * _sample_channel(w1, main) + shortcut * _sample_channel(w2, shortcut)
+
+
+def coupler_sums(grad, out, shortcut):
+    """Sums over positions of grad * out and of grad * shortcut, (B, C) each, in the compute dtype."""
+    ct, dims = compute_dtype(grad), _positions_dims(grad)
+    g = grad.to(ct)
+    if not dims:
+        return g * out.to(ct), g * shortcut.to(ct)
+    return (g * out.to(ct)).sum(dims), (g * shortcut.to(ct)).sum(dims)
+
+
+def coupler_grads(grad, w1, w2, add1, add2):
+    """grad * w1 + add1 and grad * w2 + add2, the (B, C) terms broadcast over positions, in grad's dtype."""
+    dt = grad.dtype
+    return (grad * _sample_channel(w1.to(dt), grad) + _sample_channel(add1.to(dt), grad),
+            grad * _sample_channel(w2.to(dt), grad) + _sample_channel(add2.to(dt), grad))
+
+
 def channel_sumsq(x, groups: int, ct: torch.dtype):
     """Sum of squares over each group's channels: (B, C, *S) -> (B, G, *S) in ``ct``."""
     b, c = x.shape[:2]

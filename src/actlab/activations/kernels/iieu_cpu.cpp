@@ -381,10 +381,12 @@ at::Tensor planes_channel_sumsq(const at::Tensor& x, int64_t G) {
   return out;
 }
 
-// x (B, C, P), s (B, G, P) -> x * s of each channel's group, (B, C, P)
+// x (B, C, *S), s (B, G, P) with P = prod(S) -> x * s of each channel's group, shaped like x (a tensor
+// of its own, not a view, so that autograd can add further gradients into it in place)
 at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s) {
-  check(x, "x", 3); check(s, "scale", 3);
-  const int64_t B = x.size(0), C = x.size(1), P = x.size(2), G = s.size(1), Cg = C / G;
+  TORCH_CHECK(x.dim() >= 2, "iieu_cpu: x must have at least 2 dims");
+  check(x, "x", x.dim()); check(s, "scale", 3);
+  const int64_t B = x.size(0), C = x.size(1), P = B * C ? x.numel() / (B * C) : 0, G = s.size(1), Cg = C / G;
   TORCH_CHECK(s.size(0) == B && s.size(2) == P && G > 0 && C % G == 0, "iieu_cpu: scale does not match x");
   auto out = at::empty_like(x);
   const float *X = x.data_ptr<float>(), *S = s.data_ptr<float>();
@@ -396,6 +398,98 @@ at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s) {
     }
   });
   return out;
+}
+
+// ---------------------------------------------------------------- Dynamic Coupler (IIEU-DC) on planes
+// main, shortcut, out, grad (B, C, *S), contiguous; per-(sample, channel) weights and terms (B, C).
+// Outputs are shaped like the maps (tensors of their own, into which autograd can add in place).
+
+void check_map(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 2, "iieu_cpu: ", name, " must have at least 2 dims");
+  check(t, name, t.dim());
+}
+
+inline int64_t positions(const at::Tensor& t) {
+  const int64_t bc = t.size(0) * t.size(1);
+  return bc ? t.numel() / bc : 0;
+}
+
+// out = w1 * main + w2 * shortcut
+at::Tensor coupler_forward(const at::Tensor& main, const at::Tensor& shortcut, const at::Tensor& w1,
+                           const at::Tensor& w2) {
+  check_map(main, "main"); check_map(shortcut, "shortcut"); check(w1, "w1", 2); check(w2, "w2", 2);
+  const int64_t BC = main.size(0) * main.size(1), P = positions(main);
+  auto out = at::empty_like(main);
+  const float *M = main.data_ptr<float>(), *S = shortcut.data_ptr<float>();
+  const float *W1 = w1.data_ptr<float>(), *W2 = w2.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, BC, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const Vec a(W1[bc]), b(W2[bc]);
+      at::vec::map2([&](Vec m, Vec s) { return at::vec::fmadd(m, a, s * b); }, O + bc * P, M + bc * P,
+                    S + bc * P, P);
+    }
+  });
+  return out;
+}
+
+// per (sample, channel): sum over positions of grad * out and of grad * shortcut, (B, C) each
+std::vector<at::Tensor> coupler_sums(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& shortcut) {
+  check_map(grad, "grad"); check_map(out, "out"); check_map(shortcut, "shortcut");
+  const int64_t B = grad.size(0), C = grad.size(1), P = positions(grad);
+  auto s_out = at::empty({B, C}, grad.options()), s_short = at::empty({B, C}, grad.options());
+  const float *G = grad.data_ptr<float>(), *O = out.data_ptr<float>(), *S = shortcut.data_ptr<float>();
+  float *SO = s_out.data_ptr<float>(), *SS = s_short.data_ptr<float>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const float *g = G + bc * P, *o = O + bc * P, *sc = S + bc * P;
+      Vec ao(0.f), as(0.f);
+      int64_t p = 0;
+      for (; p + Vec::size() <= P; p += Vec::size()) {
+        Vec gv = Vec::loadu(g + p);
+        ao = at::vec::fmadd(gv, Vec::loadu(o + p), ao);
+        as = at::vec::fmadd(gv, Vec::loadu(sc + p), as);
+      }
+      if (p < P) {  // zero-filled lanes add 0
+        Vec gv = Vec::loadu(g + p, P - p);
+        ao = at::vec::fmadd(gv, Vec::loadu(o + p, P - p), ao);
+        as = at::vec::fmadd(gv, Vec::loadu(sc + p, P - p), as);
+      }
+      SO[bc] = vsum(ao);
+      SS[bc] = vsum(as);
+    }
+  });
+  return {s_out, s_short};
+}
+
+// grad_main = grad * w1 + add1, grad_shortcut = grad * w2 + add2 (add: the pooled gradient per position)
+std::vector<at::Tensor> coupler_grads(const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& w2,
+                                      const at::Tensor& add1, const at::Tensor& add2) {
+  check_map(grad, "grad"); check(w1, "w1", 2); check(w2, "w2", 2); check(add1, "add1", 2); check(add2, "add2", 2);
+  const int64_t BC = grad.size(0) * grad.size(1), P = positions(grad);
+  auto gm = at::empty_like(grad), gs = at::empty_like(grad);
+  const float *G = grad.data_ptr<float>(), *W1 = w1.data_ptr<float>(), *W2 = w2.data_ptr<float>();
+  const float *A1 = add1.data_ptr<float>(), *A2 = add2.data_ptr<float>();
+  float *GM = gm.data_ptr<float>(), *GS = gs.data_ptr<float>();
+  at::parallel_for(0, BC, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const float* g = G + bc * P;
+      float *m = GM + bc * P, *s = GS + bc * P;
+      const Vec a(W1[bc]), b(W2[bc]), c1(A1[bc]), c2(A2[bc]);
+      int64_t p = 0;
+      for (; p + Vec::size() <= P; p += Vec::size()) {
+        Vec gv = Vec::loadu(g + p);
+        at::vec::fmadd(gv, a, c1).store(m + p);
+        at::vec::fmadd(gv, b, c2).store(s + p);
+      }
+      if (p < P) {
+        Vec gv = Vec::loadu(g + p, P - p);
+        at::vec::fmadd(gv, a, c1).store(m + p, P - p);
+        at::vec::fmadd(gv, b, c2).store(s + p, P - p);
+      }
+    }
+  });
+  return {gm, gs};
 }
 
 }  // namespace
@@ -410,4 +504,7 @@ TORCH_LIBRARY(actlab_iieu, m) {
   m.def("plane_moments", plane_moments);
   m.def("planes_channel_sumsq", planes_channel_sumsq);
   m.def("planes_channel_scale", planes_channel_scale);
+  m.def("coupler_forward", coupler_forward);
+  m.def("coupler_sums", coupler_sums);
+  m.def("coupler_grads", coupler_grads);
 }

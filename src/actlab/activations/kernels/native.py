@@ -85,9 +85,23 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
 
 def channel_scale(x, scale):
     """As composite.channel_scale, for contiguous float32 x (B, C, *S) and scale (B, G, *S)."""
-    b, c = x.shape[:2]
-    out = torch.ops.actlab_iieu.planes_channel_scale(x.view(b, c, -1), scale.view(b, scale.shape[1], -1))
-    return out.view(x.shape)
+    return torch.ops.actlab_iieu.planes_channel_scale(x, scale.view(x.shape[0], scale.shape[1], -1))
+
+
+def coupler_forward(main, shortcut, w1, w2):
+    """As composite.coupler_forward, for contiguous float32 maps (B, C, *S) and weights (B, C)."""
+    return torch.ops.actlab_iieu.coupler_forward(main, shortcut, w1.contiguous(), w2.contiguous())
+
+
+def coupler_sums(grad, out, shortcut):
+    """As composite.coupler_sums, for contiguous float32 maps (B, C, *S)."""
+    return tuple(torch.ops.actlab_iieu.coupler_sums(grad, out, shortcut))
+
+
+def coupler_grads(grad, w1, w2, add1, add2):
+    """As composite.coupler_grads, for a contiguous float32 grad (B, C, *S) and (B, C) terms."""
+    terms = (t.contiguous() for t in (w1, w2, add1, add2))
+    return tuple(torch.ops.actlab_iieu.coupler_grads(grad, *terms))
 
 
 # small maps (B, G, H', W'): the composite's few elementwise ops are as fast as a kernel would be

@@ -357,8 +357,10 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
 
 
-# per-channel statistics of a map: torch's own reductions are as fast on a GPU
+# per-channel statistics of a map and the coupler's per-channel scalings: torch's own reductions and
+# broadcasts are as fast on a GPU
 batch_moments = composite.batch_moments
+coupler_forward, coupler_sums, coupler_grads = composite.coupler_forward, composite.coupler_sums, composite.coupler_grads
 
 
 def channel_sumsq(x, groups: int, ct: torch.dtype):
