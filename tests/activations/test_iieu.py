@@ -464,3 +464,23 @@ def test_native_kernels_on_whole_vectors_above_below_and_mixed(layout):
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_norm_gradient_through_the_producer_input_tap():
+    """In eager training the patch norms' gradient joins the producer's input gradient in the tap the
+    input passes through: two units on one shared input (a bottleneck's conv1 and its projection
+    shortcut) match the reference, and a second backward over a retained graph gives the same gradients."""
+    torch.manual_seed(7)
+    convs = [nn.Conv2d(6, 8, 1, bias=False).double(), nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False).double()]
+    norms = [nn.BatchNorm2d(8).double() for _ in convs]
+    units = [IIEUB(8).double().bind(conv, norm=bn) for conv, bn in zip(convs, norms)]
+    x = torch.randn(3, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+    out = sum(unit(bn(conv(x))).square().sum() for conv, bn, unit in zip(convs, norms, units))
+    assert all(unit._tap is None for unit in units)  # each consumed its tap
+    first = torch.autograd.grad(out, [x, convs[0].weight], retain_graph=True)
+    second = torch.autograd.grad(out, [x, convs[0].weight])
+    expected = sum(ref.iieu_b(unit, bn(conv(x)), x, conv).square().sum() for conv, bn, unit in zip(convs, norms, units))
+    want = torch.autograd.grad(expected, [x, convs[0].weight])
+    for a, b, w in zip(first, second, want):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, w, rtol=1e-7, atol=1e-10)

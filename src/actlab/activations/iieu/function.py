@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from ..kernels import backend, composite, native
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
-from .patches import (LinearPatches, autocast_off, inverse_patch_norm, patch_inverse, patch_inverse_backward,
-                      silent_threshold)
+from .patches import (LinearPatches, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
+                      patch_inverse, silent_threshold)
 
 
 def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
@@ -132,6 +132,36 @@ class LinearReplay:
 
 
 
+class InputTap:
+    """Carries the patch norms' gradient factor of one producer call from ``IIEUFunction``'s backward to
+    ``ProducerInputTap``, which the producer's input gradient passes through next."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self):
+        self.factor: torch.Tensor | None = None
+
+
+class ProducerInputTap(torch.autograd.Function):
+    """Identity on the producer's input in forward. In backward it adds the patch norms' gradient
+    ``x_pre * factor`` to the gradient the producer returns, in the same pass that reads it: no gradient
+    map of the unit's own for autograd to add. Saves ``x_pre``, which the producer keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, x_pre, tap, patches):
+        ctx.tap, ctx.patches = tap, patches
+        ctx.save_for_backward(x_pre)
+        return x_pre.view_as(x_pre)
+
+    @staticmethod
+    def backward(ctx, grad):
+        factor, ctx.tap.factor = ctx.tap.factor, None
+        if factor is None:  # the unit did not run on this call's output, or needed no input gradient
+            return grad, None, None
+        (x_pre,) = ctx.saved_tensors
+        return apply_patch_grad(ctx.patches, x_pre, factor, grad), None, None
+
+
 def _add_spread(grad_x: torch.Tensor, grad_gap: torch.Tensor) -> None:
     """grad_x (flat kernel layout) += grad_gap (B, C) at every position of each sample, in place."""
     if grad_x.dim() == 3:  # planes (B, C, P)
@@ -145,12 +175,14 @@ class IIEUFunction(torch.autograd.Function):
 
     Saves x_pre, inv_w, nu, eta (and the squared patch norms when they are small) and x_t, or instead of
     x_t the BatchNorm / Linear input and parameters that ``replay`` recomputes it from. x_pre is kept by
-    the producer for its own backward anyway.
+    the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
+    the producer's input passed through), x_pre's gradient goes there as a factor instead of being
+    returned.
     """
 
     @staticmethod
     def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
-                term_b=None):
+                term_b=None, tap=None):
         with autocast_off(x_t.device.type):
             ct = compute_dtype(x_t)
             inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
@@ -163,7 +195,7 @@ class IIEUFunction(torch.autograd.Function):
         term_b_tensors = term_b.tensors() if term_b is not None else (None,) * 4
         norms = (inv_x, sumsq) if keep_norms else (None, None)
         ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
-        ctx.patches, ctx.eps, ctx.silence, ctx.replay = patches, eps, silence, replay
+        ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
         return out
 
     @staticmethod
@@ -195,11 +227,15 @@ class IIEUFunction(torch.autograd.Function):
                 grad_gap = TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype))
                 _add_spread(grad_x, grad_gap / positions)
             grad_x_pre = None
-            if ctx.needs_input_grad[1]:
-                grad_x_pre = patch_inverse_backward(patches, x_pre, sumsq, grad_inv.reshape(inv_x.shape), eps,
-                                                    silence, ct)
+            if ctx.needs_input_grad[1] or ctx.tap is not None:
+                factor = patch_grad_factor(patches, x_pre, sumsq, grad_inv.reshape(inv_x.shape), eps, silence, ct)
+                if ctx.tap is not None:
+                    ctx.tap.factor = factor
+                else:
+                    grad_x_pre = apply_patch_grad(patches, x_pre, factor)
         return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
-                grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None)
+                grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None,
+                None)
 
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):

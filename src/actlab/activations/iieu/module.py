@@ -7,7 +7,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..base import ActivationModule
 from ..kernels.composite import compute_dtype
-from .function import PATHS, BatchNormReplay, IIEUFunction, LinearReplay, TermB, iieu_b_rho, path
+from .function import (PATHS, BatchNormReplay, IIEUFunction, InputTap, LinearReplay, ProducerInputTap, TermB,
+                       iieu_b_rho, path)
 from .patches import ConvPatches, LinearPatches, Patches, autocast_off
 
 
@@ -75,6 +76,7 @@ class IIEUB(ActivationModule):
         self._patches: Patches | None = None
         self._hooks: list = []
         self._x_pre: torch.Tensor | None = None
+        self._tap: InputTap | None = None
         object.__setattr__(self, "_maker", None)  # the BatchNorm / Linear whose output x_t is replayed
         self._maker_io: tuple | None = None  # (input, output, output version, replay) of its last call
         if producer is not None:
@@ -123,12 +125,19 @@ class IIEUB(ActivationModule):
     def unbind(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self._x_pre, self._patches, self._maker_io = [], None, None, None
+        self._hooks, self._x_pre, self._tap, self._patches, self._maker_io = [], None, None, None, None
         object.__setattr__(self, "_producer", None)
         object.__setattr__(self, "_maker", None)
 
-    def _capture(self, module: nn.Module, args: tuple) -> None:
-        self._x_pre = args[0]
+    def _capture(self, module: nn.Module, args: tuple):
+        """Record the producer's input; in eager training, route the producer's input through a tap that
+        adds this unit's patch-norm gradient to the producer's own input gradient (see ProducerInputTap)."""
+        x_pre = args[0]
+        self._x_pre, self._tap = x_pre, None
+        if isinstance(x_pre, torch.Tensor) and x_pre.requires_grad and path() == "train":
+            self._tap = InputTap()
+            return (ProducerInputTap.apply(x_pre, self._tap, self._patches), *args[1:])
+        return None
 
     def _watch_maker(self, maker: nn.Module, replay_type) -> None:
         object.__setattr__(self, "_maker", maker)
@@ -165,15 +174,20 @@ class IIEUB(ActivationModule):
         return torch.sigmoid(z), TermB(gap, mean.detach(), rstd.detach(), self.norm.weight)
 
     def forward(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
+        tap = None
         if x_pre is None:
-            x_pre, self._x_pre = self._x_pre, None
+            x_pre, tap = self._x_pre, self._tap
+            self._x_pre = self._tap = None
         if self._producer is None or x_pre is None:
             raise RuntimeError(
                 f"IIEU-B site {self.site!r} has no producer input: IIEU-B needs the Conv2d/Linear that feeds it. "
                 "Use actlab.convert(model, 'iieu_b'), or unit.bind(conv) and call the producer first, "
                 "or pass x_pre explicitly.")
+        return self._activate(x_t, x_pre, tap)
+
+    def _activate(self, x_t: torch.Tensor, x_pre: torch.Tensor, tap: InputTap | None) -> torch.Tensor:
         if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:
-            return self._conv_tokens(x_t, x_pre)
+            return self._conv_tokens(x_t, x_pre, tap)
         self._patches.check(x_t, x_pre, self.site)
         with autocast_off(x_t.device.type):
             inv_w = inverse_filter_norms(self._producer.weight, self.eps)
@@ -186,8 +200,10 @@ class IIEUB(ActivationModule):
                 if gap is None:
                     gap = self._patches.gap(x_t.detach())
                 nu, term_b = self._term_b_with_stats(gap)
+            if tap is not None:  # x_pre's gradient goes to the tap the producer's input passed through
+                x_pre = x_pre.detach()
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
-                                      replay_tensors, term_b)
+                                      replay_tensors, term_b, tap)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
 
     @torch.no_grad()
@@ -216,14 +232,14 @@ class IIEUB(ActivationModule):
         channel_first = isinstance(self._patches, ConvPatches) and rho.dim() == 4
         return rho < (self.eta.float().view(-1, 1, 1) if channel_first else self.eta.float())
 
-    def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor) -> torch.Tensor:
+    def _conv_tokens(self, x_t: torch.Tensor, x_pre: torch.Tensor, tap: InputTap | None = None) -> torch.Tensor:
         """A conv site whose output reaches the unit as tokens (B, H*W, C), e.g. PVT-v2's depthwise MLP."""
         b, n, c = x_t.shape
         h, w = self._patches.output_hw(*x_pre.shape[2:]) if x_pre.dim() == 4 else (-1, -1)
         if h * w != n:
             raise ValueError(f"IIEU-B site {self.site!r}: {n} tokens do not match the producer's "
                              f"{h}x{w} output map")
-        out = self.forward(x_t.transpose(1, 2).reshape(b, c, h, w), x_pre)
+        out = self._activate(x_t.transpose(1, 2).reshape(b, c, h, w), x_pre, tap)
         return out.flatten(2).transpose(1, 2)
 
     def extra_repr(self) -> str:

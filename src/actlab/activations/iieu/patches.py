@@ -224,16 +224,29 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
     return kernels.inverse_norm(sumsq, eps, silent_threshold(patches, silence)), sumsq
 
 
+def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
+    """The factor f with dL/d x_pre = x_pre * f, from dL/d invX (ct): per group and position (B, G, H, W) at
+    a conv site (each channel scaled by its group's factor), per row (*, 1) at a Linear site."""
+    silent = silent_threshold(patches, silence)
+    kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
+    grad_sumsq = kernels.inv_norm_grad_sumsq(sumsq, grad_inv.contiguous().to(sumsq.dtype), eps, silent)
+    if isinstance(patches, LinearPatches):
+        return 2 * grad_sumsq
+    return (2 * patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])).contiguous()
+
+
+def apply_patch_grad(patches, x_pre, factor, grad=None):
+    """dL/d x_pre = x_pre * factor, plus ``grad`` (the gradient x_pre has from elsewhere) when given, in one
+    pass; x_pre's dtype."""
+    if isinstance(patches, LinearPatches):
+        if grad is not None and grad.dtype == x_pre.dtype == factor.dtype:
+            return torch.addcmul(grad, x_pre, factor)
+        scaled = (x_pre.to(factor.dtype) * factor).to(x_pre.dtype)
+        return scaled if grad is None else grad + scaled
+    kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and factor.dtype == torch.float32)
+    return kernels.channel_scale(x_pre, factor, grad)
+
+
 def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     """dL/d x_pre (x_pre's dtype) from dL/d invX."""
-    silent = silent_threshold(patches, silence)
-    if isinstance(patches, LinearPatches):
-        rows = x_pre.contiguous().view(-1, x_pre.shape[-1])
-        flat_sumsq = sumsq.contiguous().view(-1)
-        grad_inv = grad_inv.contiguous().view(-1).to(flat_sumsq.dtype)
-        grad = backend(rows).rows_inv_norm_backward(rows, flat_sumsq, grad_inv, eps, silent)
-        return grad.view(x_pre.shape)
-    kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
-    grad_sumsq = kernels.inv_norm_grad_sumsq(sumsq, grad_inv.contiguous(), eps, silent)
-    grad_sq = patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])
-    return kernels.channel_scale(x_pre, (2 * grad_sq).contiguous())
+    return apply_patch_grad(patches, x_pre, patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct))

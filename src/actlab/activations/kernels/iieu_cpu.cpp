@@ -381,20 +381,32 @@ at::Tensor planes_channel_sumsq(const at::Tensor& x, int64_t G) {
   return out;
 }
 
-// x (B, C, *S), s (B, G, P) with P = prod(S) -> x * s of each channel's group, shaped like x (a tensor
-// of its own, not a view, so that autograd can add further gradients into it in place)
-at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s) {
+// x (B, C, *S), s (B, G, P) with P = prod(S) -> x * s of each channel's group (+ add, shaped like x, when
+// add is not empty), shaped like x (a tensor of its own, not a view, so that autograd can add further
+// gradients into it in place)
+at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s, const at::Tensor& add) {
   TORCH_CHECK(x.dim() >= 2, "iieu_cpu: x must have at least 2 dims");
   check(x, "x", x.dim()); check(s, "scale", 3);
+  const bool adding = add.numel() > 0;
+  if (adding) {
+    check(add, "add", x.dim());
+    TORCH_CHECK(add.sizes() == x.sizes(), "iieu_cpu: add must be shaped like x");
+  }
   const int64_t B = x.size(0), C = x.size(1), P = B * C ? x.numel() / (B * C) : 0, G = s.size(1), Cg = C / G;
   TORCH_CHECK(s.size(0) == B && s.size(2) == P && G > 0 && C % G == 0, "iieu_cpu: scale does not match x");
   auto out = at::empty_like(x);
-  const float *X = x.data_ptr<float>(), *S = s.data_ptr<float>();
+  const float *X = x.data_ptr<float>(), *S = s.data_ptr<float>(), *A = adding ? add.data_ptr<float>() : nullptr;
   float* O = out.data_ptr<float>();
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / C, c = bc % C;
-      at::vec::map2([](Vec v, Vec f) { return v * f; }, O + bc * P, X + bc * P, S + (b * G + c / Cg) * P, P);
+      const float* sr = S + (b * G + c / Cg) * P;
+      if (adding) {
+        at::vec::map3([](Vec v, Vec f, Vec a) { return at::vec::fmadd(v, f, a); }, O + bc * P, X + bc * P, sr,
+                      A + bc * P, P);
+      } else {
+        at::vec::map2([](Vec v, Vec f) { return v * f; }, O + bc * P, X + bc * P, sr, P);
+      }
     }
   });
   return out;

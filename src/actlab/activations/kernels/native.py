@@ -58,7 +58,7 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False, a
     computed inside the kernel."""
     ops = torch.ops.actlab_iieu
     if x.dim() == 3:
-        scale, shift = affine if affine is not None else (_NO_AFFINE, _NO_AFFINE)
+        scale, shift = affine if affine is not None else (_NONE, _NONE)
         grads = ops.planes_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x, scale, shift)
     else:
         if affine is not None:
@@ -68,7 +68,7 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False, a
     return grad_x, grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta)
 
 
-_NO_AFFINE = torch.empty(0)
+_NONE = torch.empty(0)
 
 
 def batch_moments(x):
@@ -83,9 +83,10 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
     return out.view(b, groups, *x.shape[2:])
 
 
-def channel_scale(x, scale):
-    """As composite.channel_scale, for contiguous float32 x (B, C, *S) and scale (B, G, *S)."""
-    return torch.ops.actlab_iieu.planes_channel_scale(x, scale.view(x.shape[0], scale.shape[1], -1))
+def channel_scale(x, scale, add=None):
+    """As composite.channel_scale, for contiguous float32 x (B, C, *S), scale (B, G, *S) and add (x's shape)."""
+    add = _NONE if add is None else add.contiguous()
+    return torch.ops.actlab_iieu.planes_channel_scale(x, scale.view(x.shape[0], scale.shape[1], -1), add)
 
 
 def coupler_forward(main, shortcut, w1, w2):
