@@ -53,6 +53,11 @@ def test_channel_sums_and_scales(shape, groups):
     scale = torch.randn(b, groups, *shape[2:])
     want = (xd * scale.double().unsqueeze(2)).view(shape)
     torch.testing.assert_close(native.channel_scale(x, scale).double(), want, rtol=1e-6, atol=1e-7)
+    add = torch.randn(shape)
+    fresh = native.channel_scale(x, scale, add)
+    torch.testing.assert_close(fresh.double(), want + add.double(), rtol=1e-6, atol=1e-6)
+    into = native.channel_scale(x, scale, add, into_add=True)  # the caller's own gradient, written over
+    assert into.data_ptr() == add.data_ptr() and torch.equal(into, fresh)
 
 
 @pytest.mark.parametrize("dims", [(2, 8, 2, 37), (3, 6, 1, 16)], ids=["grouped_tail", "whole_vectors"])

@@ -145,11 +145,15 @@ class InputTap:
 class ProducerInputTap(torch.autograd.Function):
     """Identity on the producer's input in forward. In backward it adds the patch norms' gradient
     ``x_pre * factor`` to the gradient the producer returns, in the same pass that reads it: no gradient
-    map of the unit's own for autograd to add. Saves ``x_pre``, which the producer keeps anyway."""
+    map of the unit's own for autograd to add. Saves ``x_pre``, which the producer keeps anyway.
+
+    ``grad_in_place``: the producer is a plain nn.Conv2d / nn.Linear, whose backward allocates the input
+    gradient afresh, and the tap's output goes to that producer call only, so the gradient arriving here
+    is held by nothing else and the sum is written over it (no allocation)."""
 
     @staticmethod
-    def forward(ctx, x_pre, tap, patches):
-        ctx.tap, ctx.patches = tap, patches
+    def forward(ctx, x_pre, tap, patches, grad_in_place):
+        ctx.tap, ctx.patches, ctx.grad_in_place = tap, patches, grad_in_place
         ctx.save_for_backward(x_pre)
         return x_pre.view_as(x_pre)
 
@@ -157,9 +161,10 @@ class ProducerInputTap(torch.autograd.Function):
     def backward(ctx, grad):
         factor, ctx.tap.factor = ctx.tap.factor, None
         if factor is None:  # the unit did not run on this call's output, or needed no input gradient
-            return grad, None, None
+            return grad, None, None, None
         (x_pre,) = ctx.saved_tensors
-        return apply_patch_grad(ctx.patches, x_pre, factor, grad), None, None
+        in_place = ctx.grad_in_place and grad.is_contiguous() and grad.shape == x_pre.shape
+        return apply_patch_grad(ctx.patches, x_pre, factor, grad, into_grad=in_place), None, None, None
 
 
 def _add_spread(grad_x: torch.Tensor, grad_gap: torch.Tensor) -> None:

@@ -136,7 +136,8 @@ class IIEUB(ActivationModule):
         self._x_pre, self._tap = x_pre, None
         if isinstance(x_pre, torch.Tensor) and x_pre.requires_grad and path() == "train":
             self._tap = InputTap()
-            return (ProducerInputTap.apply(x_pre, self._tap, self._patches), *args[1:])
+            plain = type(module).forward in (nn.Conv2d.forward, nn.Linear.forward)
+            return (ProducerInputTap.apply(x_pre, self._tap, self._patches, plain), *args[1:])
         return None
 
     def _watch_maker(self, maker: nn.Module, replay_type) -> None:

@@ -235,16 +235,18 @@ def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     return (2 * patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])).contiguous()
 
 
-def apply_patch_grad(patches, x_pre, factor, grad=None):
+def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False):
     """dL/d x_pre = x_pre * factor, plus ``grad`` (the gradient x_pre has from elsewhere) when given, in one
-    pass; x_pre's dtype."""
+    pass, in x_pre's dtype; ``into_grad``: written over ``grad`` (contiguous), which the caller owns."""
     if isinstance(patches, LinearPatches):
         if grad is not None and grad.dtype == x_pre.dtype == factor.dtype:
-            return torch.addcmul(grad, x_pre, factor)
+            return grad.addcmul_(x_pre, factor) if into_grad else torch.addcmul(grad, x_pre, factor)
         scaled = (x_pre.to(factor.dtype) * factor).to(x_pre.dtype)
-        return scaled if grad is None else grad + scaled
-    kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and factor.dtype == torch.float32)
-    return kernels.channel_scale(x_pre, factor, grad)
+        if grad is None:
+            return scaled
+        return grad.add_(scaled) if into_grad else grad + scaled
+    native_ok = x_pre.is_contiguous() and factor.dtype == torch.float32 and (grad is None or grad.dtype == x_pre.dtype)
+    return backend(x_pre, cpu_native=native_ok).channel_scale(x_pre, factor, grad, into_grad)
 
 
 def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):

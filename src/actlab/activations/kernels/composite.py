@@ -177,14 +177,16 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
     return x.to(ct).square().view(b, groups, c // groups, *x.shape[2:]).sum(2)
 
 
-def channel_scale(x, scale, add=None):
+def channel_scale(x, scale, add=None, into_add: bool = False):
     """x (B, C, *S) times its group's ``scale`` (B, G, *S) at every position, computed in scale's dtype,
-    returned in x's; plus ``add`` (x's shape) when given."""
+    returned in x's; plus ``add`` (x's shape) when given, written over ``add`` when ``into_add``."""
     b, c = x.shape[:2]
     g = scale.shape[1]
     grouped = x.to(scale.dtype).view(b, g, c // g, *x.shape[2:])
     scaled = (grouped * scale.unsqueeze(2)).view(x.shape).to(x.dtype)
-    return scaled if add is None else add + scaled
+    if add is None:
+        return scaled
+    return add.add_(scaled) if into_add else add + scaled
 
 
 def rows_inv_norm(x, eps: float, silent: float):

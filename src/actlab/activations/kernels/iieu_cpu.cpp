@@ -43,7 +43,7 @@ inline Grad grad_at(const Vec& x, const Vec& g, const Vec& a, const Vec& n, cons
   Vec below = rho < e;
   Vec gs = g * x;
   if (!any_lane(below)) return {g * rho + gs * a, gs * x, gs, zero};
-  Vec expo = at::vec::minimum(rho - e, zero).exp();
+  Vec expo = at::vec::minimum(rho - e, zero).exp_u20();
   Vec s_low = expo * e;
   Vec scale = Vec::blendv(rho, s_low, below);
   Vec grho = Vec::blendv(gs, gs * s_low, below);
@@ -54,7 +54,7 @@ inline Vec forward_at(const Vec& x, const Vec& a, const Vec& n, const Vec& e) {
   Vec rho = x * a + n;
   Vec below = rho < e;
   if (!any_lane(below)) return rho * x;
-  Vec s_low = at::vec::minimum(rho - e, Vec(0.f)).exp() * e;
+  Vec s_low = at::vec::minimum(rho - e, Vec(0.f)).exp_u20() * e;
   return Vec::blendv(rho, s_low, below) * x;
 }
 
@@ -383,8 +383,8 @@ at::Tensor planes_channel_sumsq(const at::Tensor& x, int64_t G) {
 
 // x (B, C, *S), s (B, G, P) with P = prod(S) -> x * s of each channel's group (+ add, shaped like x, when
 // add is not empty), shaped like x (a tensor of its own, not a view, so that autograd can add further
-// gradients into it in place)
-at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s, const at::Tensor& add) {
+// gradients into it in place); into_add: written over add (each element is read before it is written)
+at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s, const at::Tensor& add, bool into_add) {
   TORCH_CHECK(x.dim() >= 2, "iieu_cpu: x must have at least 2 dims");
   check(x, "x", x.dim()); check(s, "scale", 3);
   const bool adding = add.numel() > 0;
@@ -394,7 +394,8 @@ at::Tensor planes_channel_scale(const at::Tensor& x, const at::Tensor& s, const 
   }
   const int64_t B = x.size(0), C = x.size(1), P = B * C ? x.numel() / (B * C) : 0, G = s.size(1), Cg = C / G;
   TORCH_CHECK(s.size(0) == B && s.size(2) == P && G > 0 && C % G == 0, "iieu_cpu: scale does not match x");
-  auto out = at::empty_like(x);
+  TORCH_CHECK(adding || !into_add, "iieu_cpu: into_add needs add");
+  auto out = into_add ? add : at::empty_like(x);
   const float *X = x.data_ptr<float>(), *S = s.data_ptr<float>(), *A = adding ? add.data_ptr<float>() : nullptr;
   float* O = out.data_ptr<float>();
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {

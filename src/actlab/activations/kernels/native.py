@@ -83,10 +83,11 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
     return out.view(b, groups, *x.shape[2:])
 
 
-def channel_scale(x, scale, add=None):
-    """As composite.channel_scale, for contiguous float32 x (B, C, *S), scale (B, G, *S) and add (x's shape)."""
-    add = _NONE if add is None else add.contiguous()
-    return torch.ops.actlab_iieu.planes_channel_scale(x, scale.view(x.shape[0], scale.shape[1], -1), add)
+def channel_scale(x, scale, add=None, into_add: bool = False):
+    """As composite.channel_scale, for contiguous float32 x (B, C, *S), scale (B, G, *S) and add (x's shape;
+    contiguous when ``into_add``)."""
+    add = _NONE if add is None else add if into_add else add.contiguous()
+    return torch.ops.actlab_iieu.planes_channel_scale(x, scale.view(x.shape[0], scale.shape[1], -1), add, into_add)
 
 
 def coupler_forward(main, shortcut, w1, w2):

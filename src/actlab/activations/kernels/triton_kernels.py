@@ -375,9 +375,9 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
     return out
 
 
-def channel_scale(x, scale, add=None):
+def channel_scale(x, scale, add=None, into_add: bool = False):
     if add is not None:
-        return channel_scale(x, scale).add_(add)
+        return add.add_(channel_scale(x, scale)) if into_add else channel_scale(x, scale).add_(add)
     if not (x.is_contiguous() and scale.is_contiguous()) or x.dtype == torch.float64:
         return composite.channel_scale(x, scale)
     b, c = x.shape[:2]
