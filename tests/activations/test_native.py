@@ -115,9 +115,12 @@ def test_batchnorm_replay_recomputes_x_t_and_its_gap(training, layout):
         c = c.contiguous(memory_format=torch.channels_last)
     x_t = norm(c)
     replay = BatchNormReplay.of_call(norm, x_t)
-    (source, scale, shift), gap = replay.prepare(norm, c, x_t)
+    (source, scale, shift, hat_scale, hat_shift), gap = replay.prepare(norm, c, x_t)
     assert source is c
     torch.testing.assert_close(replay.replay(source, scale, shift), x_t, rtol=1e-5, atol=1e-5)
+    shape = (1, -1, 1, 1)  # the weight multiplies xhat = c * hat_scale + hat_shift
+    xhat = c * hat_scale.view(shape) + hat_shift.view(shape)
+    torch.testing.assert_close(xhat * norm.weight.view(shape) + norm.bias.view(shape), x_t, rtol=1e-5, atol=1e-5)
     if training:
         torch.testing.assert_close(gap, x_t.mean((2, 3)), rtol=1e-5, atol=1e-5)
     else:
@@ -158,3 +161,45 @@ def test_coupler_kernels(shape):
     for g, w, a in zip(got, (w1, w2), (add1, add2)):
         assert g.shape == grad.shape and g.is_contiguous()
         torch.testing.assert_close(g.double(), grad.double() * view(w) + view(a), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_backward_through_the_batchnorm(training, affine):
+    """At conv-BN-IIEU-B sites the unit differentiates through the BatchNorm itself (two passes over the
+    BatchNorm input): float64 gradcheck of the whole block, and the same gradients as the plain ops of the
+    formulas (BatchNorm, IIEU-B, with autograd) in float32 through the C++ kernels."""
+    import references as ref
+
+    def block(dtype):
+        torch.manual_seed(8)
+        conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).to(dtype)
+        norm = nn.BatchNorm2d(6, affine=affine).to(dtype)
+        unit = IIEUB(6).to(dtype).bind(conv, norm=norm)
+        with torch.no_grad():
+            unit.eta.fill_(0.5)  # both adjuster branches
+            unit.norm.weight.uniform_(0.5, 1.5)
+            norm.running_mean.uniform_(-0.3, 0.3)
+            if affine:
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.3, 0.3)
+        norm.train(training)
+        return conv, norm, unit
+
+    conv, norm, unit = block(torch.float64)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = [p for p in (conv.weight, norm.weight, norm.bias, unit.eta, unit.norm.weight) if p is not None]
+    assert torch.autograd.gradcheck(lambda inp, *ps: unit(norm(conv(inp))), (x, *params))
+
+    conv, norm, unit = block(torch.float32)
+    params = [p for p in (conv.weight, norm.weight, norm.bias, unit.eta, unit.norm.weight, unit.norm.bias)
+              if p is not None]
+    xs = torch.randn(4, 4, 9, 9, requires_grad=True)
+    weight = torch.randn(4, 6, 9, 9)
+    out = unit(norm(conv(xs)))
+    assert out.grad_fn.norm_fused is not None  # the fused backward is what is tested here
+    got = torch.autograd.grad((out * weight).sum(), [xs, *params])
+    expected = ref.iieu_b(unit, norm(conv(xs)), xs, conv)
+    want = torch.autograd.grad((expected * weight).sum(), [xs, *params])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

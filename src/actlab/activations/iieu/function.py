@@ -92,18 +92,25 @@ class BatchNormReplay:
             gap = None
             if plane_means is not None and x_t.dim() == 4:  # GAP of a conv map: the affine map of c's plane means
                 gap = (plane_means * scale + shift).to(ct)
-        return (c, scale.to(ct), shift.to(ct)), gap
+            hat_scale = (var + self.eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
+        return (c, scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)), gap
 
-    def replay(self, c, scale, shift) -> torch.Tensor:
+    def replay(self, c, scale, shift, *hat) -> torch.Tensor:
         shape = (-1,) + (1,) * (c.dim() - 2)
         return torch.addcmul(shift.view(shape), c.to(scale.dtype), scale.view(shape)).to(self.dtype)
 
-    def kernel_input(self, c, scale, shift):
+    def kernel_input(self, c, scale, shift, *hat):
         """(x, affine) for the backward kernel: c with (scale, shift) for the C++ kernel to apply, or the
         recomputed x_t and None."""
         if c.dtype == self.dtype == torch.float32 and c.device.type == "cpu" and backend(c) is native:
             return c, (scale, shift)
         return self.replay(c, scale, shift), None
+
+    def fuses(self, c: torch.Tensor, x_t: torch.Tensor) -> bool:
+        """Whether the unit differentiates through the BatchNorm itself (``NormFusedBackward``): a conv map
+        on the CPU in float32 or float64, contiguous."""
+        return (c.device.type == "cpu" and x_t.dim() == 4 and c.is_contiguous() and c.dtype == self.dtype
+                and c.dtype in (torch.float32, torch.float64))
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,9 @@ class LinearReplay:
 
     def kernel_input(self, x, weight, bias):
         return self.replay(x, weight, bias), None
+
+    def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
+        return False
 
 
 
@@ -175,6 +185,43 @@ def _add_spread(grad_x: torch.Tensor, grad_gap: torch.Tensor) -> None:
         grad_x.view(grad_gap.shape[0], -1, grad_gap.shape[1]).add_(grad_gap.unsqueeze(1).to(grad_x.dtype))
 
 
+@dataclass(frozen=True)
+class NormFusedBackward:
+    """IIEU-B's backward through its BatchNorm (x_t = BN(c)) in two passes over c and grad_out, instead of
+    the unit's gradient map, term-B's spread over it and the BatchNorm's own backward (each a pass over a
+    map): pass 1 takes the unit's reductions and the sums over positions of g, g * xhat and xhat; pass 2
+    writes dL/dc = A * g + K1 + K2 * c with term-B's spread and the BatchNorm's mean terms folded into
+    K1 and K2. g is the unit's gradient w.r.t. x_t including term-B's spread k (per sample and channel):
+
+        dL/d beta = sum g,  dL/d gamma = sum g * xhat,  A = gamma / sqrt(var + eps)
+        batch statistics: dL/dc = A * (g - mean(g) - xhat * mean(g * xhat));  running statistics: A * g
+    """
+
+    batch_stats: bool
+
+    def __call__(self, kernels, go, c, inv, inv_w, nu, eta, xs, xb, hs, hb, term_b_grad):
+        """Returns dL/dc (c's flat shape), the gradients w.r.t. inv, inv_w, nu and eta, and dL/d gamma and
+        dL/d beta (C,). ``term_b_grad`` maps dL/d nu (B, C) to dL/d GAP(x_t) (B, C), or is None."""
+        grad_inv, grad_w, grad_nu, grad_eta, sum_g, sum_gh, sum_h = kernels.iieu_bn_sums(
+            go, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+        positions = c.shape[2]
+        if term_b_grad is not None:
+            spread = term_b_grad(grad_nu) / positions
+            sum_g = sum_g + positions * spread
+            sum_gh = sum_gh + spread * sum_h
+        else:
+            spread = torch.zeros_like(sum_g)
+        grad_beta, grad_gamma = sum_g.sum(0), sum_gh.sum(0)
+        if self.batch_stats:
+            n = c.shape[0] * positions
+            k1 = xs * (spread - (grad_beta + grad_gamma * hb) / n)
+            k2 = -xs * grad_gamma * hs / n
+        else:
+            k1, k2 = xs * spread, torch.zeros_like(xs)
+        grad_c = kernels.iieu_bn_grad(go, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
+        return grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta
+
+
 class IIEUFunction(torch.autograd.Function):
     """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward (eager training).
 
@@ -182,12 +229,13 @@ class IIEUFunction(torch.autograd.Function):
     x_t the BatchNorm / Linear input and parameters that ``replay`` recomputes it from. x_pre is kept by
     the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
     the producer's input passed through), x_pre's gradient goes there as a factor instead of being
-    returned.
+    returned. With ``norm_input`` (and the BatchNorm's weight and bias), x_t is a detached BatchNorm
+    output and the gradient goes to the BatchNorm's input and parameters directly (``NormFusedBackward``).
     """
 
     @staticmethod
     def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
-                term_b=None, tap=None):
+                term_b=None, tap=None, norm_input=None, norm_weight=None, norm_bias=None):
         with autocast_off(x_t.device.type):
             ct = compute_dtype(x_t)
             inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
@@ -201,12 +249,15 @@ class IIEUFunction(torch.autograd.Function):
         norms = (inv_x, sumsq) if keep_norms else (None, None)
         ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
+        ctx.norm_fused = NormFusedBackward(replay.batch_stats) if norm_input is not None else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
         patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
+        if ctx.norm_fused is not None:
+            return IIEUFunction._norm_fused_backward(ctx, grad_out)
         affine = None
         if x_t is None:
             with torch.no_grad():
@@ -240,7 +291,39 @@ class IIEUFunction(torch.autograd.Function):
                     grad_x_pre = apply_patch_grad(patches, x_pre, factor)
         return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
                 grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None,
-                None)
+                None, None, None, None)
+
+    @staticmethod
+    def _norm_fused_backward(ctx, grad_out):
+        _, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, c, xs, xb, hs, hb = ctx.saved_tensors
+        patches, eps, silence = ctx.patches, ctx.eps, ctx.silence
+        ct = compute_dtype(c)
+        if sumsq is None:
+            inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
+        x, inv, nu_flat, unflatten = patches.flat(c, inv_x, nu.to(ct))
+        go = patches.flat_like(grad_out, x)
+        kernels = backend(x, cpu_native=go.dtype == x.dtype)
+
+        def term_b_grad(grad_nu):
+            return TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype)).to(ct)
+
+        grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta = ctx.norm_fused(
+            kernels, go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), xs, xb, hs, hb,
+            term_b_grad if gap is not None else None)
+        if ctx.tap is not None or ctx.needs_input_grad[1]:
+            factor = patch_grad_factor(patches, x_pre, sumsq, grad_inv.reshape(inv_x.shape), eps, silence, ct)
+            grad_x_pre = None
+            if ctx.tap is not None:
+                ctx.tap.factor = factor
+            else:
+                grad_x_pre = apply_patch_grad(patches, x_pre, factor)
+        else:
+            grad_x_pre = None
+        norm_weight_grad = grad_gamma if ctx.needs_input_grad[13] else None
+        norm_bias_grad = grad_beta if ctx.needs_input_grad[14] else None
+        return (None, grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype), grad_nu.reshape(nu.shape).to(nu.dtype),
+                grad_eta.to(eta.dtype), None, None, None, None, None, None, None, unflatten(grad_c),
+                norm_weight_grad, norm_bias_grad)
 
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):

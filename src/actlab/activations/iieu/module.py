@@ -203,6 +203,11 @@ class IIEUB(ActivationModule):
                 nu, term_b = self._term_b_with_stats(gap)
             if tap is not None:  # x_pre's gradient goes to the tap the producer's input passed through
                 x_pre = x_pre.detach()
+            if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm itself
+                norm = self._maker
+                return IIEUFunction.apply(x_t.detach(), x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence,
+                                          replay, replay_tensors, term_b, tap, replay_tensors[0], norm.weight,
+                                          norm.bias)
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
                                       replay_tensors, term_b, tap)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)

@@ -116,6 +116,28 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
 
 
+def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
+    """Pass 1 of IIEU-B's backward fused with its BatchNorm's, on planes: c (B, C, P) is the BatchNorm
+    input, x_t = c * xs + xb and xhat = c * hs + hb per channel. Returns the gradients w.r.t. inv, inv_w,
+    nu and eta (as ``iieu_backward``) and, per (sample, channel), the sums over positions of g (the
+    gradient w.r.t. x_t), g * xhat and xhat."""
+    ct = compute_dtype(c)
+    cf = c.to(ct)
+    g, grad_inv, grad_w, grad_nu, grad_eta = iieu_backward(grad_out, torch.addcmul(xb[:, None], cf, xs[:, None]),
+                                                           inv, inv_w, nu, eta)
+    xhat = torch.addcmul(hb[:, None], cf, hs[:, None])
+    g = g.to(ct)
+    return grad_inv, grad_w, grad_nu, grad_eta, g.sum(2), (g * xhat).sum(2), xhat.sum(2)
+
+
+def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
+    """Pass 2: dL/dc = a * g + k1 + k2 * c (a, k2 per channel, k1 per (sample, channel)), c's dtype."""
+    ct = compute_dtype(c)
+    cf = c.to(ct)
+    g = iieu_backward(grad_out, torch.addcmul(xb[:, None], cf, xs[:, None]), inv, inv_w, nu, eta)[0].to(ct)
+    return (a[:, None] * g + k1[..., None] + k2[:, None] * cf).to(c.dtype)
+
+
 def affine_input(x, scale, shift):
     """x * scale + shift per channel, in the compute dtype: channels at dim 1 of planes (B, C, P), last
     of rows (R, C)."""

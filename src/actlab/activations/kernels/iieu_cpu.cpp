@@ -505,6 +505,108 @@ std::vector<at::Tensor> coupler_grads(const at::Tensor& grad, const at::Tensor& 
   return {gm, gs};
 }
 
+// ---------------------------------------------------------------- IIEU-B's backward fused with its BatchNorm's
+// At a conv-BatchNorm-IIEU-B site the unit differentiates through the BatchNorm itself, from the
+// BatchNorm input c (B, C, P): x_t = c * xs + xb and xhat = c * hs + hb per channel. Pass 1 takes the
+// reductions without writing a map; pass 2 recomputes the unit's gradient g w.r.t. x_t and writes
+// dL/dc = A * g + K1 + K2 * c, with per-channel A, K2 and per-(sample, channel) K1 that fold in term-B's
+// spread and the BatchNorm's mean terms (computed between the passes).
+
+// returns grad_inv (B, G, P), grad_w (C), grad_nu (B, C), grad_eta_part (C), and per (sample, channel)
+// the sums over positions of g, g * xhat and xhat (B, C) each
+std::vector<at::Tensor> planes_bn_sums(const at::Tensor& go, const at::Tensor& c, const at::Tensor& inv,
+                                       const at::Tensor& w, const at::Tensor& nu, const at::Tensor& eta,
+                                       const at::Tensor& xs, const at::Tensor& xb, const at::Tensor& hs,
+                                       const at::Tensor& hb) {
+  check(go, "grad_out", 3); check(c, "c", 3); check(inv, "inv", 3); check(w, "w", 1); check(nu, "nu", 2);
+  check(eta, "eta", 1); check(xs, "xs", 1); check(xb, "xb", 1); check(hs, "hs", 1); check(hb, "hb", 1);
+  const int64_t B = c.size(0), C = c.size(1), P = c.size(2), G = inv.size(1), Cg = C / G;
+  auto giv = at::empty_like(inv);
+  auto opts = c.options();
+  auto gnu = at::empty({B, C}, opts), gw_b = at::empty({B, C}, opts), ge_b = at::empty({B, C}, opts);
+  auto sum_g = at::empty({B, C}, opts), sum_gh = at::empty({B, C}, opts), sum_h = at::empty({B, C}, opts);
+  const float *GO = go.data_ptr<float>(), *X = c.data_ptr<float>(), *IV = inv.data_ptr<float>();
+  const float *W = w.data_ptr<float>(), *N = nu.data_ptr<float>(), *E = eta.data_ptr<float>();
+  const float *XS = xs.data_ptr<float>(), *XB = xb.data_ptr<float>(), *HS = hs.data_ptr<float>(),
+              *HB = hb.data_ptr<float>();
+  float *GIV = giv.data_ptr<float>(), *GN = gnu.data_ptr<float>(), *GW = gw_b.data_ptr<float>(),
+        *GE = ge_b.data_ptr<float>(), *SG = sum_g.data_ptr<float>(), *SGH = sum_gh.data_ptr<float>(),
+        *SH = sum_h.data_ptr<float>();
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, g = bg % G;
+      const float* iv = IV + bg * P;
+      float* giv_row = GIV + bg * P;
+      std::fill(giv_row, giv_row + P, 0.f);
+      for (int64_t ch = g * Cg; ch < (g + 1) * Cg; ++ch) {
+        const int64_t bc = b * C + ch;
+        const float *cr = X + bc * P, *gr = GO + bc * P;
+        const Vec vw(W[ch]), vn(N[bc]), ve(E[ch]), vxs(XS[ch]), vxb(XB[ch]), vhs(HS[ch]), vhb(HB[ch]);
+        Vec acc_n(0.f), acc_w(0.f), acc_e(0.f), acc_g(0.f), acc_gh(0.f), acc_h(0.f);
+        int64_t p = 0;
+        auto step = [&](int64_t k) {  // the tail's unused lanes have grad_out 0; xhat's are masked below
+          Vec ivv = k ? Vec::loadu(iv + p, k) : Vec::loadu(iv + p);
+          Vec cv = k ? Vec::loadu(cr + p, k) : Vec::loadu(cr + p);
+          Vec gv = k ? Vec::loadu(gr + p, k) : Vec::loadu(gr + p);
+          Vec xv = at::vec::fmadd(cv, vxs, vxb);
+          Vec hv = at::vec::fmadd(cv, vhs, vhb);
+          if (k) hv = Vec::set(Vec(0.f), hv, k);
+          Grad d = grad_at(xv, gv, vw * ivv, vn, ve);
+          Vec gi = (k ? Vec::loadu(giv_row + p, k) : Vec::loadu(giv_row + p)) + d.grx * vw;
+          if (k) gi.store(giv_row + p, k); else gi.store(giv_row + p);
+          acc_w = acc_w + d.grx * ivv;
+          acc_n = acc_n + d.grho;
+          acc_e = acc_e + d.gev;
+          acc_g = acc_g + d.gx;
+          acc_gh = at::vec::fmadd(d.gx, hv, acc_gh);
+          acc_h = acc_h + hv;
+        };
+        for (; p + Vec::size() <= P; p += Vec::size()) step(0);
+        if (p < P) step(P - p);
+        GN[bc] = vsum(acc_n); GW[bc] = vsum(acc_w); GE[bc] = vsum(acc_e);
+        SG[bc] = vsum(acc_g); SGH[bc] = vsum(acc_gh); SH[bc] = vsum(acc_h);
+      }
+    }
+  });
+  return {giv, gw_b.sum(0), gnu, ge_b.sum(0), sum_g, sum_gh, sum_h};
+}
+
+// returns dL/dc (B, C, P) = A * g + K1 + K2 * c
+at::Tensor planes_bn_grad(const at::Tensor& go, const at::Tensor& c, const at::Tensor& inv, const at::Tensor& w,
+                          const at::Tensor& nu, const at::Tensor& eta, const at::Tensor& xs, const at::Tensor& xb,
+                          const at::Tensor& a, const at::Tensor& k1, const at::Tensor& k2) {
+  check(go, "grad_out", 3); check(c, "c", 3); check(inv, "inv", 3); check(w, "w", 1); check(nu, "nu", 2);
+  check(eta, "eta", 1); check(xs, "xs", 1); check(xb, "xb", 1); check(a, "a", 1); check(k1, "k1", 2);
+  check(k2, "k2", 1);
+  const int64_t B = c.size(0), C = c.size(1), P = c.size(2), G = inv.size(1), Cg = C / G;
+  auto gc = at::empty_like(c);
+  const float *GO = go.data_ptr<float>(), *X = c.data_ptr<float>(), *IV = inv.data_ptr<float>();
+  const float *W = w.data_ptr<float>(), *N = nu.data_ptr<float>(), *E = eta.data_ptr<float>();
+  const float *XS = xs.data_ptr<float>(), *XB = xb.data_ptr<float>(), *A = a.data_ptr<float>(),
+              *K1 = k1.data_ptr<float>(), *K2 = k2.data_ptr<float>();
+  float* GC = gc.data_ptr<float>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / C, ch = bc % C;
+      const float *iv = IV + (b * G + ch / Cg) * P, *cr = X + bc * P, *gr = GO + bc * P;
+      float* out = GC + bc * P;
+      const Vec vw(W[ch]), vn(N[bc]), ve(E[ch]), vxs(XS[ch]), vxb(XB[ch]), va(A[ch]), vk1(K1[bc]), vk2(K2[ch]);
+      int64_t p = 0;
+      auto step = [&](int64_t k) {
+        Vec ivv = k ? Vec::loadu(iv + p, k) : Vec::loadu(iv + p);
+        Vec cv = k ? Vec::loadu(cr + p, k) : Vec::loadu(cr + p);
+        Vec gv = k ? Vec::loadu(gr + p, k) : Vec::loadu(gr + p);
+        Grad d = grad_at(at::vec::fmadd(cv, vxs, vxb), gv, vw * ivv, vn, ve);
+        Vec r = at::vec::fmadd(va, d.gx, at::vec::fmadd(vk2, cv, vk1));
+        if (k) r.store(out + p, k); else r.store(out + p);
+      };
+      for (; p + Vec::size() <= P; p += Vec::size()) step(0);
+      if (p < P) step(P - p);
+    }
+  });
+  return gc;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(actlab_iieu, m) {
@@ -517,6 +619,8 @@ TORCH_LIBRARY(actlab_iieu, m) {
   m.def("plane_moments", plane_moments);
   m.def("planes_channel_sumsq", planes_channel_sumsq);
   m.def("planes_channel_scale", planes_channel_scale);
+  m.def("planes_bn_sums", planes_bn_sums);
+  m.def("planes_bn_grad", planes_bn_grad);
   m.def("coupler_forward", coupler_forward);
   m.def("coupler_sums", coupler_sums);
   m.def("coupler_grads", coupler_grads);

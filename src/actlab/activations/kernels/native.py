@@ -71,6 +71,18 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False, a
 _NONE = torch.empty(0)
 
 
+def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
+    """As composite.iieu_bn_sums, for contiguous float32 planes."""
+    grad_inv, grad_w, grad_nu, grad_eta, *sums = torch.ops.actlab_iieu.planes_bn_sums(
+        grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    return (grad_inv, grad_w, grad_nu, grad_eta * (1 - eta), *sums)
+
+
+def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
+    """As composite.iieu_bn_grad, for contiguous float32 planes."""
+    return torch.ops.actlab_iieu.planes_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), k2)
+
+
 def batch_moments(x):
     """As composite.batch_moments, for a contiguous float32 x (B, C, *S)."""
     return tuple(torch.ops.actlab_iieu.plane_moments(x.view(x.shape[0], x.shape[1], -1)))

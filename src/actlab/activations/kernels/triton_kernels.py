@@ -361,6 +361,8 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
 # broadcasts are as fast on a GPU
 batch_moments = composite.batch_moments
 coupler_forward, coupler_sums, coupler_grads = composite.coupler_forward, composite.coupler_sums, composite.coupler_grads
+# the backward through a BatchNorm (CPU sites only; here for the interpreter's "triton" mode on CPU tensors)
+iieu_bn_sums, iieu_bn_grad = composite.iieu_bn_sums, composite.iieu_bn_grad
 
 
 def channel_sumsq(x, groups: int, ct: torch.dtype):
