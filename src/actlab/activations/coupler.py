@@ -46,10 +46,11 @@ def _kernels_for(main: torch.Tensor, shortcut: torch.Tensor):
 class _CoupledSum(torch.autograd.Function):
     """out = l1 * main + l2 * shortcut in eager training, with the fusion weights' gradient path folded in.
 
-    The weights come from the branches' GAPs without autograd; backward turns dL/d(l1, l2) into dL/d GAP
-    and the coupler's parameter gradients by recomputing its small weight network from the saved GAPs, and
-    adds dL/d GAP, spread over the positions, to each branch's gradient in the pass that scales it: one
-    pass for the sums, one for both branch gradients, and no full-size map of the pooling's own.
+    The weights come from the branches' GAPs through the small weight network, differentiated on its own
+    (from a detached copy of the GAPs); backward turns dL/d(l1, l2) into dL/d GAP and the coupler's
+    parameter gradients through that small graph, and adds dL/d GAP, spread over the positions, to each
+    branch's gradient in the pass that scales it: one pass for the sums, one for both branch gradients,
+    and no full-size map of the pooling's own.
 
     Saves ``out`` and ``shortcut``, not ``main``: in a residual network ``out`` is the next block's input,
     which its first convolution keeps anyway, and an identity ``shortcut`` is this block's input, which its
@@ -59,29 +60,27 @@ class _CoupledSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, main, shortcut, coupler, *params):
-        with torch.no_grad():
-            pooled = coupler.pooled(main, shortcut)
+        pooled = coupler.pooled(main, shortcut).requires_grad_()
+        with torch.enable_grad():  # the weight network's own small graph, differentiated in backward
             lam = coupler.weights_from_pooled(pooled)
-        w1, w2 = lam[:, 0].contiguous(), lam[:, 1].contiguous()
+        w1, w2 = lam[:, 0].detach().contiguous(), lam[:, 1].detach().contiguous()
         kernels = _kernels_for(main, shortcut)
         out = kernels.coupler_forward(main, shortcut, w1, w2)
-        ctx.save_for_backward(out, shortcut, pooled, w1, w2)
-        ctx.coupler, ctx.params, ctx.kernels = coupler, params, kernels
+        ctx.save_for_backward(out, shortcut, w1, w2)
+        ctx.weight_graph, ctx.params, ctx.kernels = (pooled, lam), params, kernels
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, shortcut, pooled, w1, w2 = ctx.saved_tensors
+        out, shortcut, w1, w2 = ctx.saved_tensors
         kernels = ctx.kernels
         if kernels is native:
             grad = grad.contiguous()
         sum_out, sum_shortcut = kernels.coupler_sums(grad, out, shortcut)
         grad_w1 = (sum_out - w2 * sum_shortcut) / w1
-        with torch.enable_grad():
-            pooled = pooled.detach().requires_grad_()
-            lam = ctx.coupler.weights_from_pooled(pooled)
-            grads = torch.autograd.grad(lam, [pooled, *ctx.params], torch.stack([grad_w1, sum_shortcut], 1),
-                                        allow_unused=True)
+        pooled, lam = ctx.weight_graph
+        grads = torch.autograd.grad(lam, [pooled, *ctx.params], torch.stack([grad_w1, sum_shortcut], 1),
+                                    allow_unused=True, retain_graph=True)  # kept for a retained outer graph
         positions = grad.shape[1] if grad.dim() == 3 else math.prod(grad.shape[2:])
         spread_main, spread_shortcut = (grads[0] / positions).chunk(2, dim=1)
         grad_main, grad_shortcut = kernels.coupler_grads(grad, w1, w2, spread_main, spread_shortcut)
