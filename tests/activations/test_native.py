@@ -203,3 +203,20 @@ def test_backward_through_the_batchnorm(training, affine):
     want = torch.autograd.grad((expected * weight).sum(), [xs, *params])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("silent", [-1.0, 0.3])
+def test_inverse_norm_maps(silent):
+    """invX and its gradient w.r.t. the squared norms on (B, G, H, W) maps: zero norms (gradient 0, not
+    NaN), silenced norms (both 0) and ordinary ones, as the composite computes them."""
+    torch.manual_seed(9)
+    sumsq = torch.rand(2, 3, 5, 7) * 4
+    sumsq[0, 0, 0, :3] = 0
+    sumsq[1, 2, 4, :3] = 0.01  # norm 0.1: silenced when silent = 0.3
+    grad_inv = torch.randn_like(sumsq)
+    got = native.inverse_norm(sumsq, 1e-8, silent)
+    torch.testing.assert_close(got, composite.inverse_norm(sumsq, 1e-8, silent), rtol=1e-6, atol=0)
+    got = native.inv_norm_grad_sumsq(sumsq, grad_inv, 1e-8, silent)
+    want = composite.inv_norm_grad_sumsq(sumsq, grad_inv, 1e-8, silent)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert torch.isfinite(got).all() and (got[0, 0, 0, :3] == 0).all()

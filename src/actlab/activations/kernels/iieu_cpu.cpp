@@ -607,6 +607,42 @@ at::Tensor planes_bn_grad(const at::Tensor& go, const at::Tensor& c, const at::T
   return gc;
 }
 
+// ---------------------------------------------------------------- inverse patch norms of conv sites
+// Elementwise on the (B, G, H', W') maps of squared patch norms, the same float32 formulas as the rows
+// above (composite.inverse_norm / inv_norm_grad_sumsq): one pass instead of a handful of small ops.
+
+at::Tensor inv_norm_map(const at::Tensor& sumsq, double eps, double silent_norm) {
+  check(sumsq, "sumsq", sumsq.dim());
+  auto inv = at::empty_like(sumsq);
+  const float* SS = sumsq.data_ptr<float>();
+  float* IV = inv.data_ptr<float>();
+  const float e = static_cast<float>(eps), silent = static_cast<float>(silent_norm);
+  at::parallel_for(0, sumsq.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float norm = std::sqrt(SS[i]);
+      IV[i] = (silent_norm >= 0 && norm < silent) ? 0.f : 1.f / (norm + e);
+    }
+  });
+  return inv;
+}
+
+at::Tensor inv_norm_grad_map(const at::Tensor& sumsq, const at::Tensor& grad_inv, double eps, double silent_norm) {
+  check(sumsq, "sumsq", sumsq.dim()); check(grad_inv, "grad_inv", sumsq.dim());
+  TORCH_CHECK(grad_inv.sizes() == sumsq.sizes(), "iieu_cpu: grad_inv must be shaped like sumsq");
+  auto grad = at::empty_like(sumsq);
+  const float *SS = sumsq.data_ptr<float>(), *GI = grad_inv.data_ptr<float>();
+  float* G = grad.data_ptr<float>();
+  const float e = static_cast<float>(eps), silent = static_cast<float>(silent_norm);
+  at::parallel_for(0, sumsq.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float norm = std::sqrt(SS[i]), inv = 1.f / (norm + e);
+      const bool live = norm > 0 && !(silent_norm >= 0 && norm < silent);
+      G[i] = live ? -GI[i] * (inv * inv) / (2 * norm) : 0.f;
+    }
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(actlab_iieu, m) {
@@ -619,6 +655,8 @@ TORCH_LIBRARY(actlab_iieu, m) {
   m.def("plane_moments", plane_moments);
   m.def("planes_channel_sumsq", planes_channel_sumsq);
   m.def("planes_channel_scale", planes_channel_scale);
+  m.def("inv_norm_map", inv_norm_map);
+  m.def("inv_norm_grad_map", inv_norm_grad_map);
   m.def("planes_bn_sums", planes_bn_sums);
   m.def("planes_bn_grad", planes_bn_grad);
   m.def("coupler_forward", coupler_forward);

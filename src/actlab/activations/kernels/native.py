@@ -118,9 +118,18 @@ def coupler_grads(grad, w1, w2, add1, add2):
     return tuple(torch.ops.actlab_iieu.coupler_grads(grad, *terms))
 
 
-# small maps (B, G, H', W'): the composite's few elementwise ops are as fast as a kernel would be
-inverse_norm = composite.inverse_norm
-inv_norm_grad_sumsq = composite.inv_norm_grad_sumsq
+def inverse_norm(sumsq, eps: float, silent: float):
+    """As composite.inverse_norm, in one pass for a contiguous float32 map."""
+    if sumsq.dtype != torch.float32 or not sumsq.is_contiguous():
+        return composite.inverse_norm(sumsq, eps, silent)
+    return torch.ops.actlab_iieu.inv_norm_map(sumsq, eps, silent)
+
+
+def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
+    """As composite.inv_norm_grad_sumsq, in one pass for contiguous float32 maps."""
+    if sumsq.dtype != torch.float32 or grad_inv.dtype != torch.float32 or not sumsq.is_contiguous():
+        return composite.inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
+    return torch.ops.actlab_iieu.inv_norm_grad_map(sumsq, grad_inv.contiguous(), eps, silent)
 
 
 def rows_inv_norm(x, eps: float, silent: float):
