@@ -255,7 +255,7 @@ class IIEUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
-        patches, eps, silence, replay = ctx.patches, ctx.eps, ctx.silence, ctx.replay
+        replay = ctx.replay
         if ctx.norm_fused is not None:
             return IIEUFunction._norm_fused_backward(ctx, grad_out)
         affine = None
@@ -264,11 +264,8 @@ class IIEUFunction(torch.autograd.Function):
                 x_t, affine = replay.kernel_input(*replay_tensors)
         with autocast_off(grad_out.device.type):
             ct = compute_dtype(x_t)
-            if sumsq is None:
-                inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
-            x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
-            go = patches.flat_like(grad_out, x)
-            kernels = backend(x, cpu_native=go.dtype == x.dtype)
+            sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, x_t, x_pre, sumsq, inv_x,
+                                                                                      nu, grad_out, ct)
             if affine is not None and kernels is not native:
                 x, affine = composite.affine_input(x, *affine), None
             args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
@@ -282,27 +279,39 @@ class IIEUFunction(torch.autograd.Function):
                 positions = x_t.numel() // nu.numel()
                 grad_gap = TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype))
                 _add_spread(grad_x, grad_gap / positions)
-            grad_x_pre = None
-            if ctx.needs_input_grad[1] or ctx.tap is not None:
-                factor = patch_grad_factor(patches, x_pre, sumsq, grad_inv.reshape(inv_x.shape), eps, silence, ct)
-                if ctx.tap is not None:
-                    ctx.tap.factor = factor
-                else:
-                    grad_x_pre = apply_patch_grad(patches, x_pre, factor)
+            grad_x_pre = IIEUFunction._patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
         return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
                 grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None,
                 None, None, None, None)
 
     @staticmethod
+    def _flat(ctx, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
+        """The backward kernels' inputs: the squared patch norms and invX (recomputed when not kept), the
+        flat layout of ``source`` (x_t, or the BatchNorm input) with invX and nu, grad_out in that layout,
+        and the kernels for it."""
+        if sumsq is None:
+            inv_x, sumsq = patch_inverse(ctx.patches, x_pre, ctx.eps, ctx.silence, ct)
+        flat = ctx.patches.flat(source, inv_x, nu.to(ct))
+        go = ctx.patches.flat_like(grad_out, flat[0])
+        return sumsq, inv_x, flat, go, backend(flat[0], cpu_native=go.dtype == flat[0].dtype)
+
+    @staticmethod
+    def _patch_norm_grad(ctx, x_pre, sumsq, grad_inv, ct):
+        """dL/d x_pre through the patch norms, or None: handed to the producer-input tap when there is one."""
+        if not (ctx.needs_input_grad[1] or ctx.tap is not None):
+            return None
+        factor = patch_grad_factor(ctx.patches, x_pre, sumsq, grad_inv, ctx.eps, ctx.silence, ct)
+        if ctx.tap is not None:
+            ctx.tap.factor = factor
+            return None
+        return apply_patch_grad(ctx.patches, x_pre, factor)
+
+    @staticmethod
     def _norm_fused_backward(ctx, grad_out):
         _, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, c, xs, xb, hs, hb = ctx.saved_tensors
-        patches, eps, silence = ctx.patches, ctx.eps, ctx.silence
         ct = compute_dtype(c)
-        if sumsq is None:
-            inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
-        x, inv, nu_flat, unflatten = patches.flat(c, inv_x, nu.to(ct))
-        go = patches.flat_like(grad_out, x)
-        kernels = backend(x, cpu_native=go.dtype == x.dtype)
+        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, c, x_pre, sumsq, inv_x, nu,
+                                                                                  grad_out, ct)
 
         def term_b_grad(grad_nu):
             return TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype)).to(ct)
@@ -310,15 +319,7 @@ class IIEUFunction(torch.autograd.Function):
         grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta = ctx.norm_fused(
             kernels, go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), xs, xb, hs, hb,
             term_b_grad if gap is not None else None)
-        if ctx.tap is not None or ctx.needs_input_grad[1]:
-            factor = patch_grad_factor(patches, x_pre, sumsq, grad_inv.reshape(inv_x.shape), eps, silence, ct)
-            grad_x_pre = None
-            if ctx.tap is not None:
-                ctx.tap.factor = factor
-            else:
-                grad_x_pre = apply_patch_grad(patches, x_pre, factor)
-        else:
-            grad_x_pre = None
+        grad_x_pre = IIEUFunction._patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
         norm_weight_grad = grad_gamma if ctx.needs_input_grad[13] else None
         norm_bias_grad = grad_beta if ctx.needs_input_grad[14] else None
         return (None, grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype), grad_nu.reshape(nu.shape).to(nu.dtype),
