@@ -184,6 +184,8 @@ def test_reconverting_keeps_trained_parameters_and_hooks_clean():
     actlab.convert(model, "iieu_b", example_input=example, strict=True)
     assert model[2] is unit and torch.all(unit.eta == 0.3)
     assert "already this activation" in str(actlab.conversion_report(model))
+    report = actlab.conversion_report(model)
+    assert len(report.converted) == 0 and len(report.active) == 1  # the site still runs IIEU-B
     assert len(model[0]._forward_pre_hooks) == 1  # the unused twin built on the way left no hook behind
     actlab.convert(model, "iieu_b", example_input=example, zero_patch="published")  # other settings: replaced
     assert model[2] is not unit and model[2].zero_patch == "published" and len(model[0]._forward_pre_hooks) == 1

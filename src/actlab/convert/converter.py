@@ -68,6 +68,11 @@ class ConversionReport:
     def kept(self) -> list[SiteRecord]:
         return [s for s in self.sites if not s.converted]
 
+    @property
+    def active(self) -> list[SiteRecord]:
+        """The sites that run the activation now: converted, or already it with these settings."""
+        return [s for s in self.sites if s.converted or s.reason == ALREADY]
+
     def __str__(self) -> str:
         lines = [f"actlab.convert -> {self.activation}: {len(self.converted)} site(s) converted, "
                  f"{len(self.kept)} left as they were"]
