@@ -60,26 +60,6 @@ def test_channel_sums_and_scales(shape, groups):
     assert into.data_ptr() == add.data_ptr() and torch.equal(into, fresh)
 
 
-@pytest.mark.parametrize("dims", [(2, 8, 2, 37), (3, 6, 1, 16)], ids=["grouped_tail", "whole_vectors"])
-def test_planes_backward_with_affine_input(dims):
-    """The kernel reading c and applying x_t = c * scale + shift gives the gradients of the kernel given
-    x_t itself, and leaves c untouched."""
-    b, c, g, p = dims
-    torch.manual_seed(2)
-    raw = torch.randn(b, c, p) * 3 + 1
-    scale, shift = torch.rand(c) + 0.2, torch.randn(c) * 0.3
-    x_t = composite.affine_input(raw, scale, shift)
-    inv, nu = torch.rand(b, g, p) + 0.2, torch.rand(b, c)
-    inv_w, eta = torch.rand(c) + 0.5, torch.rand(c) * 0.8
-    go = torch.randn(b, c, p)
-    kept = raw.clone()
-    got = native.iieu_backward(go, raw, inv, inv_w, nu, eta, affine=(scale, shift))
-    want = composite.iieu_backward(go, x_t, inv, inv_w, nu, eta)
-    assert torch.equal(raw, kept)
-    for a, w in zip(got, want):
-        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5 * max(w.abs().max().item(), 1.0))
-
-
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_pointwise_window_sums_are_the_convolution(stride):
     """1x1 producers skip the window convolution: their sums (a subsampling) and its adjoint equal the

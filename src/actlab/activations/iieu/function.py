@@ -59,9 +59,9 @@ class TermB:
 class BatchNormReplay:
     """How to recompute ``x_t = BatchNorm(c)`` in backward instead of keeping it: as the per-channel affine
     map ``x_t = c * scale + shift`` with the statistics the BatchNorm used in forward, from its input ``c``
-    (which BatchNorm keeps for its own backward anyway). The C++ kernel applies the map as it reads ``c``;
-    other kernels get ``x_t`` recomputed in ``x_t``'s dtype. Equal to the forward's ``x_t`` to float
-    rounding."""
+    (which BatchNorm keeps for its own backward anyway), in ``x_t``'s dtype; equal to the forward's
+    ``x_t`` to float rounding. Where ``fuses`` holds, the unit differentiates through the BatchNorm
+    instead (``NormFusedBackward``) and nothing is recomputed."""
 
     batch_stats: bool
     eps: float
@@ -99,13 +99,6 @@ class BatchNormReplay:
         shape = (-1,) + (1,) * (c.dim() - 2)
         return torch.addcmul(shift.view(shape), c.to(scale.dtype), scale.view(shape)).to(self.dtype)
 
-    def kernel_input(self, c, scale, shift, *hat):
-        """(x, affine) for the backward kernel: c with (scale, shift) for the C++ kernel to apply, or the
-        recomputed x_t and None."""
-        if c.dtype == self.dtype == torch.float32 and c.device.type == "cpu" and backend(c) is native:
-            return c, (scale, shift)
-        return self.replay(c, scale, shift), None
-
     def fuses(self, c: torch.Tensor, x_t: torch.Tensor) -> bool:
         """Whether the unit differentiates through the BatchNorm itself (``NormFusedBackward``): a conv map
         on the CPU in float32 or float64, contiguous."""
@@ -133,9 +126,6 @@ class LinearReplay:
     def replay(self, x, weight, bias) -> torch.Tensor:
         with _autocast_as(x.device.type, self.autocast, self.autocast_dtype):
             return F.linear(x, weight, bias)
-
-    def kernel_input(self, x, weight, bias):
-        return self.replay(x, weight, bias), None
 
     def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
         return False
@@ -258,21 +248,17 @@ class IIEUFunction(torch.autograd.Function):
         replay = ctx.replay
         if ctx.norm_fused is not None:
             return IIEUFunction._norm_fused_backward(ctx, grad_out)
-        affine = None
         if x_t is None:
             with torch.no_grad():
-                x_t, affine = replay.kernel_input(*replay_tensors)
+                x_t = replay.replay(*replay_tensors)
         with autocast_off(grad_out.device.type):
             ct = compute_dtype(x_t)
             sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, x_t, x_pre, sumsq, inv_x,
                                                                                       nu, grad_out, ct)
-            if affine is not None and kernels is not native:
-                x, affine = composite.affine_input(x, *affine), None
             args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
             if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
-                own = affine is None and (replay is not None or x.data_ptr() != x_t.data_ptr())
-                grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own,
-                                                                                   affine=affine)
+                own = replay is not None or x.data_ptr() != x_t.data_ptr()
+                grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own)
             else:
                 grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
             if gap is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample

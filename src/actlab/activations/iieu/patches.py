@@ -247,8 +247,3 @@ def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False)
         return grad.add_(scaled) if into_grad else grad + scaled
     native_ok = x_pre.is_contiguous() and factor.dtype == torch.float32 and (grad is None or grad.dtype == x_pre.dtype)
     return backend(x_pre, cpu_native=native_ok).channel_scale(x_pre, factor, grad, into_grad)
-
-
-def patch_inverse_backward(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
-    """dL/d x_pre (x_pre's dtype) from dL/d invX."""
-    return apply_patch_grad(patches, x_pre, patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct))

@@ -138,15 +138,6 @@ def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
     return (a[:, None] * g + k1[..., None] + k2[:, None] * cf).to(c.dtype)
 
 
-def affine_input(x, scale, shift):
-    """x * scale + shift per channel, in the compute dtype: channels at dim 1 of planes (B, C, P), last
-    of rows (R, C)."""
-    ct = compute_dtype(x)
-    if x.dim() == 3:
-        scale, shift = scale.view(-1, 1), shift.view(-1, 1)
-    return torch.addcmul(shift.to(ct), x.to(ct), scale.to(ct))
-
-
 def batch_moments(x):
     """x (B, C, *S) -> the mean of each plane (B, C) and, per channel over B and S, the mean and the biased
     variance (C,), all float64: the statistics a training-mode BatchNorm normalises x with."""

@@ -96,19 +96,12 @@ at::Tensor planes_forward(const at::Tensor& x, const at::Tensor& inv, const at::
 // returns grad_x (B, C, P), grad_inv (B, G, P), grad_w (C), grad_nu (B, C), grad_eta_part (C)
 // grad_into_x: write grad_x over x (a recomputed x the caller owns), saving an allocation;
 // grad_eta_part = sum of g * x * exp(rho - eta) below eta (d s / d eta = (1 - eta) * that).
-//
-// scale, shift: empty, or (C) each, when x holds the input c of a per-channel affine map and the
-// activation's input is x_t = c * scale + shift (a BatchNorm recomputed from its input and statistics).
 std::vector<at::Tensor> planes_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& inv,
                                         const at::Tensor& w, const at::Tensor& nu, const at::Tensor& eta,
-                                        bool grad_into_x, const at::Tensor& scale, const at::Tensor& shift) {
+                                        bool grad_into_x) {
   check(go, "grad_out", 3); check(x, "x", 3); check(inv, "inv", 3); check(w, "w", 1); check(nu, "nu", 2);
   check(eta, "eta", 1);
-  const bool affine = scale.numel() > 0;
-  if (affine) { check(scale, "scale", 1); check(shift, "shift", 1); }
-  TORCH_CHECK(!(affine && grad_into_x), "iieu_cpu: grad_into_x needs x to be x_t itself, not an affine input");
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2), G = inv.size(1), Cg = C / G;
-  const float *SC = affine ? scale.data_ptr<float>() : nullptr, *SH = affine ? shift.data_ptr<float>() : nullptr;
   auto gx = grad_into_x ? x : at::empty_like(x);  // each element is read before it is written
   auto giv = at::empty_like(inv);
   auto gnu = at::empty({B, C}, x.options());
@@ -130,15 +123,11 @@ std::vector<at::Tensor> planes_backward(const at::Tensor& go, const at::Tensor& 
         const float *xr = X + bc * P, *gr = GO + bc * P;
         float* gxr = GX + bc * P;
         const Vec vw(W[c]), vn(N[bc]), ve(E[c]);
-        const Vec vsc(affine ? SC[c] : 1.f), vsh(affine ? SH[c] : 0.f);
         Vec acc_n(0.f), acc_w(0.f), acc_e(0.f);
         int64_t p = 0;
-        // k < Vec::size(): the tail, loaded and stored partially; its unused lanes have grad_out 0 and
-        // so contribute 0 to every sum, whatever x_t there is
-        auto step = [&](int64_t k) {
+        auto step = [&](int64_t k) {  // k < Vec::size(): the tail, loaded and stored partially
           Vec ivv = k ? Vec::loadu(iv + p, k) : Vec::loadu(iv + p);
           Vec xv = k ? Vec::loadu(xr + p, k) : Vec::loadu(xr + p);
-          if (affine) xv = at::vec::fmadd(xv, vsc, vsh);
           Vec gv = k ? Vec::loadu(gr + p, k) : Vec::loadu(gr + p);
           Grad d = grad_at(xv, gv, vw * ivv, vn, ve);
           Vec gi = (k ? Vec::loadu(giv_row + p, k) : Vec::loadu(giv_row + p)) + d.grx * vw;

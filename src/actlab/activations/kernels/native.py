@@ -52,19 +52,11 @@ def iieu_forward(x, inv, inv_w, nu, eta):
     return forward(x, inv, inv_w, nu, eta)
 
 
-def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False, affine=None):
-    """As composite.iieu_backward; ``grad_into_x``: x is the caller's temporary, overwritten by grad_x.
-    ``affine``: None, or per-channel (scale, shift) of planes: x holds c and the input is c * scale + shift,
-    computed inside the kernel."""
+def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False):
+    """As composite.iieu_backward; ``grad_into_x``: x is the caller's temporary, overwritten by grad_x."""
     ops = torch.ops.actlab_iieu
-    if x.dim() == 3:
-        scale, shift = affine if affine is not None else (_NONE, _NONE)
-        grads = ops.planes_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x, scale, shift)
-    else:
-        if affine is not None:
-            x, grad_into_x = composite.affine_input(x, *affine), True
-        grads = ops.rows_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
-    grad_x, grad_inv, grad_w, grad_nu, grad_eta = grads
+    backward = ops.planes_backward if x.dim() == 3 else ops.rows_backward
+    grad_x, grad_inv, grad_w, grad_nu, grad_eta = backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
     return grad_x, grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta)
 
 
