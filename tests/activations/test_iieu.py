@@ -484,3 +484,19 @@ def test_patch_norm_gradient_through_the_producer_input_tap():
     for a, b, w in zip(first, second, want):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, w, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["bn_site", "kept_x_t"])
+def test_in_place_operation_on_the_output(replay):
+    """A following in-place operation (a residual "+=", an in-place activation) on IIEU-B's output is
+    allowed in training and gives the gradients of the out-of-place operation."""
+    conv, bn, unit = conv_bn_block(replay)
+    x = torch.randn(2, 32, 6, 6)
+    grads = []
+    for in_place in (True, False):
+        xs = x.clone().requires_grad_()
+        out = unit(bn(conv(xs)))
+        out = out.add_(1.0) if in_place else out + 1.0
+        grads.append(torch.autograd.grad(out.square().sum(), [xs, unit.eta]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

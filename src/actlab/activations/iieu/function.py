@@ -240,7 +240,9 @@ class IIEUFunction(torch.autograd.Function):
         ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
         ctx.norm_fused = NormFusedBackward(replay.batch_stats) if norm_input is not None else None
-        return out
+        # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
+        # holds that output) so that a following in-place operation (a residual "+=") is allowed
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
