@@ -73,7 +73,8 @@ class BatchNormReplay:
         return cls(batch_stats, norm.eps, output.dtype)
 
     def prepare(self, norm: nn.Module, c: torch.Tensor, x_t: torch.Tensor):
-        """The saved tensors (c, scale, shift) and, when the batch statistics give it for free, GAP(x_t)
+        """The saved tensors (c, scale, shift, hat_scale, hat_shift: x_t = c * scale + shift and
+        xhat = c * hat_scale + hat_shift per channel) and, when the batch statistics give it for free, GAP(x_t)
         (B, C) in the compute dtype (else None). One pass over ``c`` in training mode, none in eval mode."""
         ct = compute_dtype(x_t)
         plane_means = None
@@ -83,16 +84,14 @@ class BatchNormReplay:
                 plane_means, mean, var = backend(source, cpu_native=source.is_contiguous()).batch_moments(source)
             else:
                 mean, var = norm.running_mean.double(), norm.running_var.double()
-            scale = (var + self.eps).rsqrt()
-            if norm.weight is not None:
-                scale = scale * norm.weight.detach().double()
+            hat_scale = (var + self.eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
+            scale = hat_scale * norm.weight.detach().double() if norm.weight is not None else hat_scale
             shift = -mean * scale
             if norm.bias is not None:
                 shift = shift + norm.bias.detach().double()
             gap = None
             if plane_means is not None and x_t.dim() == 4:  # GAP of a conv map: the affine map of c's plane means
                 gap = (plane_means * scale + shift).to(ct)
-            hat_scale = (var + self.eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
         return (c, scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)), gap
 
     def replay(self, c, scale, shift, *hat) -> torch.Tensor:
@@ -129,7 +128,6 @@ class LinearReplay:
 
     def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
         return False
-
 
 
 class InputTap:
