@@ -18,7 +18,8 @@ import actlab
 from actlab.activations import get_spec
 import references as ref
 
-LAYOUT_INPUTS = {"nchw": (3, 5, 6, 6), "nc": (3, 5), "nlc": (3, 7, 5)}
+# nhwc: a map stored channels last (B, H, W, C), as in the MLPs of ConvNeXt and Swin
+LAYOUT_INPUTS = {"nchw": (3, 5, 6, 6), "nc": (3, 5), "nlc": (3, 7, 5), "nhwc": (3, 4, 3, 5)}
 
 
 def make_site(layout: str, channels: int = 6) -> nn.Sequential:
@@ -48,6 +49,8 @@ def reference_out(name: str, site: nn.Sequential, x: torch.Tensor) -> torch.Tens
     act = site[2]
     if name == "iieu_b":
         return ref.iieu_b(act, x_t, x, site[0])
+    if x_t.dim() == 4 and isinstance(site[0], nn.Linear):  # channels last: the (B, C, H, W) reference
+        return ref.REFERENCES[name](act, x_t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     return ref.REFERENCES[name](act, x_t)
 
 
@@ -181,7 +184,7 @@ def test_fused_kernels_propagate_non_finite_values_as_the_eager_ops(name, layout
         assert torch.equal(torch.isfinite(got_grad), torch.isfinite(want_grad)), mode
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nlc"])
+@pytest.mark.parametrize("layout", ["nchw", "nlc", "nhwc"])
 def test_dpa_memories_never_take_non_finite_values(layout):
     """Five training steps (a memory update on the fifth) with a NaN sample and an inf sample in every
     batch: both memories stay finite on every kernel path, and the finite sample's class is learned."""

@@ -346,3 +346,71 @@ def test_a_conversion_that_keeps_most_sites_warns_and_one_that_converts_them_doe
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         actlab.convert(model, "iieu_b", example_input=torch.randn(2, 3, 8, 8))  # 2 of 2: no warning
+
+
+class ChannelsLastBlock(nn.Module):
+    """A ConvNeXt block: depthwise conv, then a LayerNorm and an MLP on the map stored channels last."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):  # (B, C, H, W)
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        y = self.fc2(self.act(self.fc1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ChannelsLastNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem_act = nn.ReLU()
+        self.block = ChannelsLastBlock()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem_act(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("act", ["iieu_b", "dpa", "meta_acon", "dyrelu", "prelu"])
+def test_channels_last_maps_are_sites(act):
+    """A Linear on a (B, H, W, C) map (ConvNeXt, Swin) is a site with its channels last; the conv site
+    before it stays a (B, C, H, W) site. Both train."""
+    torch.manual_seed(0)
+    model = ChannelsLastNet()
+    x = torch.randn(3, 3, 6, 5)
+    actlab.convert(model, act, num_classes=5, example_input=x[:2], strict=True)
+    mlp_act, stem_act = model.block.act, model.stem_act
+    if act == "iieu_b":
+        assert mlp_act.producer is model.block.fc1 and stem_act.producer is model.stem
+    else:
+        assert mlp_act.nhwc and not stem_act.nhwc
+        assert mlp_act.extra_repr().endswith("nhwc=True")
+    model.train()
+    with actlab.targets(model, torch.tensor([0, 4, 2])):
+        out = model(x)
+    (out.sum() + actlab.dpa_loss(model)).backward()
+    new_params = [p for m in (mlp_act, stem_act) for p in m.parameters()]
+    assert new_params or act == "dpa"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in new_params)
+
+
+def test_dpa_pools_a_channels_last_map_over_its_positions():
+    """DPA's memory after one update holds alpha * the (H, W) mean of the sample's (B, H, W, C) input."""
+    torch.manual_seed(0)
+    model = ChannelsLastNet()
+    x = torch.randn(3, 3, 6, 5)
+    actlab.convert(model, "dpa", num_classes=5, example_input=x[:2], interval=1, alpha=0.5)
+    block, dpa = model.block, model.block.act
+    model.train()
+    with actlab.targets(model, torch.tensor([0, 4, 2])):
+        model(x).sum().backward()
+    with torch.no_grad():
+        hidden = block.fc1(block.norm(block.dwconv(model.stem_act(model.stem(x))).permute(0, 2, 3, 1)))
+    torch.testing.assert_close(dpa.value_memory[[0, 4, 2]], 0.5 * hidden.mean((1, 2)))
+    assert torch.count_nonzero(dpa.value_memory[[1, 3]]) == 0

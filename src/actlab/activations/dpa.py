@@ -32,7 +32,7 @@ from .kernels import backend
 from .kernels import composite
 from .kernels.composite import pack_bits, unpack_bits
 from .layout import global_pool
-from .registry import ActivationSpec, Site, SiteMismatch, register
+from .registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, register
 
 
 def tau_grad(grad: torch.Tensor, out: torch.Tensor, ties: torch.Tensor, tau: float) -> torch.Tensor:
@@ -177,14 +177,17 @@ class DPA(ActivationModule):
         rows_per_sample: k, the input rows per sample (1; k for TNT-style inner blocks whose leading dim
             is k * B, sample-major). ``convert`` sets it from the example forward; any other leading dim
             is an error, so labels of the wrong length are never paired with the wrong samples.
+        nhwc: inputs of rank >= 3 carry their channels last, (L, *S, C), pooled over every position
+            (ConvNeXt / Swin MLPs). ``convert`` sets it per site.
 
     Buffers: ``value_memory`` (K, C), ``grad_memory`` (K, C), ``count`` (scalar).
-    Shapes: (L, C, H, W), (L, C) or (L, N, C) -> same, with L = k * B.
+    Shapes: (L, C, H, W), (L, C) or (L, N, C) -> same, with L = k * B; with ``nhwc``, (L, *S, C) -> same.
     """
 
     def __init__(self, channels: int, num_classes: int, tau: float = 0.0, interval: int = 5,
-                 alpha: float = 0.9, token_pool: str = "mean", rows_per_sample: int = 1):
+                 alpha: float = 0.9, token_pool: str = "mean", rows_per_sample: int = 1, nhwc: bool = False):
         super().__init__()
+        self.nhwc = bool(nhwc)
         if num_classes is None or int(num_classes) <= 0:
             raise ValueError("DPA needs num_classes (a positive int): its memories have one row per class")
         if token_pool not in ("mean", "cls"):
@@ -227,6 +230,8 @@ class DPA(ActivationModule):
         (cls-token pooling, flat features, rows grouped k per sample, a layout that would need a copy)."""
         if x.shape[0] != batch or self.tau < 0:
             return None
+        if self.nhwc and x.dim() > 3:
+            return (x.view(batch, -1, x.shape[-1]), True) if x.is_contiguous() else None
         if x.dim() == 4:
             b, c, h, w = x.shape
             if x.is_contiguous():
@@ -248,7 +253,7 @@ class DPA(ActivationModule):
             out, v, _ = torch.ops.actlab.tau_pool(flat, self.tau, tokens)
         else:  # the same kernels without the dispatcher's autograd wrapping (measured: 0.5 ms a step less)
             out, v = _EagerTauPool.apply(flat, self.tau, tokens)
-        if x.dim() == 4 and tokens:  # back from (B, H*W, C) to the channels_last map
+        if x.dim() == 4 and tokens and not self.nhwc:  # back from (B, H*W, C) to the channels_last map
             b, c, h, w = x.shape
             return out.view(b, h, w, c).permute(0, 3, 1, 2), v
         return out.view(x.shape), v
@@ -256,13 +261,13 @@ class DPA(ActivationModule):
     def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """Pooled response (B, C) in float32: spatial mean, class token or token mean, then the mean over
         the k rows of each sample when the leading dim is k * B."""
-        if x.dim() not in (2, 3, 4):
+        if x.dim() < 2 or (x.dim() > 4 and not self.nhwc):
             raise ValueError(f"DPA site {self.site!r}: cannot pool a tensor of shape {tuple(x.shape)}; "
                              "expected (B, C, H, W), (B, N, C) or (B, C)")
         if x.dim() == 3 and self.token_pool == "cls":
             v = x[:, 0].float()
         else:
-            v = global_pool(x, torch.float32)
+            v = global_pool(x, torch.float32, nhwc=self.nhwc)
         if v.shape[1] != self.channels:
             raise ValueError(f"DPA site {self.site!r}: expected {self.channels} channels, got shape {tuple(x.shape)}")
         if v.shape[0] != batch:
@@ -356,7 +361,8 @@ class DPA(ActivationModule):
     def extra_repr(self) -> str:
         return (f"{self.channels}, num_classes={self.num_classes}, tau={self.tau}, interval={self.interval}, "
                 f"alpha={self.alpha}, token_pool={self.token_pool!r}"
-                + (f", rows_per_sample={self.rows_per_sample}" if self.rows_per_sample != 1 else ""))
+                + (f", rows_per_sample={self.rows_per_sample}" if self.rows_per_sample != 1 else "")
+                + (", nhwc=True" if self.nhwc else ""))
 
 
 def _dpa_sites(model: nn.Module) -> list[DPA]:
@@ -438,9 +444,9 @@ def dpa_loss(model: nn.Module) -> torch.Tensor:
 
 
 def _dpa(channels: int, num_classes: int | None = None, tau: float = 0.0, interval: int = 5, alpha: float = 0.9,
-         token_pool: str = "mean", rows_per_sample: int = 1) -> DPA:
+         token_pool: str = "mean", rows_per_sample: int = 1, nhwc: bool = False) -> DPA:
     return DPA(channels, num_classes, tau=tau, interval=interval, alpha=alpha, token_pool=token_pool,
-               rows_per_sample=rows_per_sample)
+               rows_per_sample=rows_per_sample, nhwc=nhwc)
 
 
 def _from_site(site: Site, num_classes: int | None = None, **kwargs) -> DPA:
@@ -453,8 +459,10 @@ def _from_site(site: Site, num_classes: int | None = None, **kwargs) -> DPA:
         raise ValueError("DPA needs num_classes= (it keeps per-class memories)")
     kwargs.setdefault("token_pool", "cls" if site.class_token else "mean")
     kwargs.setdefault("rows_per_sample", site.in_shape[0] // site.batch)
+    kwargs.setdefault("nhwc", site.layout == "nhwc")
     return _dpa(site.channels, num_classes, **kwargs)
 
 
 register(ActivationSpec("dpa", _dpa, needs_channels=True, needs_num_classes=True, from_site=_from_site,
+                        layouts=LAYOUTS,
                         summary="dual-perspective activation: TAU + per-class channel denoising"))

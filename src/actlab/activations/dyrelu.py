@@ -11,12 +11,15 @@ import torch.nn as nn
 
 from .base import ActivationModule
 from .layout import global_pool, per_channel
-from .registry import ActivationSpec, register
+from .registry import LAYOUTS, ActivationSpec, register
 
 
 class DyReLU(ActivationModule):
-    def __init__(self, channels: int, reduction: int = 4, k: int = 2):
+    """Shapes: (B, C, H, W), (B, C) or (B, N, C) -> same; with ``nhwc``, (B, *S, C) -> same."""
+
+    def __init__(self, channels: int, reduction: int = 4, k: int = 2, nhwc: bool = False):
         super().__init__()
+        self.nhwc = nhwc
         self.channels, self.k = channels, k
         self.fc1 = nn.Linear(channels, max(channels // reduction, 1))
         self.fc2 = nn.Linear(max(channels // reduction, 1), 2 * k * channels)
@@ -24,13 +27,16 @@ class DyReLU(ActivationModule):
         self.register_buffer("init_v", torch.tensor([1.0] + [0.0] * (2 * k - 1)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        theta = 2 * torch.sigmoid(self.fc2(torch.relu(self.fc1(global_pool(x))))) - 1
+        theta = 2 * torch.sigmoid(self.fc2(torch.relu(self.fc1(global_pool(x, nhwc=self.nhwc))))) - 1
         coefs = theta.view(-1, self.channels, 2 * self.k) * self.lambdas + self.init_v  # (B, C, 2k)
         out = None
         for j in range(self.k):
-            piece = x * per_channel(coefs[..., j], x) + per_channel(coefs[..., self.k + j], x)
+            piece = x * per_channel(coefs[..., j], x, self.nhwc) + per_channel(coefs[..., self.k + j], x, self.nhwc)
             out = piece if out is None else torch.maximum(out, piece)
         return out
 
+    def extra_repr(self) -> str:
+        return f"{self.channels}, k={self.k}" + (", nhwc=True" if self.nhwc else "")
 
-register(ActivationSpec("dyrelu", DyReLU, needs_channels=True, summary="dynamic ReLU (DY-ReLU-B)"))
+
+register(ActivationSpec("dyrelu", DyReLU, needs_channels=True, layouts=LAYOUTS, summary="dynamic ReLU (DY-ReLU-B)"))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .base import ActivationModule
 from .layout import layout_of
-from .registry import ActivationSpec, register
+from .registry import LAYOUTS, ActivationSpec, register
 
 
 class GDN(ActivationModule):
@@ -20,11 +20,13 @@ class GDN(ActivationModule):
         channels: C.
         beta_min: lower bound of beta.
         gamma_init: initial diagonal of gamma.
-    Shapes: (B, C, H, W), (B, C) or (B, N, C) -> same.
+        nhwc: inputs of rank >= 3 carry their channels last, (B, *S, C).
+    Shapes: (B, C, H, W), (B, C) or (B, N, C) -> same; with ``nhwc``, (B, *S, C) -> same.
     """
 
-    def __init__(self, channels: int, beta_min: float = 1e-6, gamma_init: float = 0.1):
+    def __init__(self, channels: int, beta_min: float = 1e-6, gamma_init: float = 0.1, nhwc: bool = False):
         super().__init__()
+        self.nhwc = nhwc
         self.beta_min = beta_min
         self.beta = nn.Parameter(torch.ones(channels))
         self.gamma = nn.Parameter(gamma_init * torch.eye(channels))
@@ -32,12 +34,15 @@ class GDN(ActivationModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         beta = self.beta.clamp_min(self.beta_min)
         gamma = self.gamma.clamp_min(0.0)
-        if layout_of(x) == "nchw":
+        if layout_of(x, self.nhwc) == "nchw":
             c = gamma.shape[0]
             denom = F.conv2d(x * x, gamma.view(c, c, 1, 1), beta)
         else:
             denom = F.linear(x * x, gamma, beta)
         return x * torch.rsqrt(denom)
 
+    def extra_repr(self) -> str:
+        return f"{self.beta.numel()}" + (", nhwc=True" if self.nhwc else "")
 
-register(ActivationSpec("gdn", GDN, needs_channels=True, summary="generalised divisive normalisation"))
+
+register(ActivationSpec("gdn", GDN, needs_channels=True, layouts=LAYOUTS, summary="generalised divisive normalisation"))

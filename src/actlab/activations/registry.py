@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-LAYOUTS = ("nchw", "nc", "nlc")  # conv maps, flat features, tokens (channel last)
+# conv maps (B, C, H, W), flat features (B, C), tokens (B, N, C), maps stored channels last (B, *S, C)
+LAYOUTS = ("nchw", "nc", "nlc", "nhwc")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class ActivationSpec:
         name: canonical lower-case name.
         factory: callable returning the module; receives ``channels=`` when ``needs_channels``.
         needs_channels: the module has per-channel state and must know the channel count.
-        layouts: input layouts it accepts (subset of ``LAYOUTS``).
+        layouts: input layouts it accepts (subset of ``LAYOUTS``). ``"nhwc"`` (maps stored channels last, the
+            MLPs of ConvNeXt and Swin) only for a factory that takes ``nhwc=True``.
         needs_producer: the module must be bound to the Conv2d/Linear that feeds it (IIEU-B).
         needs_num_classes: the module keeps per-class state (DPA).
         summary: one line for ``actlab list``.
@@ -61,7 +63,7 @@ class ActivationSpec:
     name: str
     factory: Callable[..., nn.Module]
     needs_channels: bool = False
-    layouts: tuple[str, ...] = LAYOUTS
+    layouts: tuple[str, ...] = ("nchw", "nc", "nlc")
     needs_producer: bool = False
     needs_num_classes: bool = False
     summary: str = ""
@@ -74,11 +76,15 @@ class ActivationSpec:
             raise SiteMismatch(f"{self.name} does not take this input layout (shape {site.in_shape})")
         if self.from_site is not None:
             return self.from_site(site, **kwargs)
-        return self.factory(channels=site.channels, **kwargs) if self.needs_channels else self.factory(**kwargs)
+        if not self.needs_channels:
+            return self.factory(**kwargs)
+        if site.layout == "nhwc":
+            kwargs["nhwc"] = True
+        return self.factory(channels=site.channels, **kwargs)
 
 
     # set by the converter for each site, never by a user's settings
-    SITE_ARGUMENTS = ("channels", "num_classes", "producer", "capture")
+    SITE_ARGUMENTS = ("channels", "num_classes", "producer", "capture", "nhwc")
 
     def check_kwargs(self, kwargs: dict) -> None:
         """Raise ValueError naming the settings this activation does not take."""

@@ -134,8 +134,8 @@ def _channels_and_layout(call: ActivationCall) -> tuple[int | None, str]:
     shape = call.in_shape
     if shape is None:
         return None, "none"
-    if isinstance(call.producer, nn.Linear) or len(shape) == 3:
-        return shape[-1], ("nlc" if len(shape) == 3 else "nc" if len(shape) == 2 else "channels_last")
+    if call.channels_last or len(shape) == 3:
+        return shape[-1], ("nlc" if len(shape) == 3 else "nc" if len(shape) == 2 else "nhwc")
     if len(shape) == 4:
         return shape[1], "nchw"
     if len(shape) == 2:

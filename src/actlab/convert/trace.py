@@ -87,6 +87,7 @@ class ActivationCall:
     norm: nn.Module | None = None
     norm_name: str = ""
     no_site_reason: str = ""  # why this call has no Conv2d/Linear producer
+    channels_last: bool = False  # made by a Linear (or a LayerNorm over the last dim): (B, *, C)
 
     @property
     def registration(self) -> str:
@@ -219,6 +220,7 @@ class _Tracer:
             src = src.source
         if not act.norm_name and (src is None or not is_producer(src.module)):
             src = self.conv_tokens_source(x) or src
+        act.channels_last = _channels_last(src, act.norm, call.in_shape)
         if src is None:
             act.no_site_reason = "its input is made by tensor code (e.g. a residual add), not by a module"
         elif not is_producer(src.module):
@@ -230,6 +232,18 @@ class _Tracer:
         else:
             act.producer, act.producer_name = src.module, src.name
         self.trace.calls.append(act)
+
+
+def _channels_last(src: ModuleCall | None, norm: nn.Module | None, shape: tuple | None) -> bool:
+    """Whether the activation's input has its channels last: it comes from a Linear, or through a norm
+    over the last dim only (a plain LayerNorm / RMSNorm, whose forward is not re-ordered by a subclass)."""
+    if shape is None or len(shape) < 2:
+        return False
+    if src is not None and isinstance(src.module, nn.Linear):
+        return True
+    plain_norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    return (isinstance(norm, plain_norms) and type(norm).forward in (t.forward for t in plain_norms)
+            and tuple(norm.normalized_shape) == (shape[-1],))
 
 
 class _FunctionalSpy(TorchFunctionMode):

@@ -22,7 +22,9 @@ replays it in backward. Everything else is recomputed in backward. Norms, term-B
 (float64 for float64 inputs), also under autocast. The elementwise math runs on actlab's kernel layer
 (``actlab.activations.kernels``).
 """
-from ..registry import ActivationSpec, Site, SiteMismatch, register
+import torch.nn as nn
+
+from ..registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, register
 from .function import IIEUFunction, TermB, iieu_b, iieu_b_plain
 from .module import IIEUB, inverse_filter_norms
 from .patches import SILENT_RMS, ConvPatches, LinearPatches, inverse_patch_norm
@@ -33,8 +35,11 @@ __all__ = ["IIEUB", "IIEUFunction", "ConvPatches", "LinearPatches", "SILENT_RMS"
 def _from_site(site: Site, **kwargs) -> IIEUB:
     if site.producer is None:
         raise SiteMismatch("IIEU-B needs the Conv2d or Linear that produces its input")
+    if site.layout == "nhwc" and not isinstance(site.producer, nn.Linear):
+        raise SiteMismatch("a map stored channels last is an IIEU-B site only after a Linear")
     return IIEUB(site.channels, **kwargs).bind(site.producer, norm=site.norm)
 
 
 register(ActivationSpec("iieu_b", IIEUB, needs_channels=True, needs_producer=True, from_site=_from_site,
+                        layouts=LAYOUTS,
                         summary="IIEU-B: norm-decoupled feature-filter similarity re-calibration"))
