@@ -1,5 +1,8 @@
 """Test-wide settings."""
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import torch
 
@@ -7,3 +10,19 @@ import torch
 # variable must be set before the kernels are defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _source_digest() -> str:
+    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "actlab"
+    digest = hashlib.sha256()
+    for path in sorted(src.rglob("*")):
+        if path.suffix in (".py", ".cpp"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# torch.compile's on-disk caches key a compiled backward on the forward graph, not on the Python autograd
+# formulas of actlab's custom operations: a cache written by other actlab sources could replay an old
+# backward. One cache directory per state of the sources.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"actlab_test_inductor_{_source_digest()}"))

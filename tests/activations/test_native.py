@@ -200,3 +200,39 @@ def test_inverse_norm_maps(silent):
     want = composite.inv_norm_grad_sumsq(sumsq, grad_inv, 1e-8, silent)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert torch.isfinite(got).all() and (got[0, 0, 0, :3] == 0).all()
+
+
+@pytest.mark.parametrize("tokens,shape", [(False, (3, 5, 7)), (False, (4, 8, 64)), (False, (1, 1, 1)),
+                                          (True, (2, 9, 13)), (True, (2, 16, 40)), (True, (3, 1, 5))],
+                         ids=["maps_unaligned", "maps_whole_bytes", "one_element", "tokens_unaligned",
+                              "tokens_whole_bytes", "one_token"])
+@pytest.mark.parametrize("tau", [0.0, 0.3, -0.2])
+def test_tau_pool_pass_mask_and_backward(tokens, shape, tau):
+    """The fused DPA pass writes the bit-packed mask x >= tau (ties pass, NaN does not) for planes and
+    samples that start inside a byte; backward reads only the mask."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g)
+    x.view(-1)[::5] = tau
+    x.view(-1)[x.numel() // 2] = float("nan")
+    out, v, passes = native.tau_pool(x, tau, tokens)
+    want_passes = composite.pack_bits(x >= tau)
+    assert torch.equal(passes, want_passes)
+    torch.testing.assert_close(out, torch.where(x < tau, torch.zeros_like(x), x), equal_nan=True)
+    torch.testing.assert_close(v, x.double().mean(1 if tokens else 2).float(), equal_nan=True)
+    grad_out = torch.randn(shape, generator=g)
+    grad_v = torch.randn(v.shape, generator=g)
+    spread = (grad_v / shape[1]).unsqueeze(1) if tokens else (grad_v / shape[2]).unsqueeze(2)
+    want = torch.where(x >= tau, grad_out, torch.zeros(())) + spread
+    torch.testing.assert_close(native.tau_pool_backward(grad_out, passes, grad_v, tokens), want)
+    torch.testing.assert_close(native.tau_pool_backward(grad_out, passes, None, tokens),
+                               torch.where(x >= tau, grad_out, torch.zeros(())))
+
+
+@pytest.mark.parametrize("numel", [1, 13, 16384, 100003])
+def test_pass_mask_and_masked_grad(numel):
+    g = torch.Generator().manual_seed(8)
+    x, grad = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+    grad[0] = float("inf")  # a masked-out non-finite gradient is 0, as through ReLU's backward
+    passes = native.pass_mask(x, 0.1)
+    assert torch.equal(passes, composite.pack_bits(x >= 0.1))
+    assert torch.equal(native.masked_grad(grad, passes), torch.where(x >= 0.1, grad, torch.zeros(())))

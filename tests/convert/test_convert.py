@@ -414,3 +414,50 @@ def test_dpa_pools_a_channels_last_map_over_its_positions():
         hidden = block.fc1(block.norm(block.dwconv(model.stem_act(model.stem(x))).permute(0, 2, 3, 1)))
     torch.testing.assert_close(dpa.value_memory[[0, 4, 2]], 0.5 * hidden.mean((1, 2)))
     assert torch.count_nonzero(dpa.value_memory[[1, 3]]) == 0
+
+
+class InPlaceAfterSites(nn.Module):
+    """Every kind of site, each followed by an in-place operation: conv map (Dropout2d(inplace=True)),
+    flat features (Dropout(inplace=True), as mobilenet_v3's classifier), tokens and a channels-last map
+    (an in-place add)."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.conv, self.bn, self.conv_act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv_drop = nn.Dropout2d(0.5, inplace=in_place)
+        self.tok, self.tok_act = nn.Linear(8, 8), nn.ReLU()
+        self.nhwc, self.nhwc_act = nn.Linear(8, 8), nn.ReLU()
+        self.fc, self.fc_act = nn.Linear(8, 8), nn.ReLU()
+        self.drop = nn.Dropout(0.5, inplace=in_place)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv_drop(self.conv_act(self.bn(self.conv(x))))  # (B, 8, H, W)
+        t = self.tok_act(self.tok(x.flatten(2).transpose(1, 2)))  # tokens (B, HW, 8)
+        t = t.mul_(2.0) if self.in_place else t * 2.0
+        m = self.nhwc_act(self.nhwc(x.permute(0, 2, 3, 1)))  # channels last (B, H, W, 8)
+        m = m.add_(1.0) if self.in_place else m + 1.0
+        f = self.drop(self.fc_act(self.fc(t.mean(1) + m.mean((1, 2)))))
+        return self.head(f)
+
+
+@pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+def test_in_place_operations_after_every_kind_of_site(act):
+    """Training through an in-place operation right after a site works and gives the gradients of the
+    same model with out-of-place operations (same dropout masks)."""
+    grads = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        model = InPlaceAfterSites(in_place)
+        x = torch.randn(4, 3, 5, 5)
+        actlab.convert(model, act, num_classes=4, example_input=x[:2], strict=True, **({"interval": 1} if act == "dpa" else {}))
+        assert len(actlab.conversion_report(model).converted) == 4
+        model.train()
+        torch.manual_seed(1)
+        with actlab.targets(model, torch.tensor([0, 1, 2, 3])):
+            out = model(x)
+        loss = out.square().sum() + actlab.dpa_loss(model)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -50,9 +50,9 @@ def test_tau_pool_on_cuda_against_float64(tokens):
     g = torch.Generator().manual_seed(1)
     x = torch.randn((16, 50, 64) if tokens else (16, 64, 49), generator=g)
     x[0, :3] = 0.0  # ties at tau = 0
-    out, v, ties = torch.ops.actlab.tau_pool(x.to(CUDA), 0.0, tokens)
+    out, v, passes = torch.ops.actlab.tau_pool(x.to(CUDA), 0.0, tokens)
     want = composite.tau_pool(x.double(), 0.0, tokens)
-    assert torch.equal(out.cpu(), want[0].float()) and torch.equal(ties.cpu(), want[2])
+    assert torch.equal(out.cpu(), want[0].float()) and torch.equal(passes.cpu(), want[2])
     assert rel_err(v.cpu(), want[1]) < 1e-6
 
 

@@ -30,72 +30,53 @@ from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from .kernels.ops import closed_form_ema
 from .kernels import backend
 from .kernels import composite
-from .kernels.composite import pack_bits, unpack_bits
 from .layout import global_pool
 from .registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, register
-
-
-def tau_grad(grad: torch.Tensor, out: torch.Tensor, ties: torch.Tensor, tau: float) -> torch.Tensor:
-    """TAU's input gradient for tau >= 0 from its output and the bit-packed ties ``x == tau``."""
-    grad_in = torch.ops.aten.threshold_backward(grad, out, tau)
-    if ties.device.type == "cpu" and not bool(ties.any()):  # no ties: skip the fix-up pass
-        return grad_in
-    return torch.where(unpack_bits(ties, out.shape), grad, grad_in)
 
 
 class _ThresholdUnit(torch.autograd.Function):
     """TAU: x if x >= tau else 0; the gradient passes where x >= tau (x == tau included).
 
-    For tau >= 0, ``out > tau`` is exactly ``x > tau``: backward uses PyTorch's fused ReLU gradient on the
-    output (which the next layer keeps anyway, as with nn.ReLU) plus the rare exact ties ``x == tau``,
-    kept bit-packed (1/32 of a float32 map). For tau < 0 the packed mask ``x >= tau`` itself is kept.
+    Keeps only the bit-packed pass mask (1/32 of a float32 map), never the output: the output is a tensor of
+    its own that the next operation may modify in place (``Dropout(inplace=True)``) without changing this
+    gradient.
     """
 
     @staticmethod
     def forward(ctx, x, tau):
-        ctx.tau, ctx.shape = tau, x.shape
-        if tau >= 0:
-            out = torch.relu(x) if tau == 0 else torch.where(x < tau, torch.zeros_like(x), x)
-            ctx.save_for_backward(out, pack_bits(x == tau))
-            return out
-        mask = x >= tau
-        ctx.save_for_backward(None, pack_bits(mask))
-        return x * mask
+        dense = x.contiguous()
+        ctx.save_for_backward(backend(dense).pass_mask(dense, tau))
+        if tau == 0:
+            return torch.relu(x)
+        return torch.where(x < tau, torch.zeros_like(x), x)  # NaN passes, as through ReLU
 
     @staticmethod
     def backward(ctx, grad):
-        out, packed = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        if out is None:
-            return torch.where(unpack_bits(packed, ctx.shape), grad, zero), None
-        return tau_grad(grad, out, packed, ctx.tau), None
+        (passes,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        return backend(grad).masked_grad(grad, passes), None
 
 
 class _EagerTauPool(torch.autograd.Function):
     """``torch.ops.actlab.tau_pool`` and its backward for eager training, calling the chosen kernels
-    directly. Keeps the output (which the next layer keeps anyway) and the packed ties, only when there
-    are any on the CPU (where looking costs no device sync)."""
+    directly. Keeps only the packed pass mask (see ``_ThresholdUnit``)."""
 
     @staticmethod
     def forward(ctx, x, tau, tokens):
-        kernels = backend(x, cpu_native=tau >= 0)
-        out, v, ties = kernels.tau_pool(x, tau, tokens)
-        if x.device.type == "cpu" and not bool(ties.any()):
-            ties = None
-        ctx.tau, ctx.tokens = tau, tokens
+        out, v, passes = backend(x).tau_pool(x, tau, tokens)
+        ctx.tokens, ctx.shape, ctx.dtype = tokens, x.shape, x.dtype
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(out, ties)
+        ctx.save_for_backward(passes)
         return out, v
 
     @staticmethod
     def backward(ctx, grad_out, grad_v):
-        out, ties = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
+        (passes,) = ctx.saved_tensors
+        if grad_out is None:  # only the channel loss reached the unit
+            grad_out = grad_v.new_zeros(ctx.shape, dtype=ctx.dtype)
         grad_out = grad_out.contiguous()
-        kernels = backend(out, cpu_native=ctx.tau >= 0 and grad_out.dtype == out.dtype)
         grad_v = None if grad_v is None else grad_v.contiguous()
-        return kernels.tau_pool_backward(grad_out, out, ties, grad_v, ctx.tau, ctx.tokens), None, None
+        return backend(grad_out).tau_pool_backward(grad_out, passes, grad_v, ctx.tokens), None, None
 
 
 def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
@@ -228,7 +209,7 @@ class DPA(ActivationModule):
     def _fused_layout(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool] | None:
         """x as the fused TAU/pool kernel's (B, C, P) maps or (B, N, C) tokens, without a copy, or None
         (cls-token pooling, flat features, rows grouped k per sample, a layout that would need a copy)."""
-        if x.shape[0] != batch or self.tau < 0:
+        if x.shape[0] != batch:
             return None
         if self.nhwc and x.dim() > 3:
             return (x.view(batch, -1, x.shape[-1]), True) if x.is_contiguous() else None

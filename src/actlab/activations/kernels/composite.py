@@ -240,27 +240,34 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
     return (2 * x.to(sumsq.dtype) * grad_sumsq[:, None]).to(x.dtype)
 
 
+def pass_mask(x, tau: float):
+    """TAU's gradient mask x >= tau (x == tau included; NaN: no), bit-packed."""
+    return pack_bits(x >= tau)
+
+
+def masked_grad(grad, passes):
+    """grad where the packed mask ``passes`` (of grad's shape) is set, else 0."""
+    return torch.where(unpack_bits(passes, grad.shape), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
 def tau_pool(x, tau: float, tokens: bool):
     """TAU (0 if x < tau else x: NaN stays NaN), the mean (compute dtype) of x over positions (maps) or tokens, and the
-    bit-packed exact ties x == tau (where the gradient passes although the output cannot tell)."""
+    bit-packed pass mask x >= tau. Backward needs only the mask, never the output, so an in-place operation on
+    the output after the unit does not change the gradient."""
     out = torch.where(x < tau, torch.zeros_like(x), x)  # NaN passes, as through ReLU
     ct = compute_dtype(x)
     v = x.mean(1, dtype=ct) if tokens else x.mean(2, dtype=ct)
-    return out, v, pack_bits(x == tau)
+    return out, v, pass_mask(x, tau)
 
 
-def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
-    """dL/d x of ``tau_pool``: grad_out where x >= tau (out > tau, or a tie), plus grad_v's mean spread.
-    ``ties``: the packed mask, or None when there are none."""
-    passes = out > tau
-    if ties is not None:
-        passes = passes | unpack_bits(ties, out.shape)
-    grad = torch.where(passes, grad_out, torch.zeros_like(grad_out))
+def tau_pool_backward(grad_out, passes, grad_v, tokens: bool):
+    """dL/d x of ``tau_pool``: grad_out where the packed mask ``passes`` is set, plus grad_v's mean spread."""
+    grad = masked_grad(grad_out, passes)
     if grad_v is None:
         return grad
     if tokens:
-        return grad + (grad_v / out.shape[1]).unsqueeze(1).to(grad.dtype)
-    return grad + (grad_v / out.shape[2]).unsqueeze(2).to(grad.dtype)
+        return grad + (grad_v / grad_out.shape[1]).unsqueeze(1).to(grad.dtype)
+    return grad + (grad_v / grad_out.shape[2]).unsqueeze(2).to(grad.dtype)
 
 
 def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):

@@ -134,19 +134,21 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
 
 
 def tau_pool(x, tau: float, tokens: bool):
-    """As composite.tau_pool; the C++ pass counts the ties, and only when there are any is their mask
-    built (an all-zero mask otherwise)."""
     ops = torch.ops.actlab_dpa
-    out, v, ties = (ops.tau_pool_tokens_forward if tokens else ops.tau_pool_forward)(x, tau)
-    mask = composite.pack_bits(x == tau) if ties else x.new_zeros(composite.packed_size(x.numel()), dtype=torch.uint8)
-    return out, v, mask
+    return (ops.tau_pool_tokens_forward if tokens else ops.tau_pool_forward)(x, tau)
 
 
-def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
-    if ties is not None and bool(ties.any()):  # the C++ pass handles maps without ties; exact ties are rare
-        return composite.tau_pool_backward(grad_out, out, ties, grad_v, tau, tokens)
+def tau_pool_backward(grad_out, passes, grad_v, tokens: bool):
     ops = torch.ops.actlab_dpa
-    return (ops.tau_pool_tokens_backward if tokens else ops.tau_pool_backward)(grad_out, out, grad_v, tau)
+    return (ops.tau_pool_tokens_backward if tokens else ops.tau_pool_backward)(grad_out, passes, grad_v)
+
+
+def pass_mask(x, tau: float):
+    return torch.ops.actlab_dpa.pass_mask(x, tau)
+
+
+def masked_grad(grad, passes):
+    return torch.ops.actlab_dpa.masked_grad(grad, passes)
 
 
 def _build():

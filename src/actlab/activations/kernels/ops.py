@@ -23,10 +23,6 @@ def _dense(t: Tensor) -> Tensor:
     return t.new_empty(t.shape)
 
 
-def _tau_native(x: Tensor, tau: float) -> bool:
-    return tau >= 0  # the C++ TAU kernels assume tau >= 0
-
-
 # --- IIEU-B elementwise forward / backward -------------------------------------------------------------
 
 @torch.library.custom_op("actlab::iieu_forward", mutates_args=(), tags=_CONTIGUOUS)
@@ -139,9 +135,9 @@ inv_norm.register_autograd(_inv_norm_grad, setup_context=_inv_norm_setup)
 
 @torch.library.custom_op("actlab::tau_pool", mutates_args=(), tags=_CONTIGUOUS)
 def tau_pool(x: Tensor, tau: float, tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """TAU(x), the mean (float32; float64 for float64 x) over positions (x (B, C, P)) or tokens (x (B, N, C)), and the packed
-    ties x == tau (uint8, ceil(numel / 8))."""
-    return tuple(backend(x, cpu_native=_tau_native(x, tau)).tau_pool(x, tau, tokens))
+    """TAU(x), the mean (float32; float64 for float64 x) over positions (x (B, C, P)) or tokens (x (B, N, C)), and the
+    packed pass mask x >= tau (uint8, ceil(numel / 8))."""
+    return tuple(backend(x).tau_pool(x, tau, tokens))
 
 
 @tau_pool.register_fake
@@ -152,31 +148,30 @@ def _(x, tau, tokens):
 
 
 @torch.library.custom_op("actlab::tau_pool_backward", mutates_args=(), tags=_CONTIGUOUS)
-def tau_pool_backward(grad_out: Tensor, out: Tensor, ties: Tensor, grad_v: Tensor | None, tau: float,
-                      tokens: bool) -> Tensor:
-    """dL/d x of ``tau_pool``: grad_out where x >= tau, plus grad_v spread evenly over the pooled axis."""
-    native_ok = _tau_native(out, tau) and grad_out.dtype == out.dtype
-    return backend(out, cpu_native=native_ok).tau_pool_backward(grad_out, out, ties, grad_v, tau, tokens)
+def tau_pool_backward(grad_out: Tensor, passes: Tensor, grad_v: Tensor | None, tokens: bool) -> Tensor:
+    """dL/d x of ``tau_pool``: grad_out where the pass mask is set, plus grad_v spread evenly over the pooled
+    axis."""
+    return backend(grad_out).tau_pool_backward(grad_out, passes, grad_v, tokens)
 
 
 @tau_pool_backward.register_fake
-def _(grad_out, out, ties, grad_v, tau, tokens):
-    return _dense(out)
+def _(grad_out, passes, grad_v, tokens):
+    return _dense(grad_out)
 
 
 def _tau_setup(ctx, inputs, output):
-    _, ctx.tau, ctx.tokens = inputs
-    out, _, ties = output
-    ctx.save_for_backward(out, ties)
+    x, _, ctx.tokens = inputs
+    ctx.shape, ctx.dtype = x.shape, x.dtype
+    ctx.save_for_backward(output[2])
 
 
-def _tau_grad(ctx, grad_out, grad_v, grad_ties):
-    out, ties = ctx.saved_tensors
+def _tau_grad(ctx, grad_out, grad_v, grad_passes):
+    (passes,) = ctx.saved_tensors
     if grad_out is None:
-        grad_out = torch.zeros_like(out)
+        grad_out = passes.new_zeros(ctx.shape, dtype=ctx.dtype)
     if grad_v is not None:
         grad_v = grad_v.contiguous()
-    grad = torch.ops.actlab.tau_pool_backward(grad_out.contiguous(), out, ties, grad_v, ctx.tau, ctx.tokens)
+    grad = torch.ops.actlab.tau_pool_backward(grad_out.contiguous(), passes, grad_v, ctx.tokens)
     return grad, None, None
 
 

@@ -258,26 +258,25 @@ def _tau_pool_tokens(X, OUT, V, N, C, tau, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _pack_ties(X, TIES, numel, tau, BLOCK_BYTES: tl.constexpr):
-    """Byte i holds the flags x == tau of elements 8i .. 8i + 7 (flag t in bit t)."""
+def _pack_passes(X, PASSES, numel, tau, BLOCK_BYTES: tl.constexpr):
+    """Byte i holds the flags x >= tau of elements 8i .. 8i + 7 (flag t in bit t)."""
     byte = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     bit = tl.arange(0, 8)
     at = byte[:, None] * 8 + bit[None, :]
     live = at < numel
     x = tl.load(X + at, mask=live, other=0.0)
-    flags = ((x == tau) & live).to(tl.int32) << bit[None, :]
-    tl.store(TIES + byte, tl.sum(flags, axis=1).to(tl.uint8), mask=byte * 8 < numel)
+    flags = ((x >= tau) & live).to(tl.int32) << bit[None, :]
+    tl.store(PASSES + byte, tl.sum(flags, axis=1).to(tl.uint8), mask=byte * 8 < numel)
 
 
 @triton.jit
-def _tau_pool_bwd(GO, OUT, TIES, GV, GX, numel, P, N, C, tau, TOKENS: tl.constexpr, HAS_GV: tl.constexpr,
+def _tau_pool_bwd(GO, PASSES, GV, GX, numel, P, N, C, TOKENS: tl.constexpr, HAS_GV: tl.constexpr,
                   BLOCK: tl.constexpr):
     at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = at < numel
     go = tl.load(GO + at, mask=live, other=0.0)
-    out = tl.load(OUT + at, mask=live, other=0.0)
-    tie = (tl.load(TIES + at // 8, mask=live, other=0).to(tl.int32) >> (at % 8).to(tl.int32)) & 1
-    grad = tl.where((out > tau) | (tie != 0), go, 0.0).to(tl.float32)
+    passes = (tl.load(PASSES + at // 8, mask=live, other=0).to(tl.int32) >> (at % 8).to(tl.int32)) & 1
+    grad = tl.where(passes != 0, go, 0.0).to(tl.float32)
     if HAS_GV:
         if TOKENS:
             spread = tl.load(GV + (at // (N * C)) * C + at % C, mask=live, other=0.0) / N
@@ -443,23 +442,28 @@ def tau_pool(x, tau: float, tokens: bool):
         b, c, p = x.shape
         v = x.new_empty(b, c, dtype=torch.float32)
         _tau_pool_maps[(b * c,)](x, out, v, p, tau, BLOCK=_pow2(p, 16, _BLOCK))
+    return out, v, pass_mask(x, tau)
+
+
+def pass_mask(x, tau: float):
     numel = x.numel()
-    ties = x.new_empty(composite.packed_size(numel), dtype=torch.uint8)
-    _pack_ties[(triton.cdiv(ties.numel(), 128),)](x, ties, numel, tau, BLOCK_BYTES=128)
-    return out, v, ties
+    passes = x.new_empty(composite.packed_size(numel), dtype=torch.uint8)
+    _pack_passes[(triton.cdiv(passes.numel(), 128),)](x, passes, numel, tau, BLOCK_BYTES=128)
+    return passes
 
 
-def tau_pool_backward(grad_out, out, ties, grad_v, tau: float, tokens: bool):
-    if ties is None:  # no ties (the eager path drops an all-zero mask on the CPU)
-        ties = torch.zeros(composite.packed_size(out.numel()), dtype=torch.uint8, device=out.device)
-    grad_x = torch.empty_like(out)
-    numel = out.numel()
-    n, c = (out.shape[1], out.shape[2]) if tokens else (1, 1)
-    p = 1 if tokens else out.shape[2]
-    gv = grad_v if grad_v is not None else ties  # never read without HAS_GV
-    _tau_pool_bwd[(triton.cdiv(numel, _BLOCK),)](grad_out, out, ties, gv, grad_x, numel, p, n, c, tau, TOKENS=tokens,
+def tau_pool_backward(grad_out, passes, grad_v, tokens: bool):
+    grad_x = torch.empty_like(grad_out)
+    numel = grad_out.numel()
+    n, c = (grad_out.shape[1], grad_out.shape[2]) if tokens else (1, 1)
+    p = 1 if tokens else grad_out.shape[2]
+    gv = grad_v if grad_v is not None else passes  # never read without HAS_GV
+    _tau_pool_bwd[(triton.cdiv(numel, _BLOCK),)](grad_out, passes, gv, grad_x, numel, p, n, c, TOKENS=tokens,
                                                  HAS_GV=grad_v is not None, BLOCK=_BLOCK)
     return grad_x
+
+
+masked_grad = composite.masked_grad
 
 
 def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):
