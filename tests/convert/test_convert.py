@@ -461,3 +461,77 @@ def test_in_place_operations_after_every_kind_of_site(act):
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SharedMlpBlock(nn.Module):
+    """timm coat's parallel block: one Mlp object registered as mlp2, mlp3 and mlp4, run on three token
+    sets of different lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp2 = Mlp()
+        self.mlp3 = self.mlp2
+        self.mlp4 = self.mlp2
+
+    def forward(self, a, b, c):
+        return self.mlp2(a).mean(1) + self.mlp3(b).mean(1) + self.mlp4(c).mean(1)
+
+
+class SharedMlpNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.block = SharedMlpBlock()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 8)
+        return self.head(self.block(t, t[:, :9], t[:, :4]))
+
+
+def test_a_shared_module_is_one_site_per_call_and_its_other_names_are_aliases():
+    torch.manual_seed(0)
+    model = SharedMlpNet()
+    x = torch.randn(3, 3, 8, 8)
+    actlab.convert(model, "dpa", num_classes=5, example_input=x[:2], interval=1, alpha=0.5, strict=True)
+    report = actlab.conversion_report(model)
+    assert [s.name for s in report.sites] == [f"block.mlp2.act[{k}]" for k in range(3)]
+    assert report.aliases == [("block.mlp3.act", "block.mlp2.act"), ("block.mlp4.act", "block.mlp2.act")]
+    assert "alias      block.mlp3.act" in str(report)
+    split = model.block.mlp2.act
+    assert isinstance(split, SiteSplit) and model.block.mlp4.act is split
+    sites = list(split.sites)
+    assert len({id(s) for s in sites}) == 3 and all(isinstance(s, DPA) for s in sites)
+    model.train()
+    y = torch.tensor([0, 3, 1])
+    for _ in range(2):  # the split's call counter restarts with every forward of the block
+        with actlab.targets(model, y):
+            model(x).sum().backward()
+    with torch.no_grad():
+        t = model.embed(x).flatten(2).transpose(1, 2)
+        for site, tokens in zip(sites, (t, t[:, :9], t[:, :4])):
+            mean = model.block.mlp2.fc1(tokens).mean(1)  # the call's own pre-activation, pooled
+            torch.testing.assert_close(site.value_memory[[0, 3, 1]], 0.75 * mean, rtol=1e-5, atol=1e-6)
+
+
+def test_reconverting_a_shared_module_keeps_its_aliases_out_of_the_sites():
+    model = SharedMlpNet()
+    x = torch.randn(2, 3, 8, 8)
+    actlab.convert(model, "meta_acon", example_input=x)
+    actlab.convert(model, "iieu_b", example_input=x, strict=True)
+    report = actlab.conversion_report(model)
+    assert len(report.sites) == 3 and len(report.converted) == 3
+    units = list(model.block.mlp2.act.sites)
+    assert all(isinstance(u, IIEUB) and u.producer is model.block.mlp2.fc1 for u in units)
+    model.train()
+    model(x).sum().backward()
+    assert all(u.eta.grad is not None for u in units)

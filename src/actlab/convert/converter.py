@@ -59,6 +59,7 @@ class ConversionReport:
     activation: str
     sites: list[SiteRecord] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (other name, the name its sites are under)
 
     @property
     def converted(self) -> list[SiteRecord]:
@@ -84,6 +85,8 @@ class ConversionReport:
                 lines.append(f"  converted  {s.name:<{width}}  {s.original} -> {s.new}{via}{note}")
         for s in self.kept:
             lines.append(f"  kept       {s.name:<{width}}  {s.original}: {s.reason}")
+        for alias, name in self.aliases:
+            lines.append(f"  alias      {alias:<{width}}  the same module object as {name} (its sites are listed there)")
         for note in self.functional:
             lines.append(f"  not seen   {note}")
         return "\n".join(lines)
@@ -105,12 +108,40 @@ class _Slot:
     original: nn.Module
     call: ActivationCall | None  # None: never called during the example forward
     inconsistent: str = ""
+    caller: nn.Module | None = None  # the module whose forward makes the calls that are distinct sites
 
 
-def _slots(trace: Trace) -> dict[str, list[_Slot]]:
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module is registered under (a shared module has several)."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names[id(module)].append(name)
+    return names
+
+
+def _call_scope(model: nn.Module, names: list[str]) -> nn.Module:
+    """The deepest module holding every registration of a shared module (coat's one Mlp used as mlp2, mlp3
+    and mlp4 of a block): one forward of it makes the calls that are the shared module's distinct sites."""
+    common = []
+    for level in zip(*(name.split(".")[:-1] for name in names)):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return model.get_submodule(".".join(common)) if common else model
+
+
+def _slots(trace: Trace, model: nn.Module, names: dict[int, list[str]]) -> dict[str, list[_Slot]]:
     per_invocation: dict[str, dict[int, list[ActivationCall]]] = defaultdict(lambda: defaultdict(list))
+    scopes: dict[str, nn.Module | None] = {}
     for call in trace.calls:
-        per_invocation[call.registration][call.owner_invocation].append(call)
+        reg = call.registration
+        if reg not in scopes:
+            shared = len(names.get(id(call.owner), ())) > 1 or len(names.get(id(call.module), ())) > 1
+            scopes[reg] = _call_scope(model, names[id(call.module)]) if shared else None
+        scope = scopes[reg]
+        invocation = call.frames.get(id(scope), call.owner_invocation) if scope is not None else call.owner_invocation
+        per_invocation[reg][invocation].append(call)
     out: dict[str, list[_Slot]] = {}
     for reg, invocations in per_invocation.items():
         runs = list(invocations.values())
@@ -118,10 +149,11 @@ def _slots(trace: Trace) -> dict[str, list[_Slot]]:
         slots = []
         for k, call in enumerate(first):
             name = reg if len(first) == 1 else f"{reg}[{k}]"
-            slot = _Slot(name, call.module, call)
+            slot = _Slot(name, call.module, call, caller=scopes[reg] or call.caller)
             for run in runs[1:]:
                 other = run[k] if k < len(run) else None
-                if other is None or other.producer is not call.producer or other.in_shape[1:] != call.in_shape[1:]:
+                if other is None or other.producer is not call.producer or \
+                        _channels_and_layout(other) != _channels_and_layout(call):
                     slot.inconsistent = "its owner calls it differently from one forward to the next"
             if any(len(r) != len(first) for r in runs):
                 slot.inconsistent = "its owner calls it a varying number of times per forward"
@@ -230,11 +262,18 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
     trace = trace_activations(model, example_input, act_types)
     batch = trace.batch or 1
     report = ConversionReport(spec.name, functional=list(trace.functional))
-    slots = _slots(trace)
+    names = _names_by_module(model)
+    slots = _slots(trace, model, names)
     act_types = act_types or ACTIVATION_TYPES
+    listed = {id(s.original): reg for reg, reg_slots in slots.items() for s in reg_slots}
     for reg, mod in model.named_modules(remove_duplicate=False):
-        if reg and isinstance(mod, act_types) and reg not in slots and not _inside_activation(model, reg, act_types):
-            slots[reg] = [_Slot(reg, mod, None)]
+        if not reg or not isinstance(mod, act_types) or reg in slots or _inside_activation(model, reg, act_types):
+            continue
+        if id(mod) in listed:  # another name of a module already listed: never swapped through this name
+            report.aliases.append((reg, listed[id(mod)]))
+            continue
+        slots[reg] = [_Slot(reg, mod, None)]
+        listed[id(mod)] = reg
     for reg, reg_slots in slots.items():
         owner, attr = _resolve(model, reg)
         new_modules, changed = [], False
@@ -268,7 +307,7 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             report.sites.append(record)
             new_modules.append(module)
         if changed or len(reg_slots) > 1:
-            caller = reg_slots[0].call.caller if reg_slots[0].call is not None else owner
+            caller = reg_slots[0].caller or owner
             replacement = new_modules[0] if len(new_modules) == 1 else SiteSplit(new_modules, caller)
             _detach(getattr(owner, attr), keep=new_modules)
             setattr(owner, attr, replacement)

@@ -88,6 +88,7 @@ class ActivationCall:
     norm_name: str = ""
     no_site_reason: str = ""  # why this call has no Conv2d/Linear producer
     channels_last: bool = False  # made by a Linear (or a LayerNorm over the last dim): (B, *, C)
+    frames: dict[int, int] = field(default_factory=dict)  # id(module) -> seq of its running call, whole stack
 
     @property
     def registration(self) -> str:
@@ -209,7 +210,7 @@ class _Tracer:
         if owner is None:
             return  # the model itself is an activation, or the call came from outside the module tree
         act = ActivationCall(call.seq, call.module, holder, holder_name, attr, owner.seq, call.in_shape,
-                             caller=owner.module)
+                             caller=owner.module, frames={id(f.module): f.seq for f in self.stack})
         src = call.source
         if src is None and isinstance(owner.module, NORM_TYPES) and holder is owner.module:
             # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
