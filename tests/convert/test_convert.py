@@ -535,3 +535,100 @@ def test_reconverting_a_shared_module_keeps_its_aliases_out_of_the_sites():
     model.train()
     model(x).sum().backward()
     assert all(u.eta.grad is not None for u in units)
+
+
+class GatedMlp(nn.Module):
+    """timm's GluMlp (eva02's SwiGLU): fc1's output split in two halves, one through the activation."""
+
+    def __init__(self, gate_last: bool, dim: int = 6, hidden: int = 5):
+        super().__init__()
+        self.gate_last = gate_last
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 2 * hidden), nn.SiLU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(x1 * self.act(x2) if self.gate_last else self.act(x1) * x2)
+
+
+def _rows_of(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """A Linear whose weight is rows start:stop of ``linear``'s (a differentiable view), for the reference."""
+    stand_in = nn.Linear(linear.in_features, stop - start).to(linear.weight.dtype)
+    del stand_in.weight
+    stand_in.weight = linear.weight[start:stop]
+    return stand_in
+
+
+@pytest.mark.parametrize("gate_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_gated_mlp_site_uses_its_slice_of_fc1(gate_last, training):
+    """IIEU-B at a gated activation: the producer is the half of fc1 that feeds it (its rows of the weight
+    are the filters), the patch is the block's input. Values and gradients against the reference."""
+    import references as ref
+
+    torch.manual_seed(0)
+    model = GatedMlp(gate_last).double()
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    actlab.convert(model, "iieu_b", example_input=x[:2], strict=True)
+    unit, hidden = model.act, 5
+    start = hidden if gate_last else 0
+    assert unit.producer is model.fc1 and f"producer=Linear[{start}:{start + hidden}]" in unit.extra_repr()
+    assert unit.eta.dtype == torch.float64  # made in the dtype the site runs in
+    assert actlab.conversion_report(model).converted[0].producer == f"fc1[{start}:{start + hidden}]"
+    with torch.no_grad():
+        unit.eta.copy_(torch.linspace(-0.5, 1.0, hidden, dtype=torch.float64))
+    model.train(training)
+    x.requires_grad_()
+    out = model(x)
+    fc1_out = model.fc1(x)
+    x_t, other = fc1_out[..., start:start + hidden], fc1_out[..., hidden - start:2 * hidden - start]
+    want = model.fc2(ref.iieu_b(unit, x_t, x, _rows_of(model.fc1, start, start + hidden)) * other)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    params = [x, model.fc1.weight, unit.eta, unit.norm.weight]
+    weights = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad((out * weights).sum(), params),
+                             torch.autograd.grad((want * weights).sum(), params)):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+class LinearNorm(nn.Module):
+    """timm levit's LinearNorm: a Linear, then BatchNorm1d over the flattened tokens."""
+
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(a, b, bias=False), nn.BatchNorm1d(b)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LevitMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.act, self.ln2 = LinearNorm(6, 8), nn.Hardswish(), LinearNorm(8, 6)
+
+    def forward(self, x):
+        return self.ln2(self.act(self.ln1(x)))
+
+
+def test_a_module_ending_in_linear_and_norm_is_a_producer():
+    """The producer is found from what ran: LinearNorm's output is its BatchNorm's output reshaped, whose
+    input is the Linear's output flattened; IIEU-B binds to that Linear with the BatchNorm as the norm."""
+    import references as ref
+
+    torch.manual_seed(0)
+    model = LevitMlp().double()
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    actlab.convert(model, "iieu_b", example_input=x[:2], strict=True)
+    record = actlab.conversion_report(model).converted[0]
+    assert (record.producer, record.norm) == ("ln1.linear", "ln1.bn")
+    assert model.act.producer is model.ln1.linear
+    model.train()
+    x.requires_grad_()
+    out = model.act(model.ln1(x))
+    want = ref.iieu_b(model.act, model.ln1(x), x, model.ln1.linear)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    params = [x, model.ln1.linear.weight, model.ln1.bn.weight, model.act.eta]
+    for got, expected in zip(torch.autograd.grad(out.square().sum(), params),
+                             torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)

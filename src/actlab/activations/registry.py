@@ -26,6 +26,8 @@ class Site:
         num_classes: the model's class count (None when unknown).
         class_token: the input is (B, N, C) tokens with the class token first, and the model classifies
             from that token.
+        producer_slice: ``(start, stop)`` when the input is only those output features of a Linear
+            producer (a gated MLP's ``fc1(x).chunk(2, -1)``), else None.
     """
 
     channels: int
@@ -36,6 +38,7 @@ class Site:
     norm: nn.Module | None = None
     num_classes: int | None = None
     class_token: bool = False
+    producer_slice: tuple[int, int] | None = None
 
 
 class SiteMismatch(ValueError):

@@ -211,11 +211,14 @@ def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, 
     if spec.needs_num_classes and layout not in LAYOUTS:
         return None, f"cannot pool a {call.in_shape} input per sample"
     site = Site(channels, layout, tuple(call.in_shape), batch, call.producer, call.norm, num_classes,
-                _class_token(model, call, batch))
+                _class_token(model, call, batch), call.producer_slice)
     try:
-        return spec.build(site, kwargs), ""
+        module = spec.build(site, kwargs)
     except SiteMismatch as exc:
         return None, str(exc)
+    # made where the site runs: a model already on a GPU or in float64 gets its new modules there too
+    dtype = call.dtype if call.dtype is not None and call.dtype.is_floating_point else None
+    return module.to(device=call.device, dtype=dtype), ""
 
 
 def _matches(name: str, patterns) -> bool:

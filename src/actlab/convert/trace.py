@@ -89,6 +89,9 @@ class ActivationCall:
     no_site_reason: str = ""  # why this call has no Conv2d/Linear producer
     channels_last: bool = False  # made by a Linear (or a LayerNorm over the last dim): (B, *, C)
     frames: dict[int, int] = field(default_factory=dict)  # id(module) -> seq of its running call, whole stack
+    producer_slice: tuple[int, int] | None = None  # the input is these output features of a Linear producer
+    dtype: torch.dtype | None = None  # of the input: a new module is made in it, on its device
+    device: torch.device | None = None
 
     @property
     def registration(self) -> str:
@@ -117,7 +120,8 @@ class _Tracer:
             self.names.setdefault(id(m), name)
         self.stack: list[ModuleCall] = []
         self.produced: dict[int, tuple[ModuleCall, int]] = {}
-        self.conv_outputs: dict[int, tuple[ModuleCall, torch.Tensor]] = {}  # storage ptr -> Conv2d call, output
+        # storage ptr -> (latest call, its output, the output's version then): views of it are traced back
+        self.outputs: dict[int, tuple[ModuleCall, torch.Tensor, int]] = {}
         self.alive: list[torch.Tensor] = []  # keep traced tensors alive so their ids stay unique
         self.last_seq: dict[int, int] = {}
         self.seq = 0
@@ -133,7 +137,7 @@ class _Tracer:
         entry = self.produced.get(id(t))
         if entry is not None and entry[1] == t._version:
             return entry[0]
-        return None
+        return self.reshaped_source(t)
 
     def install(self) -> None:
         def walk(module: nn.Module) -> None:
@@ -173,24 +177,53 @@ class _Tracer:
             return
         if known is not None and known.seq > call.seq:
             return  # a container returning its child's output unchanged: the child is the producer
+        reshaped = self.reshaped_source(output, call)
+        if reshaped is not None:  # a container returning its child's output reshaped (levit's LinearNorm)
+            self.produced[id(output)] = (reshaped, output._version)
+            return
         self.produced[id(output)] = (call, output._version)
-        if isinstance(module, nn.Conv2d) and output.dim() == 4:
-            self.conv_outputs[output.untyped_storage().data_ptr()] = (call, output)
+        self.outputs[output.untyped_storage().data_ptr()] = (call, output, output._version)
+
+    def reshaped_source(self, t: torch.Tensor, container: ModuleCall | None = None) -> ModuleCall | None:
+        """The call (made inside ``container``, when given) whose unchanged output ``t`` is a reshaped view
+        of: same memory, same elements in the same order (``x.flatten(0, 1)``, ``reshape_as(x)``)."""
+        entry = self.outputs.get(t.untyped_storage().data_ptr())
+        if entry is None:
+            return None
+        call, out, version = entry
+        inside = container is None or call.seq > container.seq
+        same_elements = (inside and t.numel() == out.numel() and t.is_contiguous() and out.is_contiguous()
+                         and t.storage_offset() == out.storage_offset())
+        return call if same_elements and t._version == version else None
+
+    def linear_slice_source(self, t: torch.Tensor | None) -> tuple[ModuleCall | None, tuple[int, int] | None]:
+        """The Linear call and ``(start, stop)`` when ``t`` is an unchanged slice of that call's output
+        along its features (a gated MLP's ``fc1(x).chunk(2, dim=-1)``), else (None, None)."""
+        if t is None or t.dim() < 2:
+            return None, None
+        entry = self.outputs.get(t.untyped_storage().data_ptr())
+        if entry is None or not isinstance(entry[0].module, nn.Linear):
+            return None, None
+        call, out, version = entry
+        start = t.storage_offset() - out.storage_offset()
+        is_slice = (out.is_contiguous() and t.shape[:-1] == out.shape[:-1] and t.stride() == out.stride()
+                    and 0 <= start and start + t.shape[-1] <= out.shape[-1] and t._version == version)
+        return (call, (start, start + t.shape[-1])) if is_slice else (None, None)
 
     def conv_tokens_source(self, t: torch.Tensor | None) -> ModuleCall | None:
         """The Conv2d call whose unchanged (B, C, H, W) output ``t`` is, seen as tokens (B, H*W, C) through
         ``flatten(2).transpose(1, 2)`` (PVT-v2's depthwise-conv MLP)."""
         if t is None or t.dim() != 3:
             return None
-        entry = self.conv_outputs.get(t.untyped_storage().data_ptr())
-        if entry is None:
+        entry = self.outputs.get(t.untyped_storage().data_ptr())
+        if entry is None or not isinstance(entry[0].module, nn.Conv2d) or entry[1].dim() != 4:
             return None
-        call, out = entry
+        call, out, version = entry
         b, c, h, w = out.shape
         same_layout = (t.shape == (b, h * w, c) and out.stride(2) == w * out.stride(3)
                        and t.stride() == (out.stride(0), out.stride(3), out.stride(1))
                        and t.storage_offset() == out.storage_offset())
-        return call if same_layout and t._version == out._version else None
+        return call if same_layout and t._version == version else None
 
     def _owner(self, module: nn.Module) -> tuple[ModuleCall | None, nn.Module | None, str, str]:
         """The innermost running module holding ``module`` as a child, directly or through a ModuleList /
@@ -210,7 +243,8 @@ class _Tracer:
         if owner is None:
             return  # the model itself is an activation, or the call came from outside the module tree
         act = ActivationCall(call.seq, call.module, holder, holder_name, attr, owner.seq, call.in_shape,
-                             caller=owner.module, frames={id(f.module): f.seq for f in self.stack})
+                             caller=owner.module, frames={id(f.module): f.seq for f in self.stack},
+                             dtype=x.dtype if x is not None else None, device=x.device if x is not None else None)
         src = call.source
         if src is None and isinstance(owner.module, NORM_TYPES) and holder is owner.module:
             # an activation inside a norm module (timm's BatchNormAct2d): the norm is the site's norm
@@ -221,6 +255,8 @@ class _Tracer:
             src = src.source
         if not act.norm_name and (src is None or not is_producer(src.module)):
             src = self.conv_tokens_source(x) or src
+        if src is None and not act.norm_name:
+            src, act.producer_slice = self.linear_slice_source(x)
         act.channels_last = _channels_last(src, act.norm, call.in_shape)
         if src is None:
             act.no_site_reason = "its input is made by tensor code (e.g. a residual add), not by a module"
@@ -232,6 +268,8 @@ class _Tracer:
             act.no_site_reason = f"its producer {src.name} was called again before this activation ran"
         else:
             act.producer, act.producer_name = src.module, src.name
+            if act.producer_slice is not None:
+                act.producer_name += f"[{act.producer_slice[0]}:{act.producer_slice[1]}]"
         self.trace.calls.append(act)
 
 

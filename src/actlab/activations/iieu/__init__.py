@@ -37,7 +37,7 @@ def _from_site(site: Site, **kwargs) -> IIEUB:
         raise SiteMismatch("IIEU-B needs the Conv2d or Linear that produces its input")
     if site.layout == "nhwc" and not isinstance(site.producer, nn.Linear):
         raise SiteMismatch("a map stored channels last is an IIEU-B site only after a Linear")
-    return IIEUB(site.channels, **kwargs).bind(site.producer, norm=site.norm)
+    return IIEUB(site.channels, **kwargs).bind(site.producer, norm=site.norm, out_slice=site.producer_slice)
 
 
 register(ActivationSpec("iieu_b", IIEUB, needs_channels=True, needs_producer=True, from_site=_from_site,

@@ -73,6 +73,7 @@ class IIEUB(ActivationModule):
         nn.init.zeros_(self.norm.bias)
         self.site = "<unbound>"
         object.__setattr__(self, "_producer", None)  # a reference, not a submodule: no duplicate weights
+        self._out_slice: tuple[int, int] | None = None
         self._patches: Patches | None = None
         self._hooks: list = []
         self._x_pre: torch.Tensor | None = None
@@ -86,7 +87,8 @@ class IIEUB(ActivationModule):
     def producer(self) -> nn.Module | None:
         return self._producer
 
-    def bind(self, producer: nn.Module, capture: bool = True, norm: nn.Module | None = None) -> "IIEUB":
+    def bind(self, producer: nn.Module, capture: bool = True, norm: nn.Module | None = None,
+             out_slice: tuple[int, int] | None = None) -> "IIEUB":
         """Attach to the Conv2d / Linear whose output (after an optional norm) this unit activates.
 
         Args:
@@ -95,29 +97,42 @@ class IIEUB(ActivationModule):
             norm: the site's norm, if any. The unit recomputes ``x_t`` in backward instead of keeping it
                 (one feature map less per site) when ``x_t`` is the output of a plain BatchNorm, or of a
                 Linear producer with no norm; other sites keep it.
+            out_slice: ``(start, stop)``: the unit activates output features ``start:stop`` of a Linear
+                producer only (the gate half of a gated MLP, ``fc1(x).chunk(2, -1)``); its filters are
+                those rows of the weight.
         """
-        if isinstance(producer, nn.Conv2d):
+        if isinstance(producer, nn.Conv2d) and out_slice is None:
             patches = ConvPatches.from_conv(producer)
             out = producer.out_channels
         elif isinstance(producer, nn.Linear):
-            patches = LinearPatches.from_linear(producer)
-            out = producer.out_features
+            start, stop = out_slice if out_slice is not None else (0, producer.out_features)
+            if not 0 <= start < stop <= producer.out_features:
+                raise ValueError(f"IIEU-B site {self.site!r}: out_slice {out_slice} is not within the producer's "
+                                 f"{producer.out_features} output features")
+            patches = LinearPatches(producer.in_features, stop - start)
+            out = stop - start
         else:
-            raise TypeError(f"IIEU-B site {self.site!r}: producer must be nn.Conv2d or nn.Linear, "
-                            f"got {type(producer).__name__}")
+            raise TypeError(f"IIEU-B site {self.site!r}: producer must be nn.Conv2d or nn.Linear (out_slice: "
+                            f"nn.Linear only), got {type(producer).__name__}")
         if out != self.channels:
             raise ValueError(f"IIEU-B site {self.site!r}: producer has {out} output channels, unit has {self.channels}")
         self.unbind()
         object.__setattr__(self, "_producer", producer)
-        self._patches = patches
+        self._patches, self._out_slice = patches, out_slice
         if capture:
             self._hooks.append(producer.register_forward_pre_hook(self._capture))
             # x_t recomputed in backward rather than kept, from what its maker keeps anyway
             if norm is not None and type(norm).forward is _BatchNorm.forward:
                 self._watch_maker(norm, BatchNormReplay)
-            elif norm is None and self.recompute_linear and type(producer).forward is nn.Linear.forward:
+            elif norm is None and out_slice is None and self.recompute_linear and \
+                    type(producer).forward is nn.Linear.forward:
                 self._watch_maker(producer, LinearReplay)
         return self
+
+    def filters(self) -> torch.Tensor:
+        """The producer's filters of this unit's channels: (C, ...) rows of its weight."""
+        weight = self._producer.weight
+        return weight if self._out_slice is None else weight[self._out_slice[0]:self._out_slice[1]]
 
     def release(self) -> None:
         self.unbind()
@@ -126,6 +141,7 @@ class IIEUB(ActivationModule):
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._x_pre, self._tap, self._patches, self._maker_io = [], None, None, None, None
+        self._out_slice = None
         object.__setattr__(self, "_producer", None)
         object.__setattr__(self, "_maker", None)
 
@@ -191,7 +207,7 @@ class IIEUB(ActivationModule):
             return self._conv_tokens(x_t, x_pre, tap)
         self._patches.check(x_t, x_pre, self.site)
         with autocast_off(x_t.device.type):
-            inv_w = inverse_filter_norms(self._producer.weight, self.eps)
+            inv_w = inverse_filter_norms(self.filters(), self.eps)
         silence = self.zero_patch == "silence"
         mode = path()
         if mode == "train":
@@ -229,7 +245,7 @@ class IIEUB(ActivationModule):
             return rho.flatten(2).transpose(1, 2)
         self._patches.check(x_t, x_pre, self.site)
         x_t, x_pre = x_t.float(), x_pre.float()
-        inv_w = inverse_filter_norms(self._producer.weight.float(), self.eps)
+        inv_w = inverse_filter_norms(self.filters().float(), self.eps)
         return iieu_b_rho(x_t, x_pre, inv_w, self.term_b(x_t), self._patches, self.eps, self.zero_patch == "silence")
 
     def below_eta(self, rho: torch.Tensor) -> torch.Tensor:
@@ -250,4 +266,6 @@ class IIEUB(ActivationModule):
 
     def extra_repr(self) -> str:
         prod = type(self._producer).__name__ if self._producer is not None else "unbound"
+        if self._out_slice is not None:
+            prod += f"[{self._out_slice[0]}:{self._out_slice[1]}]"
         return f"{self.channels}, producer={prod}, zero_patch={self.zero_patch!r}"
