@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.actlab-installed
 
-.PHONY: test bench demo speed gpu-check venv clean
+.PHONY: test test-all bench demo speed gpu-check venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Before a release: the default tests plus the whole conversion matrix (about 2 more minutes on 2 cores).
+test-all: $(STAMP)
+	$(PY) -m pytest tests -m "matrix or not matrix"
 
 # The main job: the default activation comparison on the offline digits data, report in bench/digits/.
 bench: $(STAMP)

@@ -1,6 +1,8 @@
 """actlab.convert on torchvision, timm and hand-written models."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -150,7 +152,8 @@ def test_functional_activations_are_reported_not_lost():
     model = actlab.convert(FunctionalNet(), "silu", example_input=torch.randn(2, 3, 8, 8))
     report = actlab.conversion_report(model)
     assert isinstance(model.act, nn.SiLU)
-    assert report.functional == ["the model's forward: functional gelu (not a module; left as is)"]
+    assert report.functional == ["the model's forward: functional gelu (not a module; left as is): the model is "
+                                 "converted in place, so its own forward keeps them"]
     assert "not seen" in str(report)
 
 
@@ -632,3 +635,83 @@ def test_a_module_ending_in_linear_and_norm_is_a_producer():
     for got, expected in zip(torch.autograd.grad(out.square().sum(), params),
                              torch.autograd.grad(want.square().sum(), params)):
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+class FunctionalBlock(nn.Module):
+    """googlenet's BasicConv2d and friends: activations called as functions in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)), inplace=True)
+        t = F.leaky_relu(self.fc1(x.mean((2, 3))), 0.2)
+        return torch.relu(self.fc2(t)) + F.gelu(t, approximate="tanh") + t.relu()
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.relu(self.fc(x)) if x.sum() > 0 else F.silu(self.fc(x))  # fx cannot trace this
+
+
+class FunctionalModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.tail = FunctionalBlock(), DataDependent()
+
+    def forward(self, x):
+        return F.relu(self.tail(self.block(x)))
+
+
+def test_functional_activations_become_sites():
+    torch.manual_seed(0)
+    model = FunctionalModel().eval()
+    x = torch.randn(2, 3, 5, 5)
+    before = model(x)
+    state_keys = set(model.state_dict())
+    untouched = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="only 0 of 2 activation calls converted"):
+        actlab.convert(untouched, "gelu", example_input=x, include="no-such-site")
+    torch.testing.assert_close(untouched(x), before, rtol=0, atol=0)  # rewritten calls: the same functions
+    assert isinstance(untouched.block.gelu, nn.GELU) and untouched.block.gelu.approximate == "tanh"
+    assert isinstance(untouched.block.leaky_relu, nn.LeakyReLU) and untouched.block.leaky_relu.negative_slope == 0.2
+    actlab.convert(model, "gelu", example_input=x)
+    report = actlab.conversion_report(model)
+    assert set(model.state_dict()) == state_keys  # the module tree kept, GELU has no state
+    assert type(model.block).__name__ == "FunctionalBlock" and model.block.conv is not None
+    names = {s.name: s for s in report.sites}
+    assert set(names) == {"block.relu", "block.leaky_relu", "block.relu_1", "block.gelu", "block.relu_2"}
+    assert names["block.leaky_relu"].original == "functional leaky_relu" and names["block.leaky_relu"].converted
+    assert names["block.relu"].producer == "block.conv" and names["block.relu"].norm == "block.bn"
+    assert len(report.functional) == 2
+    assert any(n.startswith("tail: functional relu") and "torch.fx cannot trace it" in n for n in report.functional)
+    assert any(n.startswith("the model's forward: functional relu") and "in place" in n for n in report.functional)
+    # the output is the model's with each converted call now a GELU
+    block = model.block
+    h = F.gelu(block.bn(block.conv(x)))
+    t = F.gelu(block.fc1(h.mean((2, 3))))
+    want = F.gelu(block.fc2(t)) + F.gelu(t) + F.gelu(t)
+    torch.testing.assert_close(model.block(x), want)
+    assert not torch.allclose(model(x), before)
+
+
+def test_functional_sites_train_with_iieu_b_and_can_be_left_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.warns(UserWarning, match="only 3 of 7 activation calls converted"):  # 2 follow leaky_relu
+        model = actlab.convert(FunctionalModel(), "iieu_b", example_input=x)
+    units = [m for m in model.modules() if isinstance(m, IIEUB)]
+    assert {u.producer for u in units} == {model.block.conv, model.block.fc1, model.block.fc2}
+    model.train()
+    model(x).sum().backward()
+    assert all(u.eta.grad is not None for u in units)
+    with pytest.warns(UserWarning, match="only 0 of 5 activation calls converted"):
+        kept = actlab.convert(FunctionalModel(), "iieu_b", example_input=x, functional=False)
+    assert not actlab.conversion_report(kept).sites and len(actlab.conversion_report(kept).functional) == 5
+    assert type(kept.block) is FunctionalBlock

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..activations.base import ActivationModule
 from ..activations.registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, get_spec
+from .functional import rewrite_functional
 from .trace import ACTIVATION_TYPES, ActivationCall, Trace, trace_activations
 
 
@@ -232,7 +233,7 @@ def _matches(name: str, patterns) -> bool:
 
 def convert(model: nn.Module, name: str, *, num_classes: int | None = None, include=None, exclude=None,
             example_input=None, act_types: tuple[type, ...] | None = None, strict: bool = False,
-            **kwargs) -> nn.Module:
+            functional: bool = True, **kwargs) -> nn.Module:
     """Replace every activation site of ``model`` with the registered activation ``name``, in place.
 
     Sites are found by one eval-mode forward on ``example_input``. Every call of an activation becomes a
@@ -250,8 +251,11 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             sized from the model's config (224 when unknown).
         act_types: module classes treated as activations (default ``convert.ACTIVATION_TYPES``).
         strict: raise if any site that was not excluded stays unconverted, if the example forward called
-            no activation module, if ``include`` matches no site, or if functional activations
-            (``F.relu(x)`` in a forward) remain, which module swapping cannot reach.
+            no activation module, if ``include`` matches no site, or if functional activations remain.
+        functional: make functional activations (``F.relu(x)``, ``torch.relu``, ``x.relu()`` ... in a
+            forward) sites: each module whose own forward calls them is rewritten with torch.fx, its
+            children kept, each call replaced by a call of a new activation module on it. The model's own
+            forward (it is converted in place) and modules fx cannot trace keep theirs, with a note.
         **kwargs: passed to each new activation (e.g. ``tau=`` for DPA, ``zero_patch=`` for IIEU-B).
     Returns:
         ``model`` itself, converted. ``actlab.conversion_report(model)`` says what changed and why.
@@ -263,8 +267,15 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         if num_classes is None:
             raise ValueError(f"convert(..., {spec.name!r}) needs num_classes= (DPA keeps per-class memories)")
     trace = trace_activations(model, example_input, act_types)
+    from_functional, untraced = {}, {}
+    if functional and trace.functional_owners:
+        for rewrite in rewrite_functional(model, trace.functional_owners):
+            untraced[rewrite.name or "the model's forward"] = rewrite.error
+            from_functional.update({f"{rewrite.name}.{attr}": attr.rstrip("_0123456789") for attr in rewrite.replaced})
+        if from_functional:
+            trace = trace_activations(model, example_input, act_types)
     batch = trace.batch or 1
-    report = ConversionReport(spec.name, functional=list(trace.functional))
+    report = ConversionReport(spec.name, functional=[_with_reason(note, untraced) for note in trace.functional])
     names = _names_by_module(model)
     slots = _slots(trace, model, names)
     act_types = act_types or ACTIVATION_TYPES
@@ -282,7 +293,8 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         new_modules, changed = [], False
         for slot in reg_slots:
             call = slot.call
-            record = SiteRecord(slot.name, type(slot.original).__name__, False,
+            original = from_functional.get(slot.name.split("[")[0])
+            record = SiteRecord(slot.name, f"functional {original}" if original else type(slot.original).__name__, False,
                                 shape=call.in_shape if call else None,
                                 producer=call.producer_name if call else "", norm=call.norm_name if call else "")
             module, reason = None, ""
@@ -323,6 +335,12 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
 
 
 ALREADY = "already this activation with these settings (kept, with its trained parameters)"
+
+
+def _with_reason(note: str, untraced: dict[str, str]) -> str:
+    """A functional-activation note with why its module could not be rewritten."""
+    where = note.split(": functional")[0]
+    return f"{note}: {untraced[where]}" if untraced.get(where) else note
 
 
 def _same_activation(new: nn.Module, old: nn.Module) -> bool:

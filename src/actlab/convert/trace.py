@@ -102,6 +102,7 @@ class ActivationCall:
 class Trace:
     calls: list[ActivationCall] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
+    functional_owners: dict[str, nn.Module] = field(default_factory=dict)  # name -> module whose forward calls one
     batch: int = 0
 
 
@@ -295,10 +296,11 @@ class _FunctionalSpy(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = _FUNCTIONAL_ACTS.get(func)
         if name is not None and self.tracer.stack and not self.tracer.is_act(self.tracer.stack[-1].module):
-            where = self.tracer.stack[-1].name or "the model's forward"
-            note = f"{where}: functional {name} (not a module; left as is)"
+            frame = self.tracer.stack[-1]
+            note = f"{frame.name or 'the model' + chr(39) + 's forward'}: functional {name} (not a module; left as is)"
             if note not in self.tracer.trace.functional:
                 self.tracer.trace.functional.append(note)
+            self.tracer.trace.functional_owners.setdefault(frame.name, frame.module)
         return func(*args, **(kwargs or {}))
 
 

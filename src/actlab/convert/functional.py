@@ -1,0 +1,125 @@
+"""Functional activations (``F.relu(x)`` in a forward) made into modules, so that ``convert`` can swap them.
+
+The module whose forward makes the call is rewritten with torch.fx, its children kept as they are (leaves
+of the trace, so the module tree and the state_dict keys stay), each functional activation replaced by a
+call of a new activation module registered on it. A module that fx cannot trace (control flow on tensor
+values, ...) is left as it was, and the report says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _module_factories() -> dict[object, tuple[str, Callable[..., nn.Module]]]:
+    """target -> (name, factory taking the call's non-input arguments as keywords)."""
+    relu = ("relu", lambda inplace=False: nn.ReLU())
+    return {
+        F.relu: relu, torch.relu: relu, F.relu_: relu, torch.relu_: relu, "relu": relu, "relu_": relu,
+        F.relu6: ("relu6", lambda inplace=False: nn.ReLU6()),
+        F.gelu: ("gelu", lambda approximate="none": nn.GELU(approximate=approximate)), "gelu": (
+            "gelu", lambda approximate="none": nn.GELU(approximate=approximate)),
+        F.silu: ("silu", lambda inplace=False: nn.SiLU()), "silu": ("silu", lambda inplace=False: nn.SiLU()),
+        F.mish: ("mish", lambda inplace=False: nn.Mish()),
+        F.elu: ("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha)),
+        F.selu: ("selu", lambda inplace=False: nn.SELU()),
+        F.leaky_relu: ("leaky_relu", lambda negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope)),
+        F.hardswish: ("hardswish", lambda inplace=False: nn.Hardswish()),
+        F.softplus: ("softplus", lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold)),
+    }
+
+
+_FACTORIES = _module_factories()
+# positional parameters after the input, per functional name (F.leaky_relu(x, 0.2), F.elu(x, 1.0, True))
+_POSITIONAL = {"elu": ("alpha", "inplace"), "leaky_relu": ("negative_slope", "inplace"), "relu": ("inplace",),
+               "relu6": ("inplace",), "silu": ("inplace",), "mish": ("inplace",), "selu": ("inplace",),
+               "hardswish": ("inplace",), "softplus": ("beta", "threshold"), "gelu": ()}
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one module's own forward: every child module stays one call."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root_module = root
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self.root_module
+
+
+@dataclass
+class Rewrite:
+    """What happened to one module whose forward calls functional activations."""
+
+    name: str
+    replaced: list[str]  # names of the new activation modules, relative to the module
+    error: str = ""
+
+
+def _new_module(node: fx.Node) -> tuple[str, nn.Module] | None:
+    target = node.target if node.op in ("call_function", "call_method") else None
+    entry = _FACTORIES.get(target)
+    if entry is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    name, factory = entry
+    extra = dict(zip(_POSITIONAL.get(name, ()), node.args[1:]))
+    extra.update(node.kwargs)
+    if any(isinstance(v, fx.Node) for v in extra.values()):
+        return None  # a setting computed from tensors: not a fixed module
+    try:
+        return name, factory(**extra)
+    except TypeError:  # a setting the module form does not have
+        return None
+
+
+def rewrite_module(module: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``module`` with each functional activation of its own forward replaced by a call of a new
+    activation module (an ``fx.GraphModule`` of the same class name and children). Raises what fx raises
+    when the forward cannot be traced."""
+    graph = _ChildrenAsLeaves(module).trace(module)
+    replaced = []
+    for node in list(graph.nodes):
+        made = _new_module(node)
+        if made is None:
+            continue
+        base, new = made
+        name, k = base, 1
+        while hasattr(module, name) or name in replaced:
+            name, k = f"{base}_{k}", k + 1
+        replaced.append(name)
+        module.add_module(name, new)
+        with graph.inserting_after(node):
+            call = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    if not replaced:
+        return module, []
+    graph.lint()
+    return fx.GraphModule(module, graph, class_name=type(module).__name__), replaced
+
+
+def rewrite_functional(model: nn.Module, owners: dict[str, nn.Module]) -> list[Rewrite]:
+    """Rewrite each module of ``owners`` (name -> module whose forward calls functional activations) in
+    ``model``, in place. The model itself is not replaced (``convert`` works in place): its own functional
+    calls stay, with a note."""
+    done = []
+    for name, module in owners.items():
+        if not name:
+            done.append(Rewrite(name, [], "the model is converted in place, so its own forward keeps them"))
+            continue
+        try:
+            rewritten, replaced = rewrite_module(module)
+        except Exception as exc:  # noqa: BLE001 - fx raises many kinds; any of them means "leave it"
+            done.append(Rewrite(name, [], f"torch.fx cannot trace it ({type(exc).__name__}: {str(exc)[:80]})"))
+            continue
+        if replaced:  # under every name a shared module has
+            for other, _ in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if m is module]:
+                parent_name, _, attr = other.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, attr, rewritten)
+        done.append(Rewrite(name, replaced))
+    return done
