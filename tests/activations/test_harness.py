@@ -205,3 +205,19 @@ def test_dpa_memories_never_take_non_finite_values(layout):
             assert torch.isfinite(memory).all(), mode
             assert memory[2].abs().sum() > 0, f"{mode}: the finite sample's class was not updated"
             assert memory[3].abs().sum() == 0, f"{mode}: a class without samples changed"
+
+
+@pytest.mark.parametrize("name", ["acon_c", "meta_acon"])
+def test_acon_swish_init_starts_as_swish(name):
+    """init="swish": p1 = 1, p2 = 0, so the unit is x * sigmoid(beta * x); the default keeps the ACON
+    authors' N(0, 1) draw; anything else is an error naming the choices."""
+    torch.manual_seed(0)
+    unit = actlab.create_activation(name, 6, init="swish")
+    x = torch.randn(3, 6, 4, 4)
+    beta = unit.beta.view(1, -1, 1, 1) if name == "acon_c" else \
+        torch.sigmoid(unit.fc2(unit.fc1(x.mean((2, 3)))))[:, :, None, None]
+    torch.testing.assert_close(unit(x), x * torch.sigmoid(beta * x))
+    default = actlab.create_activation(name, 6)
+    assert not torch.equal(default.p1, torch.ones(6)) and default.p1.std() > 0.1
+    with pytest.raises(ValueError, match="init must be 'randn' or 'swish'"):
+        actlab.create_activation(name, 6, init="zeros")
