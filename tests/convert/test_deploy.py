@@ -99,3 +99,20 @@ def test_torch_compile_training_matches_eager(name):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
     for a, b in zip(eager.buffers(), twin.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+def test_conversion_adds_no_graph_breaks(act):
+    """What convert builds traces as one graph in eval mode: a split shared ReLU, a functional call
+    rewritten by torch.fx, a channels-last MLP and a gated MLP."""
+    from test_convert import ChannelsLastNet, FunctionalBlock, GatedMlp
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"functional": FunctionalBlock(), "nhwc": ChannelsLastNet(), "gated": GatedMlp(True)})
+    inputs = {"functional": torch.randn(2, 3, 5, 5), "nhwc": torch.randn(2, 3, 6, 5), "gated": torch.randn(2, 4, 6)}
+    for key, sub in model.items():
+        actlab.convert(sub, act, num_classes=5, example_input=inputs[key])
+        sub.eval()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(sub)(inputs[key])
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (key, explained.break_reasons)
