@@ -27,6 +27,11 @@ void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "dpa_cpu: ", name, " must have ", dim, " dims, got ", t.dim());
 }
 
+void check_passes(const at::Tensor& passes, int64_t numel) {
+  TORCH_CHECK(passes.scalar_type() == at::kByte && passes.is_contiguous() && passes.numel() == (numel + 7) / 8,
+              "dpa_cpu: passes must be the packed mask of ", numel, " elements");
+}
+
 // Elements per task that start on a byte of the mask: the smallest multiple of `unit` that is one of 8.
 int64_t aligned_units(int64_t unit) { return 8 / std::gcd<int64_t>(unit, 8); }
 
@@ -117,8 +122,7 @@ at::Tensor tau_pool_backward(const at::Tensor& grad_out, const at::Tensor& passe
                              const c10::optional<at::Tensor>& grad_v) {
   check(grad_out, "grad_out", 3);
   const int64_t B = grad_out.size(0), C = grad_out.size(1), P = grad_out.size(2);
-  TORCH_CHECK(passes.scalar_type() == at::kByte && passes.is_contiguous() && passes.numel() == (grad_out.numel() + 7) / 8,
-              "dpa_cpu: passes must be the packed mask of grad_out's shape");
+  check_passes(passes, grad_out.numel());
   const bool has_gv = grad_v.has_value() && grad_v->defined();
   if (has_gv) check(*grad_v, "grad_v", 2);
   auto grad_x = at::empty_like(grad_out);
@@ -181,8 +185,7 @@ at::Tensor tau_pool_tokens_backward(const at::Tensor& grad_out, const at::Tensor
                                     const c10::optional<at::Tensor>& grad_v) {
   check(grad_out, "grad_out", 3);
   const int64_t B = grad_out.size(0), N = grad_out.size(1), C = grad_out.size(2);
-  TORCH_CHECK(passes.scalar_type() == at::kByte && passes.is_contiguous() && passes.numel() == (grad_out.numel() + 7) / 8,
-              "dpa_cpu: passes must be the packed mask of grad_out's shape");
+  check_passes(passes, grad_out.numel());
   const bool has_gv = grad_v.has_value() && grad_v->defined();
   if (has_gv) check(*grad_v, "grad_v", 2);
   auto grad_x = at::empty_like(grad_out);
@@ -220,8 +223,7 @@ at::Tensor pass_mask(const at::Tensor& x, double tau_d) {
 at::Tensor masked_grad_op(const at::Tensor& grad, const at::Tensor& passes) {
   TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
               "dpa_cpu: grad must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(passes.scalar_type() == at::kByte && passes.is_contiguous() && passes.numel() == (grad.numel() + 7) / 8,
-              "dpa_cpu: passes must be the packed mask of grad's size");
+  check_passes(passes, grad.numel());
   auto out = at::empty_like(grad);
   const float* G = grad.data_ptr<float>();
   const uint8_t* bits = passes.data_ptr<uint8_t>();
