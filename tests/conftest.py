@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 
 def _source_digest() -> str:
-    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "actlab"
+    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "actlab" / "activations"  # the autograd code
     digest = hashlib.sha256()
     for path in sorted(src.rglob("*")):
         if path.suffix in (".py", ".cpp"):
@@ -23,6 +23,6 @@ def _source_digest() -> str:
 
 # torch.compile's on-disk caches key a compiled backward on the forward graph, not on the Python autograd
 # formulas of actlab's custom operations: a cache written by other actlab sources could replay an old
-# backward. One cache directory per state of the sources.
+# backward. One cache directory per state of the activations' sources, where all that autograd code lives.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"actlab_test_inductor_{_source_digest()}"))
