@@ -715,3 +715,29 @@ def test_functional_sites_train_with_iieu_b_and_can_be_left_alone():
         kept = actlab.convert(FunctionalModel(), "iieu_b", example_input=x, functional=False)
     assert not actlab.conversion_report(kept).sites and len(actlab.conversion_report(kept).functional) == 5
     assert type(kept.block) is FunctionalBlock
+
+
+class TokenNet(nn.Module):
+    """Tokens with a learned first token, classified from that token or from the token mean."""
+
+    def __init__(self, read_first: bool):
+        super().__init__()
+        self.read_first = read_first
+        self.embed = nn.Linear(3, 8)
+        self.first = nn.Parameter(torch.zeros(1, 1, 8))
+        self.fc, self.act, self.head = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)
+
+    def forward(self, x):  # (B, 3, H, W)
+        t = self.embed(x.flatten(2).transpose(1, 2))
+        t = torch.cat([self.first.expand(t.shape[0], -1, -1), t], 1)
+        h = self.act(self.fc(t))
+        return self.head(h[:, 0] if self.read_first else h.mean(1))
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_class_token_pooling_is_decided_from_what_the_model_reads(read_first):
+    """No attribute names involved: a model that reads token 0 for its head gets class-token pooling, the
+    same model pooling the token mean gets mean pooling, and the report says which."""
+    model = actlab.convert(TokenNet(read_first), "dpa", num_classes=4, example_input=torch.randn(2, 3, 4, 4))
+    assert model.act.token_pool == ("cls" if read_first else "mean")
+    assert ("pools the class token" in str(actlab.conversion_report(model))) == read_first

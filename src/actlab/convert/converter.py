@@ -176,19 +176,15 @@ def _channels_and_layout(call: ActivationCall) -> tuple[int | None, str]:
     return None, f"{len(shape)}-d"
 
 
-def _class_token(model: nn.Module, call: ActivationCall, batch: int) -> bool:
-    """Whether the site's (B, N, C) tokens carry the class token at index 0 and the model classifies from it."""
+def _class_token(trace: Trace, call: ActivationCall, batch: int) -> bool:
+    """Whether the site's (B, N, C) tokens carry a class token at index 0 that the model classifies from:
+    in the example forward the model itself read token 0 of a (B, N, *) token tensor (its head's
+    ``x[:, 0]``; the site's width may differ, as in an MLP). A one-token site then is the class token
+    alone (CaiT's class-attention blocks)."""
     shape = call.in_shape
-    if shape is None or len(shape) != 3 or shape[0] != batch:
+    if shape is None or len(shape) != 3 or shape[0] != batch or not trace.first_token_reads:
         return False
-    if isinstance(getattr(model, "class_token", None), nn.Parameter) and isinstance(getattr(model, "seq_length", None), int):
-        return shape[1] == model.seq_length  # torchvision's VisionTransformer: its head reads x[:, 0]
-    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
-        return False
-    num_patches = next((m.num_patches for m in model.modules() if isinstance(getattr(m, "num_patches", None), int)),
-                       None)
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    return shape[1] == 1 or (num_patches is not None and shape[1] == num_patches + prefix)
+    return shape[1] == 1 or shape[1] in {n for n, _ in trace.first_token_reads}
 
 
 def _infer_num_classes(model: nn.Module) -> int | None:
@@ -196,7 +192,7 @@ def _infer_num_classes(model: nn.Module) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, batch: int,
+def _build(spec: ActivationSpec, call: ActivationCall | None, trace: Trace, batch: int,
            num_classes: int | None, kwargs: dict) -> tuple[nn.Module | None, str]:
     """The new module for one call, or (None, reason it stays as it was). The activation builds itself
     from what the call tells about its site."""
@@ -212,7 +208,7 @@ def _build(spec: ActivationSpec, call: ActivationCall | None, model: nn.Module, 
     if spec.needs_num_classes and layout not in LAYOUTS:
         return None, f"cannot pool a {call.in_shape} input per sample"
     site = Site(channels, layout, tuple(call.in_shape), batch, call.producer, call.norm, num_classes,
-                _class_token(model, call, batch), call.producer_slice)
+                _class_token(trace, call, batch), call.producer_slice)
     try:
         module = spec.build(site, kwargs)
     except SiteMismatch as exc:
@@ -305,7 +301,7 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             elif slot.inconsistent:
                 reason = slot.inconsistent
             else:
-                module, reason = _build(spec, call, model, batch, num_classes, dict(kwargs))
+                module, reason = _build(spec, call, trace, batch, num_classes, dict(kwargs))
                 if module is not None and _same_activation(module, slot.original):
                     _detach(module, keep=[])  # unused: the site keeps its module and trained parameters
                     module, reason = None, ALREADY

@@ -103,6 +103,9 @@ class Trace:
     calls: list[ActivationCall] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
     functional_owners: dict[str, nn.Module] = field(default_factory=dict)  # name -> module whose forward calls one
+    # (N, C) of the (B, N, C) token tensors whose first token the model took on its own (x[:, 0]): the
+    # class token it classifies from
+    first_token_reads: set[tuple[int, int]] = field(default_factory=set)
     batch: int = 0
 
 
@@ -294,6 +297,7 @@ class _FunctionalSpy(TorchFunctionMode):
         self.tracer = tracer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self._note_first_token(func, args)
         name = _FUNCTIONAL_ACTS.get(func)
         if name is not None and self.tracer.stack and not self.tracer.is_act(self.tracer.stack[-1].module):
             frame = self.tracer.stack[-1]
@@ -302,6 +306,20 @@ class _FunctionalSpy(TorchFunctionMode):
                 self.tracer.trace.functional.append(note)
             self.tracer.trace.functional_owners.setdefault(frame.name, frame.module)
         return func(*args, **(kwargs or {}))
+
+
+    def _note_first_token(self, func, args) -> None:
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            t, key = args
+            picks = isinstance(key, tuple) and len(key) >= 2 and key[0] == slice(None) and \
+                isinstance(key[1], int) and key[1] == 0 and all(k == slice(None) or k is Ellipsis for k in key[2:])
+        elif func in (torch.select, torch.Tensor.select) and len(args) == 3:
+            t, picks = args[0], args[1] == 1 and args[2] == 0
+        else:
+            return
+        inside_act = self.tracer.stack and self.tracer.is_act(self.tracer.stack[-1].module)
+        if picks and isinstance(t, torch.Tensor) and t.dim() == 3 and not inside_act:
+            self.tracer.trace.first_token_reads.add((t.shape[1], t.shape[2]))
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
