@@ -22,7 +22,10 @@ def reference(dc, main, shortcut):
         a_i = a[:, i * c:(i + 1) * c]
         h = a_i @ w1.T
         inv_x = 1 / (a_i.norm(dim=1, keepdim=True) + 1e-8)
-        ln = F.layer_norm(h, (h.shape[1],), eps=1e-6) * dc.act.norm_weight[i] + dc.act.norm_bias[i]
+        # the published normaliser: unbiased standard deviation plus 1e-6
+        centered = h - h.mean(1, keepdim=True)
+        std = torch.sqrt(centered.square().sum(1, keepdim=True) / (h.shape[1] - 1))
+        ln = centered / (std + 1e-6) * dc.act.norm_weight[i] + dc.act.norm_bias[i]
         rho = h * inv_w * inv_x + torch.sigmoid(ln)
         eta = dc.act.eta
         s = torch.where(rho >= eta, rho, eta * torch.exp(torch.clamp(rho - eta, max=0)))
@@ -147,3 +150,21 @@ def test_float32_training_path_matches_the_plain_ops(layout, monkeypatch):
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert dc.in_norm.bias.grad is None
+
+
+def test_row_normaliser_is_the_published_one():
+    """Each row: (h - mean) / (unbiased std + 1e-6), which differs from LayerNorm by sqrt(n / (n - 1))
+    (1.41x at n = 2); float64 gradcheck; one feature (hidden width 1) gives 0, not NaN."""
+    from actlab.activations.coupler import row_standardize
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    want = (h - h.mean(-1, keepdim=True)) / (torch.std(h, -1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(row_standardize(h), want)
+    pair = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(row_standardize(pair), torch.tensor([[-1.0, 1.0]], dtype=torch.float64) / (2 ** 0.5 + 1e-6))
+    assert torch.autograd.gradcheck(row_standardize, (h,))
+    single = actlab.DynamicCoupler(8, reduction=8)  # hidden width 1
+    out = single(torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(actlab.DynamicCoupler(16, reduction=4, eta_init=0.05).act.eta, torch.full((4,), 0.05))

@@ -2,7 +2,8 @@
 
     a        = LN_2C([GAP(main), GAP(shortcut)]) -> rows a_1, a_2 (C each)   (LN w=1, b=0)
     h_i      = W1 a_i                       (C -> C/r, no bias, shared)
-    h_i'     = IIEU(h_i) at the linear site (x_pre = a_i, filter W1); term-B has one affine per row
+    h_i'     = IIEU(h_i) at the linear site (x_pre = a_i, filter W1); term-B normalises each row h_i by its
+               own mean and *unbiased* standard deviation plus 1e-6 (as published), one affine per row
     z        = LN_2C([W2 h_1', W2 h_2'])    (C/r -> C, no bias; LN w=0.01, b=0)
     l1, l2   = softmax over the two rows, per channel
     out      = l1 * main + l2 * shortcut
@@ -13,11 +14,19 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .iieu import LinearPatches, iieu_b, inverse_filter_norms
 from .kernels import backend, native
 from .layout import global_pool, per_channel
+
+
+def row_standardize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(h - mean) / (std + eps) over the last dim, with the unbiased std (the published coupler's
+    normaliser, not LayerNorm's sqrt(biased var + eps)). A single feature has no spread: 0."""
+    if h.shape[-1] == 1:
+        return torch.zeros_like(h)
+    centered = h - h.mean(-1, keepdim=True)
+    return centered / (h.std(-1, correction=1, keepdim=True) + eps)
 
 
 class CouplerIIEU(nn.Module):
@@ -32,7 +41,7 @@ class CouplerIIEU(nn.Module):
 
     def forward(self, h: torch.Tensor, a: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
         """h (B, 2, hidden) = fc(a), a (B, 2, C)."""
-        nu = torch.sigmoid(F.layer_norm(h, (h.shape[-1],), eps=1e-6) * self.norm_weight + self.norm_bias)
+        nu = torch.sigmoid(row_standardize(h) * self.norm_weight + self.norm_bias)
         inv_w = inverse_filter_norms(fc.weight, self.eps)
         return iieu_b(h, a, inv_w, nu, self.eta, LinearPatches.from_linear(fc), self.eps, True)
 
@@ -92,17 +101,18 @@ class DynamicCoupler(nn.Module):
 
     Args:
         channels: C of both branches.
-        reduction: r; the hidden width is max(C // r, 1).
+        reduction: r; the hidden width is max(C // r, 1) (published: 16 in the ResNets, 4 in MobileNetV2).
+        eta_init: initial threshold of the inner IIEU (published: 0.01 in the ResNets, 0.05 in MobileNetV2).
     Shapes: main, shortcut (B, C, H, W), or tokens (B, N, C), or (B, C) -> same shape as ``main``.
     """
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, eta_init: float = 0.01):
         super().__init__()
         hidden = max(channels // reduction, 1)
         self.channels = channels
         self.in_norm = nn.LayerNorm(2 * channels, eps=1e-6)
         self.fc1 = nn.Linear(channels, hidden, bias=False)
-        self.act = CouplerIIEU(hidden)
+        self.act = CouplerIIEU(hidden, eta_init=eta_init)
         self.fc2 = nn.Linear(hidden, channels, bias=False)
         self.out_norm = nn.LayerNorm(2 * channels, eps=1e-6)
         nn.init.kaiming_normal_(self.fc1.weight, mode="fan_out")
