@@ -75,3 +75,47 @@ def test_unknown_model_and_activation():
         create_model("resnet9")
     with pytest.raises(KeyError, match="relux"):
         create_model("resnet20", act="relux")
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def published_iieu_dc_mobilenet_v2_params(width: float = 0.17, num_classes: int = 1000) -> int:
+    """Parameters of the IIEU paper's IIEU-DC MobileNetV2, counted from its published definition: an IIEU
+    unit has a threshold and a LayerNorm (3 per channel); a Dynamic Coupler of C channels with hidden
+    width h = C // 4 has two LayerNorms over 2C, two bias-free Linears C <-> h, and its inner IIEU a
+    threshold and a per-row affine over (2, h); identity residuals (stride 1, equal widths) get one;
+    the classifier has no dropout and 1280 inputs."""
+    conv_bn = lambda cin, cout, k=1, groups=1: cin // groups * cout * k * k + 2 * cout  # noqa: E731
+    iieu = lambda c: 3 * c  # noqa: E731
+    coupler = lambda c: 8 * c + 2 * c * (c // 4) + 5 * (c // 4)  # noqa: E731
+    cin = _make_divisible(32 * width)
+    total = conv_bn(3, cin, 3) + iieu(cin)
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1)]:
+        cout = _make_divisible(c * width)
+        for i in range(n):
+            hidden = round(cin * t)
+            if t != 1:
+                total += conv_bn(cin, hidden) + iieu(hidden)
+            total += conv_bn(hidden, hidden, 3, groups=hidden) + iieu(hidden) + conv_bn(hidden, cout)
+            if (s if i == 0 else 1) == 1 and cin == cout:
+                total += coupler(cout)
+            cin = cout
+    return total + conv_bn(cin, 1280) + iieu(1280) + 1280 * num_classes + num_classes
+
+
+def test_iieu_dc_mobilenet_v2_as_published():
+    """Couplers on the identity residuals only (reduction 4, threshold init 0.05), IIEU-B at every site,
+    no dropout: the parameter count at width 0.17 and 1000 classes equals the published model's."""
+    model = create_model("mobilenet_v2", "iieu_dc", num_classes=1000, image_size=224, width=0.17, dropout=0.0)
+    assert sum(p.numel() for p in model.parameters()) == published_iieu_dc_mobilenet_v2_params() == 1_462_520
+    couplers = [m for m in model.modules() if isinstance(m, DynamicCoupler)]
+    assert len(couplers) == 12 and all(float(c.act.eta[0]) == pytest.approx(0.05) for c in couplers)
+    assert not actlab.conversion_report(model).kept
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    model.train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(c.fc1.weight.grad is not None for c in couplers)

@@ -22,11 +22,12 @@ class Add(nn.Module):
         return main + shortcut
 
 
-def make_fuse(kind: str, channels: int) -> nn.Module:
+def make_fuse(kind: str, channels: int, **coupler_kw) -> nn.Module:
+    """The residual fusion: ``Add()`` or a ``DynamicCoupler(channels, **coupler_kw)``."""
     if kind == "add":
         return Add()
     if kind == "coupler":
-        return DynamicCoupler(channels)
+        return DynamicCoupler(channels, **coupler_kw)
     raise ValueError(f"fuse must be 'add' or 'coupler', got {kind!r}")
 
 
