@@ -191,3 +191,15 @@ def test_resume_removes_the_temporary_file_of_an_interrupted_checkpoint_write(tm
     orphan.write_bytes(b"half a checkpoint")
     train(TrainConfig(**run, epochs=2), resume=True, extend=True, quiet=True)
     assert not orphan.exists() and (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_a_grid_takes_library_models_by_name(tmp_path):
+    """timm:NAME in a grid: trained, recorded under its name, its run folder without the colon; iieu_dc is
+    skipped for it with the reason."""
+    base = TrainConfig(dataset="synthetic", epochs=1, image_size=16, batch_size=64)
+    groups = [grid.GridGroup(("timm:lcnet_050",), ("relu", "iieu_dc"))]
+    counts = grid.run_grid(str(tmp_path), base, groups, [0], log=lambda _: None)
+    assert counts["done"] == 1 and counts["skipped"] == 1
+    rows = {r["act"]: r for r in grid.load_rows(str(tmp_path))}
+    assert rows["relu"]["model"] == "timm:lcnet_050" and rows["relu"]["top1"] is not None
+    assert os.listdir(tmp_path / "runs")[0].startswith("timm_lcnet_050-relu-s0-")

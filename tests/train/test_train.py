@@ -297,3 +297,26 @@ def test_train_command_takes_the_datasets_recommended_settings_where_unset():
     assert (vit.optimizer, vit.lr, vit.weight_decay, vit.batch_size) == ("adamw", 0.001, 0.05, 32)  # flags win
     other = cfg("--model", "resnet20", "--dataset", "synthetic")
     assert (other.lr, other.batch_size, other.image_size) == (0.1, 128, None)  # no recommendation: field defaults
+
+
+@pytest.mark.parametrize("model", ["timm:convnext_atto", "torchvision:mobilenet_v3_small"])
+@pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+def test_any_timm_or_torchvision_classifier_trains_by_name(tmp_path, model, act):
+    """``--model timm:NAME`` / ``torchvision:NAME``: built with random weights for the data, every activation
+    converted, trained, checkpointed and rebuilt from the checkpoint."""
+    cfg = TrainConfig(model=model, act=act, dataset="synthetic", image_size=32, epochs=1, batch_size=32, lr=0.01,
+                      out=str(tmp_path / "run"))
+    summary = train(cfg, quiet=True)
+    assert summary["model"] == model and math.isfinite(summary["loss"]), summary
+    rebuilt, _ = load_run_model(str(tmp_path / "run"))
+    units = [m for m in rebuilt.modules() if type(m).__name__ == ("IIEUB" if act == "iieu_b" else "DPA")]
+    assert units, "no converted site in the rebuilt model"
+
+
+def test_library_model_names_fail_clearly():
+    with pytest.raises(ValueError, match="timm has no model 'resnet9000'"):
+        TrainConfig(model="timm:resnet9000").validate()
+    with pytest.raises(ValueError, match="unknown model 'keras:resnet'"):
+        TrainConfig(model="keras:resnet").validate()
+    with pytest.raises(ValueError, match="iieu_dc replaces actlab's own residual fusion"):
+        create_model("timm:resnet18", act="iieu_dc")

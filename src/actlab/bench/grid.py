@@ -208,7 +208,7 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         cfg.validate()
         key = run_key(cfg)
         configs.append((point, key, dataclasses.replace(
-            cfg, out=os.path.join(folder, "runs", f"{point.model}-{point.act}-s{point.seed}-{key[:8]}"))))
+            cfg, out=os.path.join(folder, "runs", f"{point.model.replace(':', '_')}-{point.act}-s{point.seed}-{key[:8]}"))))
     db = connect(folder)
     counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0, "busy": 0}
     todo = []

@@ -122,6 +122,8 @@ def cmd_list(args) -> int:
         print("models:")
         for name in list_models():
             print(f"  {name:<14} {get_model_spec(name).summary}")
+        print("  timm:NAME      any timm classifier (timm.list_models()), random init, every activation converted")
+        print("  torchvision:NAME  any torchvision classifier (torchvision.models.list_models()), likewise")
     if what in ("datasets", "all"):
         print("datasets: " + ", ".join(list_datasets()))
     return 0

@@ -1,6 +1,8 @@
 """Model registry: build an architecture, then give every activation site the requested activation."""
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,8 +73,58 @@ MODEL_ACTS = "every name of actlab.list_activations(), plus 'iieu_dc'"
 VARIANTS = {IIEU_DC: "iieu_b"}
 
 
+# any classifier of these libraries by name ("timm:convnext_atto", "torchvision:resnet50"), random init
+LIBRARIES = ("timm", "torchvision")
+_TRANSFORMER_NAMES = re.compile(r"vit|deit|cait|swin|tnt|pvt|beit|eva|xcit|coat|levit|mixer|mlp|former|crossvit|twins|"
+                                r"gcvit|edgenext|mobilevit|fastvit|hiera|davit|nest|sequencer")
+
+
 def list_models() -> list[str]:
+    """The zoo's names (``timm:NAME`` and ``torchvision:NAME`` take any classifier of those libraries)."""
     return sorted(MODELS)
+
+
+def _library_spec(name: str) -> ModelSpec:
+    library, _, arch = name.partition(":")
+    if library not in LIBRARIES or not arch:
+        raise ValueError(f"unknown model {name!r}; choose from {list_models()} or timm:NAME / torchvision:NAME")
+    if library == "timm":
+        import timm
+
+        if not timm.is_model(arch):
+            raise ValueError(f"timm has no model {arch!r} (timm.list_models() lists them)")
+    else:
+        import torchvision
+
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"torchvision has no classifier {arch!r} (torchvision.models.list_models() lists them)")
+    family = "transformer" if _TRANSFORMER_NAMES.search(arch) else "cnn"
+    return ModelSpec(name, functools.partial(_build_library, library, arch), native_act="",
+                     summary=f"{library} {arch}, random init, converted to the activation", family=family)
+
+
+def _build_library(library: str, arch: str, num_classes: int, image_size: int, in_channels: int = 3,
+                   **kw) -> nn.Module:
+    """A timm / torchvision classifier, randomly initialised (no download). A model whose patch embedding
+    fixes the input size (ViTs) is built for ``image_size``."""
+    if library == "timm":
+        import timm
+
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+        embed = getattr(model, "patch_embed", None)
+        fixed = getattr(embed, "img_size", None)
+        if fixed is not None and tuple(fixed) != (image_size, image_size) and "img_size" not in kw:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                      img_size=image_size, **kw)
+        return model
+    import torchvision
+
+    if in_channels != 3:
+        raise ValueError(f"torchvision:{arch} takes 3-channel images; this dataset has {in_channels}")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
+    if isinstance(getattr(model, "image_size", None), int) and model.image_size != image_size and "image_size" not in kw:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, image_size=image_size, **kw)
+    return model
 
 
 def model_acts() -> list[str]:
@@ -86,14 +138,18 @@ def site_activation(act: str) -> str:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {list_models()}")
-    return MODELS[name]
+    if name in MODELS:
+        return MODELS[name]
+    if ":" in name:
+        return _library_spec(name)
+    raise ValueError(f"unknown model {name!r}; choose from {list_models()} or timm:NAME / torchvision:NAME")
 
 
 def unsupported(model: str, act: str) -> str | None:
     """Why ``model`` cannot take ``act`` (None when it can)."""
     if act == IIEU_DC and not get_model_spec(model).residual:
+        if ":" in model:
+            return f"iieu_dc replaces actlab's own residual fusion modules, which {model} does not have"
         return f"iieu_dc replaces residual adds; {model} has none"
     return None
 
@@ -103,7 +159,8 @@ def create_model(name: str, act: str = "relu", num_classes: int = 10, *, image_s
     """Build ``name`` with activation ``act`` at every activation site.
 
     Args:
-        name: one of ``list_models()``.
+        name: one of ``list_models()``, or ``timm:NAME`` / ``torchvision:NAME`` for any classifier of those
+            libraries (random init; every activation call converted to ``act``).
         act: a registered activation, or ``"iieu_dc"`` (IIEU-B plus the Dynamic Coupler at every residual
             fusion; residual models only). For the bottleneck ResNets ``iieu_b`` / ``iieu_dc`` also switch
             to the IIEU paper's placement.
