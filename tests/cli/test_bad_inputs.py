@@ -107,3 +107,27 @@ def test_bad_input_is_one_line_and_exit_code_2(place, capsys, argv, message):
     assert message.format(root=root) in err
     assert {name: snapshot(place / name) for name in before} == before  # nothing written or removed
     assert not (place / "b").exists() and not (place / "elsewhere").exists()
+
+
+def test_dry_run_prints_config_and_transforms_without_data(tmp_path, capsys):
+    """--dry-run resolves the recipe (YAML, then flags) and its transforms, reads no data (CIFAR-10 is not
+    on disk here) and trains nothing."""
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: cifar10\nmodel: resnet20\ncrop: rrc\nauto_augment: rand-m9-mstd0.5-inc1\n"
+                      "random_erasing: 0.25\neval_crop_pct: 0.8888889\n")
+    out = tmp_path / "run"
+    assert cli(["train", "--config", str(recipe), "--data-dir", str(tmp_path / "nowhere"), "--epochs", "7",
+                "--out", str(out), "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["epochs"] == 7 and printed["config"]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    train = printed["train_transform"]
+    assert train[1].startswith("RandomResizedCropAndInterpolation(size=(32, 32)") and train[-1].startswith(
+        "RandomErasing(p=0.25, mode=pixel")
+    assert printed["test_transform"][1].startswith("Resize(size=36")
+    assert not out.exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("auto_augment: rand-x9\n")
+    assert cli(["train", "--config", str(bad), "--dry-run"]) == 2
+    assert "auto_augment 'rand-x9' is not a valid timm augmentation string" in capsys.readouterr().err

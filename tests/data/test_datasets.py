@@ -24,9 +24,12 @@ def test_digits_fixed_split_raw_pixels():
 
 
 def test_digits_augmentation_keeps_orientation():
+    from actlab.data.transforms import describe
+
     train, _, _ = build_datasets("digits")
-    ops = [type(t).__name__ for t in train.transform.transforms]
-    assert "RandomCrop" in ops and "RandomHorizontalFlip" not in ops  # a flipped 2 is no 2
+    steps = describe(train.transform)
+    assert "RandomCrop(size=(32, 32), padding=2)" in steps
+    assert not any("Flip" in s for s in steps)  # a flipped 2 is no 2
 
 
 def write_cifar(root, name, n_train, n_test, classes):
@@ -102,10 +105,35 @@ def test_loader_order_depends_only_on_seed_and_epoch():
         make_loaders(train, test, 10_000)
 
 
-def test_randaugment_and_erasing_options():
-    train, _, _ = build_datasets("synthetic", randaugment_magnitude=9, random_erasing=0.25)
-    ops = [type(t).__name__ for t in train.transform.transforms]
-    assert "RandAugment" in ops and "RandomErasing" in ops
+def test_timm_augmentation_options():
+    """A recipe's augmentation is timm's, as named: RandAugment string, erasing mode, resized crop, eval view."""
+    from actlab.data.transforms import describe
+
+    train, test, _ = build_datasets("synthetic", augment_options={
+        "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel", "crop": "rrc"},
+        eval_crop_pct=32 / 36)
+    steps = describe(train.transform)
+    assert any(s.startswith("RandomResizedCropAndInterpolation(size=(32, 32), scale=(0.08, 1.0)") for s in steps)
+    assert any(s.startswith("RandAugment(n=2, ops= AugmentOp(name=AutoContrast, p=0.5, m=9, mstd=0.5)") for s in steps)
+    assert "RandomErasing(p=0.25, mode=pixel, count=(1, 1))" in steps
+    assert describe(test.transform)[1:3] == ["Resize(size=36, interpolation=bilinear, max_size=None, antialias=True)",
+                                             "CenterCrop(size=(32, 32))"]
+    x, _ = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    with pytest.raises(ValueError, match="random erasing mode must be one of"):
+        build_datasets("synthetic", augment_options={"remode": "zeros"})
+
+
+def test_unaugmented_views_are_the_plain_pixels():
+    """Without augmentation and with images already of the model's size, the test view is the image itself,
+    in [0, 1] for the un-normalised offline sets (the digits' black background stays exactly 0)."""
+    from actlab.data.datasets import digits_arrays
+
+    _, test, _ = build_datasets("digits", augment=False)
+    x, _ = test[0]
+    assert x.dtype == torch.float32 and float(x.min()) == 0.0 and float(x.max()) <= 1.0
+    images = {tuple(img.float().div(255).flatten()[:64].tolist()) for img in digits_arrays(32)[0]}
+    assert tuple(x.flatten()[:64].tolist()) in images
 
 
 def test_rank_slices_gathered_rank_major_are_the_single_process_batches():

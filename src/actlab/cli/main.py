@@ -35,6 +35,8 @@ def _train_parser(sub) -> None:
         p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                        help=f"(default: {f.default if f.default is not dataclasses.MISSING else '{}'})")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines (the final summary line stays)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the train / test transforms as JSON and exit (reads no data)")
 
 
 def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = None,
@@ -85,10 +87,24 @@ def cmd_train(args) -> int:
         if args.extend:
             raise ValueError("--extend continues a run: use it with --resume DIR")
         cfg, resume = config_from_args(args, recommend=True), False
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg), indent=1))
+        return 0
     summary = train(cfg, resume=resume, quiet=args.quiet, extend=args.extend and resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per DDP process
         print(json.dumps({k: summary[k] for k in ("top1", "top5", "loss", "params", "epochs")}))
     return 0
+
+
+def dry_run(cfg: TrainConfig) -> dict:
+    """What a run of ``cfg`` would use, without reading data: its resolved config and its transforms, one
+    line per step."""
+    from ..data.datasets import dataset_transforms
+    from ..data.transforms import describe
+
+    train_t, test_t = dataset_transforms(cfg.dataset, image_size=cfg.image_size, augment=cfg.augment,
+                                         augment_options=cfg.augment_options(), eval_crop_pct=cfg.eval_crop_pct)
+    return {"config": cfg.to_dict(), "train_transform": describe(train_t), "test_transform": describe(test_t)}
 
 
 def cmd_eval(args) -> int:
@@ -102,7 +118,8 @@ def cmd_eval(args) -> int:
 
     model, saved = load_run_model(args.dir)
     cfg = TrainConfig.from_dict(saved["config"])
-    _, test, _ = build_datasets(cfg.dataset, args.data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False)
+    _, test, _ = build_datasets(cfg.dataset, args.data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False,
+                                eval_crop_pct=cfg.eval_crop_pct)
     loader = DataLoader(test, cfg.batch_size, shuffle=False, num_workers=cfg.workers or 0)
     metrics = evaluate(model, loader, torch.device("cpu"), DistInfo())
     print(json.dumps({"run": args.dir, "epoch": saved["epoch"], **metrics}))

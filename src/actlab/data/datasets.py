@@ -2,6 +2,7 @@
 (C, H, W) after its transform; ``DatasetInfo`` says what a model needs to know about it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
+
+from .transforms import Augment, eval_transform, train_transform
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -23,47 +25,6 @@ class DatasetInfo:
     num_classes: int
     image_size: int
     in_channels: int = 3
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation. ``crop_padding`` 0 and ``flip`` False with no other option: none.
-
-    Args:
-        crop_padding: random crop of the image size after zero padding by this many pixels.
-        flip: random horizontal flip (off for digits, whose meaning flipping changes).
-        randaugment_magnitude: RandAugment(num_ops=2, magnitude=m) when not None (the papers use m=9).
-        random_erasing: probability of RandomErasing after normalisation (the DPA recipe uses 0.25).
-        resized_crop: RandomResizedCrop to the image size (ImageNet-style) instead of pad-and-crop.
-    """
-
-    crop_padding: int = 4
-    flip: bool = True
-    randaugment_magnitude: int | None = None
-    random_erasing: float = 0.0
-    resized_crop: bool = False
-
-
-def image_transform(size: int, mean, std, train: bool, augment: Augment | None, resize_eval: bool = False):
-    """uint8 image (tensor or PIL) -> normalised float (C, size, size), augmented when ``train``."""
-    ops: list = [v2.ToImage()]
-    if train and augment is not None:
-        if augment.resized_crop:
-            ops.append(v2.RandomResizedCrop(size, antialias=True))
-        elif augment.crop_padding:
-            ops.append(v2.RandomCrop(size, padding=augment.crop_padding))
-        if augment.flip:
-            ops.append(v2.RandomHorizontalFlip())
-        if augment.randaugment_magnitude is not None:
-            ops.append(v2.RandAugment(num_ops=2, magnitude=augment.randaugment_magnitude))
-    elif resize_eval:
-        ops += [v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
-    ops += [v2.ToDtype(torch.float32, scale=True)]
-    if mean is not None:
-        ops.append(v2.Normalize(mean, std))
-    if train and augment is not None and augment.random_erasing > 0:
-        ops.append(v2.RandomErasing(p=augment.random_erasing))
-    return v2.Compose(ops)
 
 
 class TensorImages(Dataset):
@@ -101,15 +62,14 @@ def digits_arrays(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(bunch.target).long()
 
 
-def build_digits(data_dir, train_aug, image_size=None, download=False):
-    size = image_size or 32
+def build_digits(data_dir, size, train_t, test_t, download=False):
     x, y = digits_arrays(size)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # fixed split, same everywhere
     n_test = int(round(len(y) * DIGITS_TEST_FRACTION))
     test_idx, train_idx = perm[:n_test], perm[n_test:]
     # raw [0, 1] pixels, no mean subtraction: the black background stays exactly zero (IIEU-B's zero patches)
-    train = TensorImages(x[train_idx], y[train_idx], image_transform(size, None, None, True, train_aug))
-    test = TensorImages(x[test_idx], y[test_idx], image_transform(size, None, None, False, None))
+    train = TensorImages(x[train_idx], y[train_idx], train_t)
+    test = TensorImages(x[test_idx], y[test_idx], test_t)
     return train, test, DatasetInfo("digits", 10, size)
 
 
@@ -126,12 +86,9 @@ def synthetic_arrays(n: int, num_classes: int, image_size: int, seed: int) -> tu
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
-def build_synthetic(data_dir, train_aug, image_size=None, download=False, n_train=512, n_test=128,
-                    num_classes=10):
-    size = image_size or 32
-    train = TensorImages(*synthetic_arrays(n_train, num_classes, size, seed=0),
-                         image_transform(size, None, None, True, train_aug))
-    test = TensorImages(*synthetic_arrays(n_test, num_classes, size, seed=1), image_transform(size, None, None, False, None))
+def build_synthetic(data_dir, size, train_t, test_t, download=False, n_train=512, n_test=128, num_classes=10):
+    train = TensorImages(*synthetic_arrays(n_train, num_classes, size, seed=0), train_t)
+    test = TensorImages(*synthetic_arrays(n_test, num_classes, size, seed=1), test_t)
     return train, test, DatasetInfo("synthetic", num_classes, size)
 
 
@@ -180,16 +137,12 @@ def _download_cifar(root: str, name: str) -> None:
 
 
 def _cifar_builder(name: str, num_classes: int):
-    def build(data_dir, train_aug, image_size=None, download=False):
+    def build(data_dir, size, train_t, test_t, download=False):
         root = data_dir or os.path.join("data", name)
         if download and not os.path.isdir(os.path.join(root, CIFAR_LAYOUT[name][0])):
             _download_cifar(root, name)
-        size = image_size or 32
-        resize = [] if size == 32 else [v2.Resize(size, antialias=True)]
-        train = TensorImages(*read_cifar(root, name, True),
-                             v2.Compose(resize + [image_transform(size, CIFAR_MEAN, CIFAR_STD, True, train_aug)]))
-        test = TensorImages(*read_cifar(root, name, False),
-                            v2.Compose(resize + [image_transform(size, CIFAR_MEAN, CIFAR_STD, False, None)]))
+        train = TensorImages(*read_cifar(root, name, True), train_t)
+        test = TensorImages(*read_cifar(root, name, False), test_t)
         return train, test, DatasetInfo(name, num_classes, size)
     return build
 
@@ -197,7 +150,7 @@ def _cifar_builder(name: str, num_classes: int):
 # ------------------------------------------------------------------------------- ImageFolder / ImageNet
 
 def _imagefolder_builder(name: str):
-    def build(data_dir, train_aug, image_size=None, download=False):
+    def build(data_dir, size, train_t, test_t, download=False):
         from torchvision.datasets import ImageFolder
 
         if download:
@@ -205,7 +158,6 @@ def _imagefolder_builder(name: str):
                              "train/ and val/ subfolders of class folders")
         if not data_dir:
             raise ValueError(f"{name} needs --data-dir: a folder with train/ and val/ subfolders of class folders")
-        size = image_size or 224
         folders = {}
         for split in ("train", "val"):
             path = os.path.join(data_dir, split)
@@ -213,9 +165,8 @@ def _imagefolder_builder(name: str):
                 raise FileNotFoundError(f"{name}: {path} not found; expected {data_dir}/train/<class>/*.jpg and "
                                         f"{data_dir}/val/<class>/*.jpg")
             folders[split] = path
-        train = ImageFolder(folders["train"], image_transform(size, IMAGENET_MEAN, IMAGENET_STD, True, train_aug))
-        test = ImageFolder(folders["val"], image_transform(size, IMAGENET_MEAN, IMAGENET_STD, False, None,
-                                                           resize_eval=True))
+        train = ImageFolder(folders["train"], train_t)
+        test = ImageFolder(folders["val"], test_t)
         if train.classes != test.classes:
             raise ValueError(f"{name}: train/ and val/ hold different class folders "
                              f"({len(train.classes)} vs {len(test.classes)})")
@@ -223,23 +174,78 @@ def _imagefolder_builder(name: str):
     return build
 
 
-# name -> (builder, default training augmentation)
-DATASETS: dict[str, tuple[Callable, Augment]] = {
-    "digits": (build_digits, Augment(crop_padding=2, flip=False)),
-    "synthetic": (build_synthetic, Augment(crop_padding=2, flip=False)),
-    "cifar10": (_cifar_builder("cifar10", 10), Augment()),
-    "cifar100": (_cifar_builder("cifar100", 100), Augment()),
-    "imagenet": (_imagefolder_builder("imagenet"), Augment(crop_padding=0, resized_crop=True)),
-    "imagefolder": (_imagefolder_builder("imagefolder"), Augment(crop_padding=0, resized_crop=True)),
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to build one dataset.
+
+    Args:
+        builder: ``builder(data_dir, size, train_transform, test_transform, download)`` ->
+            (train, test, DatasetInfo).
+        augment: its standard training augmentation.
+        mean, std: normalisation (None: pixels stay in [0, 1]).
+        size: its own image size (None: varies, as in ImageFolder); also the default model input size.
+        eval_crop_pct: the test view's crop fraction (timm's crop_pct; 1: the whole image).
+    """
+
+    builder: Callable
+    augment: Augment
+    mean: tuple | None
+    std: tuple | None
+    size: int | None
+    eval_crop_pct: float = 1.0
+
+
+# raw [0, 1] pixels for digits, no mean subtraction: the black background stays exactly zero (IIEU-B's
+# zero patches)
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(build_digits, Augment(crop_padding=2, flip=False), None, None, 32),
+    "synthetic": DatasetSpec(build_synthetic, Augment(crop_padding=2, flip=False), None, None, 32),
+    "cifar10": DatasetSpec(_cifar_builder("cifar10", 10), Augment(), CIFAR_MEAN, CIFAR_STD, 32),
+    "cifar100": DatasetSpec(_cifar_builder("cifar100", 100), Augment(), CIFAR_MEAN, CIFAR_STD, 32),
+    "imagenet": DatasetSpec(_imagefolder_builder("imagenet"), Augment(crop="rrc"), IMAGENET_MEAN, IMAGENET_STD,
+                            None, eval_crop_pct=0.875),
+    "imagefolder": DatasetSpec(_imagefolder_builder("imagefolder"), Augment(crop="rrc"), IMAGENET_MEAN,
+                               IMAGENET_STD, None, eval_crop_pct=0.875),
 }
+GENERATED = ("digits", "synthetic")  # made at the requested size
 
 
 def list_datasets() -> list[str]:
     return sorted(DATASETS)
 
 
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {list_datasets()}")
+    return DATASETS[name]
+
+
+def dataset_transforms(name: str, *, image_size: int | None = None, augment: bool = True,
+                       augment_options: dict | None = None, eval_crop_pct: float | None = None):
+    """The (train, test) transforms ``build_datasets`` gives ``name``, without reading any data.
+
+    Args:
+        augment: the dataset's standard training augmentation (else none but what ``augment_options`` adds).
+        augment_options: fields of ``Augment`` that replace the dataset's (e.g. ``{"auto_augment":
+            "rand-m9-mstd0.5-inc1", "reprob": 0.25}``).
+        eval_crop_pct: the test view's crop fraction (default: the dataset's).
+    """
+    spec = _spec(name)
+    size = image_size or spec.size or 224
+    native = size if name in GENERATED else spec.size
+    options = dict(augment_options or {})
+    aug = None
+    if augment or options:
+        base = spec.augment if augment else Augment(crop="none", flip=False)
+        aug = dataclasses.replace(base, **options)
+    crop_pct = spec.eval_crop_pct if eval_crop_pct is None else eval_crop_pct
+    interpolation = aug.interpolation if aug is not None else "bilinear"
+    return (train_transform(size, spec.mean, spec.std, aug, native),
+            eval_transform(size, spec.mean, spec.std, crop_pct, interpolation, native))
+
+
 def build_datasets(name: str, data_dir: str | None = None, *, image_size: int | None = None,
-                   augment: bool = True, randaugment_magnitude: int | None = None, random_erasing: float = 0.0,
+                   augment: bool = True, augment_options: dict | None = None, eval_crop_pct: float | None = None,
                    download: bool = False):
     """Train and test datasets and their ``DatasetInfo``.
 
@@ -248,15 +254,10 @@ def build_datasets(name: str, data_dir: str | None = None, *, image_size: int | 
         data_dir: where the files are (CIFAR: the folder holding ``cifar-10-batches-py/``; ImageFolder:
             the folder holding ``train/`` and ``val/``). Offline datasets ignore it.
         image_size: resize to this (default: the dataset's own, 32 for digits/CIFAR, 224 for ImageFolder).
-        augment: the dataset's standard training augmentation (crop, flip where it makes sense).
-        randaugment_magnitude, random_erasing: the papers' extra options.
+        augment, augment_options, eval_crop_pct: as ``dataset_transforms``.
         download: fetch CIFAR when missing (needs network).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {list_datasets()}")
-    builder, default_aug = DATASETS[name]
-    aug = None
-    if augment or randaugment_magnitude is not None or random_erasing:
-        base = default_aug if augment else Augment(crop_padding=0, flip=False)
-        aug = Augment(base.crop_padding, base.flip, randaugment_magnitude, random_erasing, base.resized_crop)
-    return builder(data_dir, aug, image_size=image_size, download=download)
+    spec = _spec(name)
+    train_t, test_t = dataset_transforms(name, image_size=image_size, augment=augment,
+                                         augment_options=augment_options, eval_crop_pct=eval_crop_pct)
+    return spec.builder(data_dir, image_size or spec.size or 224, train_t, test_t, download)

@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ..data.transforms import CROPS, ERASE_MODES, check_auto_augment
 from .precision import AMP_CHOICES
 
 
@@ -35,9 +36,16 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None     # data loader processes; None: min(8, CPUs per process) on CUDA, 0 on CPU
     device: str = "auto"           # auto | cpu | cuda
-    augment: bool = True
-    randaugment: int | None = None
-    random_erasing: float = 0.0
+    augment: bool = True           # the dataset's standard augmentation (CIFAR: pad-and-crop, flip)
+    crop: str | None = None        # pad | rrc | none (default: the dataset's)
+    crop_scale: float = 0.08       # smallest area fraction of rrc
+    auto_augment: str | None = None  # timm string, e.g. rand-m9-mstd0.5-inc1
+    randaugment: int | None = None   # shorthand: timm RandAugment of this magnitude (0-10 scale), 2 ops
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0    # probability
+    random_erasing_mode: str = "pixel"  # const | rand | pixel
+    interpolation: str = "bilinear"     # of the resizing crops and the eval resize
+    eval_crop_pct: float | None = None  # test view: resize to size / crop_pct, center crop (default: the dataset's)
     drop_path: float | None = None
     width: float | None = None     # mobilenet_v2 width multiplier
     sync_bn: bool = False
@@ -94,6 +102,16 @@ class TrainConfig:
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.image_size is None or self.image_size >= 1, "image_size must be >= 1 (or null for the dataset's)"),
             (self.randaugment is None or self.randaugment >= 0, "randaugment must be >= 0 (or null for none)"),
+            (self.randaugment is None or self.auto_augment is None,
+             "set auto_augment or its shorthand randaugment, not both"),
+            (self.crop is None or self.crop in CROPS, f"crop must be one of {CROPS} (or null), got {self.crop!r}"),
+            (0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]"),
+            (self.random_erasing_mode in ERASE_MODES,
+             f"random_erasing_mode must be one of {ERASE_MODES}, got {self.random_erasing_mode!r}"),
+            (self.color_jitter >= 0, "color_jitter must be >= 0"),
+            (self.interpolation in ("bilinear", "bicubic", "random"),
+             f"interpolation must be bilinear, bicubic or random, got {self.interpolation!r}"),
+            (self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct must be in (0, 1] (or null)"),
             (self.drop_path is None or 0 <= self.drop_path < 1, "drop_path must be in [0, 1) (or null)"),
             (self.width is None or self.width > 0, "width must be > 0 (or null)"),
         ]
@@ -101,6 +119,18 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"bad config: {message}")
         get_spec(site_activation(self.act)).check_kwargs(self.act_kwargs)
+        if self.auto_augment is not None:
+            check_auto_augment(self.auto_augment)
+
+    def augment_options(self) -> dict:
+        """The fields of ``actlab.data.Augment`` this config sets over the dataset's standard augmentation."""
+        options = {"scale": (self.crop_scale, 1.0), "color_jitter": self.color_jitter, "reprob": self.random_erasing,
+                   "remode": self.random_erasing_mode, "interpolation": self.interpolation}
+        if self.crop is not None:
+            options["crop"] = self.crop
+        if self.auto_augment is not None or self.randaugment is not None:
+            options["auto_augment"] = self.auto_augment or f"rand-m{self.randaugment}-n2"
+        return options
 
     def _check_types(self) -> None:
         """Every field holds its declared type (bools are not numbers here) and every float is finite."""

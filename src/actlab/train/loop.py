@@ -294,7 +294,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     seed_everything(cfg.seed + info.rank)
     train_set, test_set, data_info = build_datasets(
         cfg.dataset, cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
-        randaugment_magnitude=cfg.randaugment, random_erasing=cfg.random_erasing, download=cfg.download and info.is_main)
+        augment_options=cfg.augment_options(), eval_crop_pct=cfg.eval_crop_pct, download=cfg.download and info.is_main)
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=loader_workers(cfg, device, info),
                                              seed=cfg.seed, rank=info.rank, world=info.world_size)
     raw_model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
