@@ -320,3 +320,27 @@ def test_library_model_names_fail_clearly():
         TrainConfig(model="keras:resnet").validate()
     with pytest.raises(ValueError, match="iieu_dc replaces actlab's own residual fusion"):
         create_model("timm:resnet18", act="iieu_dc")
+
+
+def test_published_weight_decay_rules():
+    """"timm" (the IIEU scripts): every parameter but the 1-D ones of the published code and biases, so
+    IIEU's eta (published (1, C, 1, 1)) and the coupler's weights and per-row affine are decayed, its
+    LayerNorms and the BatchNorms are not; "all" (the DPA scripts): everything."""
+    model = create_model("resnet14", act="iieu_dc", num_classes=10, image_size=32)
+    decayed = {id(p) for p in param_groups(model, 1e-4, "timm")[0]["params"]}
+    for name, p in model.named_parameters():
+        published_multi_dim = name.endswith(".eta") or name.endswith("norm_weight") or name.endswith("norm_bias")
+        expect = (p.ndim > 1 or published_multi_dim) and not name.endswith(".bias")
+        assert (id(p) in decayed) == expect, name
+    assert any(n.endswith(".eta") for n, p in model.named_parameters() if id(p) in decayed)
+    everything = param_groups(model, 0.05, "all")
+    assert len(everything[0]["params"]) == len(list(model.parameters())) and not everything[1]["params"]
+    with pytest.raises(ValueError, match="weight decay rule must be"):
+        param_groups(model, 0.05, "some")
+
+
+def test_warmup_from_warmup_lr_and_cooldown_at_min_lr():
+    lrs = [lr_at(s, 1.0, 100, 10, min_lr=0.01, warmup_lr=1e-4, cooldown_steps=20) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[5] == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)
+    assert lrs[10] == pytest.approx(1.0) and lrs[45] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lrs[80:] == [pytest.approx(0.01)] * 20

@@ -32,6 +32,10 @@ def row_standardize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class CouplerIIEU(nn.Module):
     """IIEU over the hidden features of both rows (B, 2, C/r): shared ``eta``, per-row term-B affine."""
 
+    # parameters the published code keeps multi-dimensional ((1, 1, h), (1, 2, h)), so that timm's rule
+    # "decay all but 1-D parameters and biases" decays them (weight_decay_rule="timm")
+    PUBLISHED_MULTI_DIM = ("eta", "norm_weight", "norm_bias")
+
     def __init__(self, hidden: int, eta_init: float = 0.01, norm_init: float = 0.01, eps: float = 1e-8):
         super().__init__()
         self.eps = eps

@@ -223,7 +223,7 @@ def analyze(run_dir: str, layer: str | None = None, data_dir: str | None = None,
     cfg = TrainConfig.from_dict(saved["config"])
     model.eval()
     _, test, info = build_datasets(cfg.dataset, data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False,
-                                   eval_crop_pct=cfg.eval_crop_pct)
+                                   **cfg.view_options())
     loader = DataLoader(test, cfg.batch_size, shuffle=False)
     if max_batches is not None:
         loader = [b for i, b in zip(range(max_batches), loader)]

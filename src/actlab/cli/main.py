@@ -103,7 +103,7 @@ def dry_run(cfg: TrainConfig) -> dict:
     from ..data.transforms import describe
 
     train_t, test_t = dataset_transforms(cfg.dataset, image_size=cfg.image_size, augment=cfg.augment,
-                                         augment_options=cfg.augment_options(), eval_crop_pct=cfg.eval_crop_pct)
+                                         augment_options=cfg.augment_options(), **cfg.view_options())
     return {"config": cfg.to_dict(), "train_transform": describe(train_t), "test_transform": describe(test_t)}
 
 
@@ -119,7 +119,7 @@ def cmd_eval(args) -> int:
     model, saved = load_run_model(args.dir)
     cfg = TrainConfig.from_dict(saved["config"])
     _, test, _ = build_datasets(cfg.dataset, args.data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False,
-                                eval_crop_pct=cfg.eval_crop_pct)
+                                **cfg.view_options())
     loader = DataLoader(test, cfg.batch_size, shuffle=False, num_workers=cfg.workers or 0)
     metrics = evaluate(model, loader, torch.device("cpu"), DistInfo())
     print(json.dumps({"run": args.dir, "epoch": saved["epoch"], **metrics}))

@@ -221,16 +221,19 @@ def _spec(name: str) -> DatasetSpec:
 
 
 def dataset_transforms(name: str, *, image_size: int | None = None, augment: bool = True,
-                       augment_options: dict | None = None, eval_crop_pct: float | None = None):
+                       augment_options: dict | None = None, eval_crop_pct: float | None = None,
+                       eval_interpolation: str = "bilinear", mean=None, std=None):
     """The (train, test) transforms ``build_datasets`` gives ``name``, without reading any data.
 
     Args:
         augment: the dataset's standard training augmentation (else none but what ``augment_options`` adds).
         augment_options: fields of ``Augment`` that replace the dataset's (e.g. ``{"auto_augment":
             "rand-m9-mstd0.5-inc1", "reprob": 0.25}``).
-        eval_crop_pct: the test view's crop fraction (default: the dataset's).
+        eval_crop_pct: the test view's crop fraction (default: the dataset's); ``eval_interpolation`` its resize.
+        mean, std: normalisation instead of the dataset's (a published recipe's constants).
     """
     spec = _spec(name)
+    mean, std = (spec.mean, spec.std) if mean is None else (tuple(mean), tuple(std))
     size = image_size or spec.size or 224
     native = size if name in GENERATED else spec.size
     options = dict(augment_options or {})
@@ -239,14 +242,13 @@ def dataset_transforms(name: str, *, image_size: int | None = None, augment: boo
         base = spec.augment if augment else Augment(crop="none", flip=False)
         aug = dataclasses.replace(base, **options)
     crop_pct = spec.eval_crop_pct if eval_crop_pct is None else eval_crop_pct
-    interpolation = aug.interpolation if aug is not None else "bilinear"
-    return (train_transform(size, spec.mean, spec.std, aug, native),
-            eval_transform(size, spec.mean, spec.std, crop_pct, interpolation, native))
+    return (train_transform(size, mean, std, aug, native),
+            eval_transform(size, mean, std, crop_pct, eval_interpolation, native))
 
 
 def build_datasets(name: str, data_dir: str | None = None, *, image_size: int | None = None,
                    augment: bool = True, augment_options: dict | None = None, eval_crop_pct: float | None = None,
-                   download: bool = False):
+                   eval_interpolation: str = "bilinear", mean=None, std=None, download: bool = False):
     """Train and test datasets and their ``DatasetInfo``.
 
     Args:
@@ -254,10 +256,11 @@ def build_datasets(name: str, data_dir: str | None = None, *, image_size: int | 
         data_dir: where the files are (CIFAR: the folder holding ``cifar-10-batches-py/``; ImageFolder:
             the folder holding ``train/`` and ``val/``). Offline datasets ignore it.
         image_size: resize to this (default: the dataset's own, 32 for digits/CIFAR, 224 for ImageFolder).
-        augment, augment_options, eval_crop_pct: as ``dataset_transforms``.
+        augment, augment_options, eval_crop_pct, eval_interpolation, mean, std: as ``dataset_transforms``.
         download: fetch CIFAR when missing (needs network).
     """
     spec = _spec(name)
     train_t, test_t = dataset_transforms(name, image_size=image_size, augment=augment,
-                                         augment_options=augment_options, eval_crop_pct=eval_crop_pct)
+                                         augment_options=augment_options, eval_crop_pct=eval_crop_pct,
+                                         eval_interpolation=eval_interpolation, mean=mean, std=std)
     return spec.builder(data_dir, image_size or spec.size or 224, train_t, test_t, download)

@@ -8,6 +8,7 @@ normalised with the dataset's mean and std when it has them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torchvision import transforms as T
@@ -100,15 +101,15 @@ def _final(mean, std) -> list:
 
 def eval_transform(size: int, mean, std, crop_pct: float = 1.0, interpolation: str = "bilinear",
                    native_size: int | None = None):
-    """The test view: resize the shorter side to round(``size / crop_pct``), center crop ``size``, normalise
-    (timm's eval view, with the resize rounded rather than floored so that a crop_pct of 32 / 36 written
-    to 7 digits still resizes to 36). ``crop_pct`` 1 on images of the model's size: no resize at all."""
+    """The test view: resize the shorter side to floor(``size / crop_pct``), center crop ``size``, normalise
+    (timm's eval view: crop_pct 0.875 gives 256 -> 224 and 36 -> 32; a 1e-6 margin keeps a crop_pct of
+    32 / 36 written to 7 digits at 36). ``crop_pct`` 1 on images of the model's size: no resize at all."""
     from timm.data.transforms import str_to_interp_mode
 
     view = []
     if not (crop_pct == 1.0 and native_size == size):
         mode = str_to_interp_mode("bilinear" if interpolation == "random" else interpolation)
-        view = [T.Resize(round(size / crop_pct), interpolation=mode), T.CenterCrop(size)]
+        view = [T.Resize(math.floor(size / crop_pct + 1e-6), interpolation=mode), T.CenterCrop(size)]
     return T.Compose([_to_pil(), *view, *_final(mean, std)])
 
 

@@ -24,9 +24,14 @@ class TrainConfig:
     optimizer: str = "sgd"         # sgd | adamw
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 5e-4     # never on norms, biases or activation parameters
+    nesterov: bool = True          # SGD only
+    weight_decay: float = 5e-4
+    weight_decay_rule: str = "actlab"  # actlab: never on norms, biases or activation parameters; timm: on every
+                                       # parameter not 1-D (published shapes) or a bias; all: on everything
     warmup_epochs: float = 0.0
+    warmup_lr: float = 0.0         # the warmup starts here (0: from lr / warmup steps)
     min_lr: float = 0.0
+    cooldown_epochs: float = 0.0   # the last epochs at min_lr, after the cosine
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     dpa_lambda: float = 1.0        # weight of DPA's channel loss (1 for CIFAR-10, 5 for CIFAR-100)
@@ -44,8 +49,12 @@ class TrainConfig:
     color_jitter: float = 0.0
     random_erasing: float = 0.0    # probability
     random_erasing_mode: str = "pixel"  # const | rand | pixel
-    interpolation: str = "bilinear"     # of the resizing crops and the eval resize
+    random_erasing_count: int = 1
+    interpolation: str = "bilinear"     # of the training crops (bilinear | bicubic | random)
     eval_crop_pct: float | None = None  # test view: resize to size / crop_pct, center crop (default: the dataset's)
+    eval_interpolation: str = "bilinear"
+    mean: list | None = None       # normalisation (default: the dataset's)
+    std: list | None = None
     drop_path: float | None = None
     width: float | None = None     # mobilenet_v2 width multiplier
     sync_bn: bool = False
@@ -90,6 +99,18 @@ class TrainConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be within [0, epochs]"),
+            (0 <= self.cooldown_epochs and self.warmup_epochs + self.cooldown_epochs <= self.epochs,
+             "warmup_epochs + cooldown_epochs must be within [0, epochs]"),
+            (0 <= self.warmup_lr <= self.lr, "warmup_lr must be within [0, lr]"),
+            (self.weight_decay_rule in WEIGHT_DECAY_RULES,
+             f"weight_decay_rule must be one of {WEIGHT_DECAY_RULES}, got {self.weight_decay_rule!r}"),
+            (self.random_erasing_count >= 1, "random_erasing_count must be >= 1"),
+            (self.eval_interpolation in ("bilinear", "bicubic"),
+             f"eval_interpolation must be bilinear or bicubic, got {self.eval_interpolation!r}"),
+            ((self.mean is None) == (self.std is None), "set mean and std together"),
+            (self.mean is None or (len(self.mean) == len(self.std) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.mean + self.std)
+                and all(v > 0 for v in self.std)), "mean and std must be lists of numbers of one length, std > 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 (or null for none)"),
             (self.dpa_lambda >= 0, "dpa_lambda must be >= 0"),
@@ -125,12 +146,18 @@ class TrainConfig:
     def augment_options(self) -> dict:
         """The fields of ``actlab.data.Augment`` this config sets over the dataset's standard augmentation."""
         options = {"scale": (self.crop_scale, 1.0), "color_jitter": self.color_jitter, "reprob": self.random_erasing,
-                   "remode": self.random_erasing_mode, "interpolation": self.interpolation}
+                   "remode": self.random_erasing_mode, "recount": self.random_erasing_count,
+                   "interpolation": self.interpolation}
         if self.crop is not None:
             options["crop"] = self.crop
         if self.auto_augment is not None or self.randaugment is not None:
             options["auto_augment"] = self.auto_augment or f"rand-m{self.randaugment}-n2"
         return options
+
+    def view_options(self) -> dict:
+        """The test view and normalisation this config sets (``actlab.data.build_datasets`` keywords)."""
+        return {"eval_crop_pct": self.eval_crop_pct, "eval_interpolation": self.eval_interpolation,
+                "mean": self.mean, "std": self.std}
 
     def _check_types(self) -> None:
         """Every field holds its declared type (bools are not numbers here) and every float is finite."""
@@ -143,6 +170,7 @@ class TrainConfig:
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             ok = (isinstance(value, bool) if bool in kinds else False) or \
                 (isinstance(value, str) and str in kinds) or (isinstance(value, dict) and dict in kinds) or \
+                (isinstance(value, list) and list in kinds) or \
                 (numeric and float in kinds) or (numeric and isinstance(value, int) and int in kinds)
             if not ok:
                 wanted = " or ".join(sorted(k.__name__ for k in kinds if k is not type(None)))
@@ -154,7 +182,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "None": type(None)}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list, "None": type(None)}
+WEIGHT_DECAY_RULES = ("actlab", "timm", "all")
 
 
 def _kinds(f: dataclasses.Field) -> set[type]:
@@ -201,6 +230,13 @@ def coerce(key: str, text: str):
 
             value = yaml.safe_load(text)
             if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+        if kind.startswith("list"):  # "0.5,0.4,0.4" or "[0.5, 0.4, 0.4]"
+            import yaml
+
+            value = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+            if not isinstance(value, list):
                 raise ValueError(text)
             return value
     except ValueError:

@@ -155,7 +155,8 @@ def train_epoch(model, loader, optimizer, scaler, cfg: TrainConfig, state: RunSt
     t0 = time.perf_counter()
     lr = cfg.lr
     for x, y in loader:
-        lr = lr_at(state.step, cfg.lr, total_steps, warmup_steps, cfg.min_lr)
+        lr = lr_at(state.step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, warmup_lr=cfg.warmup_lr,
+                   cooldown_steps=round(cfg.cooldown_epochs * total_steps / cfg.epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
         check_targets(raw_model, y)  # on the host copy: a device check would synchronise
@@ -294,7 +295,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     seed_everything(cfg.seed + info.rank)
     train_set, test_set, data_info = build_datasets(
         cfg.dataset, cfg.data_dir, image_size=cfg.image_size, augment=cfg.augment,
-        augment_options=cfg.augment_options(), eval_crop_pct=cfg.eval_crop_pct, download=cfg.download and info.is_main)
+        augment_options=cfg.augment_options(), **cfg.view_options(), download=cfg.download and info.is_main)
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=loader_workers(cfg, device, info),
                                              seed=cfg.seed, rank=info.rank, world=info.world_size)
     raw_model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
@@ -310,7 +311,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if info.enabled:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                nesterov=cfg.nesterov, rule=cfg.weight_decay_rule)
     precision = Precision.resolve(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     path = os.path.join(cfg.out, CHECKPOINT)

@@ -59,6 +59,10 @@ class IIEUB(ActivationModule):
     Shapes: conv site x_t (B, C, H', W'), x_pre (B, Cin, H, W); linear site x_t (B, *, C), x_pre (B, *, Cin).
     """
 
+    # the published code keeps eta as (1, C, 1, 1), so timm's rule "decay all but 1-D parameters and
+    # biases" decays it (weight_decay_rule="timm")
+    PUBLISHED_MULTI_DIM = ("eta",)
+
     def __init__(self, channels: int, eta_init: float = 0.05, norm_init: float = 0.01, eps: float = 1e-8,
                  zero_patch: str = "silence", producer: nn.Module | None = None, capture: bool = True,
                  recompute_linear: bool = True):
