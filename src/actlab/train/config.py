@@ -57,6 +57,7 @@ class TrainConfig:
     std: list | None = None
     drop_path: float | None = None
     width: float | None = None     # mobilenet_v2 width multiplier
+    dropout: float | None = None   # mobilenet_v2: before the classifier (torchvision 0.2; the IIEU paper's 0)
     sync_bn: bool = False
     act_kwargs: dict = field(default_factory=dict)
     out: str = "runs/run"
@@ -135,6 +136,8 @@ class TrainConfig:
             (self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct must be in (0, 1] (or null)"),
             (self.drop_path is None or 0 <= self.drop_path < 1, "drop_path must be in [0, 1) (or null)"),
             (self.width is None or self.width > 0, "width must be > 0 (or null)"),
+            (self.dropout is None or (0 <= self.dropout < 1 and self.model == "mobilenet_v2"),
+             "dropout must be in [0, 1) and is a mobilenet_v2 setting (or null)"),
         ]
         for ok, message in checks:
             if not ok:

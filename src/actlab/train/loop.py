@@ -54,6 +54,8 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> nn.Modul
         arch_kw["width"] = cfg.width
     if cfg.drop_path is not None:
         arch_kw["drop_path_rate"] = cfg.drop_path
+    if cfg.dropout is not None:
+        arch_kw["dropout"] = cfg.dropout
     return create_model(cfg.model, cfg.act, num_classes, image_size=image_size, act_kwargs=cfg.act_kwargs, **arch_kw)
 
 
