@@ -60,7 +60,10 @@ def ii_score(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) 
     """rho = S + nu (SPEC section 1) and eta, both broadcastable to x_t."""
     eps = unit.eps
     pn, n = patch_norms(x_pre, producer)
-    inv_x = 1.0 / (pn + eps)
+    # the published code: 1 / (sqrt(mean over the k x k window of the squared channel norms) + eps) / k,
+    # with that mean's square root ||patch|| / k
+    k = producer.kernel_size[0] if isinstance(producer, nn.Conv2d) and unit.zero_patch == "published" else 1
+    inv_x = 1.0 / (pn / k + eps) / k
     if unit.zero_patch == "silence":
         inv_x = torch.where(pn < 1e-6 * math.sqrt(n), torch.zeros_like(inv_x), inv_x)
     inv_w = 1.0 / (producer.weight.flatten(1).norm(dim=1) + eps)

@@ -108,8 +108,13 @@ def test_published_zero_patch_rule_is_reachable():
     published = IIEUB(4, producer=conv, zero_patch="published").double()
     check_against_reference(x, conv, nn.Identity(), published)
     a, b = silent(conv(x)), published(conv(x))
-    # far from the single non-zero pixel the patch is all zero: published scales by ~1e8, ours does not
+    # far from the single non-zero pixel the patch is all zero: published scales by ~1e8 / 3, ours does not
     assert b[0, :, 4, 4].abs().max() > 1e6 * a[0, :, 4, 4].abs().max()
+    x_t = conv(x)[0, :, 4, 4]  # all-zero patch: term-S = x_t / ((||w|| + eps) * 3e-8), as published
+    term_s = x_t / (conv.weight.flatten(1).norm(dim=1) + 1e-8) / 3e-8
+    assert published.patch_eps() == pytest.approx(3e-8)
+    up = term_s > 0  # there rho = term_s + nu is huge and the unit passes rho * x_t; below it is ~0
+    assert up.any() and torch.allclose(b[0, up, 4, 4], term_s[up] * x_t[up], rtol=1e-3)
     with pytest.raises(ValueError, match="zero_patch"):
         IIEUB(4, zero_patch="off")
 

@@ -47,7 +47,8 @@ class IIEUB(ActivationModule):
         eta_init: initial per-channel threshold ``eta`` (shape (C,)).
         norm_init: initial weight of the term-B LayerNorm ``norm`` (bias starts at 0).
         eps: added to the filter and patch norms.
-        zero_patch: ``"silence"`` (term-S = 0 for patches with RMS < 1e-6) or ``"published"``.
+        zero_patch: ``"silence"`` (term-S = 0 for patches with RMS < 1e-6) or ``"published"`` (the published
+            ``1 / (||x|| + k * eps)`` of a k x k patch, which multiplies an all-zero patch by about 1e8 / k).
         producer: the Conv2d / Linear feeding this site; may also be bound later with ``bind``.
         capture: when bound, record the producer's input with a forward pre-hook so ``forward(x_t)``
             works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
@@ -132,6 +133,14 @@ class IIEUB(ActivationModule):
                     type(producer).forward is nn.Linear.forward:
                 self._watch_maker(producer, LinearReplay)
         return self
+
+    def patch_eps(self) -> float:
+        """The eps of the patch norms: ``eps``, or with ``zero_patch="published"`` at a k x k conv site the
+        published code's ``k * eps`` (its norm of a k x k patch is the RMS-pooled channel norm times k,
+        plus eps, divided by k: ``1 / (||x|| + k * eps)``)."""
+        if self.zero_patch == "published" and isinstance(self._patches, ConvPatches):
+            return self.eps * self._patches.kernel_size[0]
+        return self.eps
 
     def filters(self) -> torch.Tensor:
         """The producer's filters of this unit's channels: (C, ...) rows of its weight."""
@@ -225,12 +234,12 @@ class IIEUB(ActivationModule):
                 x_pre = x_pre.detach()
             if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm itself
                 norm = self._maker
-                return IIEUFunction.apply(x_t.detach(), x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence,
-                                          replay, replay_tensors, term_b, tap, replay_tensors[0], norm.weight,
+                return IIEUFunction.apply(x_t.detach(), x_pre, inv_w, nu, self.eta, self._patches, self.patch_eps(),
+                                          silence, replay, replay_tensors, term_b, tap, replay_tensors[0], norm.weight,
                                           norm.bias)
-            return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.eps, silence, replay,
+            return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.patch_eps(), silence, replay,
                                       replay_tensors, term_b, tap)
-        return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.eps, silence)
+        return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.patch_eps(), silence)
 
     @torch.no_grad()
     def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,7 +259,8 @@ class IIEUB(ActivationModule):
         self._patches.check(x_t, x_pre, self.site)
         x_t, x_pre = x_t.float(), x_pre.float()
         inv_w = inverse_filter_norms(self.filters().float(), self.eps)
-        return iieu_b_rho(x_t, x_pre, inv_w, self.term_b(x_t), self._patches, self.eps, self.zero_patch == "silence")
+        return iieu_b_rho(x_t, x_pre, inv_w, self.term_b(x_t), self._patches, self.patch_eps(),
+                          self.zero_patch == "silence")
 
     def below_eta(self, rho: torch.Tensor) -> torch.Tensor:
         """Where the adjuster suppresses (rho < eta), for an ``ii_score`` of any layout: channels at dim 1
