@@ -16,16 +16,46 @@ RUN = dict(model="vit_micro", act="dpa", dataset="synthetic", image_size=16, epo
            augment=False, device="cpu")
 
 
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(ddp_dir: str, nodes: int) -> list[str]:
+    """Two processes through torchrun: one agent with 2 processes (--standalone), or ``nodes`` = 2 agents
+    of one process each meeting at a c10d rendezvous on localhost (two "nodes", as on a cluster). Returns
+    the JSON lines printed."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "actlab",
-           "train", *flags, "--batch-size=32", f"--out={ddp_dir}", "--quiet"]
+    train_cmd = ["-m", "actlab", "train", *flags, "--batch-size=32", f"--out={ddp_dir}", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1  # rank 0 reports, rank 1 stays quiet
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        agents = [run + ["--standalone", "--nproc_per_node=2", *train_cmd]]
+    else:
+        port = _free_port()
+        agents = [run + [f"--nnodes={nodes}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                         f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=actlab-test", *train_cmd]
+                  for _ in range(nodes)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for cmd in agents]
+    printed = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        printed += [line for line in out.splitlines() if line.startswith("{")]
+    return printed
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes"])
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, nodes):
+    """One agent with two processes, or two torchrun agents (nodes) with one each: the run ends with the
+    weights, DPA memories and metrics of one process on the global batch."""
+    ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")
+    printed = _launch(ddp_dir, nodes)
+    assert len(printed) == 1  # global rank 0 reports, the other rank stays quiet
 
     single = train(TrainConfig(**RUN, batch_size=64, out=single_dir), quiet=True)
     with open(os.path.join(ddp_dir, "summary.json")) as f:
