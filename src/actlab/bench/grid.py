@@ -126,11 +126,27 @@ def run_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, quiet: bool = 
         return _train_point(db, cfg, key, folder, quiet)
 
 
-def _train_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, folder: RunFolder, quiet: bool) -> str:
-    base = dict(act=cfg.act, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=cfg.epochs,
+def point_columns(cfg: TrainConfig) -> dict:
+    return dict(act=cfg.act, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=cfg.epochs,
                 config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out)
+
+
+def _mark_running(db: sqlite3.Connection, cfg: TrainConfig, key: str) -> None:
     attempts = (db.execute("SELECT attempts FROM runs WHERE key = ?", (key,)).fetchone() or [0])[0] + 1
-    _upsert(db, key, **base, status="running", attempts=attempts, started=time.time(), error=None)
+    _upsert(db, key, **point_columns(cfg), status="running", attempts=attempts, started=time.time(), error=None)
+
+
+def _train_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, folder: RunFolder, quiet: bool) -> str:
+    _mark_running(db, cfg, key)
+    row = train_row(cfg, folder, quiet)
+    _upsert(db, key, **row)
+    return row["status"]
+
+
+def train_row(cfg: TrainConfig, folder: RunFolder, quiet: bool = True) -> dict:
+    """Train (or resume) one grid point in its run folder and return its finished row: status "done" with
+    the metrics, or "failed" with the error. Writes no database (a Ray task returns it to the driver)."""
+    base = point_columns(cfg)
     t0 = time.perf_counter()
     try:
         resume = folder.resumable(cfg)
@@ -144,18 +160,16 @@ def _train_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, folder: Run
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded; the grid goes on
-        _upsert(db, key, **base, status="failed", seconds=time.perf_counter() - t0, finished=time.time(),
-                error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}",
-                versions=json.dumps(versions()))
-        return "failed"
+        return dict(**base, status="failed", seconds=time.perf_counter() - t0, finished=time.time(),
+                    error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}",
+                    versions=json.dumps(versions()))
     history = folder.history()
     train_s = summary["train_seconds"]
     images = sum(r["images_per_s"] * r["seconds"] for r in history)
-    _upsert(db, key, **base, status="done", top1=summary["top1"], top5=summary["top5"], loss=summary["loss"],
-            params=summary["params"], flops=summary["flops"], seconds=time.perf_counter() - t0,
-            train_seconds=train_s, images_per_s=images / train_s if train_s else None,
-            history=json.dumps(history), versions=json.dumps(versions()), finished=time.time())
-    return "done"
+    return dict(**base, status="done", top1=summary["top1"], top5=summary["top5"], loss=summary["loss"],
+                params=summary["params"], flops=summary["flops"], seconds=time.perf_counter() - t0,
+                train_seconds=train_s, images_per_s=images / train_s if train_s else None,
+                history=json.dumps(history), versions=json.dumps(versions()), finished=time.time())
 
 
 def versions() -> dict:
@@ -192,7 +206,8 @@ def _run_in_worker(folder: str, cfg: TrainConfig, key: str, retry_failed: bool) 
 
 
 def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: list[int], retry_failed: bool = False,
-             quiet: bool = True, jobs: int = 1, log=print) -> dict[str, int]:
+             quiet: bool = True, jobs: int = 1, log=print, executor: str = "local",
+             ray_options: dict | None = None) -> dict[str, int]:
     """Run every missing point of the groups' models x acts x seeds into ``folder``; counts per outcome.
 
     Args:
@@ -200,7 +215,16 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
             per point (runs live in ``folder/runs/<model>-<act>-s<seed>-<key>``), then group overrides.
         retry_failed: also redo points recorded as failed (by default they are kept, with their error).
         jobs: runs in parallel (processes, each with ``threads / jobs`` threads); 1 runs in this process.
+        executor: "local" (this machine: ``jobs`` processes) or "ray" (every point a task on a Ray cluster;
+            this process alone writes the database). ``ray_options``: ``address``, ``cpus_per_run``,
+            ``gpus_per_run`` (see ``bench.ray_executor.run_tasks``).
     """
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if executor == "ray":
+        from .ray_executor import import_ray
+
+        import_ray()  # before anything is written: a missing Ray is one clear error
     points = grid_points(groups, seeds)
     configs = []
     for point, overrides in points:  # every point is checked before anything is written or run
@@ -229,10 +253,14 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
     if counts["kept"]:
         log(f"{counts['kept']} of {len(points)} runs already recorded in {os.path.join(folder, DB_NAME)}: kept")
 
+    started = time.perf_counter()
+
     def report(i: int, cfg: TrainConfig, key: str, status: str) -> None:
         counts[status] += 1
         r = db.execute("SELECT top1, seconds, error FROM runs WHERE key = ?", (key,)).fetchone()
-        label = f"[{i}/{len(todo)}] {cfg.model}/{cfg.act} seed {cfg.seed}"
+        eta = (time.perf_counter() - started) / i * (len(todo) - i)
+        label = (f"[{i}/{len(todo)}, {counts['failed']} failed, {len(todo) - i} pending, ETA {eta / 60:.1f} min] "
+                 f"{cfg.model}/{cfg.act} seed {cfg.seed}")
         if status == "done":
             log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s")
         elif status == "failed":
@@ -240,7 +268,16 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         else:
             log(f"{label}: {'training in another bench (left to it)' if status == 'busy' else 'recorded by another bench'}")
 
-    if jobs <= 1:
+    if executor == "ray":
+        os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
+        from .ray_executor import run_tasks
+
+        finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, **(ray_options or {}))
+        for i, (cfg, key, status, row) in enumerate(finished, 1):
+            if row is not None:
+                _upsert(db, key, **row)
+            report(i, cfg, key, status)
+    elif jobs <= 1:
         for i, (cfg, key) in enumerate(todo, 1):
             report(i, cfg, key, run_point(db, cfg, key, quiet=quiet, retry_failed=retry_failed))
     else:

@@ -161,6 +161,12 @@ def _bench_parser(sub) -> None:
     p.add_argument("--config", help="YAML of the other run settings (batch_size, lr, ...); flags override it")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads split between them)")
     p.add_argument("--retry-failed", action="store_true", help="redo runs recorded as failed")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: --jobs processes on this machine; ray: every run a task on a Ray cluster (--out must "
+                        "be storage every node sees)")
+    p.add_argument("--address", help="Ray cluster to connect to (default: RAY_ADDRESS, else start a local one)")
+    p.add_argument("--cpus-per-run", type=int, default=1, help="Ray: CPUs (and torch threads) per run")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="Ray: GPUs per run")
     p.add_argument("--speed-repeats", type=int, default=0,
                    help="also run the speed benchmark with this many repeats into DIR/speed.json (0: skip)")
     p.add_argument("--tie", type=float, default=0.0, help="|difference| in top-1 points counted as a tie")
@@ -206,8 +212,9 @@ def cmd_bench(args) -> int:
     base = config_from_args(args, skip=BENCH_OWN, defaults=grid_settings)
     base = dataclasses.replace(base, **{k: getattr(args, k) for k in ("dataset", "epochs") if getattr(args, k) is not None})
     base.validate()
+    ray_options = {"address": args.address, "cpus_per_run": args.cpus_per_run, "gpus_per_run": args.gpus_per_run}
     counts = grid.run_grid(args.out, base, groups, seeds, retry_failed=args.retry_failed, quiet=not args.progress,
-                           jobs=args.jobs)
+                           jobs=args.jobs, executor=args.executor, ray_options=ray_options)
     print("grid: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.speed_repeats:
         from ..bench import speed
