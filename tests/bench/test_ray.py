@@ -100,7 +100,11 @@ def test_clear_errors_without_ray_or_shared_storage(tmp_path, monkeypatch):
     from actlab.bench import ray_executor
 
     cfg = dataclasses.replace(BASE, out=str(tmp_path / "not-mounted" / "runs" / "r"))
+    import torch
+
+    threads = torch.get_num_threads()
     status, row = ray_executor.train_task(cfg, 1, True)
+    assert torch.get_num_threads() == threads  # this process's threads untouched
     assert status == "failed" and "is not visible on node" in row["error"] and "every node" in row["error"]
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ValueError, match=r"--executor ray needs Ray: pip install 'actlab\[ray\]'"):

@@ -41,12 +41,12 @@ def train_task(cfg: TrainConfig, threads: int, quiet: bool) -> tuple[str, dict |
 
     from .grid import point_columns, train_row
 
-    torch.set_num_threads(threads)
     runs = os.path.dirname(cfg.out)
     if not os.path.isdir(runs):
         error = (f"the run folder {runs} is not visible on node {socket.gethostname()}: the grid's --out must be "
                  "storage every node of the Ray cluster sees (a shared filesystem)")
         return "failed", dict(**point_columns(cfg), status="failed", error=error, finished=time.time())
+    torch.set_num_threads(threads)  # the worker's: the Ray task owns its process
     folder = RunFolder(cfg.out)
     with folder.lease() as held:
         if not held:
