@@ -254,13 +254,16 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         log(f"{counts['kept']} of {len(points)} runs already recorded in {os.path.join(folder, DB_NAME)}: kept")
 
     started = time.perf_counter()
+    slots = [max(1, jobs)]  # runs at a time; the Ray executor sets it from the cluster
 
     def report(i: int, cfg: TrainConfig, key: str, status: str) -> None:
         counts[status] += 1
         r = db.execute("SELECT top1, seconds, error FROM runs WHERE key = ?", (key,)).fetchone()
-        eta = (time.perf_counter() - started) / i * (len(todo) - i)
-        label = (f"[{i}/{len(todo)}, {counts['failed']} failed, {len(todo) - i} pending, ETA {eta / 60:.1f} min] "
-                 f"{cfg.model}/{cfg.act} seed {cfg.seed}")
+        left = len(todo) - i
+        running = min(left, slots[0])
+        eta = (time.perf_counter() - started) / i * left
+        label = (f"[{counts['done']} done, {running} running, {counts['failed']} failed, {left - running} "
+                 f"pending, ETA {eta / 60:.1f} min] {cfg.model}/{cfg.act} seed {cfg.seed}")
         if status == "done":
             log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s")
         elif status == "failed":
@@ -270,9 +273,11 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
 
     if executor == "ray":
         os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
-        from .ray_executor import run_tasks
+        from .ray_executor import ray_slots, run_tasks
 
-        finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, **(ray_options or {}))
+        options = dict(ray_options or {})
+        slots[0] = ray_slots(options.get("address"), options.get("cpus_per_run", 1), options.get("gpus_per_run", 0))
+        finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, **options)
         for i, (cfg, key, status, row) in enumerate(finished, 1):
             if row is not None:
                 _upsert(db, key, **row)

@@ -34,6 +34,15 @@ def connect(address: str | None):
     return ray
 
 
+def ray_slots(address: str | None, cpus_per_run: int, gpus_per_run: float) -> int:
+    """How many runs the cluster holds at once with these resources per run."""
+    resources = connect(address).cluster_resources()
+    fits = [resources.get("CPU", 0) // max(cpus_per_run, 1)]
+    if gpus_per_run:
+        fits.append(resources.get("GPU", 0) // gpus_per_run)
+    return max(1, int(min(fits)))
+
+
 def train_task(cfg: TrainConfig, threads: int, quiet: bool) -> tuple[str, dict | None]:
     """One grid point on a Ray worker: (status, finished row), or ("busy", None) when another bench holds
     the run's lease."""
