@@ -184,7 +184,7 @@ def _class_token(trace: Trace, call: ActivationCall, batch: int) -> bool:
     shape = call.in_shape
     if shape is None or len(shape) != 3 or shape[0] != batch or not trace.first_token_reads:
         return False
-    return shape[1] == 1 or shape[1] in {n for n, _ in trace.first_token_reads}
+    return shape[1] == 1 or shape[1] in trace.first_token_reads
 
 
 def _infer_num_classes(model: nn.Module) -> int | None:

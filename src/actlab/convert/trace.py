@@ -103,9 +103,9 @@ class Trace:
     calls: list[ActivationCall] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
     functional_owners: dict[str, nn.Module] = field(default_factory=dict)  # name -> module whose forward calls one
-    # (N, C) of the (B, N, C) token tensors whose first token the model took on its own (x[:, 0]): the
+    # token counts N of the (B, N, C) tensors whose first token the model took on its own (x[:, 0]): the
     # class token it classifies from
-    first_token_reads: set[tuple[int, int]] = field(default_factory=set)
+    first_token_reads: set[int] = field(default_factory=set)
     batch: int = 0
 
 
@@ -319,7 +319,7 @@ class _FunctionalSpy(TorchFunctionMode):
             return
         inside_act = self.tracer.stack and self.tracer.is_act(self.tracer.stack[-1].module)
         if picks and isinstance(t, torch.Tensor) and t.dim() == 3 and not inside_act:
-            self.tracer.trace.first_token_reads.add((t.shape[1], t.shape[2]))
+            self.tracer.trace.first_token_reads.add(t.shape[1])
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
