@@ -221,3 +221,21 @@ def test_acon_swish_init_starts_as_swish(name):
     assert not torch.equal(default.p1, torch.ones(6)) and default.p1.std() > 0.1
     with pytest.raises(ValueError, match="init must be 'randn' or 'swish'"):
         actlab.create_activation(name, 6, init="zeros")
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_inference_mode_equals_no_grad_on_every_kernel_path(name, layout):
+    """Under torch.inference_mode (timm's validate.py, Hugging Face pipelines) every activation gives
+    exactly its no_grad output, in eval and in train mode (a train-mode model validated without autograd),
+    on every kernel path."""
+    site = converted_site(name, layout).float()
+    x = torch.randn(*LAYOUT_INPUTS[layout])
+    for mode in _kernel_modes():
+        for training in (False, True):
+            site.train(training)
+            with _kernels(mode):
+                with torch.no_grad():
+                    want = site(x)
+                with torch.inference_mode():
+                    got = site(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{mode}, training={training}")

@@ -109,3 +109,43 @@ def test_clear_errors_without_ray_or_shared_storage(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ValueError, match=r"--executor ray needs Ray: pip install 'actlab\[ray\]'"):
         grid.run_grid(str(tmp_path / "g"), BASE, [grid.GridGroup(("resnet20",), ("relu",))], [0], executor="ray")
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"gpus_per_run": 1}, r"no node of the Ray cluster has 1 CPU\(s\) and 1 GPU\(s\)"),
+    ({"cpus_per_run": 64}, r"no node of the Ray cluster has 64 CPU\(s\)"),
+])
+def test_resources_no_node_has_fail_at_once(tmp_path, cluster, options, message):
+    """A grid that the cluster could never run fails before anything is submitted, within seconds."""
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        grid.run_grid(str(tmp_path), BASE, [grid.GridGroup(("resnet20",), ("relu",))], [0], executor="ray",
+                      ray_options=options, log=lambda _: None)
+    assert time.perf_counter() - t0 < 20
+    assert not glob.glob(str(tmp_path / "runs" / "*"))
+
+
+def test_an_out_no_node_sees_fails_at_once(tmp_path, cluster):
+    from actlab.bench import ray_executor
+
+    with pytest.raises(ValueError, match="is not visible on Ray node .* every node"):
+        ray_executor.check_visible(None, str(tmp_path / "only-on-the-driver"))
+    ray_executor.check_visible(None, str(tmp_path))  # a folder the node sees passes
+
+
+def test_a_relative_out_runs_on_ray(tmp_path, cluster, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    counts = grid.run_grid("rel", BASE, [grid.GridGroup(("resnet20",), ("relu",))], [0], executor="ray",
+                           log=lambda _: None)
+    assert counts["done"] == 1 and rows(tmp_path / "rel")[("relu", 0)]["status"] == "done"
+
+
+def test_an_unreachable_address_fails_in_seconds(tmp_path, capsys):
+    """No cluster behind --address: one line and exit code 2, not a wait (a fresh process: no Ray yet)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "actlab", "bench", "--acts", "relu", "--models", "resnet20",
+                           "--seeds", "0", "--executor", "ray", "--address", "127.0.0.1:1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--address 127.0.0.1:1: no Ray cluster answers there" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and time.perf_counter() - t0 < 60

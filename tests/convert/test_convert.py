@@ -678,9 +678,10 @@ def test_functional_activations_become_sites():
     untouched = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="only 0 of 2 activation calls converted"):
         actlab.convert(untouched, "gelu", example_input=x, include="no-such-site")
-    torch.testing.assert_close(untouched(x), before, rtol=0, atol=0)  # rewritten calls: the same functions
-    assert isinstance(untouched.block.gelu, nn.GELU) and untouched.block.gelu.approximate == "tanh"
-    assert isinstance(untouched.block.leaky_relu, nn.LeakyReLU) and untouched.block.leaky_relu.negative_slope == 0.2
+    torch.testing.assert_close(untouched(x), before, rtol=0, atol=0)
+    # nothing converted: the rewritten module is put back as it was
+    assert type(untouched.block) is FunctionalBlock and set(dict(untouched.block.named_children())) == {
+        "conv", "bn", "fc1", "fc2"}
     actlab.convert(model, "gelu", example_input=x)
     report = actlab.conversion_report(model)
     assert set(model.state_dict()) == state_keys  # the module tree kept, GELU has no state

@@ -152,3 +152,24 @@ def test_rank_slices_gathered_rank_major_are_the_single_process_batches():
         assert gathered == expected
     shards = sorted(i for _, test_loader in ranks for i in test_loader.sampler)
     assert shards == list(range(len(test)))  # each test sample exactly once, no padding
+
+
+def test_randaugment_at_full_magnitude_never_asks_pillow_for_zero_bits():
+    """rand-m9-mstd0.5 draws magnitude 10 now and then, where timm's increasing posterize keeps 0 bits,
+    which Pillow refuses; actlab's augmentation clamps it to 1 bit (m10 with no spread hits it every time
+    posterize is drawn). The other ops still run as timm's."""
+    import random
+
+    from PIL import Image
+
+    from actlab.data.transforms import Augment, posterize, train_transform
+
+    transform = train_transform(16, None, None, Augment(crop="none", flip=False, auto_augment="rand-m10-mstd0-inc1"))
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    random.seed(0)
+    np.random.seed(0)
+    for _ in range(200):  # 2 of 15 ops per image: posterize is drawn about 25 times
+        assert transform(image).shape == (3, 16, 16)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    assert np.array_equal(np.asarray(posterize(pil, 0)), np.asarray(image.permute(1, 2, 0)) & 0x80)
+    assert posterize(pil, 8) is pil

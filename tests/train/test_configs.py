@@ -1,5 +1,6 @@
 """configs/: the papers' recipes (SPEC section 6) load, validate and build their models."""
 import glob
+import math
 import json
 import os
 
@@ -8,7 +9,7 @@ import yaml
 
 from actlab.cli.main import main as cli_main
 from actlab.models import create_model
-from actlab.train import TrainConfig
+from actlab.train import TrainConfig, train
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
@@ -94,3 +95,53 @@ def test_a_recipe_runs_from_the_command_line_with_overrides(tmp_path, capsys):
     assert saved["optimizer"] == "adamw" and saved["auto_augment"] == "rand-m9-mstd0.5-inc1"
     assert saved["dataset"] == "synthetic" and saved["weight_decay_rule"] == "all"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 1
+
+
+def _write_cifar(root: str, name: str, n_train: int, n_test: int, classes: int) -> None:
+    """Official python-pickle batches (the on-disk format of the CIFAR archives), random images."""
+    import pickle
+
+    import numpy as np
+
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
+    key = "labels" if name == "cifar10" else "fine_labels"
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for fname, n in [(f, n_train // len(files)) for f in files] + [("test_batch" if name == "cifar10" else "test", n_test)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}
+        with open(os.path.join(root, folder, fname), "wb") as f:
+            pickle.dump(batch, f)
+
+
+def _write_imagefolder(root: str, per_class: int, classes: int = 2) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    os.path.join(root, split, f"class{c}", f"{i}.jpg"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_recipe_trains_two_steps_at_its_own_augmentation(path, tmp_path):
+    """Each recipe, with its augmentation, schedule and model as published, trains two steps (batch 2) on
+    small generated files in its dataset's real on-disk format; only size and length are cut (ImageNet
+    recipes at 64x64)."""
+    cfg = load(path)
+    data = str(tmp_path / "data")
+    if cfg.dataset.startswith("cifar"):
+        _write_cifar(data, cfg.dataset, 10 if cfg.dataset == "cifar10" else 4, 2, NUM_CLASSES[cfg.dataset])
+    else:
+        _write_imagefolder(data, per_class=2)
+    small = dict(cfg.to_dict(), data_dir=data, download=False, epochs=1, warmup_epochs=0, cooldown_epochs=0,
+                 batch_size=2, workers=0, out=str(tmp_path / "run"), log_every=1,
+                 image_size=64 if cfg.dataset == "imagenet" else cfg.image_size)
+    if cfg.dataset == "cifar10":
+        small["batch_size"] = 5  # 2 steps of the 10 images
+    summary = train(TrainConfig.from_dict(small), quiet=True)
+    assert summary["steps"] == 2 and math.isfinite(summary["loss"])

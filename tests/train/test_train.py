@@ -209,13 +209,14 @@ def test_channels_last_steps_equal_the_plain_steps(act):
 
 
 def test_bf16_and_channels_last_runs(tmp_path):
-    """bf16 autocast with channels_last trains DPA: the test loss falls well below chance (ln 10) as the
-    float32 run's does. (One epoch at lr 0.05 is chaotic: the two runs' losses differ by up to ~20 %.)"""
-    plain = train(TrainConfig(**{**SMALL, "augment": False}, out=str(tmp_path / "plain")), quiet=True)
-    bf16 = train(TrainConfig(**{**SMALL, "augment": False, "amp": "bf16", "channels_last": True},
-                             out=str(tmp_path / "bf16")), quiet=True)
+    """bf16 autocast with channels_last trains DPA as float32 does: after 3 epochs both fit the synthetic
+    set (test loss far below chance, ln 10). (A single epoch at lr 0.05 is chaotic: its losses swing
+    between 1.1 and 9.6 with the seed and with the CPU's bf16 kernels.)"""
+    run = dict(SMALL, epochs=3, warmup_epochs=0.5, augment=False)
+    plain = train(TrainConfig(**run, out=str(tmp_path / "plain")), quiet=True)
+    bf16 = train(TrainConfig(**run, amp="bf16", channels_last=True, out=str(tmp_path / "bf16")), quiet=True)
     assert bf16["amp"] == "bf16" and plain["amp"] == "off" and math.isfinite(bf16["loss"])
-    assert plain["loss"] < 2.0 and bf16["loss"] < 2.0 and bf16["top1"] > 25
+    assert plain["loss"] < 0.5 and bf16["loss"] < 0.5 and bf16["top1"] > 90
 
 
 def test_compiled_run_matches_the_plain_run(tmp_path):

@@ -6,6 +6,7 @@ and whether it needs a producing layer (IIEU-B reads the producer's input and fi
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -90,7 +91,12 @@ class ActivationSpec:
     SITE_ARGUMENTS = ("channels", "num_classes", "producer", "capture", "nhwc")
 
     def check_kwargs(self, kwargs: dict) -> None:
-        """Raise ValueError naming the settings this activation does not take."""
+        """Raise ValueError naming the settings this activation does not take, and any setting that is a
+        non-finite number (a NaN threshold would silently turn a unit into the identity)."""
+        bad = sorted(k for k, v in kwargs.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            raise ValueError(f"activation {self.name!r}: setting(s) {bad} must be finite numbers, got "
+                             + ", ".join(f"{k}={kwargs[k]!r}" for k in bad))
         params = inspect.signature(self.factory).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return

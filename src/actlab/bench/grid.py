@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..models import unsupported
 from ..train import TrainConfig, train
+from ..train.config import with_recommended
 from ..train.checkpoint import CheckpointError
 from ..train.loop import environment
 from ..train.run_folder import RunFolder
@@ -36,8 +37,6 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT, config TEXT NOT NULL, versions TEXT, history TEXT, run_dir TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
 )"""
-# fields that do not change what a run computes
-NOT_IN_KEY = ("out", "workers", "log_every", "device")
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,12 @@ def connect(folder: str) -> sqlite3.Connection:
     db.row_factory = sqlite3.Row
     try:
         db.execute(SCHEMA)
+    except sqlite3.OperationalError as exc:
+        db.close()
+        if "locked" not in str(exc):
+            raise ValueError(f"{path} cannot be opened ({exc})") from exc
+        raise ValueError(f"{path} is locked by another process (another bench writing to {folder}?); wait for "
+                         "it to finish or stop it, then run the command again") from exc
     except sqlite3.DatabaseError as exc:
         db.close()
         raise ValueError(f"{path} is not a readable actlab results database ({exc}); move it away to "
@@ -63,8 +68,8 @@ def connect(folder: str) -> sqlite3.Connection:
 
 
 def run_key(cfg: TrainConfig) -> str:
-    values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_KEY}
-    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    """A hash of the run's identity (``TrainConfig.identity``): one row per distinct run."""
+    return hashlib.sha1(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,11 @@ def load_grid_file(path: str) -> tuple[dict, list[GridGroup], list[int] | None]:
         raise ValueError(f"{path}: a grid file needs a non-empty 'groups' list of {{models, acts, ...}}")
     seeds = spec.pop("seeds", None)
     groups = []
+    for where, keys in [("the top level", spec)] + [(f"group {i}", g) for i, g in enumerate(spec["groups"])
+                                                   if isinstance(g, dict)]:
+        for key, instead in PER_POINT.items():
+            if key in keys:
+                raise ValueError(f"{path}: {where} sets {key!r}, which the grid sets per run; {instead}")
     for i, g in enumerate(spec.pop("groups")):
         if not isinstance(g, dict) or not g.get("models") or not g.get("acts"):
             raise ValueError(f"{path}: group {i} needs 'models' and 'acts' lists")
@@ -102,6 +112,11 @@ def load_grid_file(path: str) -> tuple[dict, list[GridGroup], list[int] | None]:
         TrainConfig.from_dict({**spec, **g})  # unknown keys and bad values fail here, naming the key
         groups.append(GridGroup(tuple(models), tuple(acts), tuple(sorted(g.items()))))
     return spec, groups, seeds
+
+
+# settings a grid sets for each point itself, and where a grid file gives them instead
+PER_POINT = {"model": "list models in a group's 'models'", "act": "list activations in a group's 'acts'",
+             "seed": "list seeds in the top-level 'seeds'", "out": "the grid's folder is the --out of actlab bench"}
 
 
 def _upsert(db: sqlite3.Connection, key: str, **values) -> None:
@@ -205,14 +220,43 @@ def _run_in_worker(folder: str, cfg: TrainConfig, key: str, retry_failed: bool) 
         db.close()
 
 
-def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: list[int], retry_failed: bool = False,
-             quiet: bool = True, jobs: int = 1, log=print, executor: str = "local",
-             ray_options: dict | None = None) -> dict[str, int]:
+def point_config(base: TrainConfig | dict, overrides: dict, point: GridPoint, recommend: bool = False) -> TrainConfig:
+    """The validated config of one grid point: ``base`` with the group's ``overrides`` and the point's
+    model, act and seed. A dict ``base`` holds only the settings given; with ``recommend`` the others
+    take the values ``actlab train`` recommends for the point's dataset and model family."""
+    own = dict(model=point.model, act=point.act, seed=point.seed)
+    if isinstance(base, TrainConfig):
+        cfg = dataclasses.replace(base, **overrides, **own)
+        cfg.validate()
+        return cfg
+    values = {**base, **overrides, **own}
+    return TrainConfig.from_dict(with_recommended(values) if recommend else values)
+
+
+def grid_configs(folder: str, base: TrainConfig | dict, groups: list[GridGroup], seeds: list[int],
+                 recommend: bool = False) -> list[tuple[GridPoint, str, TrainConfig]]:
+    """(point, key, config) of every grid point, each config validated and with its run folder
+    ``folder/runs/<model>-<act>-s<seed>-<key>`` as ``out`` (``point_config`` for the arguments)."""
+    configs = []
+    for point, overrides in grid_points(groups, seeds):
+        cfg = point_config(base, overrides, point, recommend)
+        key = run_key(cfg)
+        name = f"{point.model.replace(':', '_')}-{point.act}-s{point.seed}-{key[:8]}"
+        configs.append((point, key, dataclasses.replace(cfg, out=os.path.join(os.path.normpath(folder), "runs", name))))
+    return configs
+
+
+def run_grid(folder: str, base: TrainConfig | dict, groups: list[GridGroup], seeds: list[int],
+             retry_failed: bool = False, quiet: bool = True, jobs: int = 1, log=print, executor: str = "local",
+             ray_options: dict | None = None, recommend: bool = False) -> dict[str, int]:
     """Run every missing point of the groups' models x acts x seeds into ``folder``; counts per outcome.
 
     Args:
-        base: every other setting (dataset, epochs, batch size, ...); model, act, seed and out are set
-            per point (runs live in ``folder/runs/<model>-<act>-s<seed>-<key>``), then group overrides.
+        base: every other setting (dataset, epochs, batch size, ...), as a config or as a dict of the
+            settings given; model, act, seed and out are set per point (runs live in
+            ``folder/runs/<model>-<act>-s<seed>-<key>``), after the group's overrides.
+        recommend: with a dict ``base``, settings it leaves unset take ``actlab train``'s recommended
+            values for the point's dataset and model family (``train.config.recommended_settings``).
         retry_failed: also redo points recorded as failed (by default they are kept, with their error).
         jobs: runs in parallel (processes, each with ``threads / jobs`` threads); 1 runs in this process.
         executor: "local" (this machine: ``jobs`` processes) or "ray" (every point a task on a Ray cluster;
@@ -225,14 +269,10 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
         from .ray_executor import import_ray
 
         import_ray()  # before anything is written: a missing Ray is one clear error
-    points = grid_points(groups, seeds)
-    configs = []
-    for point, overrides in points:  # every point is checked before anything is written or run
-        cfg = dataclasses.replace(base, **overrides, model=point.model, act=point.act, seed=point.seed)
-        cfg.validate()
-        key = run_key(cfg)
-        configs.append((point, key, dataclasses.replace(
-            cfg, out=os.path.join(folder, "runs", f"{point.model.replace(':', '_')}-{point.act}-s{point.seed}-{key[:8]}"))))
+    # "./b" and "b" are one grid; Ray workers do not share the driver's working directory
+    folder = os.path.abspath(folder) if executor == "ray" else os.path.normpath(folder)
+    configs = grid_configs(folder, base, groups, seeds, recommend)
+    points = [point for point, _, _ in configs]
     db = connect(folder)
     counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0, "busy": 0}
     todo = []
@@ -272,12 +312,18 @@ def run_grid(folder: str, base: TrainConfig, groups: list[GridGroup], seeds: lis
             log(f"{label}: {'training in another bench (left to it)' if status == 'busy' else 'recorded by another bench'}")
 
     if executor == "ray":
-        os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
-        from .ray_executor import ray_slots, run_tasks
+        from .ray_executor import check_visible, ray_slots, run_tasks
 
         options = dict(ray_options or {})
         slots[0] = ray_slots(options.get("address"), options.get("cpus_per_run", 1), options.get("gpus_per_run", 0))
-        finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, **options)
+        check_visible(options.get("address"), os.path.abspath(folder))
+
+        def waiting(seconds: float) -> None:
+            log(f"[{counts['done']} done, {len(todo) - counts['done'] - counts['failed']} running or queued on the "
+                f"Ray cluster; none finished in the last {seconds / 60:.1f} min]")
+
+        finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, waiting=waiting,
+                             **options)
         for i, (cfg, key, status, row) in enumerate(finished, 1):
             if row is not None:
                 _upsert(db, key, **row)

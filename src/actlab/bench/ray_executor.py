@@ -25,22 +25,69 @@ def import_ray():
     return ray
 
 
+CONNECT_TIMEOUT_S = 5  # an address that does not answer within this is an error, not a wait
+PROBE_TIMEOUT_S = 120  # a cluster that cannot start one zero-CPU task within this is an error
+
+
+def check_reachable(address: str) -> None:
+    """ValueError when nothing accepts a TCP connection at ``address`` (``host:port`` or
+    ``ray://host:port``) within ``CONNECT_TIMEOUT_S``; "auto" and "local" are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ValueError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+                         "with `ray start --head` or give the head node's address") from None
+
+
 def connect(address: str | None):
     """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one."""
     ray = import_ray()
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            check_reachable(address)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return ray
 
 
 def ray_slots(address: str | None, cpus_per_run: int, gpus_per_run: float) -> int:
-    """How many runs the cluster holds at once with these resources per run."""
-    resources = connect(address).cluster_resources()
-    fits = [resources.get("CPU", 0) // max(cpus_per_run, 1)]
-    if gpus_per_run:
-        fits.append(resources.get("GPU", 0) // gpus_per_run)
-    return max(1, int(min(fits)))
+    """How many runs the cluster holds at once with these resources per run; ValueError when no node of
+    the cluster could ever hold one (the tasks would wait forever)."""
+    if cpus_per_run < 1 or gpus_per_run < 0:
+        raise ValueError(f"--cpus-per-run must be >= 1 and --gpus-per-run >= 0 (got {cpus_per_run}, {gpus_per_run})")
+    ray = connect(address)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits = [int(min(r.get("CPU", 0) // cpus_per_run, r.get("GPU", 0) // gpus_per_run if gpus_per_run else 10**9))
+            for r in nodes]
+    if not any(fits):
+        largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        raise ValueError(f"no node of the Ray cluster has {cpus_per_run} CPU(s) and {gpus_per_run:g} GPU(s) for one "
+                         f"run (the largest has {largest.get('CPU', 0):g} CPUs, {largest.get('GPU', 0):g} GPUs); lower "
+                         "--cpus-per-run / --gpus-per-run or add such nodes")
+    return sum(fits)
+
+
+def _sees(path: str) -> tuple[bool, str]:
+    return os.path.isdir(path), socket.gethostname()
+
+
+def check_visible(address: str | None, path: str) -> None:
+    """ValueError when a task on the cluster cannot see the folder ``path`` (absolute), or when the
+    cluster cannot run a task at all within ``PROBE_TIMEOUT_S``."""
+    ray = connect(address)
+    probe = ray.remote(_sees).options(num_cpus=0)
+    try:
+        seen, node = ray.get(probe.remote(path), timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ValueError(f"the Ray cluster ran no task within {PROBE_TIMEOUT_S} s; is it healthy?") from None
+    if not seen:
+        raise ValueError(f"{path} is not visible on Ray node {node}: the grid's --out must be storage every node of "
+                         "the cluster sees (a shared filesystem)")
 
 
 def train_task(cfg: TrainConfig, threads: int, quiet: bool) -> tuple[str, dict | None]:
@@ -65,9 +112,10 @@ def train_task(cfg: TrainConfig, threads: int, quiet: bool) -> tuple[str, dict |
 
 
 def run_tasks(todo: list[tuple[TrainConfig, str]], record, *, address: str | None = None, cpus_per_run: int = 1,
-              gpus_per_run: float = 0, quiet: bool = True):
+              gpus_per_run: float = 0, quiet: bool = True, waiting=None, wait_s: float = 60.0):
     """Submit every (config, key) of ``todo`` as a Ray task and yield (config, key, status, row) as they
-    finish; ``record(cfg, key)`` marks a point running before it is submitted."""
+    finish; ``record(cfg, key)`` marks a point running before it is submitted. ``waiting(seconds)`` is
+    called after every ``wait_s`` seconds in which no task finished (a progress line for a stalled grid)."""
     ray = connect(address)
     task = ray.remote(train_task).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=MAX_RETRIES)
     refs = {}
@@ -76,8 +124,14 @@ def run_tasks(todo: list[tuple[TrainConfig, str]], record, *, address: str | Non
         refs[task.remote(cfg, cpus_per_run, quiet)] = (cfg, key)
     pending = list(refs)
     try:
+        quiet_since = time.perf_counter()
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if not ready:
+                if waiting is not None:
+                    waiting(time.perf_counter() - quiet_since)
+                continue
+            quiet_since = time.perf_counter()
             cfg, key = refs[ready[0]]
             try:
                 status, row = ray.get(ready[0])

@@ -302,9 +302,44 @@ def _write(folder: str, text: str) -> str:
     return md_path
 
 
+# settings that may differ between the runs compared in one group: what is compared (the activation and
+# its settings), the seed, and DPA's loss weight (ignored by every other activation)
+COMPARED = ("act", "act_kwargs", "seed", "dpa_lambda")
+
+
+def split_configurations(rows: list[dict]) -> list[dict]:
+    """Rows whose (model, dataset) group mixes run configurations get a model label naming their
+    differing settings (``resnet20 [epochs=2]``), so every group compares runs of one configuration only.
+    A row's configuration is its run identity (``train.config.run_identity``) less ``COMPARED``; rows
+    without a result (failed, skipped) keep their label."""
+    from ..train.config import run_identity
+
+    def variant(r: dict) -> str:
+        values = {k: v for k, v in run_identity(r["config"]).items() if k not in COMPARED + ("model",)}
+        return json.dumps(values, sort_keys=True, default=str)
+
+    by_group: dict = defaultdict(dict)
+    for r in rows:
+        if r["status"] == "done":
+            by_group[(r["model"], r["dataset"])].setdefault(variant(r), json.loads(variant(r)))
+    out = []
+    for r in rows:
+        variants = by_group[(r["model"], r["dataset"])]
+        if len(variants) <= 1 or r["status"] != "done":
+            out.append(r)
+            continue
+        mine = variants[variant(r)]
+        differing = sorted(k for k in set().union(*variants.values())
+                           if len({json.dumps(v.get(k), default=str) for v in variants.values()}) > 1)
+        label = ", ".join(f"{k}={mine.get(k)}" for k in differing)
+        out.append({**r, "model": f"{r['model']} [{label}]", "arch": r["model"]})
+    return out
+
+
 def write_report(folder: str, baseline: str = "relu", tie: float = 0.0) -> str:
-    """Write ``folder/report.md``, ``report.html`` and the PNG plots; returns the markdown path."""
-    rows = load_rows(folder)
+    """Write ``folder/report.md``, ``report.html`` and the PNG plots; returns the markdown path. Runs of
+    different configurations are never summarised together (``split_configurations``)."""
+    rows = split_configurations(load_rows(folder))
     summaries = summarize(rows)
     sections = (_header(folder, rows, baseline, tie), _results(rows, summaries, baseline, tie),
                 _plots(folder, rows, summaries), _speed(folder), _papers(folder, summaries), _without_result(rows))
@@ -313,7 +348,7 @@ def write_report(folder: str, baseline: str = "relu", tie: float = 0.0) -> str:
 
 def ranked_table(folder: str, baseline: str = "relu") -> str:
     """The short ranked table printed at the end of a bench (plain text, one block per group)."""
-    rows = load_rows(folder)
+    rows = split_configurations(load_rows(folder))
     summaries = summarize(rows)
     paired = {(p.model, p.dataset, p.act): p for p in paired_against(rows, baseline)}
     lines = []

@@ -19,54 +19,107 @@ import os
 import sqlite3
 import sys
 
-from ..train.config import TrainConfig, coerce, recommended_settings
+from ..train.config import TrainConfig, coerce, with_recommended
 from ..train.run_folder import RunFolder
+
+
+class Switch(argparse.BooleanOptionalAction):
+    """A boolean option: ``--flag`` sets it, ``--no-flag`` clears it, and ``--flag true|false`` (the
+    YAML spelling) works too."""
+
+    def __init__(self, option_strings, dest, default=None, config_key: bool = False, **kwargs):
+        super().__init__(option_strings, dest, default=default, **kwargs)
+        self.nargs = "?"
+        self.config_key = config_key  # a bad value is left for the config's own check (one clear line)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+            return
+        if values is None:
+            setattr(namespace, self.dest, True)
+            return
+        text = values.lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            if self.config_key:
+                setattr(namespace, self.dest, values)
+                return
+            parser.error(f"{option_string}: expected no value or true/false, got {values!r}")
+        setattr(namespace, self.dest, text in ("true", "1", "yes"))
+
+
+def _field_option(p, f: dataclasses.Field, help_text: str | None = None) -> None:
+    """The command-line option of one TrainConfig field (booleans are ``Switch`` es)."""
+    flag = "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else "{}"
+    if str(f.type).startswith("bool"):
+        p.add_argument(flag, dest=f.name, action=Switch, config_key=True, help=help_text or f"(default: {default})")
+    else:
+        p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text or f"(default: {default})")
+
+
+def _given(args, skip: tuple[str, ...] = ()) -> dict:
+    """The TrainConfig fields the command line sets, as typed values."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = None if f.name in skip else getattr(args, f.name, None)
+        if value is not None:
+            out[f.name] = coerce(f.name, value) if isinstance(value, str) else value
+    return out
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one model (or continue a run with --resume)")
     p.add_argument("--config", help="YAML file of config keys; command-line options override it")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
-    p.add_argument("--extend", action="store_true",
+    p.add_argument("--extend", action=Switch, default=False,
                    help="with --resume and a larger --epochs: train the run further (the LR schedule is recomputed "
                         "over the new total)")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                       help=f"(default: {f.default if f.default is not dataclasses.MISSING else '{}'})")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines (the final summary line stays)")
-    p.add_argument("--dry-run", action="store_true",
+        _field_option(p, f)
+    p.add_argument("--overwrite", action=Switch, default=False,
+                   help="replace a run that --out already holds (by default such a folder is refused)")
+    p.add_argument("--quiet", action=Switch, default=False,
+                   help="no progress bar or per-epoch lines (the final summary line stays)")
+    p.add_argument("--dry-run", action=Switch, default=False,
                    help="print the resolved config and the train / test transforms as JSON and exit (reads no data)")
+
+
+def config_values(args, skip: tuple[str, ...] = (), defaults: dict | None = None) -> tuple[dict, dict]:
+    """(all values, the command line's own): ``defaults``, then the ``--config`` YAML, then the command
+    line's field flags on top (``skip``: fields that the command sets itself)."""
+    values: dict = dict(defaults or {})
+    if args.config:
+        values.update(read_yaml_config(args.config))
+    given = _given(args, skip)
+    values.update(given)
+    return values, given
+
+
+def read_yaml_config(path: str) -> dict:
+    """The mapping of config keys in the YAML file ``path``; ValueError naming the file otherwise."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} not found")
+    with open(path) as f:
+        try:
+            loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys")
+    return loaded
 
 
 def config_from_args(args, skip: tuple[str, ...] = (), defaults: dict | None = None,
                      recommend: bool = False) -> TrainConfig:
-    """The config from ``defaults``, then ``--config`` YAML, then the command line's field flags on top
-    (``skip``: fields that the command sets itself). ``recommend``: settings still unset take the
-    dataset's recommended values for the model's family (``recommended_settings``)."""
-    values: dict = dict(defaults or {})
-    if args.config:
-        import yaml
-
-        if not os.path.isfile(args.config):
-            raise ValueError(f"config file {args.config} not found")
-        with open(args.config) as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"{args.config} is not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config} must hold a mapping of config keys")
-        values.update(loaded)
-    for f in dataclasses.fields(TrainConfig):
-        text = None if f.name in skip else getattr(args, f.name)
-        if text is not None:
-            values[f.name] = coerce(f.name, text)
-    if recommend:
-        dataset, model = values.get("dataset", TrainConfig.dataset), values.get("model", TrainConfig.model)
-        if isinstance(dataset, str) and isinstance(model, str):
-            values = {**recommended_settings(dataset, model), **values}
-    return TrainConfig.from_dict(values)
+    """The config from ``config_values``. ``recommend``: settings still unset take the dataset's
+    recommended values for the model's family (``recommended_settings``)."""
+    values, _ = config_values(args, skip, defaults)
+    return TrainConfig.from_dict(with_recommended(values) if recommend else values)
 
 
 def cmd_train(args) -> int:
@@ -78,11 +131,9 @@ def cmd_train(args) -> int:
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise ValueError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its folder; "
                              "drop --out (or copy the folder first)")
-        overrides = {f.name: coerce(f.name, getattr(args, f.name)) for f in dataclasses.fields(TrainConfig)
-                     if getattr(args, f.name) is not None}
-        values.update(overrides, out=args.resume)
+        values.update(_given(args), out=args.resume)
         cfg = TrainConfig.from_dict(values)
-        resume = folder.has_checkpoint()  # none: killed before the first epoch ended
+        resume = folder.has_checkpoint()  # none: killed before the first epoch ended, so it starts again
     else:
         if args.extend:
             raise ValueError("--extend continues a run: use it with --resume DIR")
@@ -90,7 +141,8 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg), indent=1))
         return 0
-    summary = train(cfg, resume=resume, quiet=args.quiet, extend=args.extend and resume)
+    summary = train(cfg, resume=resume, quiet=args.quiet, extend=args.extend and resume,
+                    overwrite=args.overwrite or bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per DDP process
         print(json.dumps({k: summary[k] for k in ("top1", "top5", "loss", "params", "epochs")}))
     return 0
@@ -117,7 +169,10 @@ def cmd_eval(args) -> int:
     from ..train.distributed import DistInfo
 
     model, saved = load_run_model(args.dir)
-    cfg = TrainConfig.from_dict(saved["config"])
+    try:
+        cfg = TrainConfig.from_dict(saved["config"])
+    except ValueError as exc:
+        raise ValueError(f"{args.dir}: the run's stored config cannot be used ({exc})") from None
     _, test, _ = build_datasets(cfg.dataset, args.data_dir or cfg.data_dir, image_size=cfg.image_size, augment=False,
                                 **cfg.view_options())
     loader = DataLoader(test, cfg.batch_size, shuffle=False, num_workers=cfg.workers or 0)
@@ -160,7 +215,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--config", help="YAML of the other run settings (batch_size, lr, ...); flags override it")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads split between them)")
-    p.add_argument("--retry-failed", action="store_true", help="redo runs recorded as failed")
+    p.add_argument("--retry-failed", action=Switch, default=False, help="redo runs recorded as failed")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: --jobs processes on this machine; ray: every run a task on a Ray cluster (--out must "
                         "be storage every node sees)")
@@ -170,10 +225,12 @@ def _bench_parser(sub) -> None:
     p.add_argument("--speed-repeats", type=int, default=0,
                    help="also run the speed benchmark with this many repeats into DIR/speed.json (0: skip)")
     p.add_argument("--tie", type=float, default=0.0, help="|difference| in top-1 points counted as a tie")
-    p.add_argument("--progress", action="store_true", help="progress bar for each run")
+    p.add_argument("--progress", action=Switch, default=False, help="progress bar for each run")
+    p.add_argument("--dry-run", action=Switch, default=False,
+                   help="print every grid point's resolved config as JSON lines and exit (trains and writes nothing)")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in BENCH_OWN:
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper())
+            _field_option(p, f)
 
 
 def _csv(text: str) -> list[str]:
@@ -209,12 +266,19 @@ def cmd_bench(args) -> int:
     else:
         raise ValueError("give --acts and --models (or a --grid FILE)")
     seeds = _seeds(args.seeds) if args.seeds is not None else [int(s) for s in seeds or [0, 1, 2]]
-    base = config_from_args(args, skip=BENCH_OWN, defaults=grid_settings)
-    base = dataclasses.replace(base, **{k: getattr(args, k) for k in ("dataset", "epochs") if getattr(args, k) is not None})
-    base.validate()
+    values, given = config_values(args, skip=BENCH_OWN, defaults=grid_settings)
+    given.update({k: getattr(args, k) for k in ("dataset", "epochs") if getattr(args, k) is not None})
+    values.update(given)
+    # the command line beats the grid file's groups too; unset settings take actlab train's defaults
+    groups = [dataclasses.replace(g, overrides=tuple((k, v) for k, v in g.overrides if k not in given))
+              for g in groups]
+    if args.dry_run:
+        for _, key, cfg in grid.grid_configs(args.out, values, groups, seeds, recommend=True):
+            print(json.dumps({"key": key, "config": cfg.to_dict()}))
+        return 0
     ray_options = {"address": args.address, "cpus_per_run": args.cpus_per_run, "gpus_per_run": args.gpus_per_run}
-    counts = grid.run_grid(args.out, base, groups, seeds, retry_failed=args.retry_failed, quiet=not args.progress,
-                           jobs=args.jobs, executor=args.executor, ray_options=ray_options)
+    counts = grid.run_grid(args.out, values, groups, seeds, retry_failed=args.retry_failed, quiet=not args.progress,
+                           jobs=args.jobs, executor=args.executor, ray_options=ray_options, recommend=True)
     print("grid: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.speed_repeats:
         from ..bench import speed
@@ -272,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 "analyze": cmd_analyze}
     try:
         return handlers[args.command](args)
-    except (ValueError, KeyError, OSError, RuntimeError, sqlite3.DatabaseError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, ArithmeticError, sqlite3.DatabaseError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
         print(f"actlab {args.command}: error: {message}", file=sys.stderr)
         return 2

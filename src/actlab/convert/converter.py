@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class SiteRecord:
     norm: str = ""
     shape: tuple | None = None
     note: str = ""  # how the new module reads its site (e.g. DPA pooling the class token)
+    module: nn.Module | None = field(default=None, repr=False, compare=False)  # the new module (converted sites)
+    replaced: nn.Module | None = field(default=None, repr=False, compare=False)  # the module it replaced
 
 
 @dataclass
@@ -252,9 +255,15 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             forward) sites: each module whose own forward calls them is rewritten with torch.fx, its
             children kept, each call replaced by a call of a new activation module on it. The model's own
             forward (it is converted in place) and modules fx cannot trace keep theirs, with a note.
-        **kwargs: passed to each new activation (e.g. ``tau=`` for DPA, ``zero_patch=`` for IIEU-B).
+        **kwargs: passed to each new activation (e.g. ``tau=`` for DPA, ``zero_patch=`` for IIEU-B);
+            numbers must be finite.
     Returns:
         ``model`` itself, converted. ``actlab.conversion_report(model)`` says what changed and why.
+
+    New modules take the train / eval mode of the module they replace. A module rewritten for its
+    functional activations none of which converts is put back as it was, and a conversion that raises
+    (``strict`` included) leaves the model as it found it. ``actlab.check(model, example_input)``
+    compares each converted site's output scale with the activation it replaced.
     """
     spec = get_spec(name)
     spec.check_kwargs(kwargs)
@@ -262,19 +271,51 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
         if num_classes is None:
             raise ValueError(f"convert(..., {spec.name!r}) needs num_classes= (DPA keeps per-class memories)")
+    act_types = act_types or ACTIVATION_TYPES
+    rewrites, swaps = [], []
+    try:  # all or nothing: a conversion that fails half-way puts every module back
+        trace, rewrites, from_functional, untraced = _functional_sites(model, example_input, act_types, functional)
+        report = ConversionReport(spec.name, functional=[_with_reason(note, untraced) for note in trace.functional])
+        for reg, reg_slots in _all_slots(model, trace, act_types, report).items():
+            _convert_registration(model, reg, reg_slots, spec, trace, num_classes, kwargs, include, exclude,
+                                  from_functional, report, swaps)
+        _restore_unconverted_rewrites(model, rewrites, report)
+        _note_nested_sites(model, report)
+        if strict:
+            _check_strict(report, include)
+    except BaseException:
+        for owner, attr, old, new in reversed(swaps):
+            _detach(new, keep=[])
+            setattr(owner, attr, old)
+        for rewrite in reversed(rewrites):
+            rewrite.undo(model)
+        raise
+    object.__setattr__(model, "_actlab_report", report)
+    if not strict:
+        _warn_if_mostly_kept(report)
+    return model
+
+
+def _functional_sites(model, example_input, act_types, functional: bool):
+    """The trace of the example forward, after making functional activations modules (``functional``):
+    (trace, rewrites, {site name: functional name}, {module name: why it was not rewritten})."""
     trace = trace_activations(model, example_input, act_types)
-    from_functional, untraced = {}, {}
+    rewrites, from_functional, untraced = [], {}, {}
     if functional and trace.functional_owners:
-        for rewrite in rewrite_functional(model, trace.functional_owners):
+        rewrites = rewrite_functional(model, trace.functional_owners)
+        for rewrite in rewrites:
             untraced[rewrite.name or "the model's forward"] = rewrite.error
             from_functional.update({f"{rewrite.name}.{attr}": attr.rstrip("_0123456789") for attr in rewrite.replaced})
         if from_functional:
             trace = trace_activations(model, example_input, act_types)
-    batch = trace.batch or 1
-    report = ConversionReport(spec.name, functional=[_with_reason(note, untraced) for note in trace.functional])
+    return trace, [r for r in rewrites if r.replaced], from_functional, untraced
+
+
+def _all_slots(model: nn.Module, trace: Trace, act_types, report: ConversionReport) -> dict[str, list[_Slot]]:
+    """Every call position of every activation registration: those the example forward called, then
+    modules it never called (their aliases listed in ``report``)."""
     names = _names_by_module(model)
     slots = _slots(trace, model, names)
-    act_types = act_types or ACTIVATION_TYPES
     listed = {id(s.original): reg for reg, reg_slots in slots.items() for s in reg_slots}
     for reg, mod in model.named_modules(remove_duplicate=False):
         if not reg or not isinstance(mod, act_types) or reg in slots or _inside_activation(model, reg, act_types):
@@ -284,50 +325,95 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             continue
         slots[reg] = [_Slot(reg, mod, None)]
         listed[id(mod)] = reg
-    for reg, reg_slots in slots.items():
-        owner, attr = _resolve(model, reg)
-        new_modules, changed = [], False
-        for slot in reg_slots:
-            call = slot.call
-            original = from_functional.get(slot.name.split("[")[0])
-            record = SiteRecord(slot.name, f"functional {original}" if original else type(slot.original).__name__, False,
-                                shape=call.in_shape if call else None,
-                                producer=call.producer_name if call else "", norm=call.norm_name if call else "")
-            module, reason = None, ""
-            if exclude is not None and _matches(slot.name, exclude):
-                reason = "excluded by pattern"
-            elif include is not None and not _matches(slot.name, include):
-                reason = "not matched by include"
-            elif slot.inconsistent:
-                reason = slot.inconsistent
-            else:
-                module, reason = _build(spec, call, trace, batch, num_classes, dict(kwargs))
-                if module is not None and _same_activation(module, slot.original):
-                    _detach(module, keep=[])  # unused: the site keeps its module and trained parameters
-                    module, reason = None, ALREADY
-            if module is None:
-                record.reason = reason
-                has_state = any(True for _ in slot.original.parameters()) or any(True for _ in slot.original.buffers())
-                module = slot.original if (has_state or len(reg_slots) == 1) else copy.deepcopy(slot.original)
-            else:
-                changed = True
-                record.converted, record.new = True, type(module).__name__
-                record.note = module.site_note() if isinstance(module, ActivationModule) else ""
-                if hasattr(module, "site"):
-                    module.site = slot.name
-            report.sites.append(record)
-            new_modules.append(module)
-        if changed or len(reg_slots) > 1:
-            caller = reg_slots[0].caller or owner
-            replacement = new_modules[0] if len(new_modules) == 1 else SiteSplit(new_modules, caller)
-            _detach(getattr(owner, attr), keep=new_modules)
-            setattr(owner, attr, replacement)
-    object.__setattr__(model, "_actlab_report", report)
-    if strict:
-        _check_strict(report, include)
-    else:
-        _warn_if_mostly_kept(report)
-    return model
+    return slots
+
+
+def _convert_registration(model, reg: str, reg_slots: list[_Slot], spec, trace, num_classes, kwargs, include,
+                          exclude, from_functional: dict, report: ConversionReport, swaps: list) -> None:
+    """Decide and build every call position of one registration, then swap it in (``swaps`` records
+    (owner, attribute, old module, new module) for undoing)."""
+    owner, attr = _resolve(model, reg)
+    new_modules, changed = [], False
+    batch = trace.batch or 1
+    for slot in reg_slots:
+        call = slot.call
+        original = from_functional.get(slot.name.split("[")[0])
+        record = SiteRecord(slot.name, f"functional {original}" if original else type(slot.original).__name__, False,
+                            shape=call.in_shape if call else None,
+                            producer=call.producer_name if call else "", norm=call.norm_name if call else "")
+        module, reason = None, ""
+        if exclude is not None and _matches(slot.name, exclude):
+            reason = "excluded by pattern"
+        elif include is not None and not _matches(slot.name, include):
+            reason = "not matched by include"
+        elif slot.inconsistent:
+            reason = slot.inconsistent
+        else:
+            module, reason = _build(spec, call, trace, batch, num_classes, dict(kwargs))
+            if module is not None and _same_activation(module, slot.original):
+                _detach(module, keep=[])  # unused: the site keeps its module and trained parameters
+                module, reason = None, ALREADY
+        if module is None:
+            record.reason = reason
+            has_state = any(True for _ in slot.original.parameters()) or any(True for _ in slot.original.buffers())
+            module = slot.original if (has_state or len(reg_slots) == 1) else copy.deepcopy(slot.original)
+        else:
+            changed = True
+            module.train(slot.original.training)  # the model's train / eval mode stays as it was
+            record.converted, record.new = True, type(module).__name__
+            record.note = module.site_note() if isinstance(module, ActivationModule) else ""
+            record.module, record.replaced = module, slot.original
+            if hasattr(module, "site"):
+                module.site = slot.name
+        report.sites.append(record)
+        new_modules.append(module)
+    if changed or len(reg_slots) > 1:
+        caller = reg_slots[0].caller or owner
+        replacement = new_modules[0] if len(new_modules) == 1 else SiteSplit(new_modules, caller)
+        if isinstance(replacement, SiteSplit):  # the container takes the mode of the module it replaces
+            replacement.training = replacement.sites.training = reg_slots[0].original.training
+        old = getattr(owner, attr)
+        _detach(old, keep=new_modules)
+        setattr(owner, attr, replacement)
+        swaps.append((owner, attr, old, replacement))
+
+
+def _restore_unconverted_rewrites(model: nn.Module, rewrites, report: ConversionReport) -> None:
+    """A module rewritten for its functional activations, none of whose sites converted, is put back as
+    it was (the very object): a conversion changes nothing it does not report."""
+    for rewrite in rewrites:
+        prefixes = [place + "." for place in rewrite.places]
+        if not any(s.converted and s.name.startswith(tuple(prefixes)) for s in report.sites):
+            rewrite.undo(model)
+
+
+def _note_nested_sites(model: nn.Module, report: ConversionReport) -> None:
+    """Converted sites inside another activation's module (timm's StarReLU computes ``s * relu(x)**2 + b``
+    with an inner ReLU) say so: the new activation is then one part of that formula."""
+    outer = _activation_formula_types()
+    for record in report.converted:
+        parts = record.name.split("[")[0].split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            holder = model.get_submodule(".".join(parts[:i]))
+            if isinstance(holder, outer):
+                note = (f"inside {type(holder).__name__} {'.'.join(parts[:i])}, an activation of its own: "
+                        f"its output goes through that module's formula")
+                record.note = f"{record.note}; {note}" if record.note else note
+                break
+
+
+def _activation_formula_types() -> tuple[type, ...]:
+    """Activation modules whose forward wraps an inner activation module (timm's StarReLU, ...): every
+    class defined in timm's activation modules."""
+    try:
+        from timm.layers import activations, activations_me
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return ()
+    found = []
+    for mod in (activations, activations_me):
+        found += [v for v in vars(mod).values()
+                  if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == mod.__name__]
+    return tuple(found)
 
 
 ALREADY = "already this activation with these settings (kept, with its trained parameters)"
@@ -345,10 +431,17 @@ def _same_activation(new: nn.Module, old: nn.Module) -> bool:
 
 
 def _warn_if_mostly_kept(report: ConversionReport) -> None:
-    """One warning when fewer than half of the activation calls a conversion could take were converted."""
+    """One warning when fewer than half of the activation calls a conversion could take were converted,
+    and when the example forward called no activation that actlab recognises at all."""
     eligible = [s for s in report.sites if s.reason not in ("excluded by pattern", "not matched by include", ALREADY)]
     converted = sum(s.converted for s in eligible)
     calls = len(eligible) + len(report.functional)
+    if not report.sites and not report.functional:
+        warnings.warn(f"actlab.convert -> {report.activation}: the example forward called no activation that actlab "
+                      "recognises (modules of actlab.convert.ACTIVATION_TYPES or functional relu/gelu/...), so nothing "
+                      "was converted; pass act_types=(YourActivation,) for the model's own activation classes",
+                      stacklevel=3)
+        return
     if calls and converted < calls / 2:
         reasons = Counter(s.reason for s in eligible if not s.converted)
         reasons.update("functional activation (not a module)" for _ in report.functional)
@@ -400,4 +493,56 @@ def _inside_activation(model: nn.Module, reg: str, act_types) -> bool:
     return False
 
 
-__all__ = ["ConversionReport", "SiteRecord", "SiteSplit", "conversion_report", "convert"]
+@dataclass
+class ScaleCheck:
+    """One converted site's output scale against the activation it replaced, on one batch."""
+
+    name: str
+    rms_new: float
+    rms_original: float
+
+    @property
+    def ratio(self) -> float:
+        if self.rms_original == 0:
+            return 1.0 if self.rms_new == 0 else float("inf")
+        return self.rms_new / self.rms_original
+
+
+def check(model: nn.Module, example_input, factor: float = 10.0) -> list[ScaleCheck]:
+    """The converted sites of ``model`` whose output scale (root mean square) on ``example_input`` differs
+    from the replaced activation's on the same input by more than ``factor`` (either way), largest first.
+
+    One eval-mode forward (DPA needs no labels there; the model's mode is restored); each converted site's
+    input goes through its new module, as the model runs it, and through the module it replaced. An
+    activation that blows up or silences its sites at initialisation (ACON's N(0, 1) draw on a network
+    without normalisation) shows up here before a training run diverges."""
+    import torch
+
+    records = {id(r.module): r for r in conversion_report(model).converted if r.module is not None}
+    found: list[ScaleCheck] = []
+
+    def hook(module, args, output):
+        record = records[id(module)]
+        try:
+            original = record.replaced(args[0].clone())  # a clone: the replaced module may work in place
+        except Exception:  # noqa: BLE001 - a replaced module that cannot run alone (released hooks): no verdict
+            return
+        rms = [float(t.detach().double().pow(2).mean().sqrt()) for t in (output, original)]
+        found.append(ScaleCheck(record.name, *rms))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in records]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    flagged = [c for c in found if not (1 / factor <= c.ratio <= factor)]
+    return sorted(flagged, key=lambda c: -abs(math.log(c.ratio)) if 0 < c.ratio < float("inf") else -math.inf)
+
+
+__all__ = ["ConversionReport", "ScaleCheck", "SiteRecord", "SiteSplit", "check", "conversion_report", "convert"]

@@ -7,7 +7,8 @@ values, ...) is left as it was, and the report says why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,19 +18,21 @@ import torch.nn.functional as F
 
 
 def _module_factories() -> dict[object, tuple[str, Callable[..., nn.Module]]]:
-    """target -> (name, factory taking the call's non-input arguments as keywords)."""
-    relu = ("relu", lambda inplace=False: nn.ReLU())
+    """target -> (name, factory taking the call's non-input arguments as keywords). Each module computes
+    exactly what the call did, in-place flag included."""
+    relu = ("relu", lambda inplace=False: nn.ReLU(inplace))
+    relu_ = ("relu", lambda: nn.ReLU(inplace=True))
     return {
-        F.relu: relu, torch.relu: relu, F.relu_: relu, torch.relu_: relu, "relu": relu, "relu_": relu,
-        F.relu6: ("relu6", lambda inplace=False: nn.ReLU6()),
+        F.relu: relu, torch.relu: relu, "relu": relu, F.relu_: relu_, torch.relu_: relu_, "relu_": relu_,
+        F.relu6: ("relu6", lambda inplace=False: nn.ReLU6(inplace)),
         F.gelu: ("gelu", lambda approximate="none": nn.GELU(approximate=approximate)), "gelu": (
             "gelu", lambda approximate="none": nn.GELU(approximate=approximate)),
-        F.silu: ("silu", lambda inplace=False: nn.SiLU()), "silu": ("silu", lambda inplace=False: nn.SiLU()),
-        F.mish: ("mish", lambda inplace=False: nn.Mish()),
-        F.elu: ("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha)),
-        F.selu: ("selu", lambda inplace=False: nn.SELU()),
-        F.leaky_relu: ("leaky_relu", lambda negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope)),
-        F.hardswish: ("hardswish", lambda inplace=False: nn.Hardswish()),
+        F.silu: ("silu", lambda inplace=False: nn.SiLU(inplace)), "silu": ("silu", lambda inplace=False: nn.SiLU(inplace)),
+        F.mish: ("mish", lambda inplace=False: nn.Mish(inplace)),
+        F.elu: ("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha, inplace)),
+        F.selu: ("selu", lambda inplace=False: nn.SELU(inplace)),
+        F.leaky_relu: ("leaky_relu", lambda negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope, inplace)),
+        F.hardswish: ("hardswish", lambda inplace=False: nn.Hardswish(inplace)),
         F.softplus: ("softplus", lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold)),
     }
 
@@ -59,6 +62,14 @@ class Rewrite:
     name: str
     replaced: list[str]  # names of the new activation modules, relative to the module
     error: str = ""
+    original: nn.Module | None = None  # the module before the rewrite (``undo`` puts it back)
+    places: list[str] = field(default_factory=list)  # every name it was registered under in the model
+
+    def undo(self, model: nn.Module) -> None:
+        """Put the original module back under every name the rewrite replaced."""
+        for place in self.places:
+            parent_name, _, attr = place.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, self.original)
 
 
 def _new_module(node: fx.Node) -> tuple[str, nn.Module] | None:
@@ -71,17 +82,43 @@ def _new_module(node: fx.Node) -> tuple[str, nn.Module] | None:
     extra.update(node.kwargs)
     if any(isinstance(v, fx.Node) for v in extra.values()):
         return None  # a setting computed from tensors: not a fixed module
+    params = inspect.signature(factory).parameters
+    if set(extra) - set(params):
+        return None  # a setting the module form does not have
+    module = factory(**extra)
+    if getattr(module, "inplace", False) and _read_later(node.args[0], node):
+        return None  # the in-place result is read through the input's name: an out-of-place site would change it
+    return name, module
+
+
+def _read_later(value: fx.Node, call: fx.Node) -> bool:
+    """Whether a node after ``call`` in the graph reads ``value`` (and so sees what ``call`` did in place)."""
+    order = {n: i for i, n in enumerate(call.graph.nodes)}
+    return any(order[user] > order[call] for user in value.users if user is not call)
+
+
+class Untraceable(Exception):
+    """A module whose forward fx's graph cannot stand for exactly."""
+
+
+def _trace_in_mode(module: nn.Module, training: bool) -> fx.Graph:
+    was = [(m, m.training) for m in module.modules()]
+    module.train(training)
     try:
-        return name, factory(**extra)
-    except TypeError:  # a setting the module form does not have
-        return None
+        return _ChildrenAsLeaves(module).trace(module)
+    finally:
+        for m, flag in was:
+            m.training = flag
 
 
 def rewrite_module(module: nn.Module) -> tuple[nn.Module, list[str]]:
     """``module`` with each functional activation of its own forward replaced by a call of a new
-    activation module (an ``fx.GraphModule`` of the same class name and children). Raises what fx raises
-    when the forward cannot be traced."""
-    graph = _ChildrenAsLeaves(module).trace(module)
+    activation module (an ``fx.GraphModule`` of the same class name and children), or ``module`` itself
+    when none is. Raises what fx raises when the forward cannot be traced, and ``Untraceable`` when its
+    graph depends on ``self.training`` (a traced graph would freeze one branch)."""
+    graph = _trace_in_mode(module, module.training)
+    if str(graph) != str(_trace_in_mode(module, not module.training)):
+        raise Untraceable("its forward branches on self.training")
     replaced = []
     for node in list(graph.nodes):
         made = _new_module(node)
@@ -92,6 +129,7 @@ def rewrite_module(module: nn.Module) -> tuple[nn.Module, list[str]]:
         while hasattr(module, name) or name in replaced:
             name, k = f"{base}_{k}", k + 1
         replaced.append(name)
+        new.train(module.training)
         module.add_module(name, new)
         with graph.inserting_after(node):
             call = graph.call_module(name, (node.args[0],))
@@ -112,14 +150,21 @@ def rewrite_functional(model: nn.Module, owners: dict[str, nn.Module]) -> list[R
         if not name:
             done.append(Rewrite(name, [], "the model is converted in place, so its own forward keeps them"))
             continue
+        children = dict(module._modules)  # rewrite_module adds the new modules to it: the original stays as it was
         try:
             rewritten, replaced = rewrite_module(module)
+        except Untraceable as exc:
+            done.append(Rewrite(name, [], f"not rewritten: {exc}"))
+            continue
         except Exception as exc:  # noqa: BLE001 - fx raises many kinds; any of them means "leave it"
             done.append(Rewrite(name, [], f"torch.fx cannot trace it ({type(exc).__name__}: {str(exc)[:80]})"))
             continue
-        if replaced:  # under every name a shared module has
-            for other, _ in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if m is module]:
-                parent_name, _, attr = other.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, attr, rewritten)
-        done.append(Rewrite(name, replaced))
+        finally:
+            module._modules.clear()
+            module._modules.update(children)
+        places = [n for n, m in model.named_modules(remove_duplicate=False) if m is module] if replaced else []
+        for place in places:  # under every name a shared module has
+            parent_name, _, attr = place.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, rewritten)
+        done.append(Rewrite(name, replaced, original=module, places=places))
     return done

@@ -85,11 +85,49 @@ def train_transform(size: int, mean, std, augment: Augment | None, native_size: 
 
         erase = [RandomErasing(augment.reprob, mode=augment.remode, max_count=augment.recount, device="cpu")]
         final = T.Compose(_final(None, None) + (erase if augment.reprob > 0 else []))
+    _safe_posterize(secondary)
     if augment.crop != "rrc":  # timm's primary is RandomResizedCrop + flip: keep its flip only
         crop = [T.RandomCrop(size, padding=augment.crop_padding)] if augment.crop == "pad" else []
         flips = [t for t in primary.transforms if isinstance(t, T.RandomHorizontalFlip)]
         primary = T.Compose([*_fit(size, native_size), *crop, *flips])
     return T.Compose([_to_pil(), primary, secondary, final])
+
+
+def posterize(img, bits_to_keep, **_):
+    """timm's posterize with the bit count clamped to what Pillow accepts (1 to 8): timm's increasing
+    posterize asks for 0 bits at magnitude 10 (``rand-m9-mstd0.5`` draws it), which Pillow >= 11 refuses.
+    One bit is the strongest posterize Pillow has; 8 or more leaves the image as it is."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, max(1, int(bits_to_keep)))
+
+
+def _augment_ops(transform) -> list:
+    """Every timm AugmentOp inside ``transform`` (RandAugment's ops, AutoAugment's sub-policies, AugMix)."""
+    found, stack = [], [transform]
+    while stack:
+        t = stack.pop()
+        if hasattr(t, "aug_fn"):
+            found.append(t)
+            continue
+        for attr in ("transforms", "ops", "policy"):
+            items = getattr(t, attr, None)
+            if isinstance(items, (list, tuple)):
+                stack.extend(items)
+        if isinstance(t, (list, tuple)):
+            stack.extend(t)
+    return found
+
+
+def _safe_posterize(transform) -> None:
+    """Swap timm's posterize for ``posterize`` in the augmentation ops of ``transform`` (no global patch)."""
+    from timm.data import auto_augment
+
+    for op in _augment_ops(transform):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
 
 
 def _final(mean, std) -> list:

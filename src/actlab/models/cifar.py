@@ -102,7 +102,8 @@ def resnet18(**kw) -> CifarResNet:
 
 
 class VGG(nn.Module):
-    """VGG with BatchNorm for 32x32 inputs (five 2x2 max-pools to 1x1, then one Linear classifier)."""
+    """VGG with BatchNorm for 32x32 inputs (five 2x2 max-pools to 1x1, then one Linear classifier); smaller
+    inputs reach 1x1 earlier and keep it (the pools round up)."""
 
     def __init__(self, config, num_classes: int = 10, in_channels: int = 3, act_layer: ActLayer = nn.ReLU):
         super().__init__()
@@ -110,7 +111,7 @@ class VGG(nn.Module):
         layers, cin = [], in_channels
         for v in config:
             if v == "M":
-                layers.append(nn.MaxPool2d(2))
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))  # a 1x1 map stays 1x1 below 32x32
             else:
                 layers += [*conv_bn(cin, v), act_layer()]
                 cin = v

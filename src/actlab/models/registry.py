@@ -30,6 +30,8 @@ class ModelSpec:
         iieu_placement: the builder takes ``iieu_placement=`` (the IIEU paper's bottleneck placement).
         summary: one line for ``actlab list models``.
         family: ``"cnn"`` or ``"transformer"`` (which training recipe suits it).
+        options: the architecture keywords a run config may set (``width``, ``dropout``,
+            ``drop_path_rate``); None: any (timm / torchvision models, whose builders check them).
     """
 
     name: str
@@ -39,6 +41,7 @@ class ModelSpec:
     iieu_placement: bool = False
     summary: str = ""
     family: str = "cnn"
+    options: tuple[str, ...] | None = ()
 
 
 def _sized(fn):  # builders that take no image_size
@@ -57,13 +60,14 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("resnet50", bottleneck.resnet50, "relu", residual=True, iieu_placement=True,
               summary="bottleneck ResNet-50 (IIEU placement with iieu_b / iieu_dc)"),
     ModelSpec("mobilenet_v2", mobile.mobilenet_v2, "relu6", residual=True,
-              summary="torchvision MobileNetV2, width= and dropout= options"),
+              summary="torchvision MobileNetV2, width= and dropout= options",
+              options=("width", "dropout")),
     ModelSpec("shufflenet_v2", mobile.shufflenet_v2, "relu", summary="torchvision ShuffleNetV2 1.0x"),
-    ModelSpec("vit_tiny", transformers.vit_tiny, "gelu", summary="timm ViT-Tiny (patch 4 at 32x32)", family="transformer"),
-    ModelSpec("cait_xxs24", transformers.cait_xxs24, "gelu", summary="timm CaiT-XXS24", family="transformer"),
-    ModelSpec("pvt_tiny", transformers.pvt_tiny, "gelu", summary="timm pvt_v2_b0, stand-in for PVT-Tiny", family="transformer"),
-    ModelSpec("tnt_small", transformers.tnt_small, "gelu", summary="timm TNT-S", family="transformer"),
-    ModelSpec("vit_micro", transformers.vit_micro, "gelu", summary="tiny ViT for CPU runs (64 wide, 4 deep)", family="transformer"),
+    ModelSpec("vit_tiny", transformers.vit_tiny, "gelu", summary="timm ViT-Tiny (patch 4 at 32x32)", family="transformer", options=("drop_path_rate",)),
+    ModelSpec("cait_xxs24", transformers.cait_xxs24, "gelu", summary="timm CaiT-XXS24", family="transformer", options=("drop_path_rate",)),
+    ModelSpec("pvt_tiny", transformers.pvt_tiny, "gelu", summary="timm pvt_v2_b0, stand-in for PVT-Tiny", family="transformer", options=("drop_path_rate",)),
+    ModelSpec("tnt_small", transformers.tnt_small, "gelu", summary="timm TNT-S", family="transformer", options=("drop_path_rate",)),
+    ModelSpec("vit_micro", transformers.vit_micro, "gelu", summary="tiny ViT for CPU runs (64 wide, 4 deep)", family="transformer", options=("drop_path_rate",)),
 ]}
 
 MODEL_ACTS = "every name of actlab.list_activations(), plus 'iieu_dc'"
@@ -100,7 +104,8 @@ def _library_spec(name: str) -> ModelSpec:
             raise ValueError(f"torchvision has no classifier {arch!r} (torchvision.models.list_models() lists them)")
     family = "transformer" if _TRANSFORMER_NAMES.search(arch) else "cnn"
     return ModelSpec(name, functools.partial(_build_library, library, arch), native_act="",
-                     summary=f"{library} {arch}, random init, converted to the activation", family=family)
+                     summary=f"{library} {arch}, random init, converted to the activation", family=family,
+                     options=None)
 
 
 def _build_library(library: str, arch: str, num_classes: int, image_size: int, in_channels: int = 3,
@@ -121,10 +126,15 @@ def _build_library(library: str, arch: str, num_classes: int, image_size: int, i
 
     if in_channels != 3:
         raise ValueError(f"torchvision:{arch} takes 3-channel images; this dataset has {in_channels}")
+    if arch in AUX_HEADS:  # their training forward returns (logits, aux...): a classifier gives logits
+        kw.setdefault("aux_logits", False)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
     if isinstance(getattr(model, "image_size", None), int) and model.image_size != image_size and "image_size" not in kw:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, image_size=image_size, **kw)
     return model
+
+
+AUX_HEADS = ("googlenet", "inception_v3")  # torchvision classifiers built without their auxiliary heads
 
 
 def model_acts() -> list[str]:

@@ -136,15 +136,30 @@ class TrainConfig:
             (self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct must be in (0, 1] (or null)"),
             (self.drop_path is None or 0 <= self.drop_path < 1, "drop_path must be in [0, 1) (or null)"),
             (self.width is None or self.width > 0, "width must be > 0 (or null)"),
-            (self.dropout is None or (0 <= self.dropout < 1 and self.model == "mobilenet_v2"),
-             "dropout must be in [0, 1) and is a mobilenet_v2 setting (or null)"),
+            (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1) (or null)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"bad config: {message}")
+        self._check_architecture_options(get_model_spec(self.model))
         get_spec(site_activation(self.act)).check_kwargs(self.act_kwargs)
         if self.auto_augment is not None:
             check_auto_augment(self.auto_augment)
+
+    def architecture_options(self) -> dict:
+        """The architecture keywords this config sets (``create_model`` ``**kw``)."""
+        return {arch: getattr(self, key) for key, arch in ARCHITECTURE_OPTIONS.items() if getattr(self, key) is not None}
+
+    def _check_architecture_options(self, spec) -> None:
+        from ..models import get_model_spec, list_models
+
+        if spec.options is None:
+            return
+        for key, arch in ARCHITECTURE_OPTIONS.items():
+            if getattr(self, key) is not None and arch not in spec.options:
+                takers = [m for m in list_models() if arch in (get_model_spec(m).options or ())]
+                raise ValueError(f"bad config: {self.model} has no {key} setting (models that take it: "
+                                 f"{', '.join(takers)}, and timm:/torchvision: models that have {arch}=)")
 
     def augment_options(self) -> dict:
         """The fields of ``actlab.data.Augment`` this config sets over the dataset's standard augmentation."""
@@ -184,7 +199,32 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """The settings that change what the run computes (``run_identity`` of this config)."""
+        return run_identity(self.to_dict())
 
+
+# Settings that say where and how fast a run goes, not what it computes: they are outside a run's
+# identity. Two configs equal but for these are the same run: the bench grid's key, resuming a run and
+# the report's grouping all ask ``run_identity``. (Loading with any number of workers gives the same
+# batches: each sample's augmentation is drawn from (seed, epoch, index).)
+NOT_IDENTITY = ("out", "data_dir", "download", "workers", "log_every", "device", "compile")
+
+
+def run_identity(values: dict) -> dict:
+    """A run config (as stored in config.json) without the settings outside a run's identity."""
+    return {k: v for k, v in values.items() if k not in NOT_IDENTITY}
+
+
+def identity_changes(stored: dict, new: dict, allow: tuple[str, ...] = ()) -> dict:
+    """``{setting: (stored value, new value)}`` for every identity setting that differs (``allow``: ones
+    that may differ), for messages such as "checkpoint 'adamw' vs now 'sgd'"."""
+    a, b = run_identity(stored), run_identity(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in allow and a.get(k) != b.get(k)}
+
+
+# config key -> the architecture keyword it sets
+ARCHITECTURE_OPTIONS = {"width": "width", "drop_path": "drop_path_rate", "dropout": "dropout"}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list, "None": type(None)}
 WEIGHT_DECAY_RULES = ("actlab", "timm", "all")
 
@@ -209,6 +249,15 @@ def recommended_settings(dataset: str, model: str) -> dict:
     from ..models import get_model_spec
 
     return dict(RECOMMENDED.get((dataset, get_model_spec(model).family), {}))
+
+
+def with_recommended(values: dict) -> dict:
+    """``values`` (config keys) over the settings recommended for their dataset and model: what
+    ``actlab train`` and every point of ``actlab bench`` start from."""
+    dataset, model = values.get("dataset", TrainConfig.dataset), values.get("model", TrainConfig.model)
+    if isinstance(dataset, str) and isinstance(model, str):
+        return {**recommended_settings(dataset, model), **values}
+    return values
 
 
 def coerce(key: str, text: str):

@@ -21,7 +21,7 @@ from ..activations.dpa import check_targets
 from ..data import build_datasets, make_loaders
 from ..models import create_model, model_stats
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, identity_changes
 from .distributed import DistInfo, all_sum, cleanup, setup
 from .optim import build_optimizer
 from .precision import Precision
@@ -48,15 +48,22 @@ def loader_workers(cfg: TrainConfig, device: torch.device, info: DistInfo) -> in
     return max(1, min(8, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if info.enabled else 1)))
 
 
-def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> nn.Module:
-    arch_kw = {}
-    if cfg.width is not None:
-        arch_kw["width"] = cfg.width
-    if cfg.drop_path is not None:
-        arch_kw["drop_path_rate"] = cfg.drop_path
-    if cfg.dropout is not None:
-        arch_kw["dropout"] = cfg.dropout
-    return create_model(cfg.model, cfg.act, num_classes, image_size=image_size, act_kwargs=cfg.act_kwargs, **arch_kw)
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int, in_channels: int = 3) -> nn.Module:
+    """The run's model; ValueError naming the model and the input when it cannot take the data."""
+    try:
+        model = create_model(cfg.model, cfg.act, num_classes, image_size=image_size, in_channels=in_channels,
+                             act_kwargs=cfg.act_kwargs, **cfg.architecture_options())
+    except TypeError as exc:  # a timm / torchvision builder without one of the architecture keywords
+        raise ValueError(f"{cfg.model} does not take {sorted(cfg.architecture_options())} ({exc})") from None
+    except (RuntimeError, AssertionError) as exc:  # the conversion's example forward failed
+        raise ValueError(f"{cfg.model} cannot take {in_channels}x{image_size}x{image_size} images: "
+                         f"{_first_line(exc)}") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 @dataclass
@@ -207,10 +214,6 @@ def checkpoint_state(cfg, model, optimizer, scaler, state: RunState) -> dict:
             "history": state.history}
 
 
-# settings a resumed run may change: where and how fast it runs, not what it computes
-RESUMABLE_CHANGES = ("out", "workers", "log_every", "device", "compile")
-
-
 def restore(path: str, cfg: TrainConfig, model, optimizer, scaler, extend: bool = False) -> RunState:
     """Load everything from the run's checkpoint; refuses one written by a different configuration.
 
@@ -218,9 +221,7 @@ def restore(path: str, cfg: TrainConfig, model, optimizer, scaler, extend: bool 
     total from the current step, so it does not end as the original run would have); without it a
     changed ``epochs`` is refused like any other setting that changes what the run computes."""
     saved = ckpt.load(path)
-    allowed = RESUMABLE_CHANGES + (("epochs",) if extend else ())
-    mismatched = {k: (saved["config"].get(k), v) for k, v in cfg.to_dict().items()
-                  if k not in allowed and saved["config"].get(k) != v}
+    mismatched = identity_changes(saved["config"], cfg.to_dict(), allow=("epochs",) if extend else ())
     if mismatched:
         hint = " (to train a run for more epochs, resume with --extend)" if "epochs" in mismatched else ""
         raise ckpt.CheckpointError(f"{path} was written by a different configuration: "
@@ -277,12 +278,24 @@ def environment() -> dict:
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, extend: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, extend: bool = False,
+          overwrite: bool = False) -> dict:
     """Run (or continue) a training run in ``cfg.out``; returns the summary written to summary.json.
-    ``extend`` (with ``resume``): continue a run to a larger ``cfg.epochs``."""
+
+    Args:
+        resume: continue the run in ``cfg.out`` from its checkpoint.
+        extend: with ``resume``, continue the run to a larger ``cfg.epochs``.
+        overwrite: a new run may replace a run already in ``cfg.out`` (its files are removed first);
+            without it a folder that holds a run is refused, naming what differs.
+    """
     cfg.validate()
     if extend and not resume:
         raise ValueError("extend continues an existing run: use it with resume")
+    folder = RunFolder(cfg.out)
+    if not resume and not overwrite:
+        folder.refuse_other_run(cfg)  # every rank, before the rendezvous: no rank has written yet
+    elif not resume and int(os.environ.get("RANK", "0")) == 0:
+        folder.clear_run()
     info, device = setup(cfg.device)
     try:
         return _train(cfg, resume, quiet, info, device, extend)
@@ -300,8 +313,13 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
         augment_options=cfg.augment_options(), **cfg.view_options(), download=cfg.download and info.is_main)
     train_loader, test_loader = make_loaders(train_set, test_set, cfg.batch_size, workers=loader_workers(cfg, device, info),
                                              seed=cfg.seed, rank=info.rank, world=info.world_size)
-    raw_model = build_model(cfg, data_info.num_classes, data_info.image_size).to(device)
-    stats = model_stats(raw_model, data_info.image_size, data_info.in_channels)
+    raw_model = build_model(cfg, data_info.num_classes, data_info.image_size, data_info.in_channels).to(device)
+    try:
+        stats = model_stats(raw_model, data_info.image_size, data_info.in_channels)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # the model cannot take the data's images
+        raise ValueError(f"{cfg.model} cannot take {data_info.in_channels}x{data_info.image_size}x"
+                         f"{data_info.image_size} images ({type(exc).__name__}: {_first_line(exc)}); "
+                         "choose another --image-size or model") from None
     if cfg.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -318,7 +336,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
     precision = Precision.resolve(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     path = os.path.join(cfg.out, CHECKPOINT)
-    if resume and info.is_main:
+    if info.is_main:
         RunFolder(cfg.out).remove_temporaries()  # left by a kill during a checkpoint write
     state = restore(path, cfg, model, optimizer, scaler, extend) if resume else RunState()
     if info.is_main:
@@ -347,6 +365,9 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
                                f"loss {row['test_loss']:.4f}, train loss {row['train_loss']:.4f}, "
                                f"{row['images_per_s']:.0f} img/s")
     progress.close()
+    if not state.history:
+        raise ckpt.CheckpointError(f"{path} records {state.epoch} epoch(s) but no per-epoch history; train the "
+                                   "run again with --overwrite")
     last = state.history[-1]
     summary = {"top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"],
                "params": stats["params"], "flops": stats["flops"], "epochs": cfg.epochs, "steps": state.step,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import checkpoint as ckpt
+from .config import identity_changes
 
 
 class RunFolder:
@@ -49,11 +50,34 @@ class RunFolder:
             raise ValueError(f"{path} is not readable JSON: {exc}") from None
 
     def resumable(self, cfg) -> bool:
-        """A checkpoint written by this very config is there (the run was killed after an epoch)."""
+        """A checkpoint of this run is there (same identity: settings such as workers or paths may differ)."""
         try:
-            return self.stored_config() == cfg.to_dict() and self.has_checkpoint()
+            return self.has_checkpoint() and not identity_changes(self.stored_config(), cfg.to_dict())
         except (OSError, ValueError):
             return False
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds (part of) a run: its config, checkpoint or summary."""
+        return any(os.path.exists(self.file(n)) for n in (self.CONFIG, self.CHECKPOINT, self.SUMMARY))
+
+    def refuse_other_run(self, cfg) -> None:
+        """ValueError when the folder already holds a run, saying whether it is this run (resume it) or
+        another (choose another folder); ``actlab train --overwrite`` replaces it instead."""
+        if not self.holds_run():
+            return
+        try:
+            changes = identity_changes(self.stored_config(), cfg.to_dict())
+        except ValueError:
+            changes = {"config.json": ("unreadable", "")}
+        if not changes:
+            done = os.path.exists(self.file(self.SUMMARY))
+            raise ValueError(f"{self.path} already holds this run ({'finished' if done else 'not finished'}): "
+                             f"{'evaluate it with actlab eval' if done else 'continue it with --resume ' + self.path}, "
+                             "or pass --overwrite to train it again from scratch")
+        shown = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in list(changes.items())[:4])
+        more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
+        raise ValueError(f"{self.path} holds another run ({shown}{more}): choose another --out, or pass "
+                         "--overwrite to replace it")
 
     def history(self) -> list[dict]:
         """The per-epoch rows logged so far."""
@@ -66,6 +90,15 @@ class RunFolder:
     def reset(self) -> None:
         """Remove what a partial run of another config (or one without a checkpoint) left."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def clear_run(self) -> None:
+        """Remove the run's own files (config, checkpoint, summary, logs, TensorBoard events, temporaries),
+        nothing else that the folder holds."""
+        for name in (self.CONFIG, self.CHECKPOINT, self.SUMMARY, self.LOG_JSONL, self.LOG_CSV):
+            if os.path.isfile(self.file(name)):
+                os.unlink(self.file(name))
+        shutil.rmtree(self.file("tb"), ignore_errors=True)
+        self.remove_temporaries()
 
     def remove_temporaries(self) -> list[str]:
         """Delete the temporaries of checkpoint writes that a kill interrupted; returns their names."""

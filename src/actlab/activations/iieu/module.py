@@ -1,6 +1,8 @@
 """The IIEU-B module: binds to its site's producer, captures the producer input, picks a path."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -49,6 +51,9 @@ class IIEUB(ActivationModule):
         eps: added to the filter and patch norms.
         zero_patch: ``"silence"`` (term-S = 0 for patches with RMS < 1e-6) or ``"published"`` (the published
             ``1 / (||x|| + k * eps)`` of a k x k patch, which multiplies an all-zero patch by about 1e8 / k).
+        patch_channels: at grouped / depthwise convolutions, ``"group"`` (the patch is the window over the
+            channels the filter sees) or ``"all"`` (the published code's rule: the window over every input
+            channel, one norm shared by all output channels). Ungrouped sites are the same either way.
         producer: the Conv2d / Linear feeding this site; may also be bound later with ``bind``.
         capture: when bound, record the producer's input with a forward pre-hook so ``forward(x_t)``
             works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
@@ -66,11 +71,13 @@ class IIEUB(ActivationModule):
 
     def __init__(self, channels: int, eta_init: float = 0.05, norm_init: float = 0.01, eps: float = 1e-8,
                  zero_patch: str = "silence", producer: nn.Module | None = None, capture: bool = True,
-                 recompute_linear: bool = True):
+                 recompute_linear: bool = True, patch_channels: str = "group"):
         super().__init__()
         if zero_patch not in ("silence", "published"):
             raise ValueError(f"zero_patch must be 'silence' or 'published', got {zero_patch!r}")
-        self.channels, self.eps, self.zero_patch = channels, eps, zero_patch
+        if patch_channels not in ("group", "all"):
+            raise ValueError(f"patch_channels must be 'group' or 'all', got {patch_channels!r}")
+        self.channels, self.eps, self.zero_patch, self.patch_channels = channels, eps, zero_patch, patch_channels
         self.recompute_linear = recompute_linear
         self.eta = nn.Parameter(torch.full((channels,), float(eta_init)))
         self.norm = nn.LayerNorm(channels, eps=1e-6)
@@ -108,6 +115,8 @@ class IIEUB(ActivationModule):
         """
         if isinstance(producer, nn.Conv2d) and out_slice is None:
             patches = ConvPatches.from_conv(producer)
+            if self.patch_channels == "all":  # one window over every input channel, whatever the groups
+                patches = dataclasses.replace(patches, groups=1)
             out = producer.out_channels
         elif isinstance(producer, nn.Linear):
             start, stop = out_slice if out_slice is not None else (0, producer.out_features)
@@ -175,8 +184,8 @@ class IIEUB(ActivationModule):
         self._hooks.append(maker.register_forward_hook(self._capture_maker))
 
     def _capture_maker(self, maker: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():  # the compiler plans its own memory: no replay there
-            return
+        if torch.compiler.is_compiling() or path() != "train":  # replays serve eager training only (the
+            return  # compiler plans its own memory; no_grad / inference_mode tensors keep no version counter)
         self._maker_io = (args[0], output, output._version, self._replay_type.of_call(maker, output))
 
     def _replay_for(self, x_t: torch.Tensor):
@@ -282,4 +291,5 @@ class IIEUB(ActivationModule):
         prod = type(self._producer).__name__ if self._producer is not None else "unbound"
         if self._out_slice is not None:
             prod += f"[{self._out_slice[0]}:{self._out_slice[1]}]"
-        return f"{self.channels}, producer={prod}, zero_patch={self.zero_patch!r}"
+        extra = f", patch_channels={self.patch_channels!r}" if self.patch_channels != "group" else ""
+        return f"{self.channels}, producer={prod}, zero_patch={self.zero_patch!r}{extra}"
