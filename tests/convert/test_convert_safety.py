@@ -144,7 +144,7 @@ def test_activation_settings_must_be_finite():
 
 
 def test_report_names_sites_inside_another_activation():
-    from timm.layers.activations import StarReLU
+    from timm.models.metaformer import StarReLU
 
     model = nn.Sequential(nn.Linear(4, 8), StarReLU(), nn.Linear(8, 2))
     actlab.convert(model, "gelu", example_input=torch.randn(2, 4))

@@ -314,6 +314,7 @@ def run_grid(folder: str, base: TrainConfig | dict, groups: list[GridGroup], see
     if executor == "ray":
         from .ray_executor import check_visible, ray_slots, run_tasks
 
+        os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
         options = dict(ray_options or {})
         slots[0] = ray_slots(options.get("address"), options.get("cpus_per_run", 1), options.get("gpus_per_run", 0))
         check_visible(options.get("address"), os.path.abspath(folder))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -390,30 +391,19 @@ def _restore_unconverted_rewrites(model: nn.Module, rewrites, report: Conversion
 def _note_nested_sites(model: nn.Module, report: ConversionReport) -> None:
     """Converted sites inside another activation's module (timm's StarReLU computes ``s * relu(x)**2 + b``
     with an inner ReLU) say so: the new activation is then one part of that formula."""
-    outer = _activation_formula_types()
     for record in report.converted:
         parts = record.name.split("[")[0].split(".")
         for i in range(len(parts) - 1, 0, -1):
             holder = model.get_submodule(".".join(parts[:i]))
-            if isinstance(holder, outer):
+            if _ACTIVATION_NAME.search(type(holder).__name__):
                 note = (f"inside {type(holder).__name__} {'.'.join(parts[:i])}, an activation of its own: "
                         f"its output goes through that module's formula")
                 record.note = f"{record.note}; {note}" if record.note else note
                 break
 
 
-def _activation_formula_types() -> tuple[type, ...]:
-    """Activation modules whose forward wraps an inner activation module (timm's StarReLU, ...): every
-    class defined in timm's activation modules."""
-    try:
-        from timm.layers import activations, activations_me
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return ()
-    found = []
-    for mod in (activations, activations_me):
-        found += [v for v in vars(mod).values()
-                  if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == mod.__name__]
-    return tuple(found)
+# class names of activation modules (StarReLU, QuickGELU, SquaredReLU, HardSwishMe, GELUActivation, ...)
+_ACTIVATION_NAME = re.compile(r"(ReLU\d*|GELU|SiLU|Swish|Mish|ELU|Sigmoid|Tanh|Softplus|Activation)(Me)?$")
 
 
 ALREADY = "already this activation with these settings (kept, with its trained parameters)"
