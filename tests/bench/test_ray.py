@@ -149,3 +149,13 @@ def test_an_unreachable_address_fails_in_seconds(tmp_path, capsys):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--address 127.0.0.1:1: no Ray cluster answers there" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and time.perf_counter() - t0 < 60
+
+
+def test_a_stalled_grid_prints_progress(tmp_path, cluster):
+    """While no run finishes, a progress line comes every wait_s seconds (60 by default)."""
+    lines = []
+    counts = grid.run_grid(str(tmp_path), BASE, [grid.GridGroup(("resnet20",), ("relu",))], [0], executor="ray",
+                           ray_options={"wait_s": 0.5}, log=lines.append)
+    assert counts["done"] == 1
+    waiting = [line for line in lines if "running or queued on the Ray cluster; none finished in the last" in line]
+    assert waiting and waiting[0].startswith("[0 done, 1 running or queued")

@@ -179,3 +179,20 @@ def test_check_names_sites_whose_scale_changed_tenfold():
     flagged = actlab.check(model, x)
     assert [c.name for c in flagged] == ["5"] and flagged[0].ratio < 0.1
     assert model.training  # the check ran in eval mode and put the mode back
+
+
+def test_check_names_the_sites_of_a_unit_that_blows_up_a_network_at_init():
+    """timm's eca_nfnet_l0 (no BatchNorm) with Meta-ACON's N(0, 1) draw: its loss went from 34 to 8788 at
+    step 2. check() names the sites whose scale has grown tenfold over the original network's, compounding
+    to above 100x in the last stage; with init="swish" none."""
+    import timm
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for init, blown in (("randn", True), ("swish", False)):
+        torch.manual_seed(0)
+        model = timm.create_model("eca_nfnet_l0", pretrained=False, num_classes=10)
+        actlab.convert(model, "meta_acon", example_input=x, init=init)
+        flagged = actlab.check(model, x)
+        assert bool(flagged) == blown, init
+        if blown:
+            assert flagged[0].ratio > 100 and flagged[0].name.startswith("stages.3")

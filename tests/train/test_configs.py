@@ -139,11 +139,12 @@ def test_every_recipe_trains_two_steps_at_its_own_augmentation(path, tmp_path):
         _write_cifar(data, cfg.dataset, 10 if cfg.dataset == "cifar10" else 4, 2, NUM_CLASSES[cfg.dataset])
     else:
         _write_imagefolder(data, per_class=2)
+    batch = 5 if cfg.dataset == "cifar10" else 2  # 2 steps of the 10 (CIFAR-10) or 4 images
+    scale = batch / cfg.batch_size  # the recipes' linear LR scaling rule, down to this batch
     small = dict(cfg.to_dict(), data_dir=data, download=False, epochs=1, warmup_epochs=0, cooldown_epochs=0,
-                 batch_size=2, workers=0, out=str(tmp_path / "run"), log_every=1,
+                 batch_size=batch, lr=cfg.lr * scale, warmup_lr=cfg.warmup_lr * scale, min_lr=cfg.min_lr * scale,
+                 workers=0, out=str(tmp_path / "run"), log_every=1,
                  image_size=64 if cfg.dataset == "imagenet" else cfg.image_size)
-    if cfg.dataset == "cifar10":
-        small["batch_size"] = 5  # 2 steps of the 10 images
     summary = train(TrainConfig.from_dict(small), quiet=True)
     [epoch] = RunFolder(small["out"]).history()
-    assert summary["steps"] == 2 and math.isfinite(epoch["train_loss"])
+    assert summary["steps"] == 2 and math.isfinite(epoch["train_loss"]) and math.isfinite(summary["loss"])

@@ -499,38 +499,42 @@ class ScaleCheck:
 
 
 def check(model: nn.Module, example_input, factor: float = 10.0) -> list[ScaleCheck]:
-    """The converted sites of ``model`` whose output scale (root mean square) on ``example_input`` differs
-    from the replaced activation's on the same input by more than ``factor`` (either way), largest first.
+    """The converted sites of ``model`` whose output scale (root mean square) on ``example_input``
+    differs from the original model's at the same site by more than ``factor`` (either way), worst first.
 
-    One eval-mode forward (DPA needs no labels there; the model's mode is restored); each converted site's
-    input goes through its new module, as the model runs it, and through the module it replaced. An
-    activation that blows up or silences its sites at initialisation (ACON's N(0, 1) draw on a network
-    without normalisation) shows up here before a training run diverges."""
+    Two eval-mode forwards (DPA needs no labels there; the model's mode is restored): one with every
+    converted site computing the activation it replaced, which is the original model, and one as
+    converted. Each site is compared where it sits in the network, so a scale that grows from site to
+    site shows up as it compounds: an activation that blows up or silences a network at initialisation
+    (ACON's N(0, 1) draw on a network without normalisation) is named before a training run diverges."""
     import torch
 
     records = {id(r.module): r for r in conversion_report(model).converted if r.module is not None}
-    found: list[ScaleCheck] = []
+    rms: dict[str, list[float]] = {r.name: [] for r in records.values()}
 
-    def hook(module, args, output):
-        record = records[id(module)]
-        try:
-            original = record.replaced(args[0].clone())  # a clone: the replaced module may work in place
-        except Exception:  # noqa: BLE001 - a replaced module that cannot run alone (released hooks): no verdict
-            return
-        rms = [float(t.detach().double().pow(2).mean().sqrt()) for t in (output, original)]
-        found.append(ScaleCheck(record.name, *rms))
+    def as_original(module, args, output):
+        return records[id(module)].replaced(args[0].clone())  # a clone: the replaced module may work in place
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) in records]
+    def measure(module, args, output):
+        rms[records[id(module)].name].append(float(output.detach().double().pow(2).mean().sqrt()))
+
+    sites = [m for m in model.modules() if id(m) in records]
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(*args)
+        for swap in (True, False):
+            handles = [m.register_forward_hook(as_original) for m in sites] if swap else []
+            handles += [m.register_forward_hook(measure) for m in sites]  # after the swap: sees its output
+            try:
+                with torch.no_grad():
+                    model(*args)
+            finally:
+                for h in handles:
+                    h.remove()
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
+    found = [ScaleCheck(name, values[1], values[0]) for name, values in rms.items() if len(values) == 2]
     flagged = [c for c in found if not (1 / factor <= c.ratio <= factor)]
     return sorted(flagged, key=lambda c: -abs(math.log(c.ratio)) if 0 < c.ratio < float("inf") else -math.inf)
 
