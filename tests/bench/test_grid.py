@@ -203,3 +203,19 @@ def test_a_grid_takes_library_models_by_name(tmp_path):
     rows = {r["act"]: r for r in grid.load_rows(str(tmp_path))}
     assert rows["relu"]["model"] == "timm:lcnet_050" and rows["relu"]["top1"] is not None
     assert os.listdir(tmp_path / "runs")[0].startswith("timm_lcnet_050-relu-s0-")
+
+
+def test_a_locked_results_database_is_named_as_locked(tmp_path, monkeypatch, capsys):
+    """Another process holding results.db's lock: one line saying so (not "unreadable, move it away")."""
+    import sqlite3
+
+    grid.connect(str(tmp_path)).close()
+    holder = sqlite3.connect(str(tmp_path / "results.db"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    monkeypatch.setattr(grid, "DB_TIMEOUT_S", 0.2)
+    try:
+        assert cli_main(["bench", "--acts", "relu", "--models", "resnet20", "--out", str(tmp_path)]) == 2
+    finally:
+        holder.close()
+    err = capsys.readouterr().err
+    assert "is locked by another process" in err and "move it away" not in err and err.count("\n") == 1

@@ -42,6 +42,18 @@ def place(tmp_path_factory):
     (root / "corrupt").mkdir()
     shutil.copy(run / "config.json", root / "corrupt" / "config.json")
     (root / "corrupt" / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
+    (root / "seed_grid.yaml").write_text("seed: 3\ngroups:\n  - models: [vit_micro]\n    acts: [relu]\n")
+    (root / "model_grid.yaml").write_text("groups:\n  - models: [vit_micro]\n    acts: [relu]\n    model: vgg11\n")
+    nohistory = root / "nohistory"  # a finished run whose checkpoint lost its per-epoch history
+    shutil.copytree(run, nohistory)
+    saved = torch.load(nohistory / "checkpoint.pt", weights_only=True)
+    saved["history"] = []
+    torch.save(saved, nohistory / "checkpoint.pt")
+    newer = root / "newer"  # a run whose stored config has a key this version does not know
+    shutil.copytree(run, newer)
+    saved = torch.load(newer / "checkpoint.pt", weights_only=True)
+    saved["config"]["future_key"] = 1
+    torch.save(saved, newer / "checkpoint.pt")
     return root
 
 
@@ -91,6 +103,18 @@ CASES = [  # (arguments with {root} for the fixture folder, text the message mus
     (["bench", "--grid", "{root}/grid.yaml", "--out", "{root}/b"], "non-empty 'groups' list"),
     (["bench", "--acts", "relu", "--models", "vit_micro", "--out", "{root}/db"], "not a readable actlab results database"),
     (["report", "{root}/db"], "not an actlab results database"),
+    (["bench", "--grid", "{root}/seed_grid.yaml", "--out", "{root}/b"], "the top level sets 'seed'"),
+    (["bench", "--grid", "{root}/model_grid.yaml", "--out", "{root}/b"], "group 0 sets 'model'"),
+    (["train", *RUN, "--model", "resnet20", "--width", "2", "--out", "{root}/b"], "resnet20 has no width setting"),
+    (["train", *RUN, "--model", "resnet20", "--drop-path", "0.1", "--out", "{root}/b"],
+     "resnet20 has no drop_path setting"),
+    (["train", *RUN, "--model", "torchvision:vit_b_16", "--out", "{root}/b"],
+     "torchvision:vit_b_16 cannot take 3x8x8 images"),
+    (["train", *RUN, "--lr", "1e6", "--epochs", "1", "--out", "{root}/diverged"], "the loss became non-finite"),
+    (["train", *RUN, "--epochs", "1", "--out", "{root}/run", "--lr", "0.3"], "holds another run"),
+    (["train", "--resume", "{root}/nohistory", "--quiet"], "no per-epoch history"),
+    (["eval", "{root}/newer"], "the run's stored config cannot be used"),
+    (["train", *RUN, "--augment", "maybe"], "bad value for augment: 'maybe'"),
     (["report", "{root}/nowhere"], "results.db not found"),
     (["analyze", "{root}/nowhere"], "no checkpoint at {root}/nowhere"),
 ]

@@ -119,3 +119,18 @@ def test_iieu_dc_mobilenet_v2_as_published():
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(c.fc1.weight.grad is not None for c in couplers)
+
+
+def test_vgg11_takes_the_digits_size_and_googlenet_trains_without_aux_heads():
+    """vgg11 at 16x16 (digits' recommended size): its pools round up, so a 1x1 map stays 1x1 (32x32 keeps
+    its shapes); torchvision's GoogLeNet and Inception-v3 train-mode forwards return plain logits."""
+    import torch
+
+    from actlab.models import create_model
+
+    vgg = create_model("vgg11", "relu", 10, image_size=16)
+    assert vgg(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert vgg.features(torch.randn(2, 3, 32, 32)).shape[-2:] == (1, 1)
+    net = create_model("torchvision:googlenet", "relu", 10, image_size=64).train()
+    out = net(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)

@@ -25,6 +25,7 @@ from ..train.loop import environment
 from ..train.run_folder import RunFolder
 
 DB_NAME = "results.db"
+DB_TIMEOUT_S = 60.0  # how long a write waits for another process's lock on results.db
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY,          -- hash of the resolved config: one row per distinct run, ever
@@ -50,7 +51,7 @@ def connect(folder: str) -> sqlite3.Connection:
     """``folder/results.db`` with the ``runs`` table (created when missing)."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, DB_NAME)
-    db = sqlite3.connect(path, timeout=60)
+    db = sqlite3.connect(path, timeout=DB_TIMEOUT_S)
     db.row_factory = sqlite3.Row
     try:
         db.execute(SCHEMA)
