@@ -264,7 +264,7 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
     New modules take the train / eval mode of the module they replace. A module rewritten for its
     functional activations none of which converts is put back as it was, and a conversion that raises
     (``strict`` included) leaves the model as it found it. ``actlab.check(model, example_input)``
-    compares each converted site's output scale with the activation it replaced.
+    compares each converted site's output scale with the original model's.
     """
     spec = get_spec(name)
     spec.check_kwargs(kwargs)
@@ -275,18 +275,18 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
     act_types = act_types or ACTIVATION_TYPES
     rewrites, swaps = [], []
     try:  # all or nothing: a conversion that fails half-way puts every module back
-        trace, rewrites, from_functional, untraced = _functional_sites(model, example_input, act_types, functional)
+        trace, from_functional, untraced = _functional_sites(model, example_input, act_types, functional, rewrites)
         report = ConversionReport(spec.name, functional=[_with_reason(note, untraced) for note in trace.functional])
+        plan = _Plan(spec, trace, num_classes, kwargs, include, exclude, from_functional)
         for reg, reg_slots in _all_slots(model, trace, act_types, report).items():
-            _convert_registration(model, reg, reg_slots, spec, trace, num_classes, kwargs, include, exclude,
-                                  from_functional, report, swaps)
+            _convert_registration(model, reg, reg_slots, plan, report, swaps)
         _restore_unconverted_rewrites(model, rewrites, report)
         _note_nested_sites(model, report)
         if strict:
             _check_strict(report, include)
     except BaseException:
         for owner, attr, old, new in reversed(swaps):
-            _detach(new, keep=[])
+            _detach(new, keep=list(old.modules()))  # what the new container reuses of the old stays hooked
             setattr(owner, attr, old)
         for rewrite in reversed(rewrites):
             rewrite.undo(model)
@@ -297,19 +297,34 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
     return model
 
 
-def _functional_sites(model, example_input, act_types, functional: bool):
-    """The trace of the example forward, after making functional activations modules (``functional``):
-    (trace, rewrites, {site name: functional name}, {module name: why it was not rewritten})."""
+def _functional_sites(model, example_input, act_types, functional: bool, rewrites: list):
+    """The trace of the example forward, after making functional activations modules (``functional``;
+    the modules rewritten are appended to ``rewrites`` as soon as they are swapped in):
+    (trace, {site name: functional name}, {module name: why it was not rewritten})."""
     trace = trace_activations(model, example_input, act_types)
-    rewrites, from_functional, untraced = [], {}, {}
+    from_functional, untraced = {}, {}
     if functional and trace.functional_owners:
-        rewrites = rewrite_functional(model, trace.functional_owners)
-        for rewrite in rewrites:
+        for rewrite in rewrite_functional(model, trace.functional_owners):
+            if rewrite.replaced:
+                rewrites.append(rewrite)
             untraced[rewrite.name or "the model's forward"] = rewrite.error
             from_functional.update({f"{rewrite.name}.{attr}": attr.rstrip("_0123456789") for attr in rewrite.replaced})
         if from_functional:
             trace = trace_activations(model, example_input, act_types)
-    return trace, [r for r in rewrites if r.replaced], from_functional, untraced
+    return trace, from_functional, untraced
+
+
+@dataclass
+class _Plan:
+    """What every registration of one conversion is converted with."""
+
+    spec: ActivationSpec
+    trace: Trace
+    num_classes: int | None
+    kwargs: dict
+    include: object
+    exclude: object
+    from_functional: dict  # site name -> the functional activation it was made from
 
 
 def _all_slots(model: nn.Module, trace: Trace, act_types, report: ConversionReport) -> dict[str, list[_Slot]]:
@@ -329,28 +344,28 @@ def _all_slots(model: nn.Module, trace: Trace, act_types, report: ConversionRepo
     return slots
 
 
-def _convert_registration(model, reg: str, reg_slots: list[_Slot], spec, trace, num_classes, kwargs, include,
-                          exclude, from_functional: dict, report: ConversionReport, swaps: list) -> None:
+def _convert_registration(model, reg: str, reg_slots: list[_Slot], plan: _Plan, report: ConversionReport,
+                          swaps: list) -> None:
     """Decide and build every call position of one registration, then swap it in (``swaps`` records
     (owner, attribute, old module, new module) for undoing)."""
     owner, attr = _resolve(model, reg)
     new_modules, changed = [], False
-    batch = trace.batch or 1
     for slot in reg_slots:
         call = slot.call
-        original = from_functional.get(slot.name.split("[")[0])
+        original = plan.from_functional.get(slot.name.split("[")[0])
         record = SiteRecord(slot.name, f"functional {original}" if original else type(slot.original).__name__, False,
                             shape=call.in_shape if call else None,
                             producer=call.producer_name if call else "", norm=call.norm_name if call else "")
         module, reason = None, ""
-        if exclude is not None and _matches(slot.name, exclude):
+        if plan.exclude is not None and _matches(slot.name, plan.exclude):
             reason = "excluded by pattern"
-        elif include is not None and not _matches(slot.name, include):
+        elif plan.include is not None and not _matches(slot.name, plan.include):
             reason = "not matched by include"
         elif slot.inconsistent:
             reason = slot.inconsistent
         else:
-            module, reason = _build(spec, call, trace, batch, num_classes, dict(kwargs))
+            module, reason = _build(plan.spec, call, plan.trace, plan.trace.batch or 1, plan.num_classes,
+                                    dict(plan.kwargs))
             if module is not None and _same_activation(module, slot.original):
                 _detach(module, keep=[])  # unused: the site keeps its module and trained parameters
                 module, reason = None, ALREADY
