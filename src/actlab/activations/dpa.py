@@ -28,7 +28,7 @@ import torch.nn as nn
 from .base import ActivationModule
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from .kernels.ops import closed_form_ema
-from .kernels import backend
+from .kernels import backend, runs_like_cuda
 from .kernels import composite
 from .layout import global_pool
 from .registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, register
@@ -295,7 +295,7 @@ class DPA(ActivationModule):
                                                                  gather)
             else:
                 mask = composite.dpa_mask(v_now, value_rows, self.grad_memory, y, self.tau, gather)
-        if eager and x.device.type == "cpu" and not bool(mask.any()):
+        if eager and not runs_like_cuda(x) and not bool(mask.any()):
             # nothing masked: no term, which spares backward a full-size gradient through the pooling
             # (on GPUs the check would cost a device sync, so there the graph is kept)
             self._loss_terms = ()

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import backend, composite, native
+from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
 from .patches import (LinearPatches, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
@@ -100,8 +100,8 @@ class BatchNormReplay:
 
     def fuses(self, c: torch.Tensor, x_t: torch.Tensor) -> bool:
         """Whether the unit differentiates through the BatchNorm itself (``NormFusedBackward``): a conv map
-        on the CPU in float32 or float64, contiguous."""
-        return (c.device.type == "cpu" and x_t.dim() == 4 and c.is_contiguous() and c.dtype == self.dtype
+        on the CPU in float32 or float64, contiguous (not on the CUDA path, emulated or real)."""
+        return (not runs_like_cuda(c) and x_t.dim() == 4 and c.is_contiguous() and c.dtype == self.dtype
                 and c.dtype in (torch.float32, torch.float64))
 
 

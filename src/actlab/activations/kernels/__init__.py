@@ -15,6 +15,11 @@ fallback. Fake (meta) implementations and autograd formulas are registered with 
 * ``"eager"``: the composite everywhere.
 * ``"triton"``: Triton on every device, for testing the Triton kernels on CPU tensors under Triton's
   interpreter (``TRITON_INTERPRET=1``).
+
+``set_emulate_cuda(True)`` (also ``ACTLAB_EMULATE_CUDA=1``, with ``TRITON_INTERPRET=1``) runs on CPU
+tensors exactly the code that CUDA tensors run: the Triton kernels and every branch that depends on
+the device (``runs_like_cuda``), so a machine without a GPU executes, and ``actlab.bench.gpu_cost``
+counts, what a GPU would be given.
 """
 from __future__ import annotations
 
@@ -23,7 +28,24 @@ import warnings
 
 MODES = ("auto", "native", "eager", "triton")
 _mode = os.environ.get("ACTLAB_KERNELS", "auto")
+_emulate_cuda = os.environ.get("ACTLAB_EMULATE_CUDA", "0") not in ("", "0")
 _warned: set[str] = set()
+
+
+def set_emulate_cuda(on: bool) -> None:
+    """Run the CUDA code path on CPU tensors (Triton kernels under ``TRITON_INTERPRET=1`` and the CUDA
+    side of every device-dependent branch), or stop doing so."""
+    global _emulate_cuda
+    _emulate_cuda = bool(on)
+
+
+def emulating_cuda() -> bool:
+    return _emulate_cuda
+
+
+def runs_like_cuda(x) -> bool:
+    """Whether tensor ``x`` takes the CUDA code path: a CUDA tensor, or any tensor while emulating."""
+    return x.device.type == "cuda" or _emulate_cuda
 
 
 def set_kernels(mode: str) -> None:
@@ -54,7 +76,7 @@ def backend(x, cpu_native: bool = True):
     """The module implementing the operations for tensor ``x``: ``native``, ``triton_kernels`` or
     ``composite``. ``cpu_native``: the C++ kernel applies to this call (float32, a layout it handles).
     Resolved once per (mode, device type, dtype, cpu_native): eager training asks at every site."""
-    key = (_mode, x.device.type, x.dtype, cpu_native)
+    key = (_mode, _emulate_cuda, x.device.type, x.dtype, cpu_native)
     chosen = _BACKENDS.get(key)
     if chosen is None:
         chosen = _BACKENDS[key] = _resolve(x, cpu_native)
@@ -70,7 +92,10 @@ def _resolve(x, cpu_native: bool):
     mode = kernel_mode()
     if mode == "eager" or x.dtype == composite.torch.float64:
         return composite
-    if mode == "triton" or x.device.type == "cuda":
+    if mode == "triton" or runs_like_cuda(x):
+        if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("actlab: the CUDA code path on CPU tensors (ACTLAB_EMULATE_CUDA=1 or kernels "
+                               "'triton') needs Triton's interpreter: set TRITON_INTERPRET=1 before Python starts")
         triton_kernels, reason = _triton()
         if triton_kernels is not None:
             return triton_kernels

@@ -1,0 +1,105 @@
+"""The CUDA code path on CPU tensors (one switch) and the GPU cost model that counts what it launches."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actlab
+from actlab.activations import kernels
+from actlab.bench import gpu_cost
+
+pytest.importorskip("actlab.activations.kernels.triton_kernels", reason="triton not installed")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
+
+
+@pytest.fixture
+def emulated():
+    kernels.set_emulate_cuda(True)
+    try:
+        yield
+    finally:
+        kernels.set_emulate_cuda(False)
+
+
+def test_counter_counts_kernels_bytes_views_and_syncs():
+    a, b = torch.randn(1000), torch.randn(1000)
+    with gpu_cost.CostCounter() as counter:
+        c = a + b                      # one kernel: 2 reads, 1 write
+        v = c.view(10, 100)            # a view: a host call, no kernel
+        d = v + torch.ones(1)          # broadcast operand counted once
+        s = d.sum().item()             # a device-to-host read
+    names = [(x.name, x.kernels, x.bytes, x.sync) for x in counter.calls]
+    assert names[0] == ("add", 1, 12_000, False)
+    assert names[1] == ("view", 0, 0, False)
+    assert ("add", 1, 4000 + 4 + 4000, False) in names
+    assert sum(x.sync for x in counter.calls) == 1 and isinstance(s, float)
+
+
+def test_a_triton_launch_is_one_call_and_the_interpreters_own_work_is_not_counted():
+    from actlab.activations.kernels import triton_kernels
+
+    x = torch.randn(2, 6, 5, 5)
+    with gpu_cost.CostCounter() as counter:
+        out = triton_kernels.channel_sumsq(x, 2, torch.float32)
+    launches = [c for c in counter.calls if c.name.startswith("triton")]
+    assert len(launches) == 1 and launches[0].kernels == 1
+    assert launches[0].bytes == x.numel() * 4 + out.numel() * 4
+    assert all(c.kernels == 0 for c in counter.calls if not c.name.startswith("triton"))  # just the allocation
+    torch.testing.assert_close(out, x.square().view(2, 2, 3, 5, 5).sum(2))
+
+
+def test_emulation_runs_the_cuda_path_on_cpu_tensors_with_the_same_results(emulated):
+    from actlab.activations.kernels import triton_kernels
+
+    torch.manual_seed(0)
+    site = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    actlab.convert(site, "iieu_b", example_input=torch.randn(2, 3, 8, 8))
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    assert kernels.backend(x) is triton_kernels and kernels.runs_like_cuda(x)
+    with gpu_cost.CostCounter() as counter:
+        out = site(x)
+        out.sum().backward()
+    assert any(c.name.startswith("triton") for c in counter.calls)  # the Triton kernels ran
+    got = (out.detach(), x.grad.clone())
+    kernels.set_emulate_cuda(False)
+    kernels.set_kernels("eager")
+    try:
+        x.grad = None
+        want = site(x)
+        want.sum().backward()
+    finally:
+        kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
+    torch.testing.assert_close(got[0], want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
+    """Two counts of the same step agree to the call; a training step on the CUDA path makes no host
+    synchronisation, DPA's update step included; a DPA interval holds one update step; ReLU's step
+    launches no actlab kernel."""
+    w = gpu_cost.Workload("resnet20", "iieu_b", 1, 8, 10)
+    first, second = gpu_cost.count_steps(w), gpu_cost.count_steps(w)
+    assert [(s.host_calls, s.kernels, s.bytes) for s in first["ordinary"]] == \
+        [(s.host_calls, s.kernels, s.bytes) for s in second["ordinary"]]
+    dpa = gpu_cost.count_steps(gpu_cost.Workload("resnet20", "dpa", 1, 8, 10))
+    assert len(dpa["update"]) == 1 and len(dpa["ordinary"]) == 4
+    assert dpa["update"][0].kernels > dpa["ordinary"][0].kernels  # the memory update's work
+    assert all(s.syncs == 0 for s in first["ordinary"] + dpa["ordinary"] + dpa["update"])
+    relu = gpu_cost.count_steps(gpu_cost.Workload("resnet20", "relu", 1, 8, 10))["ordinary"][0]
+    assert not any("triton_kernels" in where for where in relu.by_line)
+    assert first["ordinary"][0].kernels > relu.kernels and (first["sites"], dpa["sites"]) == (10, 19)
+
+
+def test_extrapolation_is_fixed_plus_per_sample():
+    assert gpu_cost.extrapolate({"bytes": 10.0}, {"bytes": 14.0}, 1, 2, 128) == {"bytes": 6.0 + 4.0 * 128}
+
+
+def test_the_command_line_refuses_what_it_cannot_count(capsys):
+    assert gpu_cost.main(["--model", "resnet20", "--act", "iieu_b", "--measure", "2,1"]) == 2
+    assert "--measure takes two increasing batches" in capsys.readouterr().err
+    assert gpu_cost.main(["--model", "resnet20", "--act", "iieu_b"]) == 2  # not emulating
+    assert "ACTLAB_EMULATE_CUDA=1" in capsys.readouterr().err
