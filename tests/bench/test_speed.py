@@ -72,6 +72,7 @@ def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys):
     rows = model_speed.main(["--suite", "cpu", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--budget-s", "0"])
     out = capsys.readouterr().out
     assert [r.activation for r in rows] == ["relu", "iieu_b", "dpa"]  # the first case runs, then the budget is spent
-    assert rows[0].time_vs_relu == 1.0 and rows[0].memory_vs_relu == 1.0
-    assert all(r.memory_mb > 0 and r.ms_median > 0 for r in rows)
+    assert rows[0].time_vs_relu == 1.0 and rows[0].memory_vs_relu == 1.0 and rows[0].mean_vs_relu == 1.0
+    assert all(r.memory_mb > 0 and r.ms_median > 0 and r.ms_mean > 0 for r in rows)
+    assert "mean ms (x ReLU)" in out
     assert "skipped (time budget): vgg11, batch 4, 8x8, eager" in out
