@@ -29,7 +29,7 @@ class Switch(argparse.BooleanOptionalAction):
 
     def __init__(self, option_strings, dest, default=None, config_key: bool = False, **kwargs):
         super().__init__(option_strings, dest, default=default, **kwargs)
-        self.nargs = "?"
+        self.nargs, self.metavar = "?", "BOOL"  # set here: newer Pythons drop these constructor arguments
         self.config_key = config_key  # a bad value is left for the config's own check (one clear line)
 
     def __call__(self, parser, namespace, values, option_string=None):
