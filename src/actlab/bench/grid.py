@@ -318,7 +318,7 @@ def run_grid(folder: str, base: TrainConfig | dict, groups: list[GridGroup], see
         os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
         options = dict(ray_options or {})
         slots[0] = ray_slots(options.get("address"), options.get("cpus_per_run", 1), options.get("gpus_per_run", 0))
-        check_visible(options.get("address"), os.path.abspath(folder))
+        check_visible(options.get("address"), folder)  # absolute under Ray (above)
 
         def waiting(seconds: float) -> None:
             log(f"[{counts['done']} done, {len(todo) - counts['done'] - counts['failed']} running or queued on the "

@@ -314,21 +314,20 @@ def split_configurations(rows: list[dict]) -> list[dict]:
     without a result (failed, skipped) keep their label."""
     from ..train.config import run_identity
 
-    def variant(r: dict) -> str:
-        values = {k: v for k, v in run_identity(r["config"]).items() if k not in COMPARED + ("model",)}
-        return json.dumps(values, sort_keys=True, default=str)
-
+    settings = [{k: v for k, v in run_identity(r["config"]).items() if k not in COMPARED + ("model",)}
+                for r in rows]
+    keys = [json.dumps(s, sort_keys=True, default=str) for s in settings]
     by_group: dict = defaultdict(dict)
-    for r in rows:
+    for r, key, values in zip(rows, keys, settings):
         if r["status"] == "done":
-            by_group[(r["model"], r["dataset"])].setdefault(variant(r), json.loads(variant(r)))
+            by_group[(r["model"], r["dataset"])][key] = values
     out = []
-    for r in rows:
+    for r, key in zip(rows, keys):
         variants = by_group[(r["model"], r["dataset"])]
         if len(variants) <= 1 or r["status"] != "done":
             out.append(r)
             continue
-        mine = variants[variant(r)]
+        mine = variants[key]
         differing = sorted(k for k in set().union(*variants.values())
                            if len({json.dumps(v.get(k), default=str) for v in variants.values()}) > 1)
         label = ", ".join(f"{k}={mine.get(k)}" for k in differing)

@@ -50,14 +50,14 @@ class Switch(argparse.BooleanOptionalAction):
         setattr(namespace, self.dest, text in ("true", "1", "yes"))
 
 
-def _field_option(p, f: dataclasses.Field, help_text: str | None = None) -> None:
+def _field_option(p, f: dataclasses.Field) -> None:
     """The command-line option of one TrainConfig field (booleans are ``Switch`` es)."""
     flag = "--" + f.name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING else "{}"
     if str(f.type).startswith("bool"):
-        p.add_argument(flag, dest=f.name, action=Switch, config_key=True, help=help_text or f"(default: {default})")
+        p.add_argument(flag, dest=f.name, action=Switch, config_key=True, help=f"(default: {default})")
     else:
-        p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text or f"(default: {default})")
+        p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=f"(default: {default})")
 
 
 def _given(args, skip: tuple[str, ...] = ()) -> dict:

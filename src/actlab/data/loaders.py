@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 
 class EpochShuffle(Sampler[int]):
@@ -58,7 +58,8 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        in_worker = get_worker_info() is not None  # a loader worker's RNGs serve nothing else: no restore
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
         s = sample_seed(self.seed, epoch, index)
         random.seed(s)
         np.random.seed(s % 2**32)
@@ -66,9 +67,10 @@ class SeededSamples(Dataset):
         try:
             return self.dataset[index]
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
 
 class WithEpoch(Sampler[tuple[int, int]]):
@@ -77,10 +79,6 @@ class WithEpoch(Sampler[tuple[int, int]]):
 
     def __init__(self, sampler: EpochShuffle):
         self.sampler = sampler
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
