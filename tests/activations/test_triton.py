@@ -5,6 +5,7 @@ conftest.py); on a GPU machine the same tests run the compiled kernels on CUDA t
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -75,6 +76,56 @@ def test_channel_sums_and_scales(shape, groups, dtype):
     got, want = triton_kernels.channel_scale(x, scale), composite.channel_scale(x, scale)
     assert got.dtype == x.dtype
     close(got, want, dtype)
+    add = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    fresh = triton_kernels.channel_scale(x, scale, add)
+    close(fresh, composite.channel_scale(x, scale, add), dtype)
+    kept = add.clone()
+    into = triton_kernels.channel_scale(x, scale, add, into_add=True)  # one pass, written over the addend
+    assert into.data_ptr() == add.data_ptr() and torch.equal(into, fresh) and not torch.equal(add, kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,offset", [((4, 3, 37), 0.0), ((2, 5, 1100), 1000.0), ((3, 4, 1), 0.5)],
+                         ids=["tail", "far_from_zero", "one_position"])
+def test_batch_moments_read_the_map_in_its_own_dtype(shape, offset, dtype):
+    """Per-plane means and per-channel mean and biased variance (float64) from one pass over the map in
+    its dtype; a map far from zero (mean 1000, spread 1) keeps its variance."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=g) + offset).to(DEVICE, dtype)
+    xd = x.double().flatten(2)
+    want = (xd.mean(2), xd.mean((0, 2)), xd.var((0, 2), correction=0))
+    got = triton_kernels.batch_moments(x)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def bn_terms(c_channels, g):
+    """Per-channel x_t = c * xs + xb and xhat = c * hs + hb coefficients, as a BatchNorm's replay gives them."""
+    hs = torch.rand(c_channels, generator=g) + 0.5
+    hb = torch.randn(c_channels, generator=g) * 0.3
+    gamma, beta = torch.rand(c_channels, generator=g) + 0.5, torch.randn(c_channels, generator=g) * 0.2
+    return [t.to(DEVICE) for t in (hs * gamma, hb * gamma + beta, hs, hb)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dims", [d for layout, d in IIEU_GEOMETRIES if layout == "planes"])
+def test_backward_through_the_batchnorm_passes(dims, dtype):
+    """Both passes of the backward through the BatchNorm (x_t formed from the BatchNorm input in the
+    kernel) against the composite: the unit's gradients, the three sums per (sample, channel) and dL/dc."""
+    (c, inv, inv_w, nu, eta), go = iieu_inputs("planes", dims, dtype, seed=3)
+    g = torch.Generator().manual_seed(11)
+    xs, xb, hs, hb = bn_terms(dims[1], g)
+    got = triton_kernels.iieu_bn_sums(go, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    want = composite.iieu_bn_sums(go, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    for a, b in zip(got, want):  # float32 sums of the same float32 terms
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
+    k1 = torch.randn(dims[0], dims[1], generator=g).to(DEVICE)
+    k2 = torch.randn(dims[1], generator=g).to(DEVICE)
+    got = triton_kernels.iieu_bn_grad(go, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
+    assert got.dtype == c.dtype
+    close(got, composite.iieu_bn_grad(go, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2), dtype)
 
 
 @pytest.mark.parametrize("silent", [-1.0, 0.3])
@@ -173,3 +224,57 @@ def test_iieu_unit_on_triton_matches_composite(site, triton_mode):
         results.append((out, *grads))
     for a, b in zip(*results):
         close(a, b)
+
+
+def term_b_inputs(b, c, g):
+    """term-B's LayerNorm input gap (B, C), statistics (B, 1) and weight, and its output nu."""
+    gap = torch.randn(b, c, generator=g)
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.1
+    z, mean, rstd = torch.native_layer_norm(gap, (c,), weight, bias, 1e-6)
+    return torch.sigmoid(z).to(DEVICE), [t.to(DEVICE) for t in (gap, mean, rstd, weight)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("with_term_b", [True, False], ids=["term_b", "no_term_b"])
+@pytest.mark.parametrize("dims", [(2, 8, 2, 37), (2, 40, 1, 300), (3, 6, 6, 5)], ids=["grouped", "tiles", "depthwise"])
+def test_whole_backward_through_the_batchnorm(dims, with_term_b, batch_stats, dtype):
+    """The four launches of the Triton backward through the BatchNorm against the composite's composition
+    of its two passes with per-channel torch arithmetic: dL/dc, the unit's and the BatchNorm's gradients."""
+    (c, inv, inv_w, _, eta), go = iieu_inputs("planes", dims, dtype, seed=5)
+    g = torch.Generator().manual_seed(12)
+    terms = bn_terms(dims[1], g)
+    nu, term_b = term_b_inputs(dims[0], dims[1], g)
+    term_b = term_b if with_term_b else None
+    got = triton_kernels.iieu_bn_backward(go, c, inv, inv_w, nu, eta, terms, term_b, batch_stats)
+    want = composite.iieu_bn_backward(go, c, inv, inv_w, nu, eta, terms, term_b, batch_stats)
+    assert got[0].dtype == c.dtype and got[0].shape == c.shape
+    close(got[0], want[0], dtype)
+    for a, b in zip(got[1:], want[1:]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_batchnorm_terms(affine, dtype):
+    """A training BatchNorm's output and its GAP from the per-channel coefficients of one pass over c."""
+    g = torch.Generator().manual_seed(13)
+    norm = nn.BatchNorm2d(5, eps=1e-3, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    c = (torch.randn(3, 5, 6, 7, generator=g) * 4 + 2).to(dtype)
+    x_t = copy.deepcopy(norm).double()(c.double())
+    norm = norm.to(DEVICE)
+    xs, xb, hs, hb, gap = triton_kernels.batchnorm_terms(c.to(DEVICE), norm.weight, norm.bias, norm.eps)
+    view = (1, -1, 1, 1)
+    cd = c.double()
+    torch.testing.assert_close((cd * xs.cpu().double().view(view) + xb.cpu().double().view(view)), x_t.detach(),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((cd * hs.cpu().double().view(view) + hb.cpu().double().view(view)) *
+                               (norm.weight.detach().cpu().double().view(view) if affine else 1) +
+                               (norm.bias.detach().cpu().double().view(view) if affine else 0),
+                               x_t.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gap.cpu().double(), x_t.detach().mean((2, 3)), rtol=1e-4, atol=1e-4)

@@ -63,7 +63,10 @@ def test_emulation_runs_the_cuda_path_on_cpu_tensors_with_the_same_results(emula
     with gpu_cost.CostCounter() as counter:
         out = site(x)
         out.sum().backward()
-    assert any(c.name.startswith("triton") for c in counter.calls)  # the Triton kernels ran
+    launched = {c.name for c in counter.calls if c.name.startswith("triton")}
+    assert {"triton _iieu_bn_sums", "triton _iieu_bn_grad", "triton _plane_moments"} <= launched
+    assert out.grad_fn.norm_fused is not None  # backward through the BatchNorm in the unit's two passes
+    assert not any("BatchNormBackward" in c.where for c in counter.calls)  # and none of its own
     got = (out.detach(), x.grad.clone())
     kernels.set_emulate_cuda(False)
     kernels.set_kernels("eager")
@@ -75,6 +78,39 @@ def test_emulation_runs_the_cuda_path_on_cpu_tensors_with_the_same_results(emula
         kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
     torch.testing.assert_close(got[0], want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_conv_bn_site_on_the_cuda_path_follows_the_float32_reference(emulated):
+    """Under bf16 autocast on the CUDA path the conv-BN site runs the fused backward on bf16 maps (no
+    float32 copy of them) and its gradients follow the float32 composite to bf16 precision."""
+    torch.manual_seed(1)
+    site = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+    actlab.convert(site, "iieu_b", example_input=torch.randn(2, 8, 8, 8))
+    x = torch.randn(4, 8, 12, 12)
+    params = [site[0].weight, site[1].weight, site[1].bias, site[2].eta]
+    weight = torch.randn(4, 16, 12, 12)
+
+    def grads(autocast: bool):
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = site(xs)
+        assert (out.dtype == torch.bfloat16) == autocast
+        return out.float(), torch.autograd.grad((out.float() * weight).sum(), [xs, *params])
+
+    with gpu_cost.CostCounter() as counter:
+        got = grads(True)
+    copies = [c.bytes for c in counter.calls if c.name == "_to_copy" and c.where.startswith("actlab/")]
+    assert max(copies, default=0) < x.numel()  # per-channel values at most: no copy of a map
+    assert {"triton _iieu_bn_sums", "triton _iieu_bn_grad"} <= {c.name for c in counter.calls}
+    kernels.set_emulate_cuda(False)
+    kernels.set_kernels("eager")
+    try:
+        want = grads(False)
+    finally:
+        kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
+    torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2 * want[0].abs().max().item())
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
 
 
 def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):

@@ -45,15 +45,6 @@ class TermB:
     def tensors(self) -> tuple:
         return self.gap, self.mean, self.rstd, self.weight
 
-    @staticmethod
-    def input_grad(grad_nu, nu, gap, mean, rstd, weight):
-        """dL/d gap (B, C) from dL/d nu: sigmoid's and LayerNorm's own backward kernels."""
-        grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
-        return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, None,
-                                                         [True, False, False])[0]
-
-
-
 
 @dataclass(frozen=True)
 class BatchNormReplay:
@@ -61,7 +52,7 @@ class BatchNormReplay:
     map ``x_t = c * scale + shift`` with the statistics the BatchNorm used in forward, from its input ``c``
     (which BatchNorm keeps for its own backward anyway), in ``x_t``'s dtype; equal to the forward's
     ``x_t`` to float rounding. Where ``fuses`` holds, the unit differentiates through the BatchNorm
-    instead (``NormFusedBackward``) and nothing is recomputed."""
+    instead (the kernels' ``iieu_bn_backward``) and nothing is recomputed."""
 
     batch_stats: bool
     eps: float
@@ -76,33 +67,32 @@ class BatchNormReplay:
         """The saved tensors (c, scale, shift, hat_scale, hat_shift: x_t = c * scale + shift and
         xhat = c * hat_scale + hat_shift per channel) and, when the batch statistics give it for free, GAP(x_t)
         (B, C) in the compute dtype (else None). One pass over ``c`` in training mode, none in eval mode."""
-        ct = compute_dtype(x_t)
-        plane_means = None
         with torch.no_grad():
             if self.batch_stats:
                 source = c.detach()
-                plane_means, mean, var = backend(source, cpu_native=source.is_contiguous()).batch_moments(source)
-            else:
-                mean, var = norm.running_mean.double(), norm.running_var.double()
+                kernels = backend(source, cpu_native=source.is_contiguous())
+                *terms, gap = kernels.batchnorm_terms(source, norm.weight, norm.bias, self.eps)
+                return (c, *terms), gap if x_t.dim() == 4 else None  # GAP of a conv map
+            ct = compute_dtype(x_t)
+            mean, var = norm.running_mean.double(), norm.running_var.double()
             hat_scale = (var + self.eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
             scale = hat_scale * norm.weight.detach().double() if norm.weight is not None else hat_scale
             shift = -mean * scale
             if norm.bias is not None:
                 shift = shift + norm.bias.detach().double()
-            gap = None
-            if plane_means is not None and x_t.dim() == 4:  # GAP of a conv map: the affine map of c's plane means
-                gap = (plane_means * scale + shift).to(ct)
-        return (c, scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)), gap
+        return (c, scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)), None
 
     def replay(self, c, scale, shift, *hat) -> torch.Tensor:
         shape = (-1,) + (1,) * (c.dim() - 2)
         return torch.addcmul(shift.view(shape), c.to(scale.dtype), scale.view(shape)).to(self.dtype)
 
     def fuses(self, c: torch.Tensor, x_t: torch.Tensor) -> bool:
-        """Whether the unit differentiates through the BatchNorm itself (``NormFusedBackward``): a conv map
-        on the CPU in float32 or float64, contiguous (not on the CUDA path, emulated or real)."""
-        return (not runs_like_cuda(c) and x_t.dim() == 4 and c.is_contiguous() and c.dtype == self.dtype
-                and c.dtype in (torch.float32, torch.float64))
+        """Whether the unit differentiates through the BatchNorm itself (``iieu_bn_backward``): a contiguous
+        conv map; on the CUDA path in any float dtype (the kernels read c and the gradient in their own
+        dtypes), on the CPU in float32 or float64 with x_t of c's dtype."""
+        if x_t.dim() != 4 or not c.is_contiguous() or not c.is_floating_point():
+            return False
+        return runs_like_cuda(c) or (c.dtype == self.dtype and c.dtype in (torch.float32, torch.float64))
 
 
 @dataclass(frozen=True)
@@ -173,43 +163,6 @@ def _add_spread(grad_x: torch.Tensor, grad_gap: torch.Tensor) -> None:
         grad_x.view(grad_gap.shape[0], -1, grad_gap.shape[1]).add_(grad_gap.unsqueeze(1).to(grad_x.dtype))
 
 
-@dataclass(frozen=True)
-class NormFusedBackward:
-    """IIEU-B's backward through its BatchNorm (x_t = BN(c)) in two passes over c and grad_out, instead of
-    the unit's gradient map, term-B's spread over it and the BatchNorm's own backward (each a pass over a
-    map): pass 1 takes the unit's reductions and the sums over positions of g, g * xhat and xhat; pass 2
-    writes dL/dc = A * g + K1 + K2 * c with term-B's spread and the BatchNorm's mean terms folded into
-    K1 and K2. g is the unit's gradient w.r.t. x_t including term-B's spread k (per sample and channel):
-
-        dL/d beta = sum g,  dL/d gamma = sum g * xhat,  A = gamma / sqrt(var + eps)
-        batch statistics: dL/dc = A * (g - mean(g) - xhat * mean(g * xhat));  running statistics: A * g
-    """
-
-    batch_stats: bool
-
-    def __call__(self, kernels, go, c, inv, inv_w, nu, eta, xs, xb, hs, hb, term_b_grad):
-        """Returns dL/dc (c's flat shape), the gradients w.r.t. inv, inv_w, nu and eta, and dL/d gamma and
-        dL/d beta (C,). ``term_b_grad`` maps dL/d nu (B, C) to dL/d GAP(x_t) (B, C), or is None."""
-        grad_inv, grad_w, grad_nu, grad_eta, sum_g, sum_gh, sum_h = kernels.iieu_bn_sums(
-            go, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-        positions = c.shape[2]
-        if term_b_grad is not None:
-            spread = term_b_grad(grad_nu) / positions
-            sum_g = sum_g + positions * spread
-            sum_gh = sum_gh + spread * sum_h
-        else:
-            spread = torch.zeros_like(sum_g)
-        grad_beta, grad_gamma = sum_g.sum(0), sum_gh.sum(0)
-        if self.batch_stats:
-            n = c.shape[0] * positions
-            k1 = xs * (spread - (grad_beta + grad_gamma * hb) / n)
-            k2 = -xs * grad_gamma * hs / n
-        else:
-            k1, k2 = xs * spread, torch.zeros_like(xs)
-        grad_c = kernels.iieu_bn_grad(go, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
-        return grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta
-
-
 class IIEUFunction(torch.autograd.Function):
     """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward (eager training).
 
@@ -218,7 +171,8 @@ class IIEUFunction(torch.autograd.Function):
     the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
     the producer's input passed through), x_pre's gradient goes there as a factor instead of being
     returned. With ``norm_input`` (and the BatchNorm's weight and bias), x_t is a detached BatchNorm
-    output and the gradient goes to the BatchNorm's input and parameters directly (``NormFusedBackward``).
+    output and the gradient goes to the BatchNorm's input and parameters directly (the kernels'
+    ``iieu_bn_backward``).
     """
 
     @staticmethod
@@ -237,7 +191,7 @@ class IIEUFunction(torch.autograd.Function):
         norms = (inv_x, sumsq) if keep_norms else (None, None)
         ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
-        ctx.norm_fused = NormFusedBackward(replay.batch_stats) if norm_input is not None else None
+        ctx.norm_fused = replay if norm_input is not None else None  # backward through the BatchNorm
         # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
         # holds that output) so that a following in-place operation (a residual "+=") is allowed
         return out.detach()
@@ -263,7 +217,8 @@ class IIEUFunction(torch.autograd.Function):
                 grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
             if gap is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample
                 positions = x_t.numel() // nu.numel()
-                grad_gap = TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype))
+                grad_gap = composite.term_b_input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
+                                                       ln_weight.to(gap.dtype))
                 _add_spread(grad_x, grad_gap / positions)
             grad_x_pre = IIEUFunction._patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
         return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
@@ -299,12 +254,9 @@ class IIEUFunction(torch.autograd.Function):
         sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, c, x_pre, sumsq, inv_x, nu,
                                                                                   grad_out, ct)
 
-        def term_b_grad(grad_nu):
-            return TermB.input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd, ln_weight.to(gap.dtype)).to(ct)
-
-        grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta = ctx.norm_fused(
-            kernels, go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), xs, xb, hs, hb,
-            term_b_grad if gap is not None else None)
+        term_b = (gap, mean, rstd, ln_weight.to(gap.dtype)) if gap is not None else None
+        grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta = kernels.iieu_bn_backward(
+            go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), (xs, xb, hs, hb), term_b, ctx.norm_fused.batch_stats)
         grad_x_pre = IIEUFunction._patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
         norm_weight_grad = grad_gamma if ctx.needs_input_grad[13] else None
         norm_bias_grad = grad_beta if ctx.needs_input_grad[14] else None

@@ -138,13 +138,79 @@ def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
     return (a[:, None] * g + k1[..., None] + k2[:, None] * cf).to(c.dtype)
 
 
+def term_b_input_grad(grad_nu, nu, gap, mean, rstd, weight):
+    """IIEU-B's term-B nu = sigmoid(LayerNorm(gap) * weight + bias) over the channels of each sample:
+    dL/d gap (B, C) from dL/d nu, given the LayerNorm's statistics mean and rstd (B, 1)."""
+    grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
+    return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, None,
+                                                     [True, False, False])[0]
+
+
+def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool,
+                     sums=None, grad=None):
+    """IIEU-B's backward through the training BatchNorm that made its input, x_t = BN(c), on planes c
+    (B, C, P): two passes over c and grad_out (``sums`` and ``grad``, by default this module's
+    ``iieu_bn_sums`` and ``iieu_bn_grad``) and per-channel arithmetic between them, instead of the unit's
+    gradient map, term-B's spread over it and the BatchNorm's own backward.
+
+    ``terms``: (xs, xb, hs, hb), x_t = c * xs + xb and xhat = c * hs + hb per channel. ``term_b``: (gap,
+    mean, rstd, weight) of term-B's LayerNorm (see ``term_b_input_grad``), or None when nu has no gradient
+    path to x_t. With g the gradient w.r.t. x_t, term-B's spread included:
+
+        dL/d beta = sum g,  dL/d gamma = sum g * xhat,  A = gamma / sqrt(var + eps) = xs
+        batch statistics: dL/dc = A * (g - mean(g) - xhat * mean(g * xhat));  running statistics: A * g
+
+    Returns dL/dc (c's shape and dtype), the gradients w.r.t. inv, inv_w, nu and eta, and dL/d gamma and
+    dL/d beta (C,)."""
+    xs, xb, hs, hb = terms
+    grad_inv, grad_w, grad_nu, grad_eta, sum_g, sum_gh, sum_h = (sums or iieu_bn_sums)(
+        grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    positions = c.shape[2]
+    if term_b is not None:
+        spread = term_b_input_grad(grad_nu, nu, *term_b).to(sum_g.dtype) / positions
+        sum_g = sum_g + positions * spread
+        sum_gh = sum_gh + spread * sum_h
+    else:
+        spread = torch.zeros_like(sum_g)
+    grad_beta, grad_gamma = sum_g.sum(0), sum_gh.sum(0)
+    if batch_stats:
+        n = c.shape[0] * positions
+        k1 = xs * (spread - (grad_beta + grad_gamma * hb) / n)
+        k2 = -xs * grad_gamma * hs / n
+    else:
+        k1, k2 = xs * spread, torch.zeros_like(xs)
+    grad_c = (grad or iieu_bn_grad)(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
+    return grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta
+
+
+def batchnorm_terms(c, weight, bias, eps: float, moments=None):
+    """What IIEU-B needs of a training-mode BatchNorm of c (B, C, *S) with affine parameters ``weight``
+    and ``bias`` (C,) or None: the per-channel coefficients of x_t = c * xs + xb and xhat = c * hs + hb and
+    GAP(x_t) (B, C), all in the compute dtype, from the batch statistics (``moments``, by default this
+    module's ``batch_moments``)."""
+    ct = compute_dtype(c)
+    plane_means, mean, var = (moments or batch_moments)(c)
+    hat_scale = (var + eps).rsqrt()
+    scale = hat_scale * weight.detach().double() if weight is not None else hat_scale
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    gap = (plane_means * scale + shift).to(ct)
+    return scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct), gap
+
+
 def batch_moments(x):
     """x (B, C, *S) -> the mean of each plane (B, C) and, per channel over B and S, the mean and the biased
     variance (C,), all float64: the statistics a training-mode BatchNorm normalises x with."""
     b, c = x.shape[:2]
     planes = x.reshape(b, c, -1).to(compute_dtype(x))
     plane_var, plane_mean = torch.var_mean(planes, dim=2, correction=0)
-    plane_mean, plane_var = plane_mean.double(), plane_var.double()
+    return combine_moments(plane_mean.double(), plane_var.double())
+
+
+def combine_moments(plane_mean, plane_var):
+    """Per-plane means and biased variances (B, C) -> (plane_mean, the per-channel mean and biased
+    variance (C,) over all planes of a channel)."""
     mean = plane_mean.mean(0)
     var = (plane_var + (plane_mean - mean).square()).mean(0)
     return plane_mean, mean, var

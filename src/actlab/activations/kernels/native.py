@@ -80,6 +80,17 @@ def batch_moments(x):
     return tuple(torch.ops.actlab_iieu.plane_moments(x.view(x.shape[0], x.shape[1], -1)))
 
 
+def batchnorm_terms(c, weight, bias, eps: float):
+    """As composite.batchnorm_terms, for a contiguous float32 c, its moments in one C++ pass."""
+    return composite.batchnorm_terms(c, weight, bias, eps, moments=batch_moments)
+
+
+def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool):
+    """As composite.iieu_bn_backward, for contiguous float32 planes: both passes in C++."""
+    return composite.iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats,
+                                      sums=iieu_bn_sums, grad=iieu_bn_grad)
+
+
 def channel_sumsq(x, groups: int, ct: torch.dtype):
     """As composite.channel_sumsq, for a contiguous float32 x (B, C, *S) and ct float32."""
     b = x.shape[0]

@@ -64,15 +64,9 @@ def _grad_terms(x, go, a, n, e):
 
 
 @triton.jit
-def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, NCB, NPB, SLAB,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (b * G + g, channel block cb, position block pb) on a (BLOCK_C, BLOCK_P) tile of the group's
-    planes: grad_x; grad_inv summed over the tile's channels into GINV_PART (NCB, B * G, P); per-channel
-    sums over the tile's positions into PART (3, B * C, NPB). Tiles keep every program short and the grid
-    wide, also for deep layers with few positions and many channels."""
-    bg = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1)
-    pb = tl.program_id(2)
+def _plane_tile(bg, cb, pb, C, CG, G, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The (BLOCK_C, BLOCK_P) tile of program (b * G + g, channel block cb, position block pb): sample b,
+    channels c, positions offs, their liveness and the flat offsets of the tile's elements."""
     b = bg // G
     g = bg % G
     offs = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -82,17 +76,220 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, N
     c = g * CG + local
     live = live_c[:, None] & live_p[None, :]
     at = (b * C + c)[:, None] * P + offs[None, :]
+    return b, c, offs, live_p, live_c, live, at
+
+
+@triton.jit
+def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, NCB, NPB, SLAB,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program (b * G + g, channel block cb, position block pb) on a (BLOCK_C, BLOCK_P) tile of the group's
+    planes: grad_x; grad_inv summed over the tile's channels into GINV_PART (NCB, B * G, P); per-channel
+    sums over the tile's positions into PART (3, B * C, NPB). Tiles keep every program short and the grid
+    wide, also for deep layers with few positions and many channels."""
+    bg = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(2)
+    b, c, offs, live_p, live_c, live, at = _plane_tile(bg, tl.program_id(1), pb, C, CG, G, P, BLOCK_C, BLOCK_P)
     inv = tl.load(INV + bg * P + offs, mask=live_p, other=0.0)
     x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
     go = tl.load(GO + at, mask=live, other=0.0).to(tl.float32)
     w, n, e = _channel_params(W, NU, ETA, b * C, c, live_c)
     grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
     tl.store(GX + at, grad_x.to(GX.dtype.element_ty), mask=live)
-    tl.store(GINV_PART + (cb * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0), mask=live_p)
+    tl.store(GINV_PART + (tl.program_id(1) * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0),
+             mask=live_p)
     slot = (b * C + c) * NPB + pb
     tl.store(PART + slot, tl.sum(g_rx * inv[None, :], axis=1), mask=live_c)
     tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=1), mask=live_c)
     tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=1), mask=live_c)
+
+
+@triton.jit
+def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, GINV_PART, PART, C, CG, G, P, NPB, SLAB,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Pass 1 of the backward through the BatchNorm, on a tile as ``_iieu_planes_bwd``: x_t = c * xs + xb
+    and xhat = c * hs + hb formed from the BatchNorm input c in registers; g is the gradient w.r.t. x_t.
+    GINV_PART as there; PART (6, B * C, NPB): the sums over the tile's positions of g_rx * inv, g_rho,
+    g_eta, g, g * xhat and xhat."""
+    bg = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(2)
+    b, c, offs, live_p, live_c, live, at = _plane_tile(bg, tl.program_id(1), pb, C, CG, G, P, BLOCK_C, BLOCK_P)
+    inv = tl.load(INV + bg * P + offs, mask=live_p, other=0.0)
+    cin = tl.load(CIN + at, mask=live, other=0.0).to(tl.float32)
+    go = tl.load(GO + at, mask=live, other=0.0).to(tl.float32)
+    w, n, e = _channel_params(W, NU, ETA, b * C, c, live_c)
+    xs = tl.load(XS + c, mask=live_c, other=0.0)[:, None]
+    xb = tl.load(XB + c, mask=live_c, other=0.0)[:, None]
+    hs = tl.load(HS + c, mask=live_c, other=0.0)[:, None]
+    hb = tl.load(HB + c, mask=live_c, other=0.0)[:, None]
+    g, g_rx, g_rho, g_eta = _grad_terms(cin * xs + xb, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
+    xhat = tl.where(live, cin * hs + hb, 0.0)
+    tl.store(GINV_PART + (tl.program_id(1) * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0),
+             mask=live_p)
+    slot = (b * C + c) * NPB + pb
+    tl.store(PART + slot, tl.sum(g_rx * inv[None, :], axis=1), mask=live_c)
+    tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=1), mask=live_c)
+    tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=1), mask=live_c)
+    tl.store(PART + 3 * SLAB + slot, tl.sum(g, axis=1), mask=live_c)
+    tl.store(PART + 4 * SLAB + slot, tl.sum(g * xhat, axis=1), mask=live_c)
+    tl.store(PART + 5 * SLAB + slot, tl.sum(xhat, axis=1), mask=live_c)
+
+
+@triton.jit
+def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K2, GC, C, CG, G, P, BLOCK: tl.constexpr):
+    """Pass 2, program (b * C + c, position block): dL/dc = a * g + k1 + k2 * c, stored in c's dtype."""
+    bc = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < P
+    c = bc % C
+    b = bc // C
+    cin = tl.load(CIN + bc * P + offs, mask=live, other=0.0).to(tl.float32)
+    go = tl.load(GO + bc * P + offs, mask=live, other=0.0).to(tl.float32)
+    inv = tl.load(INV + (b * G + c // CG) * P + offs, mask=live, other=0.0)
+    x = cin * tl.load(XS + c) + tl.load(XB + c)
+    g = _grad_terms(x, go, tl.load(W + c) * inv, tl.load(NU + bc), tl.load(ETA + c))[0]
+    grad = tl.load(A + c) * g + tl.load(K1 + bc) + tl.load(K2 + c) * cin
+    tl.store(GC + bc * P + offs, grad.to(GC.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _bn_terms(MEAN, M2, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """Program per channel block: from the planes' means and sums of squared deviations (B, C), the
+    channel's batch mean and biased variance, TERMS (4, C) = xs, xb, hs, hb (x_t = c * xs + xb,
+    xhat = c * hs + hb) and GAP(x_t) (B, C) = plane mean * xs + xb."""
+    cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = cc < C
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for b in range(0, B):
+        total += tl.load(MEAN + b * C + cc, mask=live, other=0.0)
+    mean = total / B
+    spread = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for b in range(0, B):
+        d = tl.load(MEAN + b * C + cc, mask=live, other=0.0) - mean
+        spread += tl.load(M2 + b * C + cc, mask=live, other=0.0) / P + d * d
+    hs = 1.0 / tl.sqrt(spread / B + eps)
+    xs = hs
+    if HAS_WEIGHT:
+        xs = hs * tl.load(WEIGHT + cc, mask=live, other=0.0).to(tl.float32)
+    xb = -mean * xs
+    if HAS_BIAS:
+        xb += tl.load(BIAS + cc, mask=live, other=0.0).to(tl.float32)
+    tl.store(TERMS + cc, xs, mask=live)
+    tl.store(TERMS + C + cc, xb, mask=live)
+    tl.store(TERMS + 2 * C + cc, hs, mask=live)
+    tl.store(TERMS + 3 * C + cc, -mean * hs, mask=live)
+    for b in range(0, B):
+        tl.store(GAP + b * C + cc, tl.load(MEAN + b * C + cc, mask=live, other=0.0) * xs + xb, mask=live)
+
+
+@triton.jit
+def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, C, NPB, SLAB, BC, P, HAS_TERM_B: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+    """Program per sample b, after ``_iieu_bn_sums``: its PART sums over the position blocks give dL/d nu
+    and the sums of g, g * xhat and xhat per channel; term-B's spread k = dL/d GAP(x_t) / P comes from
+    sigmoid's and the LayerNorm's backward over the sample's channels. ROWS (4, B, C): dL/d nu, k, and
+    the sums of g and g * xhat with k included (sum g + P k, sum g * xhat + k sum xhat)."""
+    b = tl.program_id(0).to(tl.int64)
+    acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live = cc < C
+        at = (b * C + cc) * NPB
+        g_nu = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_gh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_h = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k in range(0, NPB):
+            g_nu += tl.load(PART + SLAB + at + k, mask=live, other=0.0)
+            s_g += tl.load(PART + 3 * SLAB + at + k, mask=live, other=0.0)
+            s_gh += tl.load(PART + 4 * SLAB + at + k, mask=live, other=0.0)
+            s_h += tl.load(PART + 5 * SLAB + at + k, mask=live, other=0.0)
+        row = b * C + cc
+        tl.store(ROWS + row, g_nu, mask=live)
+        tl.store(ROWS + BC + row, s_h, mask=live)  # until the second sweep puts k here
+        tl.store(ROWS + 2 * BC + row, s_g, mask=live)
+        tl.store(ROWS + 3 * BC + row, s_gh, mask=live)
+        if HAS_TERM_B:
+            nu = tl.load(NU + row, mask=live, other=0.0)
+            gz = g_nu * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
+            x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * tl.load(LN_RSTD + b)
+            acc_a += gz
+            acc_b += gz * x_ln
+    if HAS_TERM_B:
+        mean_a = tl.sum(acc_a, axis=0) / C
+        mean_b = tl.sum(acc_b, axis=0) / C
+        rstd = tl.load(LN_RSTD + b)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            live = cc < C
+            row = b * C + cc
+            nu = tl.load(NU + row, mask=live, other=0.0)
+            gz = tl.load(ROWS + row, mask=live, other=0.0) * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
+            x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * rstd
+            spread = rstd * (gz - mean_a - x_ln * mean_b) / P
+            s_h = tl.load(ROWS + BC + row, mask=live, other=0.0)
+            tl.store(ROWS + BC + row, spread, mask=live)
+            tl.store(ROWS + 2 * BC + row, tl.load(ROWS + 2 * BC + row, mask=live, other=0.0) + P * spread, mask=live)
+            tl.store(ROWS + 3 * BC + row, tl.load(ROWS + 3 * BC + row, mask=live, other=0.0) + spread * s_h,
+                     mask=live)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            tl.store(ROWS + BC + b * C + cc, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cc < C)
+
+
+@triton.jit
+def _bn_channels(PART, ROWS, XS, HS, HB, ETA, K1, CH, B, C, NPB, SLAB, BC, N, BATCH_STATS: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Program per channel block, after ``_bn_rows``: CH (5, C) = dL/d inv_w, dL/d eta, dL/d gamma,
+    dL/d beta and k2; K1 (B, C) = k1 (dL/dc = xs * g + k1 + k2 * c)."""
+    cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = cc < C
+    g_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_eta = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_beta = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_gamma = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for b in range(0, B):
+        row = b * C + cc
+        for k in range(0, NPB):
+            g_w += tl.load(PART + row * NPB + k, mask=live, other=0.0)
+            g_eta += tl.load(PART + 2 * SLAB + row * NPB + k, mask=live, other=0.0)
+        g_beta += tl.load(ROWS + 2 * BC + row, mask=live, other=0.0)
+        g_gamma += tl.load(ROWS + 3 * BC + row, mask=live, other=0.0)
+    xs = tl.load(XS + cc, mask=live, other=0.0)
+    base = tl.zeros([BLOCK_C], dtype=tl.float32)
+    k2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if BATCH_STATS:
+        base = (g_beta + g_gamma * tl.load(HB + cc, mask=live, other=0.0)) / N
+        k2 = -xs * g_gamma * tl.load(HS + cc, mask=live, other=0.0) / N
+    for b in range(0, B):
+        row = b * C + cc
+        tl.store(K1 + row, xs * (tl.load(ROWS + BC + row, mask=live, other=0.0) - base), mask=live)
+    tl.store(CH + cc, g_w, mask=live)
+    tl.store(CH + C + cc, g_eta * (1.0 - tl.load(ETA + cc, mask=live, other=0.0)), mask=live)
+    tl.store(CH + 2 * C + cc, g_gamma, mask=live)
+    tl.store(CH + 3 * C + cc, g_beta, mask=live)
+    tl.store(CH + 4 * C + cc, k2, mask=live)
+
+
+@triton.jit
+def _plane_moments(X, MEAN, M2, P, BLOCK: tl.constexpr):
+    """Program per (b, c) plane, one pass over it in its own dtype: the float32 mean and sum of squared
+    deviations, accumulated about the plane's first value (a map far from zero keeps its variance)."""
+    bc = tl.program_id(0).to(tl.int64)
+    k = tl.load(X + bc * P).to(tl.float32)
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        live = offs < P
+        d = tl.where(live, tl.load(X + bc * P + offs, mask=live, other=0.0).to(tl.float32) - k, 0.0)
+        s1 += d
+        s2 += d * d
+    t1 = tl.sum(s1, axis=0)
+    tl.store(MEAN + bc, k + t1 / P)
+    tl.store(M2 + bc, tl.sum(s2, axis=0) - t1 * t1 / P)
 
 
 @triton.jit
@@ -161,14 +358,18 @@ def _channel_sumsq(X, OUT, CG, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _channel_scale(X, S, OUT, CG, P, BLOCK: tl.constexpr):
-    """Program (b * C + c, position block): x times its group's scale, stored in x's dtype."""
+def _channel_scale(X, S, ADD, OUT, CG, P, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b * C + c, position block): x times its group's scale, plus ``ADD`` (x's shape) when
+    HAS_ADD, stored in the output's dtype (OUT may be ADD itself: each element is read before written)."""
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
     x = tl.load(X + bc * P + offs, mask=live, other=0.0).to(tl.float32)
     s = tl.load(S + (bc // CG) * P + offs, mask=live, other=0.0).to(tl.float32)
-    tl.store(OUT + bc * P + offs, (x * s).to(OUT.dtype.element_ty), mask=live)
+    y = x * s
+    if HAS_ADD:
+        y += tl.load(ADD + bc * P + offs, mask=live, other=0.0).to(tl.float32)
+    tl.store(OUT + bc * P + offs, y.to(OUT.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -305,6 +506,12 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def _planes_tiles(p: int, cg: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the tiled planes kernels for P positions and CG channels a group."""
+    block_p = _pow2(p, 16, 256)
+    return _pow2(cg, 1, max(1, _TILE // block_p)), block_p
+
+
 def iieu_forward(x, inv, inv_w, nu, eta):
     out = torch.empty_like(x)
     if x.dim() == 3:
@@ -330,8 +537,7 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
         b, c, p = x.shape
         g = inv.shape[1]
         cg = c // g
-        block_p = _pow2(p, 16, 256)
-        block_c = _pow2(cg, 1, max(1, _TILE // block_p))
+        block_c, block_p = _planes_tiles(p, cg)
         ncb, npb = triton.cdiv(cg, block_c), triton.cdiv(p, block_p)
         part = inv.new_empty(3, b * c, npb)
         ginv_part = grad_inv if ncb == 1 else inv.new_empty(ncb, b * g, p)
@@ -356,12 +562,94 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
 
 
-# per-channel statistics of a map and the coupler's per-channel scalings: torch's own reductions and
-# broadcasts are as fast on a GPU
-batch_moments = composite.batch_moments
+# the coupler's per-channel scalings: torch's own reductions and broadcasts
 coupler_forward, coupler_sums, coupler_grads = composite.coupler_forward, composite.coupler_sums, composite.coupler_grads
-# the backward through a BatchNorm (CPU sites only; here for the interpreter's "triton" mode on CPU tensors)
-iieu_bn_sums, iieu_bn_grad = composite.iieu_bn_sums, composite.iieu_bn_grad
+
+
+
+def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
+    """Launches ``_iieu_bn_sums``: its partial sums PART (6, B * C, NPB), NPB, and dL/d inv (B, G, P)."""
+    b, ch, p = c.shape
+    g = inv.shape[1]
+    cg = ch // g
+    block_c, block_p = _planes_tiles(p, cg)
+    ncb, npb = triton.cdiv(cg, block_c), triton.cdiv(p, block_p)
+    part = inv.new_empty(6, b * ch, npb)
+    ginv_part = inv.new_empty(ncb, b * g, p)
+    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb, ginv_part, part, ch, cg, g,
+                                     p, npb, b * ch * npb, BLOCK_C=block_c, BLOCK_P=block_p)
+    grad_inv = ginv_part.view(ncb, b, g, p).sum(0) if ncb > 1 else ginv_part.view(b, g, p)
+    return part, npb, grad_inv
+
+
+def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
+    b, ch, _ = c.shape
+    part, npb, grad_inv = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    sums = part.view(6, b, ch, npb).sum(3)  # (6, B, C)
+    per_channel = sums[0:3:2].sum(1)  # grad_w, grad_eta before its (1 - eta) factor
+    return grad_inv, per_channel[0], sums[1], per_channel[1] * (1 - eta), sums[3], sums[4], sums[5]
+
+
+def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
+    b, ch, p = c.shape
+    grad_c = torch.empty_like(c)
+    block = _pow2(p, 16, _BLOCK)
+    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), k2,
+                                                  grad_c, ch, ch // inv.shape[1], inv.shape[1], p, BLOCK=block)
+    return grad_c
+
+
+def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool):
+    """As composite.iieu_bn_backward: the two passes over the maps and, between them, two launches for
+    the per-sample (term-B) and per-channel arithmetic."""
+    xs, xb, hs, hb = terms
+    b, ch, p = c.shape
+    part, npb, grad_inv = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    rows = inv.new_empty(4, b, ch)
+    gap, ln_mean, ln_rstd, ln_w = term_b if term_b is not None else (nu,) * 4  # never read without term-B
+    _bn_rows[(b,)](part, nu, gap, ln_mean, ln_rstd, ln_w, rows, ch, npb, b * ch * npb, b * ch, p,
+                   HAS_TERM_B=term_b is not None, BLOCK_C=_pow2(ch, 16, 1024))
+    k1 = inv.new_empty(b, ch)
+    per_channel = inv.new_empty(5, ch)
+    block = _pow2(ch, 16, 128)
+    _bn_channels[(triton.cdiv(ch, block),)](part, rows, xs, hs, hb, eta, k1, per_channel, b, ch, npb, b * ch * npb,
+                                            b * ch, b * p, BATCH_STATS=batch_stats, BLOCK_C=block)
+    grad_c = iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, per_channel[4])
+    grad_w, grad_eta, grad_gamma, grad_beta = per_channel[:4]
+    return grad_c, grad_inv, grad_w, rows[0], grad_eta, grad_gamma, grad_beta
+
+
+def batch_moments(x):
+    if not x.is_contiguous() or x.dtype == torch.float64:
+        return composite.batch_moments(x)
+    plane_mean, plane_m2, p = _plane_moments_of(x)
+    return composite.combine_moments(plane_mean.double(), plane_m2.double() / p)
+
+
+def _plane_moments_of(x):
+    """Per (b, c) plane of a contiguous x: float32 mean and sum of squared deviations, one launch."""
+    b, c = x.shape[:2]
+    p = x[0, 0].numel()
+    plane_mean = x.new_empty(b, c, dtype=torch.float32)
+    plane_m2 = torch.empty_like(plane_mean)
+    _plane_moments[(b * c,)](x, plane_mean, plane_m2, p, BLOCK=_pow2(p, 16, _BLOCK))
+    return plane_mean, plane_m2, p
+
+
+def batchnorm_terms(c, weight, bias, eps: float):
+    """As composite.batchnorm_terms: one pass over c in its own dtype, one launch for the per-channel
+    coefficients and GAP(x_t)."""
+    if not c.is_contiguous() or c.dtype == torch.float64:
+        return composite.batchnorm_terms(c, weight, bias, eps)
+    plane_mean, plane_m2, p = _plane_moments_of(c)
+    b, ch = plane_mean.shape
+    terms = plane_mean.new_empty(4, ch)
+    gap = torch.empty_like(plane_mean)
+    block = _pow2(ch, 16, 128)
+    _bn_terms[(triton.cdiv(ch, block),)](plane_mean, plane_m2, weight if weight is not None else terms,
+                                         bias if bias is not None else terms, terms, gap, b, ch, p, eps,
+                                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block)
+    return (*terms, gap)
 
 
 def channel_sumsq(x, groups: int, ct: torch.dtype):
@@ -377,15 +665,15 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
 
 
 def channel_scale(x, scale, add=None, into_add: bool = False):
-    if add is not None:
-        return add.add_(channel_scale(x, scale)) if into_add else channel_scale(x, scale).add_(add)
-    if not (x.is_contiguous() and scale.is_contiguous()) or x.dtype == torch.float64:
-        return composite.channel_scale(x, scale)
+    dense = x.is_contiguous() and scale.is_contiguous() and (add is None or add.is_contiguous())
+    if not dense or x.dtype == torch.float64:
+        return composite.channel_scale(x, scale, add, into_add)
     b, c = x.shape[:2]
     p = x[0, 0].numel()
-    out = torch.empty_like(x)
+    out = add if into_add else torch.empty_like(x if add is None else add)
     block = _pow2(p, 16, _BLOCK)
-    _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, out, c // scale.shape[1], p, BLOCK=block)
+    _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, out if add is None else add, out, c // scale.shape[1], p,
+                                                   HAS_ADD=add is not None, BLOCK=block)
     return out
 
 
