@@ -278,3 +278,31 @@ def test_batchnorm_terms(affine, dtype):
                                (norm.bias.detach().cpu().double().view(view) if affine else 0),
                                x_t.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gap.cpu().double(), x_t.detach().mean((2, 3)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("silent", [-1.0, 0.5], ids=["published", "silence"])
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, stride=2), dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=(5, 3), padding="same"), dict(kernel_size=1, stride=2), dict(kernel_size=4, stride=3),
+    dict(kernel_size=3, padding=1, groups=2)], ids=["3x3", "stride2", "dilation2", "same_5x3", "pointwise_stride2",
+                                                   "no_pad_stride3", "grouped"])
+def test_window_inverse_norms_and_their_adjoint(conv, silent):
+    """Patch norms summed over each receptive field in the kernel (padding, stride, dilation, groups) and
+    the factor of their gradient (the window sum's adjoint), against the convolution-based composite."""
+    from actlab.activations.iieu import ConvPatches
+
+    patches = ConvPatches.from_conv(nn.Conv2d(4, 6, **conv))
+    g = torch.Generator().manual_seed(14)
+    sq = torch.rand(2, patches.groups, 11, 9, generator=g)
+    sq[0, 0, :4, :4] = 0  # zero and silenced norms
+    sq = sq.to(DEVICE)
+    inv, sumsq = triton_kernels.window_inv_norm(sq, patches, 1e-5, silent)
+    want_inv, want_sumsq = composite.window_inv_norm(sq, patches, 1e-5, silent)
+    close(sumsq, want_sumsq)
+    close(inv, want_inv)
+    assert torch.equal(inv == 0, want_inv == 0)
+    grad_inv = torch.randn(want_inv.shape, generator=g).to(DEVICE)
+    got = triton_kernels.window_inv_norm_backward(want_sumsq, grad_inv, (11, 9), patches, 1e-5, silent)
+    want = composite.window_inv_norm_backward(want_sumsq, grad_inv, (11, 9), patches, 1e-5, silent)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())

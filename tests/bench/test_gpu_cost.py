@@ -114,14 +114,20 @@ def test_bf16_conv_bn_site_on_the_cuda_path_follows_the_float32_reference(emulat
 
 
 def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
-    """Two counts of the same step agree to the call; a training step on the CUDA path makes no host
-    synchronisation, DPA's update step included; a DPA interval holds one update step; ReLU's step
+    """Two counts of the same step agree to the call, the second with the Triton launches skipped (the
+    command's default), DPA's update and ordinary steps too; a training step on the CUDA path makes no
+    host synchronisation, DPA's update step included; a DPA interval holds one update step; ReLU's step
     launches no actlab kernel."""
+    def same(a, b):
+        assert [(s.host_calls, s.kernels, s.bytes, s.by_line) for s in a["ordinary"] + a["update"]] == \
+            [(s.host_calls, s.kernels, s.bytes, s.by_line) for s in b["ordinary"] + b["update"]]
+
     w = gpu_cost.Workload("resnet20", "iieu_b", 1, 8, 10)
-    first, second = gpu_cost.count_steps(w), gpu_cost.count_steps(w)
-    assert [(s.host_calls, s.kernels, s.bytes) for s in first["ordinary"]] == \
-        [(s.host_calls, s.kernels, s.bytes) for s in second["ordinary"]]
-    dpa = gpu_cost.count_steps(gpu_cost.Workload("resnet20", "dpa", 1, 8, 10))
+    first = gpu_cost.count_steps(w)
+    same(first, gpu_cost.count_steps(w, execute=False))
+    w = gpu_cost.Workload("resnet20", "dpa", 1, 8, 10)
+    dpa = gpu_cost.count_steps(w)
+    same(dpa, gpu_cost.count_steps(w, execute=False))
     assert len(dpa["update"]) == 1 and len(dpa["ordinary"]) == 4
     assert dpa["update"][0].kernels > dpa["ordinary"][0].kernels  # the memory update's work
     assert all(s.syncs == 0 for s in first["ordinary"] + dpa["ordinary"] + dpa["update"])

@@ -11,7 +11,9 @@ results, broadcast dimensions counted once; a Triton launch's tensor arguments),
     TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.bench.gpu_cost --model resnet26 --act iieu_b \\
         [--batch 128 --image 224 --classes 1000] [--json cost.json]
 
-The step is counted at two small batches (``--measure 1,2``) and extrapolated to ``--batch``: a fixed
+Triton launches are counted and skipped by default (``--execute-kernels`` runs them, under the
+interpreter: slow): what a step launches cannot depend on values it never reads back, and a step that
+reads one (a host sync) is refused without ``--execute-kernels``. The step is counted at two small batches (``--measure 1,2``) and extrapolated to ``--batch``: a fixed
 part (weights, optimizer) and a per-sample part. Counts are deterministic, so tests pin them. The
 roofline estimate of a step is the larger of its bytes at ``--bandwidth`` and its host calls at
 ``--host-us`` each (an eager step is bound by one or the other). Approximations: the aten ops are the
@@ -90,10 +92,17 @@ class Call:
 
 class CostCounter(TorchDispatchMode):
     """Records every aten operation dispatched inside it and every launch of actlab's Triton kernels
-    (the Triton interpreter's own tensor work is not recorded: a GPU does not do it)."""
+    (the Triton interpreter's own tensor work is not recorded: a GPU does not do it).
 
-    def __init__(self):
+    Args:
+        execute: run the Triton kernels (under the interpreter, slow). Without it a launch is recorded and
+            skipped, leaving its outputs unwritten: the counts are the same as long as no host sync lets
+            a value steer the host's control flow, which ``syncs`` shows (a counted step with a sync
+            must be counted with ``execute=True``)."""
+
+    def __init__(self, execute: bool = True):
         super().__init__()
+        self.execute = execute
         self.calls: list[Call] = []
         self._inside_launch = 0
         self._patched: list = []
@@ -121,6 +130,8 @@ class CostCounter(TorchDispatchMode):
         def launch(*args, **kwargs):
             touched = sum(tensor_bytes(t) for t in _tensors(args, kwargs))
             self.calls.append(Call(f"triton {name}", 1, touched, _where()))
+            if not self.execute:
+                return None
             self._inside_launch += 1
             try:
                 return run(*args, **kwargs)
@@ -213,9 +224,10 @@ def _dpa_counts(model) -> list[torch.Tensor]:
     return [m.count for m in model.modules() if isinstance(m, DPA)]
 
 
-def count_steps(w: Workload, steps: int | None = None) -> dict:
-    """Count the training steps of one workload after one untimed warm-up step (optimizer state made).
-    Steps: one, or one DPA interval (update and ordinary steps told apart) where the model has DPA."""
+def count_steps(w: Workload, steps: int | None = None, execute: bool = True) -> dict:
+    """Count the training steps of one workload after one uncounted warm-up step (optimizer state made).
+    Steps: one, or one DPA interval (update and ordinary steps told apart) where the model has DPA.
+    ``execute``: run the Triton kernels (see ``CostCounter``); without it a step that syncs is an error."""
     from ..activations.kernels import emulating_cuda
 
     if not emulating_cuda() or os.environ.get("TRITON_INTERPRET") != "1":
@@ -224,15 +236,20 @@ def count_steps(w: Workload, steps: int | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(w.batch, 3, w.image, w.image, generator=g)
     y = torch.randint(0, w.classes, (w.batch,), generator=g)
-    _step(model, optimizer, x, y)
+    with CostCounter(execute):
+        _step(model, optimizer, x, y)
     counters = _dpa_counts(model)
     steps = steps or (int(next(m.interval for m in model.modules() if hasattr(m, "interval"))) if counters else 1)
     ordinary, update = [], []
     for _ in range(steps):
-        with CostCounter() as counter:
+        with CostCounter(execute) as counter:
             _step(model, optimizer, x, y)
         is_update = bool(counters) and int(counters[0]) == 0
-        (update if is_update else ordinary).append(StepCount.of(counter.calls))
+        count = StepCount.of(counter.calls)
+        if count.syncs and not execute:
+            raise RuntimeError(f"{w.model} + {w.act}: the step reads values back to the host ({count.syncs} syncs), so "
+                               "skipped kernels could change what it launches: count with --execute-kernels")
+        (update if is_update else ordinary).append(count)
     return {"sites": sites, "fusions": fusions, "ordinary": ordinary, "update": update}
 
 
@@ -250,10 +267,11 @@ def extrapolate(small: dict, large: dict, b_small: int, b_large: int, batch: int
     return out
 
 
-def workload_cost(model: str, act: str, batch: int, image: int, classes: int, measure: tuple[int, int]) -> dict:
+def workload_cost(model: str, act: str, batch: int, image: int, classes: int, measure: tuple[int, int],
+                  execute: bool = True) -> dict:
     """One activation's step at ``batch``: ordinary steps, update steps and the interval mean (DPA), each
     extrapolated from the two measured batches; the largest source lines at the larger measured batch."""
-    runs = {b: count_steps(Workload(model, act, b, image, classes)) for b in measure}
+    runs = {b: count_steps(Workload(model, act, b, image, classes), execute=execute) for b in measure}
     first, second = runs[measure[0]], runs[measure[1]]
     result = {"sites": first["sites"], "fusions": first["fusions"]}
     for kind in ("ordinary", "update"):
@@ -281,11 +299,11 @@ def roofline_ms(counts: dict, bandwidth: float, host_us: float) -> dict:
 
 
 def compare(model: str, act: str, batch: int, image: int, classes: int, measure=(1, 2), bandwidth: float = 4.8e12,
-            host_us: float = 20.0) -> dict:
+            host_us: float = 20.0, execute: bool = True) -> dict:
     """``act`` against ReLU in the same architecture: totals, extra bytes / kernels / host calls per site
     (per fusion for the coupler, against IIEU-B), the largest source lines and roofline estimates."""
-    relu = workload_cost(model, "relu", batch, image, classes, measure)
-    mine = workload_cost(model, act, batch, image, classes, measure)
+    relu = workload_cost(model, "relu", batch, image, classes, measure, execute)
+    mine = workload_cost(model, act, batch, image, classes, measure, execute)
     base = relu["ordinary"]
     report = {"workload": asdict(Workload(model, act, batch, image, classes)), "measured_batches": list(measure),
               "bandwidth": bandwidth, "host_us": host_us, "relu": base, "sites": mine["sites"],
@@ -300,7 +318,7 @@ def compare(model: str, act: str, batch: int, image: int, classes: int, measure=
                         "roofline": roofline_ms(counts, bandwidth, host_us)}
     report["relu_roofline"] = roofline_ms(base, bandwidth, host_us)
     if mine["fusions"]:
-        iieu = workload_cost(model, "iieu_b", batch, image, classes, measure)["ordinary"]
+        iieu = workload_cost(model, "iieu_b", batch, image, classes, measure, execute)["ordinary"]
         report["coupler_per_fusion"] = {k: (mine["ordinary"][k] - iieu[k]) / mine["fusions"]
                                         for k in ("kernels", "host_calls", "bytes")}
     return report
@@ -343,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", default="1,2", help="the two batches that are counted")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s for the roofline (H200: 4.8e12)")
     p.add_argument("--host-us", type=float, default=20.0, help="host time per call, microseconds")
+    p.add_argument("--execute-kernels", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the Triton kernels under the interpreter (minutes to hours); by default launches are "
+                        "counted and skipped, which gives the same counts for a step without host syncs")
     p.add_argument("--json", help="write the report here as JSON")
     args = p.parse_args(argv)
     try:
@@ -354,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = compare(args.model, args.act, args.batch, args.image, args.classes, measure, args.bandwidth,
-                         args.host_us)
+                         args.host_us, args.execute_kernels)
     except (ValueError, RuntimeError) as exc:
         print(f"gpu_cost: error: {exc}", file=sys.stderr)
         return 2

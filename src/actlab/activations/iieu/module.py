@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..base import ActivationModule
+from ..kernels import backend
 from ..kernels.composite import compute_dtype
 from .function import (PATHS, BatchNormReplay, IIEUFunction, InputTap, LinearReplay, ProducerInputTap, TermB,
                        iieu_b_rho, path)
@@ -15,23 +16,24 @@ from .patches import ConvPatches, LinearPatches, Patches, autocast_off
 
 
 class InverseFilterNorms(torch.autograd.Function):
-    """inv_w = 1 / (||w_c|| + eps) with a one-pass backward: the weight's gradient is
-    ``-grad_c * inv_w_c^2 / ||w_c|| * w_c``, one multiply over the weight (0 for an all-zero filter), where
-    the chain rule through ``norm`` makes three weight-sized passes and a view autograd cannot add into."""
+    """inv_w = 1 / (||w_c|| + eps) in one pass over the filters (the kernels' row norms), with a one-pass
+    backward: the weight's gradient is ``-grad_c * inv_w_c^2 / ||w_c|| * w_c`` (0 for an all-zero filter),
+    where the chain rule through ``norm`` makes three weight-sized passes and a view autograd cannot add
+    into."""
 
     @staticmethod
     def forward(ctx, weight, eps):
-        norms = weight.flatten(1).to(compute_dtype(weight)).norm(dim=1)
-        inv = 1.0 / (norms + eps)
-        ctx.save_for_backward(weight, norms, inv)
-        return inv
+        rows = weight.reshape(weight.shape[0], -1).contiguous()
+        inv, sumsq = backend(rows).rows_inv_norm(rows, eps, -1.0)
+        ctx.eps, ctx.shape = eps, weight.shape
+        ctx.save_for_backward(rows, sumsq)
+        return inv.to(compute_dtype(weight))
 
     @staticmethod
     def backward(ctx, grad_inv):
-        weight, norms, inv = ctx.saved_tensors
-        coef = torch.where(norms > 0, -grad_inv * inv.square() / norms.clamp_min(torch.finfo(norms.dtype).tiny),
-                           torch.zeros_like(norms))
-        return weight * coef.to(weight.dtype).view(-1, *(1,) * (weight.dim() - 1)), None
+        rows, sumsq = ctx.saved_tensors
+        grad = backend(rows).rows_inv_norm_backward(rows, sumsq, grad_inv.contiguous().to(sumsq.dtype), ctx.eps, -1.0)
+        return grad.view(ctx.shape), None
 
 
 def inverse_filter_norms(weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -220,8 +220,8 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
         return inv.view(shape).to(ct), sumsq.view(shape).to(ct)
     # squares summed over channels in one pass over x_pre in its own dtype (no float32 copy of the map)
     kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
-    sumsq = patches.window_sum(kernels.channel_sumsq(x_pre, patches.groups, ct))
-    return kernels.inverse_norm(sumsq, eps, silent_threshold(patches, silence)), sumsq
+    return kernels.window_inv_norm(kernels.channel_sumsq(x_pre, patches.groups, ct), patches, eps,
+                                   silent_threshold(patches, silence))
 
 
 def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
@@ -229,10 +229,10 @@ def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     a conv site (each channel scaled by its group's factor), per row (*, 1) at a Linear site."""
     silent = silent_threshold(patches, silence)
     kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
-    grad_sumsq = kernels.inv_norm_grad_sumsq(sumsq, grad_inv.contiguous().to(sumsq.dtype), eps, silent)
+    grad_inv = grad_inv.contiguous().to(sumsq.dtype)
     if isinstance(patches, LinearPatches):
-        return 2 * grad_sumsq
-    return (2 * patches.window_sum_backward(grad_sumsq, x_pre.shape[2:])).contiguous()
+        return 2 * kernels.inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
+    return kernels.window_inv_norm_backward(sumsq, grad_inv, x_pre.shape[2:], patches, eps, silent).contiguous()
 
 
 def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False):

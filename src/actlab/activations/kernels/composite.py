@@ -288,6 +288,21 @@ def inverse_norm(sumsq, eps: float, silent: float):
     return inv
 
 
+def window_inv_norm(sq, window, eps: float, silent: float):
+    """Inverse patch norms of a convolution: the per-position group sums of squares ``sq`` (B, G, H, W)
+    summed over each receptive field of ``window`` (the producer's geometry: ``kernel_size``, ``stride``,
+    ``dilation``, ``pads``, with its ``window_sum``), then ``inverse_norm``. Returns (inv, sumsq), both
+    (B, G, H', W') in sq's dtype."""
+    sumsq = window.window_sum(sq)
+    return inverse_norm(sumsq, eps, silent), sumsq
+
+
+def window_inv_norm_backward(sumsq, grad_inv, hw, window, eps: float, silent: float):
+    """The factor f (B, G, H, W) with dL/d x_pre = x_pre * f from dL/d inv of ``window_inv_norm``:
+    2 * the window sum's adjoint of dL/d sumsq."""
+    return 2 * window.window_sum_backward(inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent), hw)
+
+
 def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
     """dL/d sumsq from dL/d inv; 0 at a zero norm (the subgradient torch.linalg.norm takes) and where
     the norm is silenced."""

@@ -135,6 +135,17 @@ def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
     return torch.ops.actlab_iieu.inv_norm_grad_map(sumsq, grad_inv.contiguous(), eps, silent)
 
 
+def window_inv_norm(sq, window, eps: float, silent: float):
+    """As composite.window_inv_norm, the inverse norms in C++."""
+    sumsq = window.window_sum(sq)
+    return inverse_norm(sumsq, eps, silent), sumsq
+
+
+def window_inv_norm_backward(sumsq, grad_inv, hw, window, eps: float, silent: float):
+    """As composite.window_inv_norm_backward, the inverse norms' gradient in C++."""
+    return 2 * window.window_sum_backward(inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent), hw)
+
+
 def rows_inv_norm(x, eps: float, silent: float):
     inv, sumsq = torch.ops.actlab_iieu.rows_inv_norm(x, eps, silent)
     return inv, sumsq

@@ -394,6 +394,56 @@ def _inv_norm_grad(S, GINV, GS, n, eps, silent, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _window_inv_norm(SQ, INV, SUMSQ, H, W, OH, OW, SH, SW, DH, DW, TOP, LEFT, eps, silent, KH: tl.constexpr,
+                     KW: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b * G + g, output block): each output position's sum of ``SQ`` over its receptive field
+    (zero padding), and its inverse norm."""
+    bg = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < OH * OW
+    oh = offs // OW
+    ow = offs % OW
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(KH):
+        h = oh * SH - TOP + i * DH
+        for j in tl.static_range(KW):
+            w = ow * SW - LEFT + j * DW
+            inside = live & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            acc += tl.load(SQ + bg * H * W + h * W + w, mask=inside, other=0.0)
+    norm = tl.sqrt(acc)
+    tl.store(INV + bg * OH * OW + offs, tl.where(norm < silent, 0.0, 1.0 / (norm + eps)), mask=live)
+    tl.store(SUMSQ + bg * OH * OW + offs, acc, mask=live)
+
+
+@triton.jit
+def _window_inv_norm_bwd(SUMSQ, GINV, FACTOR, H, W, OH, OW, SH, SW, DH, DW, TOP, LEFT, eps, silent,
+                         KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b * G + g, input block): f = 2 * the sum of dL/d sumsq over the output positions whose
+    receptive field holds the input position (the window sum's adjoint), dL/d sumsq formed on the fly."""
+    bg = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < H * W
+    h = offs // W
+    w = offs % W
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(KH):
+        th = h + TOP - i * DH
+        oh = th // SH
+        row_ok = live & (th >= 0) & (th % SH == 0) & (oh < OH)
+        for j in tl.static_range(KW):
+            tw = w + LEFT - j * DW
+            ow = tw // SW
+            ok = row_ok & (tw >= 0) & (tw % SW == 0) & (ow < OW)
+            at = bg * OH * OW + oh * OW + ow
+            norm = tl.sqrt(tl.load(SUMSQ + at, mask=ok, other=1.0))
+            g = tl.load(GINV + at, mask=ok, other=0.0)
+            inv = 1.0 / (norm + eps)
+            on = ok & (norm > 0) & (norm >= silent)
+            acc += tl.where(on, -g * inv * inv / (2 * tl.where(on, norm, 1.0)), 0.0)
+    tl.store(FACTOR + bg * H * W + offs, 2 * acc, mask=live)
+
+
+@triton.jit
 def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live_r = rows < R
@@ -684,6 +734,38 @@ def inverse_norm(sumsq, eps: float, silent: float):
     n = sumsq.numel()
     _inverse_norm[(triton.cdiv(n, _BLOCK),)](sumsq, inv, n, eps, silent, BLOCK=_BLOCK)
     return inv
+
+
+def _window_args(window, h: int, w: int) -> tuple:
+    (kh, kw), (sh, sw), (dh, dw) = window.kernel_size, window.stride, window.dilation
+    left, _, top, _ = window.pads
+    oh, ow = window.output_hw(h, w)
+    return (h, w, oh, ow), dict(KH=kh, KW=kw), (sh, sw, dh, dw, top, left)
+
+
+def window_inv_norm(sq, window, eps: float, silent: float):
+    if not sq.is_contiguous() or sq.dtype != torch.float32:
+        return composite.window_inv_norm(sq, window, eps, silent)
+    b, g, h, w = sq.shape
+    sizes, constants, geometry = _window_args(window, h, w)
+    inv = sq.new_empty(b, g, *sizes[2:])
+    sumsq = torch.empty_like(inv)
+    block = _pow2(sizes[2] * sizes[3], 16, _BLOCK)
+    _window_inv_norm[(b * g, triton.cdiv(sizes[2] * sizes[3], block))](sq, inv, sumsq, *sizes, *geometry, eps, silent,
+                                                                       BLOCK=block, **constants)
+    return inv, sumsq
+
+
+def window_inv_norm_backward(sumsq, grad_inv, hw, window, eps: float, silent: float):
+    if not (sumsq.is_contiguous() and grad_inv.is_contiguous()) or sumsq.dtype != torch.float32:
+        return composite.window_inv_norm_backward(sumsq, grad_inv, hw, window, eps, silent)
+    b, g = sumsq.shape[:2]
+    sizes, constants, geometry = _window_args(window, *hw)
+    factor = sumsq.new_empty(b, g, *hw)
+    block = _pow2(hw[0] * hw[1], 16, _BLOCK)
+    _window_inv_norm_bwd[(b * g, triton.cdiv(hw[0] * hw[1], block))](sumsq, grad_inv, factor, *sizes, *geometry, eps,
+                                                                     silent, BLOCK=block, **constants)
+    return factor
 
 
 def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
