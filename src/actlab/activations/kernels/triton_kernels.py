@@ -183,13 +183,21 @@ def _bn_terms(MEAN, M2, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.c
 
 
 @triton.jit
-def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, C, NPB, SLAB, BC, P, HAS_TERM_B: tl.constexpr,
-             BLOCK_C: tl.constexpr):
+def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NPB, SLAB, BC, P, NCB, GP,
+             HAS_TERM_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per sample b, after ``_iieu_bn_sums``: its PART sums over the position blocks give dL/d nu
     and the sums of g, g * xhat and xhat per channel; term-B's spread k = dL/d GAP(x_t) / P comes from
     sigmoid's and the LayerNorm's backward over the sample's channels. ROWS (4, B, C): dL/d nu, k, and
-    the sums of g and g * xhat with k included (sum g + P k, sum g * xhat + k sum xhat)."""
+    the sums of g and g * xhat with k included (sum g + P k, sum g * xhat + k sum xhat). GINV (B, G * P):
+    dL/d inv, the sum of the NCB channel blocks' partial sums GINV_PART (NCB, B, G * P)."""
     b = tl.program_id(0).to(tl.int64)
+    for i0 in range(0, GP, BLOCK_C):
+        ii = i0 + tl.arange(0, BLOCK_C)
+        live = ii < GP
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k in range(0, NCB):
+            acc += tl.load(GINV_PART + (k * tl.num_programs(0) + b) * GP + ii, mask=live, other=0.0)
+        tl.store(GINV + b * GP + ii, acc, mask=live)
     acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -618,7 +626,8 @@ coupler_forward, coupler_sums, coupler_grads = composite.coupler_forward, compos
 
 
 def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    """Launches ``_iieu_bn_sums``: its partial sums PART (6, B * C, NPB), NPB, and dL/d inv (B, G, P)."""
+    """Launches ``_iieu_bn_sums``: its partial sums PART (6, B * C, NPB), NPB, and the partial sums of
+    dL/d inv over the NCB channel blocks (NCB, B * G, P)."""
     b, ch, p = c.shape
     g = inv.shape[1]
     cg = ch // g
@@ -628,13 +637,13 @@ def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
     ginv_part = inv.new_empty(ncb, b * g, p)
     _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb, ginv_part, part, ch, cg, g,
                                      p, npb, b * ch * npb, BLOCK_C=block_c, BLOCK_P=block_p)
-    grad_inv = ginv_part.view(ncb, b, g, p).sum(0) if ncb > 1 else ginv_part.view(b, g, p)
-    return part, npb, grad_inv
+    return part, npb, ginv_part
 
 
 def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
     b, ch, _ = c.shape
-    part, npb, grad_inv = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    grad_inv = ginv_part.sum(0).view(inv.shape)
     sums = part.view(6, b, ch, npb).sum(3)  # (6, B, C)
     per_channel = sums[0:3:2].sum(1)  # grad_w, grad_eta before its (1 - eta) factor
     return grad_inv, per_channel[0], sums[1], per_channel[1] * (1 - eta), sums[3], sums[4], sums[5]
@@ -654,11 +663,12 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     the per-sample (term-B) and per-channel arithmetic."""
     xs, xb, hs, hb = terms
     b, ch, p = c.shape
-    part, npb, grad_inv = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
     rows = inv.new_empty(4, b, ch)
+    grad_inv = torch.empty_like(inv)
     gap, ln_mean, ln_rstd, ln_w = term_b if term_b is not None else (nu,) * 4  # never read without term-B
-    _bn_rows[(b,)](part, nu, gap, ln_mean, ln_rstd, ln_w, rows, ch, npb, b * ch * npb, b * ch, p,
-                   HAS_TERM_B=term_b is not None, BLOCK_C=_pow2(ch, 16, 1024))
+    _bn_rows[(b,)](part, nu, gap, ln_mean, ln_rstd, ln_w, rows, ginv_part, grad_inv, ch, npb, b * ch * npb, b * ch, p,
+                   ginv_part.shape[0], inv[0].numel(), HAS_TERM_B=term_b is not None, BLOCK_C=_pow2(ch, 16, 1024))
     k1 = inv.new_empty(b, ch)
     per_channel = inv.new_empty(5, ch)
     block = _pow2(ch, 16, 128)
