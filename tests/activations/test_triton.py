@@ -241,6 +241,15 @@ def term_b_inputs(b, c, g):
 def test_whole_backward_through_the_batchnorm(dims, with_term_b, batch_stats, dtype):
     """The four launches of the Triton backward through the BatchNorm against the composite's composition
     of its two passes with per-channel torch arithmetic: dL/dc, the unit's and the BatchNorm's gradients."""
+    check_bn_backward(dims, with_term_b, batch_stats, dtype)
+
+
+def test_whole_backward_through_the_batchnorm_over_batch_tiles():
+    """A batch of more than one tile (128 samples) in the per-channel launch."""
+    check_bn_backward((130, 2, 1, 1), True, True, torch.float32)
+
+
+def check_bn_backward(dims, with_term_b, batch_stats, dtype):
     (c, inv, inv_w, _, eta), go = iieu_inputs("planes", dims, dtype, seed=5)
     g = torch.Generator().manual_seed(12)
     terms = bn_terms(dims[1], g)
@@ -257,15 +266,16 @@ def test_whole_backward_through_the_batchnorm(dims, with_term_b, batch_stats, dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
-def test_batchnorm_terms(affine, dtype):
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (130, 2, 1, 1)], ids=["maps", "batch_tiles"])
+def test_batchnorm_terms(shape, affine, dtype):
     """A training BatchNorm's output and its GAP from the per-channel coefficients of one pass over c."""
     g = torch.Generator().manual_seed(13)
-    norm = nn.BatchNorm2d(5, eps=1e-3, affine=affine)
+    norm = nn.BatchNorm2d(shape[1], eps=1e-3, affine=affine)
     if affine:
         with torch.no_grad():
             norm.weight.uniform_(0.5, 2.0)
             norm.bias.uniform_(-1.0, 1.0)
-    c = (torch.randn(3, 5, 6, 7, generator=g) * 4 + 2).to(dtype)
+    c = (torch.randn(shape, generator=g) * 4 + 2).to(dtype)
     x_t = copy.deepcopy(norm).double()(c.double())
     norm = norm.to(DEVICE)
     xs, xb, hs, hb, gap = triton_kernels.batchnorm_terms(c.to(DEVICE), norm.weight, norm.bias, norm.eps)
@@ -282,8 +292,8 @@ def test_batchnorm_terms(affine, dtype):
 
 @pytest.mark.parametrize("silent", [-1.0, 0.5], ids=["published", "silence"])
 @pytest.mark.parametrize("conv", [
-    dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, stride=2), dict(kernel_size=3, padding=2, dilation=2),
-    dict(kernel_size=(5, 3), padding="same"), dict(kernel_size=1, stride=2), dict(kernel_size=4, stride=3),
+    dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, stride=2),
+    dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=(5, 3), padding="same"), dict(kernel_size=1, stride=2), dict(kernel_size=4, stride=3),
     dict(kernel_size=3, padding=1, groups=2)], ids=["3x3", "stride2", "dilation2", "same_5x3", "pointwise_stride2",
                                                    "no_pad_stride3", "grouped"])
 def test_window_inverse_norms_and_their_adjoint(conv, silent):

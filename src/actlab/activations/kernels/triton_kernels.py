@@ -7,6 +7,8 @@ its own, summed afterwards, so no atomics are used and two runs give the same bi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -152,34 +154,48 @@ def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K2, GC, C, CG, G, P, 
 
 
 @triton.jit
+def _column_sum(X, B, C, cc, live_c, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sums over the B rows of a (B, C) float32 array at columns cc, in (BLOCK_B, BLOCK_C) tiles."""
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        bb = b0 + tl.arange(0, BLOCK_B)
+        live = (bb < B)[:, None] & live_c[None, :]
+        acc += tl.sum(tl.load(X + bb[:, None] * C + cc[None, :], mask=live, other=0.0), axis=0)
+    return acc
+
+
+@triton.jit
 def _bn_terms(MEAN, M2, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_C: tl.constexpr):
+              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per channel block: from the planes' means and sums of squared deviations (B, C), the
     channel's batch mean and biased variance, TERMS (4, C) = xs, xb, hs, hb (x_t = c * xs + xb,
     xhat = c * hs + hb) and GAP(x_t) (B, C) = plane mean * xs + xb."""
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    live = cc < C
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for b in range(0, B):
-        total += tl.load(MEAN + b * C + cc, mask=live, other=0.0)
-    mean = total / B
+    live_c = cc < C
+    mean = _column_sum(MEAN, B, C, cc, live_c, BLOCK_B, BLOCK_C) / B
     spread = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for b in range(0, B):
-        d = tl.load(MEAN + b * C + cc, mask=live, other=0.0) - mean
-        spread += tl.load(M2 + b * C + cc, mask=live, other=0.0) / P + d * d
+    for b0 in range(0, B, BLOCK_B):
+        bb = b0 + tl.arange(0, BLOCK_B)
+        live = (bb < B)[:, None] & live_c[None, :]
+        at = bb[:, None] * C + cc[None, :]
+        d = tl.where(live, tl.load(MEAN + at, mask=live, other=0.0) - mean[None, :], 0.0)
+        spread += tl.sum(tl.load(M2 + at, mask=live, other=0.0) / P + d * d, axis=0)
     hs = 1.0 / tl.sqrt(spread / B + eps)
     xs = hs
     if HAS_WEIGHT:
-        xs = hs * tl.load(WEIGHT + cc, mask=live, other=0.0).to(tl.float32)
+        xs = hs * tl.load(WEIGHT + cc, mask=live_c, other=0.0).to(tl.float32)
     xb = -mean * xs
     if HAS_BIAS:
-        xb += tl.load(BIAS + cc, mask=live, other=0.0).to(tl.float32)
-    tl.store(TERMS + cc, xs, mask=live)
-    tl.store(TERMS + C + cc, xb, mask=live)
-    tl.store(TERMS + 2 * C + cc, hs, mask=live)
-    tl.store(TERMS + 3 * C + cc, -mean * hs, mask=live)
-    for b in range(0, B):
-        tl.store(GAP + b * C + cc, tl.load(MEAN + b * C + cc, mask=live, other=0.0) * xs + xb, mask=live)
+        xb += tl.load(BIAS + cc, mask=live_c, other=0.0).to(tl.float32)
+    tl.store(TERMS + cc, xs, mask=live_c)
+    tl.store(TERMS + C + cc, xb, mask=live_c)
+    tl.store(TERMS + 2 * C + cc, hs, mask=live_c)
+    tl.store(TERMS + 3 * C + cc, -mean * hs, mask=live_c)
+    for b0 in range(0, B, BLOCK_B):
+        bb = b0 + tl.arange(0, BLOCK_B)
+        live = (bb < B)[:, None] & live_c[None, :]
+        at = bb[:, None] * C + cc[None, :]
+        tl.store(GAP + at, tl.load(MEAN + at, mask=live, other=0.0) * xs[None, :] + xb[None, :], mask=live)
 
 
 @triton.jit
@@ -187,8 +203,9 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
              HAS_TERM_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per sample b, after ``_iieu_bn_sums``: its PART sums over the position blocks give dL/d nu
     and the sums of g, g * xhat and xhat per channel; term-B's spread k = dL/d GAP(x_t) / P comes from
-    sigmoid's and the LayerNorm's backward over the sample's channels. ROWS (4, B, C): dL/d nu, k, and
-    the sums of g and g * xhat with k included (sum g + P k, sum g * xhat + k sum xhat). GINV (B, G * P):
+    sigmoid's and the LayerNorm's backward over the sample's channels. ROWS (6, B, C): dL/d nu, k, the
+    sums of g and g * xhat with k included (sum g + P k, sum g * xhat + k sum xhat), and the sample's
+    shares of dL/d inv_w and of dL/d eta (before its (1 - eta) factor). GINV (B, G * P):
     dL/d inv, the sum of the NCB channel blocks' partial sums GINV_PART (NCB, B, G * P)."""
     b = tl.program_id(0).to(tl.int64)
     for i0 in range(0, GP, BLOCK_C):
@@ -208,7 +225,11 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
         s_g = tl.zeros([BLOCK_C], dtype=tl.float32)
         s_gh = tl.zeros([BLOCK_C], dtype=tl.float32)
         s_h = tl.zeros([BLOCK_C], dtype=tl.float32)
+        g_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+        g_eta = tl.zeros([BLOCK_C], dtype=tl.float32)
         for k in range(0, NPB):
+            g_w += tl.load(PART + at + k, mask=live, other=0.0)
+            g_eta += tl.load(PART + 2 * SLAB + at + k, mask=live, other=0.0)
             g_nu += tl.load(PART + SLAB + at + k, mask=live, other=0.0)
             s_g += tl.load(PART + 3 * SLAB + at + k, mask=live, other=0.0)
             s_gh += tl.load(PART + 4 * SLAB + at + k, mask=live, other=0.0)
@@ -218,6 +239,8 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
         tl.store(ROWS + BC + row, s_h, mask=live)  # until the second sweep puts k here
         tl.store(ROWS + 2 * BC + row, s_g, mask=live)
         tl.store(ROWS + 3 * BC + row, s_gh, mask=live)
+        tl.store(ROWS + 4 * BC + row, g_w, mask=live)
+        tl.store(ROWS + 5 * BC + row, g_eta, mask=live)
         if HAS_TERM_B:
             nu = tl.load(NU + row, mask=live, other=0.0)
             gz = g_nu * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
@@ -248,37 +271,32 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
 
 
 @triton.jit
-def _bn_channels(PART, ROWS, XS, HS, HB, ETA, K1, CH, B, C, NPB, SLAB, BC, N, BATCH_STATS: tl.constexpr,
+def _bn_channels(ROWS, XS, HS, HB, ETA, K1, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_C: tl.constexpr):
     """Program per channel block, after ``_bn_rows``: CH (5, C) = dL/d inv_w, dL/d eta, dL/d gamma,
     dL/d beta and k2; K1 (B, C) = k1 (dL/dc = xs * g + k1 + k2 * c)."""
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    live = cc < C
-    g_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-    g_eta = tl.zeros([BLOCK_C], dtype=tl.float32)
-    g_beta = tl.zeros([BLOCK_C], dtype=tl.float32)
-    g_gamma = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for b in range(0, B):
-        row = b * C + cc
-        for k in range(0, NPB):
-            g_w += tl.load(PART + row * NPB + k, mask=live, other=0.0)
-            g_eta += tl.load(PART + 2 * SLAB + row * NPB + k, mask=live, other=0.0)
-        g_beta += tl.load(ROWS + 2 * BC + row, mask=live, other=0.0)
-        g_gamma += tl.load(ROWS + 3 * BC + row, mask=live, other=0.0)
-    xs = tl.load(XS + cc, mask=live, other=0.0)
+    live_c = cc < C
+    g_beta = _column_sum(ROWS + 2 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C)
+    g_gamma = _column_sum(ROWS + 3 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C)
+    xs = tl.load(XS + cc, mask=live_c, other=0.0)
     base = tl.zeros([BLOCK_C], dtype=tl.float32)
     k2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     if BATCH_STATS:
-        base = (g_beta + g_gamma * tl.load(HB + cc, mask=live, other=0.0)) / N
-        k2 = -xs * g_gamma * tl.load(HS + cc, mask=live, other=0.0) / N
-    for b in range(0, B):
-        row = b * C + cc
-        tl.store(K1 + row, xs * (tl.load(ROWS + BC + row, mask=live, other=0.0) - base), mask=live)
-    tl.store(CH + cc, g_w, mask=live)
-    tl.store(CH + C + cc, g_eta * (1.0 - tl.load(ETA + cc, mask=live, other=0.0)), mask=live)
-    tl.store(CH + 2 * C + cc, g_gamma, mask=live)
-    tl.store(CH + 3 * C + cc, g_beta, mask=live)
-    tl.store(CH + 4 * C + cc, k2, mask=live)
+        base = (g_beta + g_gamma * tl.load(HB + cc, mask=live_c, other=0.0)) / N
+        k2 = -xs * g_gamma * tl.load(HS + cc, mask=live_c, other=0.0) / N
+    for b0 in range(0, B, BLOCK_B):
+        bb = b0 + tl.arange(0, BLOCK_B)
+        live = (bb < B)[:, None] & live_c[None, :]
+        at = bb[:, None] * C + cc[None, :]
+        spread = tl.load(ROWS + BC + at, mask=live, other=0.0)
+        tl.store(K1 + at, xs[None, :] * (spread - base[None, :]), mask=live)
+    g_eta = _column_sum(ROWS + 5 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C)
+    tl.store(CH + cc, _column_sum(ROWS + 4 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+    tl.store(CH + C + cc, g_eta * (1.0 - tl.load(ETA + cc, mask=live_c, other=0.0)), mask=live_c)
+    tl.store(CH + 2 * C + cc, g_gamma, mask=live_c)
+    tl.store(CH + 3 * C + cc, g_beta, mask=live_c)
+    tl.store(CH + 4 * C + cc, k2, mask=live_c)
 
 
 @triton.jit
@@ -564,6 +582,13 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def _column_tiles(b: int, c: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_C) of the per-channel kernels over (B, C) arrays: narrow channel blocks (many
+    programs), the batch in few tiles."""
+    block_b = _pow2(b, 1, 128)
+    return block_b, _pow2(c, 1, max(1, 2048 // block_b))
+
+
 def _planes_tiles(p: int, cg: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of the tiled planes kernels for P positions and CG channels a group."""
     block_p = _pow2(p, 16, 256)
@@ -664,16 +689,17 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     xs, xb, hs, hb = terms
     b, ch, p = c.shape
     part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    rows = inv.new_empty(4, b, ch)
+    rows = inv.new_empty(6, b, ch)
     grad_inv = torch.empty_like(inv)
     gap, ln_mean, ln_rstd, ln_w = term_b if term_b is not None else (nu,) * 4  # never read without term-B
     _bn_rows[(b,)](part, nu, gap, ln_mean, ln_rstd, ln_w, rows, ginv_part, grad_inv, ch, npb, b * ch * npb, b * ch, p,
-                   ginv_part.shape[0], inv[0].numel(), HAS_TERM_B=term_b is not None, BLOCK_C=_pow2(ch, 16, 1024))
+                   ginv_part.shape[0], math.prod(inv.shape[1:]), HAS_TERM_B=term_b is not None,
+                   BLOCK_C=_pow2(ch, 16, 1024))
     k1 = inv.new_empty(b, ch)
     per_channel = inv.new_empty(5, ch)
-    block = _pow2(ch, 16, 128)
-    _bn_channels[(triton.cdiv(ch, block),)](part, rows, xs, hs, hb, eta, k1, per_channel, b, ch, npb, b * ch * npb,
-                                            b * ch, b * p, BATCH_STATS=batch_stats, BLOCK_C=block)
+    block_b, block = _column_tiles(b, ch)
+    _bn_channels[(triton.cdiv(ch, block),)](rows, xs, hs, hb, eta, k1, per_channel, b, ch, b * ch, b * p,
+                                            BATCH_STATS=batch_stats, BLOCK_B=block_b, BLOCK_C=block)
     grad_c = iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, per_channel[4])
     grad_w, grad_eta, grad_gamma, grad_beta = per_channel[:4]
     return grad_c, grad_inv, grad_w, rows[0], grad_eta, grad_gamma, grad_beta
@@ -689,7 +715,7 @@ def batch_moments(x):
 def _plane_moments_of(x):
     """Per (b, c) plane of a contiguous x: float32 mean and sum of squared deviations, one launch."""
     b, c = x.shape[:2]
-    p = x[0, 0].numel()
+    p = math.prod(x.shape[2:])
     plane_mean = x.new_empty(b, c, dtype=torch.float32)
     plane_m2 = torch.empty_like(plane_mean)
     _plane_moments[(b * c,)](x, plane_mean, plane_m2, p, BLOCK=_pow2(p, 16, _BLOCK))
@@ -705,10 +731,11 @@ def batchnorm_terms(c, weight, bias, eps: float):
     b, ch = plane_mean.shape
     terms = plane_mean.new_empty(4, ch)
     gap = torch.empty_like(plane_mean)
-    block = _pow2(ch, 16, 128)
+    block_b, block = _column_tiles(b, ch)
     _bn_terms[(triton.cdiv(ch, block),)](plane_mean, plane_m2, weight if weight is not None else terms,
                                          bias if bias is not None else terms, terms, gap, b, ch, p, eps,
-                                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=block)
+                                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_B=block_b,
+                                         BLOCK_C=block)
     return (*terms, gap)
 
 
@@ -716,7 +743,7 @@ def channel_sumsq(x, groups: int, ct: torch.dtype):
     if not x.is_contiguous() or ct == torch.float64:
         return composite.channel_sumsq(x, groups, ct)
     b, c = x.shape[:2]
-    p = x[0, 0].numel()
+    p = math.prod(x.shape[2:])
     out = x.new_empty((b, groups, *x.shape[2:]), dtype=ct)
     block_p = _pow2(p, 16, 256)
     block_c = _pow2(c // groups, 1, max(1, _TILE // block_p))
@@ -729,7 +756,7 @@ def channel_scale(x, scale, add=None, into_add: bool = False):
     if not dense or x.dtype == torch.float64:
         return composite.channel_scale(x, scale, add, into_add)
     b, c = x.shape[:2]
-    p = x[0, 0].numel()
+    p = math.prod(x.shape[2:])
     out = add if into_add else torch.empty_like(x if add is None else add)
     block = _pow2(p, 16, _BLOCK)
     _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, out if add is None else add, out, c // scale.shape[1], p,
