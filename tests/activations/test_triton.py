@@ -226,6 +226,20 @@ def test_iieu_unit_on_triton_matches_composite(site, triton_mode):
         close(a, b)
 
 
+@pytest.mark.parametrize("c", [7, 1100], ids=["narrow", "blocks"])
+def test_term_b_forward(c):
+    """nu = sigmoid(LayerNorm(gap) * weight + bias) per sample, with the LayerNorm's statistics."""
+    g = torch.Generator().manual_seed(15)
+    gap = (torch.randn(3, c, generator=g) * 2 + 5).to(DEVICE)
+    weight, bias = (torch.rand(c, generator=g) + 0.5).to(DEVICE), (torch.randn(c, generator=g) * 0.1).to(DEVICE)
+    got, want = triton_kernels.term_b_forward(gap, weight, bias, 1e-6), composite.term_b_forward(gap, weight, bias, 1e-6)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ref = torch.sigmoid(torch.nn.functional.layer_norm(gap.double(), (c,), weight.double(), bias.double(), 1e-6))
+    torch.testing.assert_close(got[0].double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def term_b_inputs(b, c, g):
     """term-B's LayerNorm input gap (B, C), statistics (B, 1) and weight, and its output nu."""
     gap = torch.randn(b, c, generator=g)
@@ -257,11 +271,13 @@ def check_bn_backward(dims, with_term_b, batch_stats, dtype):
     term_b = term_b if with_term_b else None
     got = triton_kernels.iieu_bn_backward(go, c, inv, inv_w, nu, eta, terms, term_b, batch_stats)
     want = composite.iieu_bn_backward(go, c, inv, inv_w, nu, eta, terms, term_b, batch_stats)
-    assert got[0].dtype == c.dtype and got[0].shape == c.shape
-    close(got[0], want[0], dtype)
+    assert got.c.dtype == c.dtype and got.c.shape == c.shape
+    close(got.c, want.c, dtype)
+    assert (got.ln_weight is None) == (got.ln_bias is None) == (want.ln_weight is None) == (term_b is None)
     for a, b in zip(got[1:], want[1:]):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
+        if b is not None:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

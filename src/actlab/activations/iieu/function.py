@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
-from .patches import (LinearPatches, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
+from .patches import (ConvPatches, LinearPatches, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
                       patch_inverse, silent_threshold)
 
 
@@ -170,14 +170,13 @@ class IIEUFunction(torch.autograd.Function):
     x_t the BatchNorm / Linear input and parameters that ``replay`` recomputes it from. x_pre is kept by
     the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
     the producer's input passed through), x_pre's gradient goes there as a factor instead of being
-    returned. With ``norm_input`` (and the BatchNorm's weight and bias), x_t is a detached BatchNorm
-    output and the gradient goes to the BatchNorm's input and parameters directly (the kernels'
-    ``iieu_bn_backward``).
+    returned. (At conv-BN sites where the unit differentiates through the BatchNorm, ``IIEUNormFunction``
+    serves instead.)
     """
 
     @staticmethod
     def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
-                term_b=None, tap=None, norm_input=None, norm_weight=None, norm_bias=None):
+                term_b=None, tap=None):
         with autocast_off(x_t.device.type):
             ct = compute_dtype(x_t)
             inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
@@ -191,7 +190,6 @@ class IIEUFunction(torch.autograd.Function):
         norms = (inv_x, sumsq) if keep_norms else (None, None)
         ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
-        ctx.norm_fused = replay if norm_input is not None else None  # backward through the BatchNorm
         # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
         # holds that output) so that a following in-place operation (a residual "+=") is allowed
         return out.detach()
@@ -200,8 +198,6 @@ class IIEUFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
         replay = ctx.replay
-        if ctx.norm_fused is not None:
-            return IIEUFunction._norm_fused_backward(ctx, grad_out)
         if x_t is None:
             with torch.no_grad():
                 x_t = replay.replay(*replay_tensors)
@@ -220,10 +216,10 @@ class IIEUFunction(torch.autograd.Function):
                 grad_gap = composite.term_b_input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
                                                        ln_weight.to(gap.dtype))
                 _add_spread(grad_x, grad_gap / positions)
-            grad_x_pre = IIEUFunction._patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
+            grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
         return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
                 grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None,
-                None, None, None, None)
+                None)
 
     @staticmethod
     def _flat(ctx, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
@@ -236,33 +232,73 @@ class IIEUFunction(torch.autograd.Function):
         go = ctx.patches.flat_like(grad_out, flat[0])
         return sumsq, inv_x, flat, go, backend(flat[0], cpu_native=go.dtype == flat[0].dtype)
 
-    @staticmethod
-    def _patch_norm_grad(ctx, x_pre, sumsq, grad_inv, ct):
-        """dL/d x_pre through the patch norms, or None: handed to the producer-input tap when there is one."""
-        if not (ctx.needs_input_grad[1] or ctx.tap is not None):
-            return None
-        factor = patch_grad_factor(ctx.patches, x_pre, sumsq, grad_inv, ctx.eps, ctx.silence, ct)
-        if ctx.tap is not None:
-            ctx.tap.factor = factor
-            return None
-        return apply_patch_grad(ctx.patches, x_pre, factor)
+
+def _patch_norm_grad(ctx, x_pre, sumsq, grad_inv, ct, x_pre_input: int = 1):
+    """dL/d x_pre through the patch norms, or None: handed to the producer-input tap when there is one.
+    ``ctx``: an autograd context with ``patches``, ``eps``, ``silence`` and ``tap``; x_pre is its input
+    number ``x_pre_input``."""
+    if not (ctx.needs_input_grad[x_pre_input] or ctx.tap is not None):
+        return None
+    factor = patch_grad_factor(ctx.patches, x_pre, sumsq, grad_inv, ctx.eps, ctx.silence, ct)
+    if ctx.tap is not None:
+        ctx.tap.factor = factor
+        return None
+    return apply_patch_grad(ctx.patches, x_pre, factor)
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """What ``IIEUNormFunction`` is told of its site besides its tensors: the patch geometry and eps,
+    the zero-patch rule, whether the BatchNorm used batch statistics, term-B's LayerNorm eps, and the
+    producer-input tap (or None)."""
+
+    patches: ConvPatches
+    eps: float
+    silence: bool
+    batch_stats: bool
+    ln_eps: float
+    tap: InputTap | None
+
+
+class IIEUNormFunction(torch.autograd.Function):
+    """IIEU-B at a conv-BN site in eager training, differentiated through the BatchNorm and term-B itself.
+
+    x_t = BN(c) arrives detached with the BatchNorm's per-channel coefficients ``terms`` = (xs, xb, hs, hb)
+    (x_t = c * xs + xb, xhat = c * hs + hb) and gap = GAP(x_t), which one pass over c gave
+    (``BatchNormReplay.prepare``). Forward computes term-B nu = sigmoid(LayerNorm(gap)) and the unit's
+    output; backward (the kernels' ``iieu_bn_backward``: two passes over c and the incoming gradient)
+    returns the gradients of c, of the BatchNorm's and the LayerNorm's weight and bias and of the unit's
+    parameters directly, and sends x_pre's to the producer-input tap. Saves c (which the BatchNorm keeps
+    anyway), x_pre (the producer's), and per-channel / per-sample values."""
 
     @staticmethod
-    def _norm_fused_backward(ctx, grad_out):
-        _, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, c, xs, xb, hs, hb = ctx.saved_tensors
+    def forward(ctx, x_t, c, x_pre, inv_w, eta, ln_weight, ln_bias, norm_weight, norm_bias, terms, gap,
+                site: NormSite):
+        with autocast_off(x_t.device.type):
+            ct = compute_dtype(x_t)
+            nu, mean, rstd = backend(gap).term_b_forward(gap, ln_weight.to(ct), ln_bias.to(ct), site.ln_eps)
+            inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
+            x, inv, nu_flat, unflatten = site.patches.flat(x_t, inv_x, nu)
+            out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
+        norms = (inv_x, sumsq) if sumsq.numel() * 16 <= x_t.numel() else (None, None)  # else recomputed
+        ctx.save_for_backward(c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, *norms)
+        ctx.patches, ctx.eps, ctx.silence, ctx.tap, ctx.batch_stats = (site.patches, site.eps, site.silence,
+                                                                        site.tap, site.batch_stats)
+        return out.detach()  # a tensor of its own: a following in-place operation is allowed
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, inv_x, sumsq = ctx.saved_tensors
         ct = compute_dtype(c)
         sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, c, x_pre, sumsq, inv_x, nu,
                                                                                   grad_out, ct)
-
-        term_b = (gap, mean, rstd, ln_weight.to(gap.dtype)) if gap is not None else None
-        grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta = kernels.iieu_bn_backward(
-            go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), (xs, xb, hs, hb), term_b, ctx.norm_fused.batch_stats)
-        grad_x_pre = IIEUFunction._patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
-        norm_weight_grad = grad_gamma if ctx.needs_input_grad[13] else None
-        norm_bias_grad = grad_beta if ctx.needs_input_grad[14] else None
-        return (None, grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype), grad_nu.reshape(nu.shape).to(nu.dtype),
-                grad_eta.to(eta.dtype), None, None, None, None, None, None, None, unflatten(grad_c),
-                norm_weight_grad, norm_bias_grad)
+        grads = kernels.iieu_bn_backward(go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), terms,
+                                         (gap, mean, rstd, ln_weight.to(ct)), ctx.batch_stats)
+        grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grads.inv.reshape(inv_x.shape), ct, x_pre_input=2)
+        needed = ctx.needs_input_grad
+        return (None, unflatten(grads.c), grad_x_pre, grads.inv_w.reshape(inv_w.shape).to(inv_w.dtype),
+                grads.eta.to(eta.dtype), grads.ln_weight.to(ln_weight.dtype), grads.ln_bias,
+                grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None, None, None)
 
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):

@@ -10,8 +10,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..base import ActivationModule
 from ..kernels import backend
 from ..kernels.composite import compute_dtype
-from .function import (PATHS, BatchNormReplay, IIEUFunction, InputTap, LinearReplay, ProducerInputTap, TermB,
-                       iieu_b_rho, path)
+from .function import (PATHS, BatchNormReplay, IIEUFunction, IIEUNormFunction, InputTap, LinearReplay, NormSite,
+                       ProducerInputTap, TermB, iieu_b_rho, path)
 from .patches import ConvPatches, LinearPatches, Patches, autocast_off
 
 
@@ -240,14 +240,15 @@ class IIEUB(ActivationModule):
             with autocast_off(x_t.device.type):
                 if gap is None:
                     gap = self._patches.gap(x_t.detach())
-                nu, term_b = self._term_b_with_stats(gap)
             if tap is not None:  # x_pre's gradient goes to the tap the producer's input passed through
                 x_pre = x_pre.detach()
-            if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm itself
-                norm = self._maker
-                return IIEUFunction.apply(x_t.detach(), x_pre, inv_w, nu, self.eta, self._patches, self.patch_eps(),
-                                          silence, replay, replay_tensors, term_b, tap, replay_tensors[0], norm.weight,
-                                          norm.bias)
+            if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm and term-B
+                norm, (c, *terms) = self._maker, replay_tensors
+                site = NormSite(self._patches, self.patch_eps(), silence, replay.batch_stats, self.norm.eps, tap)
+                return IIEUNormFunction.apply(x_t.detach(), c, x_pre, inv_w, self.eta, self.norm.weight,
+                                              self.norm.bias, norm.weight, norm.bias, terms, gap, site)
+            with autocast_off(x_t.device.type):
+                nu, term_b = self._term_b_with_stats(gap)
             return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.patch_eps(), silence, replay,
                                       replay_tensors, term_b, tap)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.patch_eps(), silence)

@@ -12,6 +12,8 @@ what any device without a fused kernel falls back to. Layouts (all tensors conti
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # A bool tensor is one byte (0 or 1) per flag. Viewing 8 of them as one int64 word w, the product
@@ -138,36 +140,62 @@ def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
     return (a[:, None] * g + k1[..., None] + k2[:, None] * cf).to(c.dtype)
 
 
+def term_b_forward(gap, weight, bias, eps: float):
+    """IIEU-B's term-B over the channels of each sample: nu = sigmoid(LayerNorm(gap) * weight + bias) (B, C)
+    in gap's dtype, and the LayerNorm's statistics mean and rstd (B, 1) that its gradient needs."""
+    z, mean, rstd = torch.native_layer_norm(gap, gap.shape[-1:], weight, bias, eps)
+    return torch.sigmoid(z), mean, rstd
+
+
 def term_b_input_grad(grad_nu, nu, gap, mean, rstd, weight):
-    """IIEU-B's term-B nu = sigmoid(LayerNorm(gap) * weight + bias) over the channels of each sample:
-    dL/d gap (B, C) from dL/d nu, given the LayerNorm's statistics mean and rstd (B, 1)."""
+    """dL/d gap (B, C) of ``term_b_forward`` from dL/d nu."""
     grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
     return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, None,
                                                      [True, False, False])[0]
 
 
+class NormSiteGrads(NamedTuple):
+    """The gradients ``iieu_bn_backward`` returns: the BatchNorm input's (c's shape and dtype), the inverse
+    patch norms', the unit's (inv_w, nu, eta), the BatchNorm's weight and bias, and term-B's LayerNorm
+    weight and bias (None without term-B)."""
+
+    c: torch.Tensor
+    inv: torch.Tensor
+    inv_w: torch.Tensor
+    nu: torch.Tensor
+    eta: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    ln_weight: torch.Tensor | None
+    ln_bias: torch.Tensor | None
+
+
 def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool,
-                     sums=None, grad=None):
+                     sums=None, grad=None) -> NormSiteGrads:
     """IIEU-B's backward through the training BatchNorm that made its input, x_t = BN(c), on planes c
     (B, C, P): two passes over c and grad_out (``sums`` and ``grad``, by default this module's
     ``iieu_bn_sums`` and ``iieu_bn_grad``) and per-channel arithmetic between them, instead of the unit's
     gradient map, term-B's spread over it and the BatchNorm's own backward.
 
     ``terms``: (xs, xb, hs, hb), x_t = c * xs + xb and xhat = c * hs + hb per channel. ``term_b``: (gap,
-    mean, rstd, weight) of term-B's LayerNorm (see ``term_b_input_grad``), or None when nu has no gradient
-    path to x_t. With g the gradient w.r.t. x_t, term-B's spread included:
+    mean, rstd, weight) of term-B's LayerNorm (``term_b_forward`` of gap = GAP(x_t)), or None when nu has
+    no gradient path to x_t. With g the gradient w.r.t. x_t, term-B's spread included:
 
         dL/d beta = sum g,  dL/d gamma = sum g * xhat,  A = gamma / sqrt(var + eps) = xs
         batch statistics: dL/dc = A * (g - mean(g) - xhat * mean(g * xhat));  running statistics: A * g
-
-    Returns dL/dc (c's shape and dtype), the gradients w.r.t. inv, inv_w, nu and eta, and dL/d gamma and
-    dL/d beta (C,)."""
+    """
     xs, xb, hs, hb = terms
     grad_inv, grad_w, grad_nu, grad_eta, sum_g, sum_gh, sum_h = (sums or iieu_bn_sums)(
         grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
     positions = c.shape[2]
+    ln_grads = (None, None)
     if term_b is not None:
-        spread = term_b_input_grad(grad_nu, nu, *term_b).to(sum_g.dtype) / positions
+        gap, mean, rstd, weight = term_b
+        grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
+        grad_gap, grad_ln_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad_z, gap, gap.shape[-1:], mean, rstd, weight, None, [True, True, False])
+        ln_grads = (grad_ln_weight, grad_z.sum(0))
+        spread = grad_gap.to(sum_g.dtype) / positions
         sum_g = sum_g + positions * spread
         sum_gh = sum_gh + spread * sum_h
     else:
@@ -180,7 +208,7 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     else:
         k1, k2 = xs * spread, torch.zeros_like(xs)
     grad_c = (grad or iieu_bn_grad)(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
-    return grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta
+    return NormSiteGrads(grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta, *ln_grads)
 
 
 def batchnorm_terms(c, weight, bias, eps: float, moments=None):

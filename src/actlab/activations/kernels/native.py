@@ -85,6 +85,9 @@ def batchnorm_terms(c, weight, bias, eps: float):
     return composite.batchnorm_terms(c, weight, bias, eps, moments=batch_moments)
 
 
+term_b_forward = composite.term_b_forward  # a LayerNorm and a sigmoid over (B, C): torch's own kernels
+
+
 def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool):
     """As composite.iieu_bn_backward, for contiguous float32 planes: both passes in C++."""
     return composite.iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats,

@@ -205,7 +205,9 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
     and the sums of g, g * xhat and xhat per channel; term-B's spread k = dL/d GAP(x_t) / P comes from
     sigmoid's and the LayerNorm's backward over the sample's channels. ROWS (6, B, C): dL/d nu, k, the
     sums of g and g * xhat with k included (sum g + P k, sum g * xhat + k sum xhat), and the sample's
-    shares of dL/d inv_w and of dL/d eta (before its (1 - eta) factor). GINV (B, G * P):
+    shares of dL/d inv_w and of dL/d eta (before its (1 - eta) factor); with term-B, rows 6 and 7 hold
+    dL/dz = dL/d nu * nu (1 - nu) and dL/dz * the normalised gap, whose sums over the batch are the
+    LayerNorm's bias and weight gradients. GINV (B, G * P):
     dL/d inv, the sum of the NCB channel blocks' partial sums GINV_PART (NCB, B, G * P)."""
     b = tl.program_id(0).to(tl.int64)
     for i0 in range(0, GP, BLOCK_C):
@@ -245,6 +247,8 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
             nu = tl.load(NU + row, mask=live, other=0.0)
             gz = g_nu * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
             x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * tl.load(LN_RSTD + b)
+            tl.store(ROWS + 6 * BC + row, g_nu * nu * (1.0 - nu), mask=live)
+            tl.store(ROWS + 7 * BC + row, g_nu * nu * (1.0 - nu) * x_ln, mask=live)
             acc_a += gz
             acc_b += gz * x_ln
     if HAS_TERM_B:
@@ -271,10 +275,11 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
 
 
 @triton.jit
-def _bn_channels(ROWS, XS, HS, HB, ETA, K1, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-    """Program per channel block, after ``_bn_rows``: CH (5, C) = dL/d inv_w, dL/d eta, dL/d gamma,
-    dL/d beta and k2; K1 (B, C) = k1 (dL/dc = xs * g + k1 + k2 * c)."""
+def _bn_channels(ROWS, XS, HS, HB, ETA, K1, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, HAS_TERM_B: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program per channel block, after ``_bn_rows``: CH (7, C) = dL/d inv_w, dL/d eta, dL/d gamma,
+    dL/d beta, k2 and (with term-B) the LayerNorm's dL/d weight and dL/d bias; K1 (B, C) = k1
+    (dL/dc = xs * g + k1 + k2 * c)."""
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live_c = cc < C
     g_beta = _column_sum(ROWS + 2 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C)
@@ -297,6 +302,35 @@ def _bn_channels(ROWS, XS, HS, HB, ETA, K1, CH, B, C, BC, N, BATCH_STATS: tl.con
     tl.store(CH + 2 * C + cc, g_gamma, mask=live_c)
     tl.store(CH + 3 * C + cc, g_beta, mask=live_c)
     tl.store(CH + 4 * C + cc, k2, mask=live_c)
+    if HAS_TERM_B:
+        tl.store(CH + 5 * C + cc, _column_sum(ROWS + 7 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+        tl.store(CH + 6 * C + cc, _column_sum(ROWS + 6 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+
+
+@triton.jit
+def _term_b(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, C, eps, BLOCK_C: tl.constexpr):
+    """Program per sample: nu = sigmoid(LayerNorm(gap) * weight + bias) over its C channels, and the
+    LayerNorm's mean and rstd (biased variance, as LayerNorm)."""
+    b = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        acc += tl.load(GAP + b * C + cc, mask=cc < C, other=0.0)
+    mean = tl.sum(acc, axis=0) / C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        d = tl.where(cc < C, tl.load(GAP + b * C + cc, mask=cc < C, other=0.0) - mean, 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / C + eps)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live = cc < C
+        z = (tl.load(GAP + b * C + cc, mask=live, other=0.0) - mean) * rstd
+        z = z * tl.load(WEIGHT + cc, mask=live, other=0.0) + tl.load(BIAS + cc, mask=live, other=0.0)
+        tl.store(NU + b * C + cc, tl.sigmoid(z), mask=live)
+    tl.store(MEAN + b, mean)
+    tl.store(RSTD + b, rstd)
 
 
 @triton.jit
@@ -689,20 +723,32 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     xs, xb, hs, hb = terms
     b, ch, p = c.shape
     part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    rows = inv.new_empty(6, b, ch)
+    rows = inv.new_empty(8, b, ch)
     grad_inv = torch.empty_like(inv)
     gap, ln_mean, ln_rstd, ln_w = term_b if term_b is not None else (nu,) * 4  # never read without term-B
     _bn_rows[(b,)](part, nu, gap, ln_mean, ln_rstd, ln_w, rows, ginv_part, grad_inv, ch, npb, b * ch * npb, b * ch, p,
                    ginv_part.shape[0], math.prod(inv.shape[1:]), HAS_TERM_B=term_b is not None,
                    BLOCK_C=_pow2(ch, 16, 1024))
     k1 = inv.new_empty(b, ch)
-    per_channel = inv.new_empty(5, ch)
+    per_channel = inv.new_empty(7, ch)
     block_b, block = _column_tiles(b, ch)
     _bn_channels[(triton.cdiv(ch, block),)](rows, xs, hs, hb, eta, k1, per_channel, b, ch, b * ch, b * p,
-                                            BATCH_STATS=batch_stats, BLOCK_B=block_b, BLOCK_C=block)
-    grad_c = iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, per_channel[4])
-    grad_w, grad_eta, grad_gamma, grad_beta = per_channel[:4]
-    return grad_c, grad_inv, grad_w, rows[0], grad_eta, grad_gamma, grad_beta
+                                            BATCH_STATS=batch_stats, HAS_TERM_B=term_b is not None,
+                                            BLOCK_B=block_b, BLOCK_C=block)
+    grad_w, grad_eta, grad_gamma, grad_beta, k2, grad_ln_weight, grad_ln_bias = per_channel
+    grad_c = iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
+    ln_grads = (grad_ln_weight, grad_ln_bias) if term_b is not None else (None, None)
+    return composite.NormSiteGrads(grad_c, grad_inv, grad_w, rows[0], grad_eta, grad_gamma, grad_beta, *ln_grads)
+
+
+def term_b_forward(gap, weight, bias, eps: float):
+    if gap.dtype != torch.float32 or not gap.is_contiguous():
+        return composite.term_b_forward(gap, weight, bias, eps)
+    b, c = gap.shape
+    nu = torch.empty_like(gap)
+    stats = gap.new_empty(2, b, 1)
+    _term_b[(b,)](gap, weight, bias, nu, stats[0], stats[1], c, eps, BLOCK_C=_pow2(c, 16, 1024))
+    return nu, stats[0], stats[1]
 
 
 def batch_moments(x):
