@@ -332,3 +332,25 @@ def test_window_inverse_norms_and_their_adjoint(conv, silent):
     want = composite.window_inv_norm_backward(want_sumsq, grad_inv, (11, 9), patches, 1e-5, silent)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_per_position_patch_norms_in_one_pass_each_way(groups, dtype):
+    """A 1x1 stride-1 producer's patch norms: the sums of squares and inverse norms in one launch, and the
+    gradient factor formed in the pass that scales x_pre (into its other gradient, in place)."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    x[0, :, 0, :3] = 0  # zero patches: inverse 1 / eps, gradient 0
+    x = x.to(DEVICE, dtype)
+    got = triton_kernels.channel_inv_norm(x, groups, torch.float32, 1e-5, 0.3)
+    want = composite.channel_inv_norm(x, groups, torch.float32, 1e-5, 0.3)
+    for a, b in zip(got, want):
+        close(a, b)
+    sumsq, grad_inv = want[1], torch.randn(want[1].shape, generator=g).to(DEVICE)
+    add = torch.randn(x.shape, generator=g).to(DEVICE, dtype)
+    want = composite.channel_norm_grad_scale(x, sumsq, grad_inv, 1e-5, 0.3, add)
+    close(triton_kernels.channel_norm_grad_scale(x, sumsq, grad_inv, 1e-5, 0.3), want - add, dtype)
+    into = triton_kernels.channel_norm_grad_scale(x, sumsq, grad_inv, 1e-5, 0.3, add, into_add=True)
+    assert into.data_ptr() == add.data_ptr()
+    close(into, want, dtype)

@@ -52,11 +52,12 @@ def test_a_triton_launch_is_one_call_and_the_interpreters_own_work_is_not_counte
     torch.testing.assert_close(out, x.square().view(2, 2, 3, 5, 5).sum(2))
 
 
-def test_emulation_runs_the_cuda_path_on_cpu_tensors_with_the_same_results(emulated):
+@pytest.mark.parametrize("kernel", [3, 1], ids=["3x3", "1x1"])
+def test_emulation_runs_the_cuda_path_on_cpu_tensors_with_the_same_results(kernel, emulated):
     from actlab.activations.kernels import triton_kernels
 
     torch.manual_seed(0)
-    site = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    site = nn.Sequential(nn.Conv2d(3, 8, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(8), nn.ReLU())
     actlab.convert(site, "iieu_b", example_input=torch.randn(2, 3, 8, 8))
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
     assert kernels.backend(x) is triton_kernels and kernels.runs_like_cuda(x)
@@ -67,17 +68,20 @@ def test_emulation_runs_the_cuda_path_on_cpu_tensors_with_the_same_results(emula
     assert {"triton _iieu_bn_sums", "triton _iieu_bn_grad", "triton _plane_moments"} <= launched
     assert type(out.grad_fn).__name__ == "IIEUNormFunctionBackward"  # through the BatchNorm in two passes
     assert not any("BatchNormBackward" in c.where for c in counter.calls)  # and none of its own
-    got = (out.detach(), x.grad.clone())
+    params = list(site.parameters())
+    assert len(params) == 6  # conv weight, BatchNorm's weight and bias, eta, term-B LayerNorm's: all reached
+    got = (out.detach(), x.grad.clone(), *(p.grad.clone() for p in params))
     kernels.set_emulate_cuda(False)
     kernels.set_kernels("eager")
     try:
         x.grad = None
+        site.zero_grad()
         want = site(x)
         want.sum().backward()
     finally:
         kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
-    torch.testing.assert_close(got[0], want.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[1], x.grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, (want.detach(), x.grad, *(p.grad for p in params))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(b.abs().max().item(), 1.0))
 
 
 def test_bf16_conv_bn_site_on_the_cuda_path_follows_the_float32_reference(emulated):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
-from .patches import (ConvPatches, LinearPatches, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
+from .patches import (ConvPatches, LinearPatches, NormGradFactor, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
                       patch_inverse, silent_threshold)
 
 
@@ -127,7 +127,7 @@ class InputTap:
     __slots__ = ("factor",)
 
     def __init__(self):
-        self.factor: torch.Tensor | None = None
+        self.factor: torch.Tensor | NormGradFactor | None = None
 
 
 class ProducerInputTap(torch.autograd.Function):

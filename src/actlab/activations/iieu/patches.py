@@ -98,6 +98,12 @@ class ConvPatches:
         """A 1x1 convolution without padding: each patch is one position's channels (no window sum)."""
         return self.kernel_size == (1, 1) and not any(self.pads)
 
+    @property
+    def per_position(self) -> bool:
+        """Pointwise with stride 1: patch (b, g, h, w) is position (h, w)'s channels of group g, and the
+        patch norms have x_pre's positions."""
+        return self.pointwise and self.stride == (1, 1)
+
     def window_sum(self, sq: torch.Tensor) -> torch.Tensor:
         """Per-position group sums of squares (B, G, H, W) -> their sums over each receptive field (B, G, H', W')."""
         if self.pointwise:
@@ -220,8 +226,21 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
         return inv.view(shape).to(ct), sumsq.view(shape).to(ct)
     # squares summed over channels in one pass over x_pre in its own dtype (no float32 copy of the map)
     kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
-    return kernels.window_inv_norm(kernels.channel_sumsq(x_pre, patches.groups, ct), patches, eps,
-                                   silent_threshold(patches, silence))
+    silent = silent_threshold(patches, silence)
+    if patches.per_position:  # each patch is one position's channels: the inverse norms in the same pass
+        return kernels.channel_inv_norm(x_pre, patches.groups, ct, eps, silent)
+    return kernels.window_inv_norm(kernels.channel_sumsq(x_pre, patches.groups, ct), patches, eps, silent)
+
+
+@dataclass(frozen=True)
+class NormGradFactor:
+    """The patch-norm gradient factor of a per-position conv site, not yet formed: the pass that applies
+    it to x_pre forms it from the squared norms and dL/d invX (``channel_norm_grad_scale``)."""
+
+    sumsq: torch.Tensor
+    grad_inv: torch.Tensor
+    eps: float
+    silent: float
 
 
 def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
@@ -232,12 +251,19 @@ def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     grad_inv = grad_inv.contiguous().to(sumsq.dtype)
     if isinstance(patches, LinearPatches):
         return 2 * kernels.inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
+    if patches.per_position:
+        return NormGradFactor(sumsq, grad_inv, eps, silent)
     return kernels.window_inv_norm_backward(sumsq, grad_inv, x_pre.shape[2:], patches, eps, silent).contiguous()
 
 
 def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False):
     """dL/d x_pre = x_pre * factor, plus ``grad`` (the gradient x_pre has from elsewhere) when given, in one
-    pass, in x_pre's dtype; ``into_grad``: written over ``grad`` (contiguous), which the caller owns."""
+    pass, in x_pre's dtype; ``into_grad``: written over ``grad`` (contiguous), which the caller owns.
+    ``factor``: what ``patch_grad_factor`` returned (a ``NormGradFactor`` is formed in that pass)."""
+    if isinstance(factor, NormGradFactor):
+        native_ok = x_pre.is_contiguous() and (grad is None or grad.dtype == x_pre.dtype)
+        return backend(x_pre, cpu_native=native_ok).channel_norm_grad_scale(
+            x_pre, factor.sumsq, factor.grad_inv, factor.eps, factor.silent, grad, into_grad)
     if isinstance(patches, LinearPatches):
         if grad is not None and grad.dtype == x_pre.dtype == factor.dtype:
             return grad.addcmul_(x_pre, factor) if into_grad else torch.addcmul(grad, x_pre, factor)

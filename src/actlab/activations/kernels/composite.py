@@ -316,6 +316,19 @@ def inverse_norm(sumsq, eps: float, silent: float):
     return inv
 
 
+def channel_inv_norm(x, groups: int, ct: torch.dtype, eps: float, silent: float):
+    """Inverse norms of each position's group of channels (a pointwise producer's patches): ``inverse_norm``
+    of ``channel_sumsq``. Returns (inv, sumsq), both (B, G, *S) in ``ct``."""
+    sumsq = channel_sumsq(x, groups, ct)
+    return inverse_norm(sumsq, eps, silent), sumsq
+
+
+def channel_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
+    """dL/d x of ``channel_inv_norm`` from dL/d inv: x times its group's 2 * dL/d sumsq, plus ``add`` as
+    ``channel_scale`` does."""
+    return channel_scale(x, 2 * inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent), add, into_add)
+
+
 def window_inv_norm(sq, window, eps: float, silent: float):
     """Inverse patch norms of a convolution: the per-position group sums of squares ``sq`` (B, G, H, W)
     summed over each receptive field of ``window`` (the producer's geometry: ``kernel_size``, ``stride``,

@@ -138,6 +138,17 @@ def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
     return torch.ops.actlab_iieu.inv_norm_grad_map(sumsq, grad_inv.contiguous(), eps, silent)
 
 
+def channel_inv_norm(x, groups: int, ct: torch.dtype, eps: float, silent: float):
+    """As composite.channel_inv_norm: the sums of squares and the inverse norms in C++."""
+    sumsq = channel_sumsq(x, groups, ct)
+    return inverse_norm(sumsq, eps, silent), sumsq
+
+
+def channel_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
+    """As composite.channel_norm_grad_scale, in two C++ passes."""
+    return channel_scale(x, 2 * inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent), add, into_add)
+
+
 def window_inv_norm(sq, window, eps: float, silent: float):
     """As composite.window_inv_norm, the inverse norms in C++."""
     sumsq = window.window_sum(sq)

@@ -403,8 +403,10 @@ def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB,
 
 
 @triton.jit
-def _channel_sumsq(X, OUT, CG, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (b * G + g, position block): sum of squares over the group's CG channels, in float32."""
+def _channel_sumsq(X, OUT, INV, CG, P, eps, silent, WITH_INV: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """Program (b * G + g, position block): sum of squares over the group's CG channels, in float32, and
+    with WITH_INV its inverse norm (0 below ``silent``)."""
     bg = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     live_p = offs < P
@@ -415,17 +417,28 @@ def _channel_sumsq(X, OUT, CG, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         x = tl.load(X + (bg * CG + cc)[:, None] * P + offs[None, :], mask=live, other=0.0).to(tl.float32)
         acc += tl.sum(x * x, axis=0)
     tl.store(OUT + bg * P + offs, acc.to(OUT.dtype.element_ty), mask=live_p)
+    if WITH_INV:
+        norm = tl.sqrt(acc)
+        tl.store(INV + bg * P + offs, tl.where(norm < silent, 0.0, 1.0 / (norm + eps)), mask=live_p)
 
 
 @triton.jit
-def _channel_scale(X, S, ADD, OUT, CG, P, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _channel_scale(X, S, GINV, ADD, OUT, CG, P, eps, silent, HAS_ADD: tl.constexpr, FROM_NORMS: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """Program (b * C + c, position block): x times its group's scale, plus ``ADD`` (x's shape) when
-    HAS_ADD, stored in the output's dtype (OUT may be ADD itself: each element is read before written)."""
+    HAS_ADD, stored in the output's dtype (OUT may be ADD itself: each element is read before written).
+    FROM_NORMS: S holds squared norms and GINV dL/d of their inverses; the scale is 2 * dL/d sumsq."""
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
     x = tl.load(X + bc * P + offs, mask=live, other=0.0).to(tl.float32)
     s = tl.load(S + (bc // CG) * P + offs, mask=live, other=0.0).to(tl.float32)
+    if FROM_NORMS:
+        g = tl.load(GINV + (bc // CG) * P + offs, mask=live, other=0.0)
+        norm = tl.sqrt(s)
+        inv = 1.0 / (norm + eps)
+        on = (norm > 0) & (norm >= silent)
+        s = tl.where(on, -g * inv * inv / tl.where(on, norm, 1.0), 0.0)
     y = x * s
     if HAS_ADD:
         y += tl.load(ADD + bc * P + offs, mask=live, other=0.0).to(tl.float32)
@@ -785,29 +798,57 @@ def batchnorm_terms(c, weight, bias, eps: float):
     return (*terms, gap)
 
 
-def channel_sumsq(x, groups: int, ct: torch.dtype):
-    if not x.is_contiguous() or ct == torch.float64:
-        return composite.channel_sumsq(x, groups, ct)
+def _channel_sumsq_launch(x, groups: int, ct: torch.dtype, inverse: tuple | None):
+    """sumsq (B, G, *S) of a contiguous x and, given ``inverse`` = (eps, silent), the inverse norms."""
     b, c = x.shape[:2]
     p = math.prod(x.shape[2:])
     out = x.new_empty((b, groups, *x.shape[2:]), dtype=ct)
+    inv = torch.empty_like(out) if inverse is not None else out
     block_p = _pow2(p, 16, 256)
     block_c = _pow2(c // groups, 1, max(1, _TILE // block_p))
-    _channel_sumsq[(b * groups, triton.cdiv(p, block_p))](x, out, c // groups, p, BLOCK_C=block_c, BLOCK_P=block_p)
-    return out
+    _channel_sumsq[(b * groups, triton.cdiv(p, block_p))](x, out, inv, c // groups, p, *(inverse or (0.0, 0.0)),
+                                                          WITH_INV=inverse is not None, BLOCK_C=block_c,
+                                                          BLOCK_P=block_p)
+    return inv, out
 
 
-def channel_scale(x, scale, add=None, into_add: bool = False):
-    dense = x.is_contiguous() and scale.is_contiguous() and (add is None or add.is_contiguous())
-    if not dense or x.dtype == torch.float64:
-        return composite.channel_scale(x, scale, add, into_add)
+def channel_sumsq(x, groups: int, ct: torch.dtype):
+    if not x.is_contiguous() or ct == torch.float64:
+        return composite.channel_sumsq(x, groups, ct)
+    return _channel_sumsq_launch(x, groups, ct, None)[1]
+
+
+def channel_inv_norm(x, groups: int, ct: torch.dtype, eps: float, silent: float):
+    if not x.is_contiguous() or ct == torch.float64:
+        return composite.channel_inv_norm(x, groups, ct, eps, silent)
+    return _channel_sumsq_launch(x, groups, ct, (eps, silent))
+
+
+def _channel_scale_launch(x, scale, ginv, add, into_add: bool, norms: tuple | None):
     b, c = x.shape[:2]
     p = math.prod(x.shape[2:])
     out = add if into_add else torch.empty_like(x if add is None else add)
     block = _pow2(p, 16, _BLOCK)
-    _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, out if add is None else add, out, c // scale.shape[1], p,
-                                                   HAS_ADD=add is not None, BLOCK=block)
+    _channel_scale[(b * c, triton.cdiv(p, block))](x, scale, ginv, out if add is None else add, out,
+                                                   c // scale.shape[1], p, *(norms or (0.0, 0.0)),
+                                                   HAS_ADD=add is not None, FROM_NORMS=norms is not None, BLOCK=block)
     return out
+
+
+def _dense(x, *others) -> bool:
+    return x.dtype != torch.float64 and all(t is None or t.is_contiguous() for t in (x, *others))
+
+
+def channel_scale(x, scale, add=None, into_add: bool = False):
+    if not _dense(x, scale, add):
+        return composite.channel_scale(x, scale, add, into_add)
+    return _channel_scale_launch(x, scale, scale, add, into_add, None)
+
+
+def channel_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
+    if not _dense(x, sumsq, grad_inv, add) or sumsq.dtype != torch.float32:
+        return composite.channel_norm_grad_scale(x, sumsq, grad_inv, eps, silent, add, into_add)
+    return _channel_scale_launch(x, sumsq, grad_inv, add, into_add, (eps, silent))
 
 
 def inverse_norm(sumsq, eps: float, silent: float):
