@@ -128,7 +128,9 @@ class CostCounter(TorchDispatchMode):
 
     def _launcher(self, name: str, run):
         def launch(*args, **kwargs):
-            touched = sum(tensor_bytes(t) for t in _tensors(args, kwargs))
+            # a tensor passed twice (an unused pointer argument aliasing another) is moved once
+            distinct = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in _tensors(args, kwargs)}
+            touched = sum(tensor_bytes(t) for t in distinct.values())
             self.calls.append(Call(f"triton {name}", 1, touched, _where()))
             if not self.execute:
                 return None
