@@ -170,8 +170,14 @@ def test_rows_inverse_norms(silent):
     close(inv, want_inv)
     close(sumsq, want_sumsq)
     grad_inv = torch.randn(37, generator=g).to(DEVICE)
-    close(triton_kernels.rows_inv_norm_backward(x, want_sumsq, grad_inv, 1e-8, silent),
-          composite.rows_inv_norm_backward(x, want_sumsq, grad_inv, 1e-8, silent))
+    want = composite.rows_inv_norm_backward(x, want_sumsq, grad_inv, 1e-8, silent)
+    close(triton_kernels.rows_inv_norm_backward(x, want_sumsq, grad_inv, 1e-8, silent), want)
+    add = torch.randn(x.shape, generator=g).to(DEVICE)
+    with_add = want + add
+    close(triton_kernels.rows_norm_grad_scale(x, want_sumsq, grad_inv, 1e-8, silent, add), with_add)
+    into = triton_kernels.rows_norm_grad_scale(x, want_sumsq, grad_inv, 1e-8, silent, add, into_add=True)
+    assert into.data_ptr() == add.data_ptr()
+    close(into, with_add)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -234,8 +234,9 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
 
 @dataclass(frozen=True)
 class NormGradFactor:
-    """The patch-norm gradient factor of a per-position conv site, not yet formed: the pass that applies
-    it to x_pre forms it from the squared norms and dL/d invX (``channel_norm_grad_scale``)."""
+    """The patch-norm gradient factor of a Linear or per-position conv site, not yet formed: the pass that
+    applies it to x_pre forms it from the squared norms and dL/d invX (``rows_norm_grad_scale``,
+    ``channel_norm_grad_scale``)."""
 
     sumsq: torch.Tensor
     grad_inv: torch.Tensor
@@ -245,13 +246,12 @@ class NormGradFactor:
 
 def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     """The factor f with dL/d x_pre = x_pre * f, from dL/d invX (ct): per group and position (B, G, H, W) at
-    a conv site (each channel scaled by its group's factor), per row (*, 1) at a Linear site."""
+    a conv site (each channel scaled by its group's factor); at a Linear or per-position conv site a
+    ``NormGradFactor`` that ``apply_patch_grad`` forms in its pass."""
     silent = silent_threshold(patches, silence)
     kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
     grad_inv = grad_inv.contiguous().to(sumsq.dtype)
-    if isinstance(patches, LinearPatches):
-        return 2 * kernels.inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
-    if patches.per_position:
+    if isinstance(patches, LinearPatches) or patches.per_position:
         return NormGradFactor(sumsq, grad_inv, eps, silent)
     return kernels.window_inv_norm_backward(sumsq, grad_inv, x_pre.shape[2:], patches, eps, silent).contiguous()
 
@@ -260,16 +260,21 @@ def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False)
     """dL/d x_pre = x_pre * factor, plus ``grad`` (the gradient x_pre has from elsewhere) when given, in one
     pass, in x_pre's dtype; ``into_grad``: written over ``grad`` (contiguous), which the caller owns.
     ``factor``: what ``patch_grad_factor`` returned (a ``NormGradFactor`` is formed in that pass)."""
+    if isinstance(factor, NormGradFactor) and isinstance(patches, LinearPatches):
+        return _apply_rows_norm_grad(x_pre, factor, grad, into_grad)
     if isinstance(factor, NormGradFactor):
         native_ok = x_pre.is_contiguous() and (grad is None or grad.dtype == x_pre.dtype)
         return backend(x_pre, cpu_native=native_ok).channel_norm_grad_scale(
             x_pre, factor.sumsq, factor.grad_inv, factor.eps, factor.silent, grad, into_grad)
-    if isinstance(patches, LinearPatches):
-        if grad is not None and grad.dtype == x_pre.dtype == factor.dtype:
-            return grad.addcmul_(x_pre, factor) if into_grad else torch.addcmul(grad, x_pre, factor)
-        scaled = (x_pre.to(factor.dtype) * factor).to(x_pre.dtype)
-        if grad is None:
-            return scaled
-        return grad.add_(scaled) if into_grad else grad + scaled
     native_ok = x_pre.is_contiguous() and factor.dtype == torch.float32 and (grad is None or grad.dtype == x_pre.dtype)
     return backend(x_pre, cpu_native=native_ok).channel_scale(x_pre, factor, grad, into_grad)
+
+
+def _apply_rows_norm_grad(x_pre, factor: NormGradFactor, grad, into_grad: bool):
+    """dL/d x_pre (+ grad) of a Linear site's patch norms, in one pass over the rows (K features each)."""
+    rows = x_pre.contiguous().view(-1, x_pre.shape[-1])
+    sumsq, grad_inv = factor.sumsq.reshape(-1).contiguous(), factor.grad_inv.reshape(-1).contiguous()
+    kernels = backend(rows, cpu_native=sumsq.dtype == torch.float32 and (grad is None or grad.dtype == rows.dtype))
+    add = None if grad is None else grad.view(rows.shape) if into_grad else grad.reshape(rows.shape)
+    out = kernels.rows_norm_grad_scale(rows, sumsq, grad_inv, factor.eps, factor.silent, add, into_grad)
+    return grad if into_grad else out.view(x_pre.shape)

@@ -362,6 +362,15 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
     return (2 * x.to(sumsq.dtype) * grad_sumsq[:, None]).to(x.dtype)
 
 
+def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
+    """``rows_inv_norm_backward`` plus ``add`` (x's shape) when given, written over ``add`` when
+    ``into_add``."""
+    grad = rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
+    if add is None:
+        return grad
+    return add.add_(grad) if into_add else add + grad
+
+
 def pass_mask(x, tau: float):
     """TAU's gradient mask x >= tau (x == tau included; NaN: no), bit-packed."""
     return pack_bits(x >= tau)

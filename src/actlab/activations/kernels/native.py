@@ -169,6 +169,14 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
     return torch.ops.actlab_iieu.rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
 
 
+def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
+    """As composite.rows_norm_grad_scale, the gradient in C++."""
+    grad = rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
+    if add is None:
+        return grad
+    return add.add_(grad) if into_add else add + grad
+
+
 def tau_pool(x, tau: float, tokens: bool):
     ops = torch.ops.actlab_dpa
     return (ops.tau_pool_tokens_forward if tokens else ops.tau_pool_forward)(x, tau)

@@ -353,6 +353,36 @@ def _plane_moments(X, MEAN, M2, P, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _finish_sums(PART, ETA, GNU, GW, GETA, S, NK, C, SLAB, STRIDE_S, STRIDE_K, STRIDE_C,
+                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """After a backward launch that left per-block partial sums PART (3 slabs: g_rx * inv, g_rho, g_eta)
+    with element (sample s, block k, channel c) at s * STRIDE_S + k * STRIDE_K + c * STRIDE_C: program per
+    channel block writes dL/d nu (S, C) = the sums over k of slab 1, dL/d inv_w (C,) and dL/d eta (C,)
+    (times 1 - eta) = the sums over s and k of slabs 0 and 2."""
+    cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_c = cc < C
+    g_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_eta = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        live = (ss < S)[:, None] & live_c[None, :]
+        base = ss[:, None].to(tl.int64) * STRIDE_S + cc[None, :] * STRIDE_C
+        acc_w = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        acc_nu = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        acc_eta = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        for k in range(0, NK):
+            at = base + k * STRIDE_K
+            acc_w += tl.load(PART + at, mask=live, other=0.0)
+            acc_nu += tl.load(PART + SLAB + at, mask=live, other=0.0)
+            acc_eta += tl.load(PART + 2 * SLAB + at, mask=live, other=0.0)
+        tl.store(GNU + ss[:, None] * C + cc[None, :], acc_nu, mask=live)
+        g_w += tl.sum(acc_w, axis=0)
+        g_eta += tl.sum(acc_eta, axis=0)
+    tl.store(GW + cc, g_w, mask=live_c)
+    tl.store(GETA + cc, g_eta * (1.0 - tl.load(ETA + cc, mask=live_c, other=0.0)), mask=live_c)
+
+
+@triton.jit
 def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (sample s, token block): rows s * T + t, all channels in chunks."""
     s = tl.program_id(0).to(tl.int64)
@@ -534,7 +564,9 @@ def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
-def _rows_inv_norm_bwd(X, SUMSQ, GINV, GX, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rows_inv_norm_bwd(X, SUMSQ, GINV, ADD, GX, R, K, eps, silent, HAS_ADD: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """dL/d x of the rows' inverse norms, plus ``ADD`` (x's shape) when HAS_ADD (GX may be ADD itself)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live_r = rows < R
     sumsq = tl.load(SUMSQ + rows, mask=live_r, other=0.0)
@@ -549,7 +581,10 @@ def _rows_inv_norm_bwd(X, SUMSQ, GINV, GX, R, K, eps, silent, BLOCK_R: tl.conste
         live = live_r[:, None] & (kk < K)[None, :]
         at = rows[:, None] * K + kk[None, :]
         x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
-        tl.store(GX + at, (2 * x * g_sumsq[:, None]).to(GX.dtype.element_ty), mask=live)
+        grad = 2 * x * g_sumsq[:, None]
+        if HAS_ADD:
+            grad += tl.load(ADD + at, mask=live, other=0.0).to(tl.float32)
+        tl.store(GX + at, grad.to(GX.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -675,8 +710,7 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
                                             ncb, npb, b * c * npb, BLOCK_C=block_c, BLOCK_P=block_p)
         if ncb > 1:
             torch.sum(ginv_part, 0, out=grad_inv.view(b * g, p))
-        part = part.view(3, b, c, npb)
-        grad_w, grad_nu, grad_eta = part[0].sum((0, 2)), part[1].sum(2), part[2].sum((0, 2))
+        grad_w, grad_nu, grad_eta = _finish(part, eta, b, npb, c, (c * npb, 1, npb))
     else:
         r, c = x.shape
         s = nu.shape[0]
@@ -687,9 +721,18 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
         part = inv.new_empty(3, s * ntb, c)
         _iieu_rows_bwd[(s, ntb)](grad_out, x, inv, inv_w, nu, eta, grad_x, grad_inv, part, c, t, ntb, s * ntb * c,
                                  BLOCK_T=block_t, BLOCK_C=block_c)
-        part = part.view(3, s, ntb, c)
-        grad_w, grad_nu, grad_eta = part[0].sum((0, 1)), part[1].sum(1), part[2].sum((0, 1))
-    return grad_x, grad_inv, grad_w, grad_nu, grad_eta * (1 - eta)
+        grad_w, grad_nu, grad_eta = _finish(part, eta, s, ntb, c, (ntb * c, c, 1))
+    return grad_x, grad_inv, grad_w, grad_nu, grad_eta
+
+
+def _finish(part, eta, samples: int, blocks: int, c: int, strides: tuple):
+    """dL/d inv_w, dL/d nu and dL/d eta from a backward launch's partial sums, in one launch."""
+    grad_nu = part.new_empty(samples, c)
+    grad_w, grad_eta = part.new_empty(c), part.new_empty(c)
+    block_s, block_c = _column_tiles(samples, c)
+    _finish_sums[(triton.cdiv(c, block_c),)](part, eta, grad_nu, grad_w, grad_eta, samples, blocks, c,
+                                             part.numel() // 3, *strides, BLOCK_S=block_s, BLOCK_C=block_c)
+    return grad_w, grad_nu, grad_eta
 
 
 # the coupler's per-channel scalings: torch's own reductions and broadcasts
@@ -759,9 +802,9 @@ def term_b_forward(gap, weight, bias, eps: float):
         return composite.term_b_forward(gap, weight, bias, eps)
     b, c = gap.shape
     nu = torch.empty_like(gap)
-    stats = gap.new_empty(2, b, 1)
-    _term_b[(b,)](gap, weight, bias, nu, stats[0], stats[1], c, eps, BLOCK_C=_pow2(c, 16, 1024))
-    return nu, stats[0], stats[1]
+    mean, rstd = gap.new_empty(b, 1), gap.new_empty(b, 1)
+    _term_b[(b,)](gap, weight, bias, nu, mean, rstd, c, eps, BLOCK_C=_pow2(c, 16, 1024))
+    return nu, mean, rstd
 
 
 def batch_moments(x):
@@ -917,10 +960,17 @@ def rows_inv_norm(x, eps: float, silent: float):
 
 
 def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
+    return rows_norm_grad_scale(x, sumsq, grad_inv, eps, silent)
+
+
+def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
+    if add is not None and not add.is_contiguous():
+        return composite.rows_norm_grad_scale(x, sumsq, grad_inv, eps, silent, add, into_add)
     r, k = x.shape
-    grad_x = torch.empty_like(x)
+    grad_x = add if into_add else torch.empty_like(x if add is None else add)
     block_r, block_k = _norm_blocks(k)
-    _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x, sumsq, grad_inv, grad_x, r, k, eps, silent, BLOCK_R=block_r,
+    _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x, sumsq, grad_inv, grad_x if add is None else add, grad_x, r, k,
+                                                   eps, silent, HAS_ADD=add is not None, BLOCK_R=block_r,
                                                    BLOCK_K=block_k)
     return grad_x
 
