@@ -82,6 +82,18 @@ def _plane_tile(bg, cb, pb, C, CG, G, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.cons
 
 
 @triton.jit
+def _store_tile_sums(GINV_PART, PART, SLAB, bg, slot, offs, live_p, live_c, g_rx, g_rho, g_eta, w, inv, P):
+    """A tile's share of the unit's gradient sums: dL/d inv summed over its channels into GINV_PART
+    (NCB, B * G, P), and per channel over its positions the sums of g_rx * inv, g_rho and g_eta into
+    slabs 0-2 of PART at ``slot``."""
+    tl.store(GINV_PART + (tl.program_id(1) * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0),
+             mask=live_p)
+    tl.store(PART + slot, tl.sum(g_rx * inv[None, :], axis=1), mask=live_c)
+    tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=1), mask=live_c)
+    tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=1), mask=live_c)
+
+
+@triton.jit
 def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, NCB, NPB, SLAB,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program (b * G + g, channel block cb, position block pb) on a (BLOCK_C, BLOCK_P) tile of the group's
@@ -97,12 +109,8 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, N
     w, n, e = _channel_params(W, NU, ETA, b * C, c, live_c)
     grad_x, g_rx, g_rho, g_eta = _grad_terms(x, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
     tl.store(GX + at, grad_x.to(GX.dtype.element_ty), mask=live)
-    tl.store(GINV_PART + (tl.program_id(1) * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0),
-             mask=live_p)
-    slot = (b * C + c) * NPB + pb
-    tl.store(PART + slot, tl.sum(g_rx * inv[None, :], axis=1), mask=live_c)
-    tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=1), mask=live_c)
-    tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=1), mask=live_c)
+    _store_tile_sums(GINV_PART, PART, SLAB, bg, (b * C + c) * NPB + pb, offs, live_p, live_c, g_rx, g_rho, g_eta, w,
+                     inv, P)
 
 
 @triton.jit
@@ -125,12 +133,8 @@ def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, GINV_PART, PART, C, 
     hb = tl.load(HB + c, mask=live_c, other=0.0)[:, None]
     g, g_rx, g_rho, g_eta = _grad_terms(cin * xs + xb, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
     xhat = tl.where(live, cin * hs + hb, 0.0)
-    tl.store(GINV_PART + (tl.program_id(1) * tl.num_programs(0) + bg) * P + offs, tl.sum(g_rx * w[:, None], axis=0),
-             mask=live_p)
     slot = (b * C + c) * NPB + pb
-    tl.store(PART + slot, tl.sum(g_rx * inv[None, :], axis=1), mask=live_c)
-    tl.store(PART + SLAB + slot, tl.sum(g_rho, axis=1), mask=live_c)
-    tl.store(PART + 2 * SLAB + slot, tl.sum(g_eta, axis=1), mask=live_c)
+    _store_tile_sums(GINV_PART, PART, SLAB, bg, slot, offs, live_p, live_c, g_rx, g_rho, g_eta, w, inv, P)
     tl.store(PART + 3 * SLAB + slot, tl.sum(g, axis=1), mask=live_c)
     tl.store(PART + 4 * SLAB + slot, tl.sum(g * xhat, axis=1), mask=live_c)
     tl.store(PART + 5 * SLAB + slot, tl.sum(xhat, axis=1), mask=live_c)
