@@ -140,6 +140,22 @@ def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     assert first["ordinary"][0].kernels > relu.kernels and (first["sites"], dpa["sites"]) == (10, 19)
 
 
+def test_counting_with_skipped_kernels_refuses_a_step_that_syncs(emulated, monkeypatch):
+    """A step that reads a value back could launch differently on real values: without executing the
+    kernels it is refused, with them it is counted (the sync included)."""
+    step = gpu_cost._step
+
+    def syncing_step(model, optimizer, x, y):
+        step(model, optimizer, x, y)
+        float(torch.ones(2).sum())
+
+    monkeypatch.setattr(gpu_cost, "_step", syncing_step)
+    w = gpu_cost.Workload("resnet20", "relu", 1, 8, 10)
+    with pytest.raises(RuntimeError, match="reads values back to the host"):
+        gpu_cost.count_steps(w, execute=False)
+    assert gpu_cost.count_steps(w, execute=True)["ordinary"][0].syncs == 1
+
+
 def test_extrapolation_is_fixed_plus_per_sample():
     assert gpu_cost.extrapolate({"bytes": 10.0}, {"bytes": 14.0}, 1, 2, 128) == {"bytes": 6.0 + 4.0 * 128}
 

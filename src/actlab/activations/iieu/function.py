@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
-from .patches import (ConvPatches, LinearPatches, NormGradFactor, apply_patch_grad, autocast_off, inverse_patch_norm, patch_grad_factor,
-                      patch_inverse, silent_threshold)
+from .patches import (ConvPatches, LinearPatches, NormGradFactor, apply_patch_grad, autocast_off, inverse_patch_norm,
+                      patch_grad_factor, patch_inverse, silent_threshold)
 
 
 def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
@@ -203,8 +203,8 @@ class IIEUFunction(torch.autograd.Function):
                 x_t = replay.replay(*replay_tensors)
         with autocast_off(grad_out.device.type):
             ct = compute_dtype(x_t)
-            sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, x_t, x_pre, sumsq, inv_x,
-                                                                                      nu, grad_out, ct)
+            sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(ctx, x_t, x_pre, sumsq, inv_x, nu,
+                                                                                   grad_out, ct)
             args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
             if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
                 own = replay is not None or x.data_ptr() != x_t.data_ptr()
@@ -221,16 +221,16 @@ class IIEUFunction(torch.autograd.Function):
                 grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None,
                 None)
 
-    @staticmethod
-    def _flat(ctx, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
-        """The backward kernels' inputs: the squared patch norms and invX (recomputed when not kept), the
-        flat layout of ``source`` (x_t, or the BatchNorm input) with invX and nu, grad_out in that layout,
-        and the kernels for it."""
-        if sumsq is None:
-            inv_x, sumsq = patch_inverse(ctx.patches, x_pre, ctx.eps, ctx.silence, ct)
-        flat = ctx.patches.flat(source, inv_x, nu.to(ct))
-        go = ctx.patches.flat_like(grad_out, flat[0])
-        return sumsq, inv_x, flat, go, backend(flat[0], cpu_native=go.dtype == flat[0].dtype)
+
+def _flat_inputs(ctx, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
+    """The backward kernels' inputs: the squared patch norms and invX (recomputed when not kept), the flat
+    layout of ``source`` (x_t, or the BatchNorm input) with invX and nu, grad_out in that layout, and the
+    kernels for it. ``ctx``: an autograd context with ``patches``, ``eps`` and ``silence``."""
+    if sumsq is None:
+        inv_x, sumsq = patch_inverse(ctx.patches, x_pre, ctx.eps, ctx.silence, ct)
+    flat = ctx.patches.flat(source, inv_x, nu.to(ct))
+    go = ctx.patches.flat_like(grad_out, flat[0])
+    return sumsq, inv_x, flat, go, backend(flat[0], cpu_native=go.dtype == flat[0].dtype)
 
 
 def _patch_norm_grad(ctx, x_pre, sumsq, grad_inv, ct, x_pre_input: int = 1):
@@ -290,8 +290,8 @@ class IIEUNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, inv_x, sumsq = ctx.saved_tensors
         ct = compute_dtype(c)
-        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = IIEUFunction._flat(ctx, c, x_pre, sumsq, inv_x, nu,
-                                                                                  grad_out, ct)
+        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(ctx, c, x_pre, sumsq, inv_x, nu,
+                                                                               grad_out, ct)
         grads = kernels.iieu_bn_backward(go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), terms,
                                          (gap, mean, rstd, ln_weight.to(ct)), ctx.batch_stats)
         grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grads.inv.reshape(inv_x.shape), ct, x_pre_input=2)
