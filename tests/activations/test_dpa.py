@@ -35,6 +35,25 @@ def test_closed_form_ema_matches_the_sample_by_sample_rule(num_classes, batch):
     torch.testing.assert_close(after, torch.stack(rows), rtol=1e-6, atol=1e-6 * values.abs().max().item())
 
 
+def test_closed_form_ema_leaves_out_non_finite_samples():
+    """A sample with a non-finite value updates nothing; its row is its class's memory as it stands then."""
+    g = torch.Generator().manual_seed(3)
+    memory = torch.randn(3, 4, generator=g)
+    labels = torch.tensor([1, 1, 2, 1, 1, 2])
+    values = torch.randn(6, 4, generator=g)
+    values[1, 2], values[2, 0], values[4, 3] = float("nan"), float("inf"), float("-inf")
+    expected, rows = memory.clone(), []
+    for i in range(6):
+        c = int(labels[i])
+        if bool(torch.isfinite(values[i]).all()):
+            expected[c] = expected[c] + 0.9 * (values[i] - expected[c])
+        rows.append(expected[c].clone())
+    after = sequential_ema_(memory, labels, values, 0.9)
+    torch.testing.assert_close(memory, expected)
+    torch.testing.assert_close(after, torch.stack(rows))
+    assert torch.equal(after[4], after[3])  # sample 4 was left out: the row of sample 3, its last update
+
+
 def test_closed_form_ema_disabled_changes_nothing_and_empty_batch():
     from actlab.activations.kernels import ops
 
@@ -334,6 +353,31 @@ def test_gradcheck_tau_pool(dpa_kernels, mode):
             out, v, _ = torch.ops.actlab.tau_pool(t, 0.0, tokens)
             return out, v
         assert torch.autograd.gradcheck(f, (x,), fast_mode=False, **tol)
+
+
+@pytest.mark.parametrize("shape,tokens,cls", [((2, 3, 5, 3), False, False), ((2, 4, 8), True, False),
+                                              ((2, 4, 8), True, True)], ids=["maps", "tokens", "class_token"])
+def test_gradcheck_eager_site_forward(shape, tokens, cls):
+    """The eager training forward's autograd function (TAU, pooled v, mask) in float64, maps with their
+    spatial dims, token means and the class token."""
+    from actlab.activations.dpa import _EagerDPAForward
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = (x.sign() * (x.abs() + 0.1)).requires_grad_(True)  # away from the kink at 0
+    c = shape[2] if tokens else shape[1]
+    memories = (torch.randn(3, c, dtype=torch.float64), torch.randn(3, c, dtype=torch.float64))
+    labels = torch.tensor([2, 0])
+
+    def f(t):
+        out, v, mask = _EagerDPAForward.apply(t, 0.0, tokens, cls, memories, labels, None)
+        return out, v
+
+    assert torch.autograd.gradcheck(f, (x,), fast_mode=False)
+    _, v, mask = _EagerDPAForward.apply(x, 0.0, tokens, cls, memories, labels, None)
+    want = x[:, 0] if cls else x.mean(1) if tokens else x.mean((2, 3))
+    torch.testing.assert_close(v, want)
+    assert torch.equal(mask, (memories[0][labels] < 0) & (want > 0) & (memories[1][labels] < 0))
 
 
 @pytest.mark.parametrize("mode", ["eager", "native"])

@@ -197,10 +197,82 @@ def test_tau_pool_forward_and_backward(tokens, shape, tau, dtype):
     assert torch.equal(triton_kernels.pass_mask(x, tau), passes)
     grad_out = torch.randn(shape, generator=g).to(DEVICE, dtype)
     grad_v = torch.randn(shape[0], shape[2] if tokens else shape[1], generator=g).to(DEVICE)
-    for gv in (grad_v, None):
+    beside = torch.cat([torch.randn(shape[0], 3, generator=g).to(DEVICE), grad_v], 1)[:, 3:]  # strided rows
+    for gv in (grad_v, beside, None):
         got_grad = triton_kernels.tau_pool_backward(grad_out, passes, gv, tokens)
         close(got_grad, composite.tau_pool_backward(grad_out, passes, gv, tokens), dtype)
     assert torch.equal(got_grad[0, 0, :3], grad_out[0, 0, :3])  # the ties' gradient passed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,shape,cls", [(False, (3, 5, 7, 7), False), (False, (2, 4, 13), False),
+                                              (False, (1, 3, 1100), False), (True, (3, 5, 24), False),
+                                              (True, (3, 5, 24), True), (True, (2, 3, 19), False)],
+                         ids=["maps_7x7", "maps_13", "long_maps", "tokens", "class_token", "tokens_odd_channels"])
+def test_dpa_forward_one_launch_matches_composite(tokens, shape, cls, dtype):
+    """TAU, the pooled values, the packed pass bits, the channel mask and the count in one kernel: planes
+    that share bytes of the pass mask (7x7, 13 positions), channel counts not a multiple of 8, a class
+    token's values for v; and the backward that spreads v's gradient back."""
+    g = torch.Generator().manual_seed(5)
+    b, c = (shape[0], shape[2]) if tokens else shape[:2]
+    x = (torch.randn(shape, generator=g) + 0.3).to(DEVICE, dtype)
+    memories = tuple((torch.randn(4, c, generator=g) - 0.7).to(DEVICE) for _ in range(2))  # mostly below: hits
+    labels = torch.tensor([3, 0, 3][:b], device=DEVICE)
+    count = torch.zeros((), dtype=torch.long, device=DEVICE)
+    got = triton_kernels.dpa_forward(x, 0.1, tokens, memories, labels, (count, 3), cls)
+    flat = x if tokens else x.flatten(2)
+    want = composite.tau_pool(flat, 0.1, tokens)
+    v = x[:, 0].float() if cls else want[1]
+    close(got[0], want[0].view(shape), dtype)
+    close(got[1], v)
+    assert torch.equal(got[2], want[2]) and int(count) == 3
+    mask = composite.dpa_mask(v, *memories, labels, 0.1, True)
+    assert got[3].dtype == torch.bool and 0 < int(mask.sum()) < mask.numel()
+    assert torch.equal(got[3], mask)
+    plain = triton_kernels.dpa_forward(x, 0.1, tokens, cls=cls)
+    assert plain[3] is None and torch.equal(plain[2], want[2])
+    grad_out, grad_v = torch.randn(shape, generator=g).to(DEVICE, dtype), torch.randn(b, c, generator=g).to(DEVICE)
+    expected = composite.masked_grad(grad_out, want[2]).float()
+    if cls:
+        expected[:, 0] += grad_v
+    elif tokens:
+        expected += grad_v[:, None] / shape[1]
+    else:
+        expected += (grad_v / flat.shape[2]).view(b, c, *([1] * (len(shape) - 2)))
+    close(triton_kernels.tau_pool_backward(grad_out, want[2], grad_v, tokens, cls), expected.to(dtype), dtype)
+    close(composite.tau_pool_backward(grad_out, want[2], grad_v, tokens, cls), expected.to(dtype), dtype)
+
+
+def sequential_rule(memory, labels, values, alpha, signs=False):
+    """The memory rule one sample at a time; a sample with a non-finite value is skipped."""
+    memory, rows = memory.clone(), []
+    for i in range(len(labels)):
+        k, v = int(labels[i]), values[i]
+        if bool(torch.isfinite(v).all()):
+            v = torch.where(v > 0, 1.0, -1.0) if signs else v
+            memory[k] = memory[k] + alpha * (v - memory[k])
+        rows.append(memory[k].clone())
+    return memory, torch.stack(rows)
+
+
+@pytest.mark.parametrize("signs", [False, True], ids=["values", "signs"])
+@pytest.mark.parametrize("classes,batch,channels", [(3, 40, 5), (1, 17, 33), (50, 64, 300), (2, 1, 4)])
+def test_memory_update_scan_follows_the_sample_by_sample_rule(classes, batch, channels, signs):
+    g = torch.Generator().manual_seed(batch)
+    memory = torch.randn(classes, channels, generator=g)
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    values = torch.randn(batch, channels, generator=g)
+    if batch > 5:
+        values[3, 1], values[5, 0] = float("nan"), float("inf")  # skipped samples
+    want_memory, want_rows = sequential_rule(memory, labels, values, 0.9, signs)
+    memory, labels, values = memory.to(DEVICE), labels.to(DEVICE), values.to(DEVICE)
+    rows = triton_kernels.ema_update_(memory, labels, values, 0.9, torch.sort(labels, stable=True), signs)
+    torch.testing.assert_close(memory.cpu(), want_memory, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.cpu(), want_rows, rtol=1e-5, atol=1e-5)
+    again = want_memory.clone().to(DEVICE)
+    assert triton_kernels.ema_update_(again, labels, values, 0.9, None, signs, after=False) is None
+    torch.testing.assert_close(again.cpu(), sequential_rule(want_memory, labels.cpu(), values.cpu(), 0.9, signs)[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

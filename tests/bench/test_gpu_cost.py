@@ -1,11 +1,13 @@
 """The CUDA code path on CPU tensors (one switch) and the GPU cost model that counts what it launches."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import actlab
 from actlab.activations import kernels
@@ -115,6 +117,59 @@ def test_bf16_conv_bn_site_on_the_cuda_path_follows_the_float32_reference(emulat
     torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2 * want[0].abs().max().item())
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+class TwoSites(nn.Module):
+    """Two DPA sites: 7x7 maps (planes that share bytes of the pass mask) or (B, N, C) tokens, the second
+    pooling the class token."""
+
+    def __init__(self, tokens: bool):
+        super().__init__()
+        self.tokens = tokens
+        make = (lambda i, o: nn.Linear(i, o)) if tokens else (lambda i, o: nn.Conv2d(i, o, 3, padding=1))
+        self.a, self.b = make(3, 16), make(16, 24)
+        self.act_a = actlab.DPA(16, 5, interval=5)
+        self.act_b = actlab.DPA(24, 5, interval=5, token_pool="cls" if tokens else "mean")
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = self.act_b(self.b(self.act_a(self.a(x))))
+        return self.head(h.mean(1) if self.tokens else h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["maps", "tokens"])
+def test_dpa_training_on_the_cuda_path_follows_the_cpu_path(tokens, emulated):
+    """Eleven training steps (two memory updates, the scan kernel's) on the CUDA path and on the CPU path
+    from the same start: the same channel loss, gradients, memories and schedule."""
+    torch.manual_seed(0)
+    cuda_path = TwoSites(tokens)
+    cpu_path = copy.deepcopy(cuda_path)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn((6, 9, 3) if tokens else (6, 3, 7, 7), generator=g),
+                torch.randint(0, 5, (6,), generator=g)) for _ in range(11)]
+
+    def train(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for x, y in batches:
+            with actlab.targets(model, y):
+                loss = F.cross_entropy(model(x), y) + actlab.dpa_loss(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    with gpu_cost.CostCounter(execute=True) as counter:
+        got = train(cuda_path)
+    launched = {c.name for c in counter.calls if c.name.startswith("triton")}
+    assert {"triton _dpa_tokens" if tokens else "triton _dpa_planes", "triton _ema_scan"} <= launched
+    kernels.set_emulate_cuda(False)
+    want = train(cpu_path)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for key, value in cpu_path.state_dict().items():
+        torch.testing.assert_close(cuda_path.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert int(cuda_path.act_a.count) == 11 % 5 and bool(cuda_path.act_b.grad_memory.ne(0).any())
 
 
 def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):

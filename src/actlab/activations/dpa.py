@@ -27,7 +27,6 @@ import torch.nn as nn
 
 from .base import ActivationModule
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
-from .kernels.ops import closed_form_ema
 from .kernels import backend, runs_like_cuda
 from .kernels import composite
 from .layout import global_pool
@@ -57,26 +56,31 @@ class _ThresholdUnit(torch.autograd.Function):
         return backend(grad).masked_grad(grad, passes), None
 
 
-class _EagerTauPool(torch.autograd.Function):
-    """``torch.ops.actlab.tau_pool`` and its backward for eager training, calling the chosen kernels
-    directly. Keeps only the packed pass mask (see ``_ThresholdUnit``)."""
+class _EagerDPAForward(torch.autograd.Function):
+    """One DPA site's forward in eager training, one call of the chosen kernels (``dpa_forward``): TAU, the
+    pooled response v and, on ordinary steps, the channel mask; the backward is ``tau_pool_backward``.
+    Keeps only the packed pass mask (see ``_ThresholdUnit``)."""
 
     @staticmethod
-    def forward(ctx, x, tau, tokens):
-        out, v, passes = backend(x).tau_pool(x, tau, tokens)
-        ctx.tokens, ctx.shape, ctx.dtype = tokens, x.shape, x.dtype
+    def forward(ctx, x, tau, tokens, cls, memories, labels, count):
+        out, v, passes, mask = backend(x).dpa_forward(x, tau, tokens, memories, labels, count, cls)
+        ctx.tokens, ctx.cls, ctx.shape, ctx.dtype = tokens, cls, x.shape, x.dtype
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(passes)
-        return out, v
+        if mask is not None:
+            ctx.mark_non_differentiable(mask)
+        return out, v, mask
 
     @staticmethod
-    def backward(ctx, grad_out, grad_v):
+    def backward(ctx, grad_out, grad_v, grad_mask):
         (passes,) = ctx.saved_tensors
+        if grad_out is None and grad_v is None:
+            return (None,) * 7
         if grad_out is None:  # only the channel loss reached the unit
             grad_out = grad_v.new_zeros(ctx.shape, dtype=ctx.dtype)
         grad_out = grad_out.contiguous()
-        grad_v = None if grad_v is None else grad_v.contiguous()
-        return backend(grad_out).tau_pool_backward(grad_out, passes, grad_v, ctx.tokens), None, None
+        grad_x = backend(grad_out).tau_pool_backward(grad_out, passes, grad_v, ctx.tokens, ctx.cls)
+        return grad_x, None, None, None, None, None, None
 
 
 def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
@@ -91,9 +95,10 @@ def threshold_unit(x: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
 
 def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Tensor,
                     alpha: float) -> torch.Tensor:
-    """Apply ``memory[y_i] += alpha * (values_i - memory[y_i])`` for i in batch order, in place.
+    """Apply ``memory[y_i] += alpha * (values_i - memory[y_i])`` for i in batch order, in place; a sample
+    whose values are not all finite is left out.
 
-    Computed in closed form (``kernels.ops.closed_form_ema``): no loop over the batch and no host
+    Computed in closed form (``kernels.composite.closed_form_ema``): no loop over the batch and no host
     synchronisation; equal to the sample-by-sample rule within float32 rounding.
 
     Args:
@@ -103,11 +108,7 @@ def sequential_ema_(memory: torch.Tensor, labels: torch.Tensor, values: torch.Te
     Returns:
         (B, C): row i is ``memory[labels[i]]`` right after sample i's own update.
     """
-    # eager: the closed form directly (the registered operation, for traced graphs, adds its dispatch and
-    # an "enabled" select to every call)
-    after, updated = closed_form_ema(memory, labels, values.to(memory.dtype), alpha)
-    memory.copy_(updated)
-    return after
+    return composite.ema_update_(memory, labels, values, alpha)
 
 
 _DPA_GROUP = None
@@ -125,23 +126,64 @@ def _dpa_group():
     return _DPA_GROUP
 
 
-def _gather_global(labels: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All ranks' (labels, values) concatenated rank-major, and this rank's row offset."""
-    if not _distributed():
-        return labels, values, 0
+def _all_gather_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``rows`` (its sizes[rank] rows) concatenated rank-major."""
     group = _dpa_group()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    packed = torch.cat([values.float(), labels.float()[:, None]], 1)  # labels < 2**24 are exact in float32
-    size = torch.tensor([packed.shape[0]], device=packed.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    sizes = [int(s) for s in sizes]
-    padded = packed.new_zeros(max(sizes), packed.shape[1])
-    padded[: packed.shape[0]] = packed
-    chunks = [torch.zeros_like(padded) for _ in range(world)]
+    padded = rows.new_zeros(max(sizes), *rows.shape[1:])
+    padded[: rows.shape[0]] = rows
+    chunks = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(chunks, padded, group=group)
-    full = torch.cat([c[:s] for c, s in zip(chunks, sizes)])
-    return full[:, -1].long(), full[:, :-1].to(values.dtype), sum(sizes[:rank])
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+
+
+class _StepLabels:
+    """The class labels of one forward, shared by every DPA site of the model (``targets`` makes one), so
+    what depends only on the labels is done once per step, not once per site: the copy to the device,
+    under torch.distributed the global batch's labels and each rank's batch size, and the class order
+    (a stable sort) that the GPU memory update runs in."""
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+        self._global: tuple[torch.Tensor, list[int] | None, int] | None = None
+        self._order: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The labels on ``device`` (copied there once)."""
+        if self.y.device != device:
+            self.y = self.y.to(device)
+        return self.y
+
+    def _gathered(self) -> tuple[torch.Tensor, list[int] | None, int]:
+        if self._global is None:
+            if not _distributed():
+                self._global = (self.y, None, 0)
+            else:
+                group = _dpa_group()
+                size = torch.tensor([self.y.shape[0]], device=self.y.device)
+                sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(sizes, size, group=group)
+                sizes = [int(n) for n in sizes]
+                rank = dist.get_rank(group)
+                self._global = (_all_gather_rows(self.y, sizes), sizes, sum(sizes[:rank]))
+        return self._global
+
+    def gather(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """All ranks' (labels, values) concatenated rank-major, and this rank's row offset."""
+        labels, sizes, offset = self._gathered()
+        if sizes is None:
+            return labels, values, 0
+        return labels, _all_gather_rows(values, sizes), offset
+
+    def order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global labels sorted stably, and the sample index of each."""
+        if self._order is None:
+            self._order = torch.sort(self._gathered()[0], stable=True)
+        return self._order
+
+
+def _gather_global(labels: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' (labels, values) concatenated rank-major, and this rank's row offset (traced graphs)."""
+    return _StepLabels(labels).gather(values)
 
 
 class DPA(ActivationModule):
@@ -185,7 +227,8 @@ class DPA(ActivationModule):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.site = "<dpa>"
         self._count_cache: int | None = None  # host copy of `count`, avoids a device sync per forward
-        self._targets: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None  # traced graphs: the labels, a view of this site's own
+        self._labels: _StepLabels | None = None  # eager: the labels, shared by the model's sites
         # (v, mask) of the last training forward, () when it masked nothing, None after an eval forward
         self._loss_terms: tuple[torch.Tensor, ...] | None = None
 
@@ -193,48 +236,67 @@ class DPA(ActivationModule):
         super()._load_from_state_dict(*args, **kwargs)
         self._count_cache = None
 
-    def _advance_count(self) -> bool | torch.Tensor:
-        """Advance ``count``; returns whether this forward is an update step. Eager mode keeps a host copy
-        of ``count`` and answers with a Python bool (no device sync per forward); traced graphs advance
-        the buffer on the device and answer with a 0-dim bool tensor (no data-dependent Python value)."""
-        if torch.compiler.is_compiling():
-            self.count.copy_((self.count + 1) % self.interval)
-            return self.count == 0
+    @property
+    def position(self) -> int:
+        """Where the schedule stands: ``count``, 0 right after an update step (read from the host copy that
+        eager training keeps, so without a device read)."""
+        return self._count_cache if self._count_cache is not None else int(self.count)
+
+    def _next_count(self) -> int:
+        """Advance the host copy of ``count`` (eager mode: no device read per forward) and return it; the
+        caller stores it in the buffer (the forward kernel does, in the same launch)."""
         if self._count_cache is None:
             self._count_cache = int(self.count)
         self._count_cache = (self._count_cache + 1) % self.interval
-        self.count.fill_(self._count_cache)
-        return self._count_cache == 0
+        return self._count_cache
 
     def _fused_layout(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool] | None:
-        """x as the fused TAU/pool kernel's (B, C, P) maps or (B, N, C) tokens, without a copy, or None
-        (cls-token pooling, flat features, rows grouped k per sample, a layout that would need a copy)."""
-        if x.shape[0] != batch:
+        """x as the fused kernels' (B, C, *S) maps or (B, N, C) tokens, without a copy, or None (flat
+        features, rows grouped k per sample, a layout that would need a copy)."""
+        if x.shape[0] != batch or x.dim() < 3:
             return None
         if self.nhwc and x.dim() > 3:
             return (x.view(batch, -1, x.shape[-1]), True) if x.is_contiguous() else None
         if x.dim() == 4:
-            b, c, h, w = x.shape
             if x.is_contiguous():
-                return x.view(b, c, h * w), False
+                return x, False
             if x.is_contiguous(memory_format=torch.channels_last):  # (B, H, W, C) in memory: tokens
+                b, c, h, w = x.shape
                 return x.permute(0, 2, 3, 1).view(b, h * w, c), True
             return None
-        if x.dim() == 3 and self.token_pool == "mean" and x.is_contiguous():
+        if x.dim() == 3 and x.is_contiguous():
             return x, True
         return None
 
-    def _tau_pool(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """TAU(x) and the pooled response (B, C) float32, fused in one pass where the layout allows."""
+    def _tau_pool(self, x: torch.Tensor, batch: int, memories, labels: torch.Tensor, count: int):
+        """Eager: TAU(x), the pooled response (B, C) float32 and, given ``memories`` (value, grad), the
+        channel mask at ``labels`` (else None); stores ``count``. One kernel where the layout allows."""
         fused = self._fused_layout(x, batch)
         if fused is None:
+            self.count.fill_(count)
+            v = self.pool(x, batch)
+            mask = None
+            if memories is not None:
+                with torch.no_grad():
+                    mask = backend(v, cpu_native=False).dpa_mask(v, memories[0], memories[1], labels, self.tau, True)
+            return threshold_unit(x, self.tau), v, mask
+        flat, tokens = fused
+        cls = self.token_pool == "cls" and x.dim() == 3
+        out, v, mask = _EagerDPAForward.apply(flat, self.tau, tokens, cls, memories, labels, (self.count, count))
+        if out.shape != x.shape:  # back from (B, H*W, C) to the channels_last map, or from (B, N, C) to NHWC
+            out = out.view(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2) if not self.nhwc \
+                else out.view(x.shape)
+        return out, v, mask
+
+    def _traced_tau_pool(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.compile: TAU(x) and the pooled response through the registered operation."""
+        fused = self._fused_layout(x, batch)
+        if fused is None or (self.token_pool == "cls" and x.dim() == 3):
             return threshold_unit(x, self.tau), self.pool(x, batch)
         flat, tokens = fused
-        if torch.compiler.is_compiling():
-            out, v, _ = torch.ops.actlab.tau_pool(flat, self.tau, tokens)
-        else:  # the same kernels without the dispatcher's autograd wrapping (measured: 0.5 ms a step less)
-            out, v = _EagerTauPool.apply(flat, self.tau, tokens)
-        if x.dim() == 4 and tokens and not self.nhwc:  # back from (B, H*W, C) to the channels_last map
+        flat = flat.flatten(2) if not tokens else flat
+        out, v, _ = torch.ops.actlab.tau_pool(flat, self.tau, tokens)
+        if x.dim() == 4 and tokens and not self.nhwc:
             b, c, h, w = x.shape
             return out.view(b, h, w, c).permute(0, 3, 1, 2), v
         return out.view(x.shape), v
@@ -268,49 +330,44 @@ class DPA(ActivationModule):
             # eval, no_grad and inference_mode: plain TAU; memories and count change only in a training
             # forward that builds a graph (else the schedule would shift and only one memory would update)
             return threshold_unit(x, self.tau)
-        y = self._targets
-        if y is None:
+        compiling = torch.compiler.is_compiling()
+        if (self._targets if compiling else self._labels) is None:
             raise RuntimeError(
                 f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
                 "`with actlab.targets(model, y): model(x)`, or call model.eval() for inference.")
-        y = y.to(x.device)
+        if compiling:
+            return self._traced_forward(x, self._targets.to(x.device))
+        return self._eager_forward(x, self._labels)
+
+    def _eager_forward(self, x: torch.Tensor, labels: _StepLabels) -> torch.Tensor:
+        y = labels.on(x.device)
         self._check_rows(x, y.shape[0])
-        out, v = self._tau_pool(x, y.shape[0])
-        update = self._advance_count()
-        eager = not torch.compiler.is_compiling()
-        with torch.no_grad():
-            v_now = v.detach()
-            if eager and not update:
-                value_rows, gather = self.value_memory, True
-            else:
-                labels, values, offset = _gather_global(y, v_now)
-                if eager:
-                    value_rows = sequential_ema_(self.value_memory, labels, values, self.alpha)
-                else:
-                    value_rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(),
-                                                              self.alpha, update)
-                value_rows, gather = value_rows[offset: offset + y.shape[0]], False
-            if eager:  # one kernel on GPUs instead of seven small operations
-                mask = backend(v_now, cpu_native=False).dpa_mask(v_now, value_rows, self.grad_memory, y, self.tau,
-                                                                 gather)
-            else:
-                mask = composite.dpa_mask(v_now, value_rows, self.grad_memory, y, self.tau, gather)
-        if eager and not runs_like_cuda(x) and not bool(mask.any()):
+        count = self._next_count()
+        update = count == 0
+        memories = None if update else (self.value_memory, self.grad_memory)
+        out, v, mask = self._tau_pool(x, y.shape[0], memories, y, count)
+        if update:
+            with torch.no_grad():
+                rows = self._update_value_memory(labels, v)
+                mask = backend(v, cpu_native=False).dpa_mask(v, rows, self.grad_memory, y, self.tau, False)
+        if not runs_like_cuda(x) and not bool(mask.any()):
             # nothing masked: no term, which spares backward a full-size gradient through the pooling
             # (on GPUs the check would cost a device sync, so there the graph is kept)
             self._loss_terms = ()
         else:
             self._loss_terms = (v, mask)  # dpa_loss sums all sites' terms in a few operations
-        if out.requires_grad and not (eager and update is False):
-            out.register_hook(self._grad_memory_hook(y) if eager else self._traced_grad_hook(y, update))
+        if update and out.requires_grad:
+            out.register_hook(self._grad_memory_hook(labels))
         return out
 
-    def _pooled_sign(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
-        g = self.pool(grad, batch)
-        sign = torch.where(g > 0, 1.0, -1.0)
-        return torch.where(torch.isfinite(g), sign, g)  # non-finite: the memory update leaves the sample out
+    def _update_value_memory(self, labels: _StepLabels, v: torch.Tensor) -> torch.Tensor:
+        """The value memory's update by the (global) batch; returns this rank's rows (B, C)."""
+        all_labels, values, offset = labels.gather(v)
+        order = labels.order() if runs_like_cuda(v) else None
+        rows = backend(values, cpu_native=False).ema_update_(self.value_memory, all_labels, values, self.alpha, order)
+        return rows if rows.shape[0] == v.shape[0] else rows[offset: offset + v.shape[0]]
 
-    def _grad_memory_hook(self, y: torch.Tensor):
+    def _grad_memory_hook(self, labels: _StepLabels):
         done = []
 
         def hook(grad: torch.Tensor) -> None:
@@ -318,10 +375,29 @@ class DPA(ActivationModule):
                 return
             done.append(True)
             with torch.no_grad():
-                labels, values, _ = _gather_global(y, self._pooled_sign(grad, y.shape[0]))
-                sequential_ema_(self.grad_memory, labels, values, self.alpha)
+                all_labels, values, _ = labels.gather(self.pool(grad, labels.y.shape[0]))
+                order = labels.order() if runs_like_cuda(values) else None
+                backend(values, cpu_native=False).ema_update_(self.grad_memory, all_labels, values, self.alpha, order,
+                                                              signs=True, after=False)
 
         return hook
+
+    def _traced_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The forward as torch.compile traces it: the schedule advanced on the device, the memory update
+        applied where a 0-dim bool tensor says so (no data-dependent Python value)."""
+        self._check_rows(x, y.shape[0])
+        out, v = self._traced_tau_pool(x, y.shape[0])
+        self.count.copy_((self.count + 1) % self.interval)
+        update = self.count == 0
+        with torch.no_grad():
+            labels, values, offset = _gather_global(y, v.detach())
+            rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(), self.alpha, update)
+            rows = rows[offset: offset + y.shape[0]]
+            mask = composite.dpa_mask(v.detach(), rows, self.grad_memory, y, self.tau, False)
+        self._loss_terms = (v, mask)
+        if out.requires_grad:
+            out.register_hook(self._traced_grad_hook(y, update))
+        return out
 
     def _traced_grad_hook(self, y: torch.Tensor, update: torch.Tensor):
         """The hook as torch.compile traces it into the backward graph (update applied on the device)."""
@@ -329,7 +405,7 @@ class DPA(ActivationModule):
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                sign = self._pooled_sign(grad, y.shape[0])
+                sign = composite.pooled_signs(self.pool(grad, y.shape[0]))
                 torch.ops.actlab.ema_update_(memory, y, sign, alpha, update)
 
         return hook
@@ -381,15 +457,14 @@ def targets(model: nn.Module, y: torch.Tensor, validate: bool = True) -> Iterato
         check_targets(model, y)
     if sites:
         y = y.long()
+    shared = _StepLabels(y)
     for site in sites:
-        # a view of its own per site: torch.compile (2.11) misplaced the graph input of one tensor read
-        # through many module attributes, which Inductor then rejected ("used before it has been defined")
-        site._targets = y.view(y.shape)
+        site._labels, site._targets = shared, y
     try:
         yield
     finally:
         for site in sites:
-            site._targets = None
+            site._targets = site._labels = None
 
 
 def dpa_loss(model: nn.Module) -> torch.Tensor:
@@ -406,8 +481,8 @@ def dpa_loss(model: nn.Module) -> torch.Tensor:
         return torch.zeros((), device=ref.device if ref is not None else None)
     terms = [t for t in trained if t]  # () : a site that masked nothing in this forward
     if terms:  # all sites at once: two concatenations and a few reductions, not kernels per site
-        values = torch.cat([v.reshape(-1) for v, _ in terms])
-        masks = torch.cat([m.reshape(-1) for _, m in terms])
+        values = torch.cat([v for v, _ in terms], 1)  # (B, C) each, the same B: side by side, no views
+        masks = torch.cat([m for _, m in terms], 1)
         zero = torch.zeros((), dtype=values.dtype, device=values.device)
         total = torch.where(masks, values.square(), zero).sum()
         count = masks.sum()

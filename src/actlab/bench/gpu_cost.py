@@ -220,10 +220,10 @@ def _step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def _dpa_counts(model) -> list[torch.Tensor]:
+def _dpa_sites(model) -> list:
     from ..activations.dpa import DPA
 
-    return [m.count for m in model.modules() if isinstance(m, DPA)]
+    return [m for m in model.modules() if isinstance(m, DPA)]
 
 
 def count_steps(w: Workload, steps: int | None = None, execute: bool = True) -> dict:
@@ -240,13 +240,13 @@ def count_steps(w: Workload, steps: int | None = None, execute: bool = True) -> 
     y = torch.randint(0, w.classes, (w.batch,), generator=g)
     with CostCounter(execute):
         _step(model, optimizer, x, y)
-    counters = _dpa_counts(model)
+    counters = _dpa_sites(model)
     steps = steps or (int(next(m.interval for m in model.modules() if hasattr(m, "interval"))) if counters else 1)
     ordinary, update = [], []
     for _ in range(steps):
         with CostCounter(execute) as counter:
             _step(model, optimizer, x, y)
-        is_update = bool(counters) and int(counters[0]) == 0
+        is_update = bool(counters) and counters[0].position == 0
         count = StepCount.of(counter.calls)
         if count.syncs and not execute:
             raise RuntimeError(f"{w.model} + {w.act}: the step reads values back to the host ({count.syncs} syncs), so "

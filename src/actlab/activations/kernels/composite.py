@@ -391,14 +391,75 @@ def tau_pool(x, tau: float, tokens: bool):
     return out, v, pass_mask(x, tau)
 
 
-def tau_pool_backward(grad_out, passes, grad_v, tokens: bool):
-    """dL/d x of ``tau_pool``: grad_out where the packed mask ``passes`` is set, plus grad_v's mean spread."""
+def tau_pool_backward(grad_out, passes, grad_v, tokens: bool, cls: bool = False):
+    """dL/d x of ``tau_pool``: grad_out where the packed mask ``passes`` is set, plus grad_v's mean spread
+    (``cls``: grad_v added to token 0). Maps may keep their spatial dims: grad_out (B, C, *S)."""
+    if not tokens and grad_out.dim() > 3:
+        return tau_pool_backward(grad_out.flatten(2), passes, grad_v, tokens).view(grad_out.shape)
     grad = masked_grad(grad_out, passes)
+    return spread_pooled_grad(grad, grad_v, tokens, cls)
+
+
+def spread_pooled_grad(grad, grad_v, tokens: bool, cls: bool = False):
+    """grad plus the pooling's gradient from grad_v (B, C): its mean spread over positions or tokens, or
+    (``cls``) onto token 0."""
     if grad_v is None:
         return grad
+    if cls:
+        grad[:, 0] += grad_v.to(grad.dtype)
+        return grad
     if tokens:
-        return grad + (grad_v / grad_out.shape[1]).unsqueeze(1).to(grad.dtype)
-    return grad + (grad_v / grad_out.shape[2]).unsqueeze(2).to(grad.dtype)
+        return grad + (grad_v / grad.shape[1]).unsqueeze(1).to(grad.dtype)
+    return grad + (grad_v / grad.shape[2]).unsqueeze(2).to(grad.dtype)
+
+
+def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=None, cls: bool = False,
+                pool=None):
+    """One DPA site's forward: ``tau_pool`` of x and, given ``memories`` = (value memory (K, C), grad
+    memory (K, C)) and ``labels`` (B,), the mask ``dpa_mask`` of the memories' rows at the labels (None
+    without). ``count`` = (a 0-dim buffer, an int): the value is stored in the buffer, which a GPU kernel
+    does in the same launch. Maps may keep their spatial dims: x (B, C, *S), pooled over S. ``cls``
+    (tokens): v is token 0's values, not the mean. ``pool``: the ``tau_pool`` to call (a backend's own),
+    this module's by default.
+
+    Returns (out, v, passes, mask)."""
+    flat = x.flatten(2) if not tokens and x.dim() > 3 else x
+    out, v, passes = (pool or tau_pool)(flat, tau, tokens)
+    if cls:
+        v = x[:, 0].to(compute_dtype(x))
+    mask = None if memories is None else dpa_mask(v, memories[0], memories[1], labels, tau, True)
+    if count is not None:
+        count[0].fill_(count[1])
+    return (out if flat is x else out.view(x.shape)), v, passes, mask
+
+
+def pooled_signs(g):
+    """1 where g > 0, -1 elsewhere, g itself where it is not finite (the memory rule leaves such a sample
+    out)."""
+    return torch.where(torch.isfinite(g), torch.where(g > 0, 1.0, -1.0).to(g.dtype), g)
+
+
+def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True):
+    """DPA's per-class memory rule ``memory[y_i] += alpha * (values_i - memory[y_i])`` for i in batch
+    order, in place; a sample whose values are not all finite is left out.
+
+    Args:
+        memory: (K, C), updated in place.
+        labels: (B,) int64 classes in [0, K).
+        values: (B, C).
+        alpha: weight of the newest sample.
+        order: ``torch.sort(labels, stable=True)``, (sorted labels, permutation), when the caller has it
+            (the GPU kernel runs over the samples in class order); unused here.
+        signs: update with the signs of ``values`` (``pooled_signs``) instead of the values.
+        after: return the rows; else None.
+    Returns:
+        (B, C) in memory's dtype, row i = memory[labels[i]] right after sample i's own update, or None.
+    """
+    if signs:
+        values = pooled_signs(values)
+    rows, updated = closed_form_ema(memory, labels, values.to(memory.dtype), alpha)
+    memory.copy_(updated)
+    return rows if after else None
 
 
 def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):
@@ -409,3 +470,39 @@ def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):
     already looked up. v (B, C); grad_memory (K, C); labels (B,) int64."""
     rows = value_rows[labels] if gather else value_rows
     return (rows < tau) & (v > tau) & (grad_memory[labels] < 0)
+
+
+def closed_form_ema(memory: torch.Tensor, labels: torch.Tensor, values: torch.Tensor,
+                    alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential rule in closed form. A sample whose values are not all finite is left out: it
+    changes no memory. With n_i the number of samples that have updated sample i's class memory by the
+    time of sample i (i included when it counts) and d = 1 - alpha, the memory right after sample i is
+
+        after_i = d ** n_i * M[y_i] + alpha * sum over counting samples l <= i of the class of
+                  d ** (n_i - n_l) * values_l,
+
+    computed in float64 (a (B, B) weight matrix); for a sample left out that is its class's memory as it
+    stands. Each class's new row is the ``after`` of its last sample; classes not in the batch keep theirs.
+
+    Shapes: memory (K, C); labels (B,) int64; values (B, C). Returns after (B, C) and the new memory (K, C),
+    both in memory's dtype.
+    """
+    n, k = labels.shape[0], memory.shape[0]
+    if n == 0:
+        return memory.new_empty(0, memory.shape[1]), memory.clone()
+    wide = torch.float64
+    zero = torch.zeros((), dtype=wide, device=memory.device)
+    start = memory.index_select(0, labels).to(wide)
+    finite = torch.isfinite(values).all(1)
+    values = torch.where(finite[:, None], values.to(wide), zero)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril()
+    used = (labels[:, None] == labels[None, :]) & earlier & finite[None, :]  # (i, l): l updated i's row by i
+    steps = used.sum(1)
+    decay = torch.full((), 1.0 - alpha, dtype=wide, device=memory.device)  # a fill, not a host copy (no sync)
+    lag = (steps[:, None] - steps[None, :]).clamp_min(0)
+    weights = torch.where(used, alpha * decay.pow(lag), zero)
+    after = (weights @ values + decay.pow(steps)[:, None] * start).to(memory.dtype)
+    member = labels[None, :] == torch.arange(k, device=labels.device)[:, None]  # (K, B)
+    last_sample = (member * torch.arange(1, n + 1, device=labels.device)).amax(1).sub(1).clamp_min(0)
+    updated = torch.where(member.any(1)[:, None], after.index_select(0, last_sample), memory)
+    return after, updated

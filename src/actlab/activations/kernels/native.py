@@ -182,13 +182,25 @@ def tau_pool(x, tau: float, tokens: bool):
     return (ops.tau_pool_tokens_forward if tokens else ops.tau_pool_forward)(x, tau)
 
 
-def tau_pool_backward(grad_out, passes, grad_v, tokens: bool):
+def tau_pool_backward(grad_out, passes, grad_v, tokens: bool, cls: bool = False):
+    if not tokens and grad_out.dim() > 3:  # maps with their spatial dims
+        return tau_pool_backward(grad_out.flatten(2), passes, grad_v, tokens).view(grad_out.shape)
+    if cls:
+        return composite.spread_pooled_grad(masked_grad(grad_out, passes), grad_v, tokens, cls)
     ops = torch.ops.actlab_dpa
+    grad_v = None if grad_v is None else grad_v.contiguous()
     return (ops.tau_pool_tokens_backward if tokens else ops.tau_pool_backward)(grad_out, passes, grad_v)
 
 
 def pass_mask(x, tau: float):
     return torch.ops.actlab_dpa.pass_mask(x, tau)
+
+
+def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=None, cls: bool = False):
+    return composite.dpa_forward(x, tau, tokens, memories, labels, count, cls, pool=tau_pool)
+
+
+ema_update_ = composite.ema_update_
 
 
 def masked_grad(grad, passes):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import backend, composite
+from .composite import closed_form_ema
 
 
 # every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
@@ -193,45 +194,3 @@ def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, en
 @ema_update_.register_fake
 def _(memory, labels, values, alpha, enabled):
     return memory.new_empty(labels.shape[0], memory.shape[1])
-
-
-def closed_form_ema(memory: Tensor, labels: Tensor, values: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """The sequential rule in closed form. With r_i the number of earlier samples of sample i's class
-    and d = 1 - alpha, the memory right after sample i is
-
-        after_i = d ** (r_i + 1) * M[y_i] + alpha * sum over earlier-or-same samples l of the class of
-                  d ** (r_i - r_l) * values_l,
-
-    computed in float64 (a (B, B) weight matrix). Each class's new row is the ``after`` of its last
-    sample; classes not in the batch keep theirs.
-
-    A sample whose values are not all finite is left out: it changes no memory, and its ``after`` row is
-    its class's memory as it stands.
-
-    Shapes: memory (K, C); labels (B,) int64; values (B, C). Returns after (B, C) and the new memory (K, C),
-    both in memory's dtype.
-    """
-    n, k = labels.shape[0], memory.shape[0]
-    if n == 0:
-        return memory.new_empty(0, memory.shape[1]), memory.clone()
-    wide = torch.float64
-    start = memory.index_select(0, labels).to(wide)
-    finite = torch.isfinite(values).all(1)
-    values = torch.where(finite[:, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
-    labels = torch.where(finite, labels, k)  # class k does not exist: no memory row, no member below
-    same = labels[:, None] == labels[None, :]
-    earlier = torch.ones(n, n, dtype=torch.bool, device=labels.device).tril()
-    mine = same & earlier  # (i, l): l is sample i's class and not after it
-    rank = mine.sum(1) - 1
-    decay = torch.full((), 1.0 - alpha, dtype=wide, device=memory.device)  # a fill, not a host copy (no sync)
-    lag = (rank[:, None] - rank[None, :]).clamp_min(0)
-    weights = torch.where(mine, alpha * decay.pow(lag), torch.zeros((), dtype=wide, device=memory.device))
-    after = weights @ values.to(wide) + decay.pow(rank + 1)[:, None] * start
-    after = torch.where(finite[:, None], after, start).to(memory.dtype)
-    classes = torch.arange(k, device=labels.device)
-    member = labels[None, :] == classes[:, None]  # (K, B)
-    counts = member.sum(1)
-    last = member & (rank[None, :] == counts[:, None] - 1)
-    last_sample = last.to(torch.uint8).argmax(1)  # any index where a class is absent: masked below
-    updated = torch.where((counts > 0)[:, None], after.index_select(0, last_sample), memory)
-    return after, updated

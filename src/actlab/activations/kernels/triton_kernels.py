@@ -633,18 +633,24 @@ def _pack_passes(X, PASSES, numel, tau, BLOCK_BYTES: tl.constexpr):
 
 
 @triton.jit
-def _tau_pool_bwd(GO, PASSES, GV, GX, numel, P, N, C, TOKENS: tl.constexpr, HAS_GV: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _tau_pool_bwd(GO, PASSES, GV, GX, numel, P, N, C, gv_row, TOKENS: tl.constexpr, CLS: tl.constexpr,
+                  HAS_GV: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_out where the pass bit is set, plus grad_v (rows ``gv_row`` apart) spread over the pooled axis
+    (with CLS: added to token 0)."""
     at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = at < numel
     go = tl.load(GO + at, mask=live, other=0.0)
     passes = (tl.load(PASSES + at // 8, mask=live, other=0).to(tl.int32) >> (at % 8).to(tl.int32)) & 1
     grad = tl.where(passes != 0, go, 0.0).to(tl.float32)
     if HAS_GV:
-        if TOKENS:
-            spread = tl.load(GV + (at // (N * C)) * C + at % C, mask=live, other=0.0) / N
+        if CLS:
+            first = live & ((at // C) % N == 0)
+            spread = tl.load(GV + (at // (N * C)) * gv_row + at % C, mask=first, other=0.0)
+        elif TOKENS:
+            spread = tl.load(GV + (at // (N * C)) * gv_row + at % C, mask=live, other=0.0) / N
         else:
-            spread = tl.load(GV + at // P, mask=live, other=0.0) / P
+            bc = at // P
+            spread = tl.load(GV + (bc // C) * gv_row + bc % C, mask=live, other=0.0) / P
         grad = grad + spread
     tl.store(GX + at, grad.to(GX.dtype.element_ty), mask=live)
 
@@ -660,8 +666,124 @@ def _dpa_mask(V, VSRC, GMEM, Y, MASK, C, tau, GATHER: tl.constexpr, BLOCK_C: tl.
     value = tl.load(VSRC + row * C + c, mask=live, other=0.0)
     grad = tl.load(GMEM + label * C + c, mask=live, other=0.0)
     v = tl.load(V + b * C + c, mask=live, other=0.0)
-    hit = (value < tau) & (v > tau) & (grad < 0)
-    tl.store(MASK + b * C + c, hit.to(tl.uint8), mask=live)
+    tl.store(MASK + b * C + c, (value < tau) & (v > tau) & (grad < 0), mask=live)
+
+
+@triton.jit
+def _dpa_entries(v, bc, live, C, VMEM, GMEM, Y, MASK, COUNT, count, first, tau, HAS_MASK: tl.constexpr,
+                 HAS_COUNT: tl.constexpr):
+    """The end of a DPA forward program: DPA's mask of entries ``bc`` (flat b * C + c, pooled values v)
+    from the memories' rows at the labels, and, in the program with ``first`` set, the schedule count."""
+    if HAS_MASK:
+        label = tl.load(Y + bc // C, mask=live, other=0)
+        at = label * C + bc % C
+        value = tl.load(VMEM + at, mask=live, other=0.0)
+        grad = tl.load(GMEM + at, mask=live, other=0.0)
+        tl.store(MASK + bc, (value < tau) & (v > tau) & (grad < 0), mask=live)
+    if HAS_COUNT:
+        if first:
+            tl.store(COUNT, count)
+
+
+@triton.jit
+def _dpa_planes(X, OUT, V, PASSES, VMEM, GMEM, Y, MASK, COUNT, count, P, C, planes, tau, HAS_MASK: tl.constexpr,
+                HAS_COUNT: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """Program per 8 consecutive (b, c) planes, whose 8 P elements fill P whole bytes of the packed pass
+    mask: TAU over them, their bits, the 8 planes' float32 means, and ``_dpa_entries``."""
+    g = tl.program_id(0).to(tl.int64)
+    start = g * 8 * P
+    numel = planes * P
+    byte = tl.arange(0, BLOCK_BYTES)
+    bit = tl.arange(0, 8)
+    k = tl.arange(0, 8)
+    acc = tl.zeros([8], dtype=tl.float32)
+    for b0 in range(0, P, BLOCK_BYTES):
+        own = b0 + byte  # byte index within the group
+        at = start + own[:, None] * 8 + bit[None, :]
+        live = (own < P)[:, None] & (at < numel)
+        x = tl.load(X + at, mask=live, other=0.0)
+        tl.store(OUT + at, tl.where(x < tau, 0.0, x).to(OUT.dtype.element_ty), mask=live)
+        flags = ((x >= tau) & live).to(tl.int32) << bit[None, :]
+        tl.store(PASSES + g * P + own, tl.sum(flags, axis=1).to(tl.uint8), mask=(own < P) & (start + own * 8 < numel))
+        plane = ((at - start) // P).to(tl.int32)
+        hit = plane[:, :, None] == k[None, None, :]
+        acc += tl.sum(tl.sum(tl.where(hit, x.to(tl.float32)[:, :, None], 0.0), axis=0), axis=0)
+    bc = g * 8 + k
+    live_k = bc < planes
+    v = acc / P
+    tl.store(V + bc, v, mask=live_k)
+    _dpa_entries(v, bc, live_k, C, VMEM, GMEM, Y, MASK, COUNT, count, g == 0, tau, HAS_MASK, HAS_COUNT)
+
+
+@triton.jit
+def _dpa_tokens(X, OUT, V, PASSES, VMEM, GMEM, Y, MASK, COUNT, count, N, C, tau, CLS: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (sample b, BLOCK_C channels; C and BLOCK_C multiples of 8, so the block's flags of a token
+    are whole bytes): TAU over its N tokens, their bits, the float32 means (with CLS: token 0's values)
+    and ``_dpa_entries``."""
+    b = tl.program_id(0).to(tl.int64)
+    c0 = tl.program_id(1) * BLOCK_C
+    bit = tl.arange(0, 8)
+    own = tl.arange(0, BLOCK_C // 8)
+    cc = c0 + own[:, None] * 8 + bit[None, :]
+    live = cc < C
+    acc = tl.zeros([BLOCK_C // 8, 8], dtype=tl.float32)
+    for n in range(0, N):
+        row = (b * N + n) * C
+        x = tl.load(X + row + cc, mask=live, other=0.0)
+        tl.store(OUT + row + cc, tl.where(x < tau, 0.0, x).to(OUT.dtype.element_ty), mask=live)
+        flags = ((x >= tau) & live).to(tl.int32) << bit[None, :]
+        tl.store(PASSES + (row + c0) // 8 + own, tl.sum(flags, axis=1).to(tl.uint8), mask=c0 + own * 8 < C)
+        if CLS:
+            acc += tl.where(n == 0, x.to(tl.float32), 0.0)
+        else:
+            acc += x.to(tl.float32)
+    v = acc if CLS else acc / N
+    tl.store(V + b * C + cc, v, mask=live)
+    _dpa_entries(v, b * C + cc, live, C, VMEM, GMEM, Y, MASK, COUNT, count, (b == 0) & (tl.program_id(1) == 0), tau,
+                 HAS_MASK, HAS_COUNT)
+
+
+@triton.jit
+def _affine_then(a1, b1, f1, a2, b2, f2):
+    """Composition of m -> a1 m + b1 then m -> a2 m + b2, restarted where f2 (a class's first sample)."""
+    return tl.where(f2, a2, a1 * a2), tl.where(f2, b2, b1 * a2 + b2), f1 | f2
+
+
+@triton.jit
+def _ema_scan(MEM, VAL, ORDER, YS, AFTER, B, C, alpha, SIGNS: tl.constexpr, HAS_AFTER: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program per BLOCK_C channels: DPA's sequential memory rule. Taken in class order (ORDER, YS: the
+    stable sort of the labels), each sample is the map m -> (1 - alpha) m + alpha v (the identity for a
+    sample with a non-finite value in any channel), and a scan composes them within each class: the memory
+    after sample j is the composition up to j applied to its class's row. The last sample of a class
+    writes the row."""
+    j = tl.arange(0, BLOCK_B)
+    live_j = j < B
+    src = tl.load(ORDER + j, mask=live_j, other=0)
+    y = tl.load(YS + j, mask=live_j, other=-1)
+    first = y != tl.load(YS + j - 1, mask=live_j & (j > 0), other=-1)
+    last = live_j & (y != tl.load(YS + j + 1, mask=j + 1 < B, other=-1))
+    bad = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(VAL + src[:, None] * C + cc[None, :], mask=live_j[:, None] & (cc < C)[None, :], other=0.0)
+        bad += tl.sum((~(tl.abs(v) <= 3.4028234663852886e38)).to(tl.int32), axis=1)  # NaN or inf
+    cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tile = live_j[:, None] & (cc < C)[None, :]
+    v = tl.load(VAL + src[:, None] * C + cc[None, :], mask=tile, other=0.0).to(tl.float32)
+    if SIGNS:
+        v = tl.where(v > 0, 1.0, -1.0)
+    use = tile & (bad == 0)[:, None]
+    scale = tl.where(use, 1.0 - alpha, 1.0)
+    shift = tl.where(use, alpha * v, 0.0)
+    starts = first[:, None] & tile
+    scale, shift, _ = tl.associative_scan((scale, shift, starts), 0, _affine_then)
+    at = y[:, None] * C + cc[None, :]
+    after = scale * tl.load(MEM + at, mask=tile, other=0.0) + shift
+    if HAS_AFTER:
+        tl.store(AFTER + src[:, None] * C + cc[None, :], after, mask=tile)
+    tl.store(MEM + at, after, mask=tile & last[:, None])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -1000,14 +1122,20 @@ def pass_mask(x, tau: float):
     return passes
 
 
-def tau_pool_backward(grad_out, passes, grad_v, tokens: bool):
+def tau_pool_backward(grad_out, passes, grad_v, tokens: bool, cls: bool = False):
+    """As the composite's; maps may keep their spatial dims, grad_v's rows may be strided (a slice of the
+    channel loss's concatenation)."""
+    if grad_v is not None and grad_v.stride(1) != 1:
+        grad_v = grad_v.contiguous()
     grad_x = torch.empty_like(grad_out)
     numel = grad_out.numel()
-    n, c = (grad_out.shape[1], grad_out.shape[2]) if tokens else (1, 1)
-    p = 1 if tokens else grad_out.shape[2]
+    n = grad_out.shape[1] if tokens else 1
+    c = grad_out.shape[2] if tokens else grad_out.shape[1]
+    p = 1 if tokens else numel // (grad_out.shape[0] * grad_out.shape[1])  # maps: (B, C, *S)
     gv = grad_v if grad_v is not None else passes  # never read without HAS_GV
-    _tau_pool_bwd[(triton.cdiv(numel, _BLOCK),)](grad_out, passes, gv, grad_x, numel, p, n, c, TOKENS=tokens,
-                                                 HAS_GV=grad_v is not None, BLOCK=_BLOCK)
+    gv_row = grad_v.stride(0) if grad_v is not None else 0
+    _tau_pool_bwd[(triton.cdiv(numel, _BLOCK),)](grad_out, passes, gv, grad_x, numel, p, n, c, gv_row, TOKENS=tokens,
+                                                 CLS=cls, HAS_GV=grad_v is not None, BLOCK=_BLOCK)
     return grad_x
 
 
@@ -1016,8 +1144,47 @@ masked_grad = composite.masked_grad
 
 def dpa_mask(v, value_rows, grad_memory, labels, tau: float, gather: bool):
     b, c = v.shape
-    mask = torch.empty(b, c, dtype=torch.uint8, device=v.device)
+    mask = torch.empty(b, c, dtype=torch.bool, device=v.device)
     block_c = _pow2(c, 16, 1024)
     _dpa_mask[(b, triton.cdiv(c, block_c))](v.contiguous(), value_rows.contiguous(), grad_memory.contiguous(),
                                             labels.contiguous(), mask, c, tau, GATHER=gather, BLOCK_C=block_c)
-    return mask.view(torch.bool)
+    return mask
+
+
+def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=None, cls: bool = False):
+    if tokens and x.shape[2] % 8:  # a token's flags would share bytes with the next token's
+        return composite.dpa_forward(x, tau, tokens, memories, labels, count, cls, pool=tau_pool)
+    out = torch.empty_like(x)
+    b, c = (x.shape[0], x.shape[2]) if tokens else x.shape[:2]
+    v = x.new_empty(b, c, dtype=torch.float32)
+    passes = x.new_empty(composite.packed_size(x.numel()), dtype=torch.uint8)
+    mask = None if memories is None else torch.empty(b, c, dtype=torch.bool, device=x.device)
+    vmem, gmem = memories if memories is not None else (v, v)  # never read without HAS_MASK
+    buffer, value = count if count is not None else (v, 0)
+    refs = (vmem, gmem, labels if labels is not None else v, mask if mask is not None else v, buffer, value)
+    flags = {"HAS_MASK": memories is not None, "HAS_COUNT": count is not None}
+    if tokens:
+        block_c = _pow2(c, 16, 256)
+        _dpa_tokens[(b, triton.cdiv(c, block_c))](x, out, v, passes, *refs, x.shape[1], c, tau, CLS=cls,
+                                                  BLOCK_C=block_c, **flags)
+    else:
+        p = x.numel() // (b * c)
+        _dpa_planes[(triton.cdiv(b * c, 8),)](x, out, v, passes, *refs, p, c, b * c, tau,
+                                              BLOCK_BYTES=_pow2(p, 16, 128), **flags)
+    return out, v, passes, mask
+
+
+_SCAN_TILE = 8192  # elements of the scan's (batch, channels) tile: batches above this use the composite
+
+
+def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True):
+    b, c = values.shape
+    if b > _SCAN_TILE or b == 0 or memory.dtype != torch.float32 or not memory.is_contiguous():
+        return composite.ema_update_(memory, labels, values, alpha, order, signs, after)
+    ys, src = order if order is not None else torch.sort(labels, stable=True)
+    rows = torch.empty(b, c, dtype=memory.dtype, device=memory.device) if after else memory
+    block_b = _pow2(b, 1, _SCAN_TILE)
+    block_c = _pow2(c, 1, max(1, _SCAN_TILE // block_b))
+    _ema_scan[(triton.cdiv(c, block_c),)](memory, values.contiguous(), src, ys, rows, b, c, alpha, SIGNS=signs,
+                                          HAS_AFTER=after, BLOCK_B=block_b, BLOCK_C=block_c)
+    return rows if after else None
