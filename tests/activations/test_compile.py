@@ -3,6 +3,8 @@ eager results within float tolerance (forward, backward, DPA memories), on CPU."
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -113,3 +115,44 @@ def test_one_graph_built_on_the_kernel_layer(case, op):
     model, shape = build(case)
     train_steps(model, torch.compile(model, backend=record, fullgraph=True), shape, steps=2)
     assert graphs and all(op in code for code in graphs), graphs[0]
+
+
+def test_twelve_compiled_steps_with_new_labels_compile_once_and_hold_no_label():
+    """A loader's new label tensor every step, memory updates on every second step: one graph, which reads
+    the labels from the same persistent buffer at every call (what CUDA graphs need: a fixed address) and
+    keeps no step's label tensor alive."""
+    torch._dynamo.reset()
+    graphs, label_inputs = [], []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            label_inputs.append({a.data_ptr() for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.long
+                                 and a.dim() == 1})
+            return gm.forward(*args)
+
+        return run
+
+    model, shape = build("conv_bn_dpa")  # interval 2: six update steps among the twelve
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    held, addresses = [], set()
+    for _ in range(12):
+        x, y = torch.randn(shape, generator=g), torch.randint(0, 4, (shape[0],), generator=g)
+        held.append(weakref.ref(y))
+        addresses.add(y.data_ptr())
+        with actlab.targets(model, y):
+            loss = F.cross_entropy(compiled(x), y) + actlab.dpa_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        del x, y, loss
+    assert len(graphs) == 1 and len(label_inputs) == 12
+    assert all(inputs == label_inputs[0] and len(inputs) == 1 for inputs in label_inputs)
+    assert not label_inputs[0] & addresses  # the buffer, not any step's tensor
+    gc.collect()
+    assert all(ref() is None for ref in held)
+    site = next(m for m in model.modules() if isinstance(m, actlab.DPA))
+    assert int(site.count) == 0 and site.grad_memory.abs().sum() > 0

@@ -55,14 +55,14 @@ def test_closed_form_ema_leaves_out_non_finite_samples():
 
 
 def test_closed_form_ema_disabled_changes_nothing_and_empty_batch():
-    from actlab.activations.kernels import ops
+    from actlab.activations.kernels import composite
 
     memory = torch.randn(4, 3)
     before = memory.clone()
     labels, values = torch.tensor([2, 0, 2]), torch.randn(3, 3)
     rows = torch.ops.actlab.ema_update_(memory, labels, values, 0.9, torch.tensor(False))
     assert torch.equal(memory, before) and torch.equal(rows, before[labels])
-    after, updated = ops.closed_form_ema(memory, labels[:0], values[:0], 0.9)
+    after, updated = composite.closed_form_ema(memory, labels[:0], values[:0], 0.9)
     assert after.shape == (0, 3) and torch.equal(updated, before)
 
 
@@ -255,9 +255,17 @@ def test_dpa_loss_is_zero_without_sites_or_masks():
     assert actlab.dpa_loss(fresh).item() == 0.0  # memories start at 0: nothing is masked yet
 
 
-def test_two_gloo_processes_match_one_process_on_global_batch(tmp_path):
+@pytest.mark.parametrize("capacity", [None, 8], ids=["sizes_exchanged", "cuda_path_capacity"])
+def test_two_gloo_processes_match_one_process_on_global_batch(tmp_path, capacity):
+    """Two gloo ranks equal one process on the global batch. With a capacity (rows padded to 8 of which 5
+    are samples) on the CUDA code path: the same, and no step reads a value back to the host."""
+    if capacity is not None and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CUDA code path on CPU tensors needs Triton's interpreter")
     steps, batch = 12, 10
-    mp.spawn(dpa_worker.gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch), nprocs=2)
+    mp.spawn(dpa_worker.gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch, capacity),
+             nprocs=2)
+    if capacity is not None:
+        assert [torch.load(tmp_path / f"syncs{r}.pt") for r in (0, 1)] == [[], []]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     single = dpa_worker.tiny_model()

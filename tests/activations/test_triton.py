@@ -269,10 +269,17 @@ def test_memory_update_scan_follows_the_sample_by_sample_rule(classes, batch, ch
     rows = triton_kernels.ema_update_(memory, labels, values, 0.9, torch.sort(labels, stable=True), signs)
     torch.testing.assert_close(memory.cpu(), want_memory, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rows.cpu(), want_rows, rtol=1e-5, atol=1e-5)
+    for flag in (False, True):  # decided on the device: off, nothing changes and the rows are the memory's
+        kept = want_memory.clone().to(DEVICE)
+        rows = triton_kernels.ema_update_(kept, labels, values, 0.9, None, signs,
+                                          enabled=torch.tensor(flag, device=DEVICE))
+        if not flag:
+            assert torch.equal(kept.cpu(), want_memory) and torch.equal(rows, kept[labels])
     again = want_memory.clone().to(DEVICE)
     assert triton_kernels.ema_update_(again, labels, values, 0.9, None, signs, after=False) is None
-    torch.testing.assert_close(again.cpu(), sequential_rule(want_memory, labels.cpu(), values.cpu(), 0.9, signs)[0],
-                               rtol=1e-5, atol=1e-5)
+    twice = sequential_rule(want_memory, labels.cpu(), values.cpu(), 0.9, signs)[0]
+    torch.testing.assert_close(again.cpu(), twice, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.cpu(), twice, rtol=1e-5, atol=1e-5)  # the enabled call
 
 
 @pytest.fixture

@@ -172,6 +172,25 @@ def test_dpa_training_on_the_cuda_path_follows_the_cpu_path(tokens, emulated):
     assert int(cuda_path.act_a.count) == 11 % 5 and bool(cuda_path.act_b.grad_memory.ne(0).any())
 
 
+def test_labels_on_the_cuda_path_are_checked_on_the_device_without_a_host_read(emulated):
+    model = TwoSites(False)
+    with gpu_cost.CostCounter() as counter:
+        with actlab.targets(model, torch.tensor([0, 4, 2])):
+            pass
+    names = [c.name for c in counter.calls]
+    assert "_assert_async" in names and not any(c.sync for c in counter.calls)
+    with pytest.raises(RuntimeError, match=r"a class index outside \[0, 5\) reached a DPA site"):
+        with actlab.targets(model, torch.tensor([0, 5, 2])):
+            pass
+    with pytest.raises(ValueError, match="integer class indices"):  # what needs no read: checked at once
+        with actlab.targets(model, torch.tensor([0.0, 1.0])):
+            pass
+    kernels.set_emulate_cuda(False)
+    with pytest.raises(ValueError, match=r"out of range \[0, 5\) \(min 0, max 5\)"):  # CPU: on the host
+        with actlab.targets(model, torch.tensor([0, 5, 2])):
+            pass
+
+
 def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     """Two counts of the same step agree to the call, the second with the Triton launches skipped (the
     command's default), DPA's update and ordinary steps too; a training step on the CUDA path makes no

@@ -87,7 +87,7 @@ def test_identity_is_one_list_for_grid_keys_and_resume():
     a = TrainConfig(dataset="synthetic")
     for key in NOT_IDENTITY:
         value = {"out": "elsewhere", "data_dir": "/data", "download": True, "workers": 3, "log_every": 5,
-                 "device": "cpu", "compile": True}[key]
+                 "device": "cpu", "compile": True, "cuda_graphs": True}[key]
         b = TrainConfig.from_dict({**a.to_dict(), key: value})
         assert grid.run_key(a) == grid.run_key(b), key
         assert a.identity() == b.identity(), key

@@ -228,6 +228,22 @@ def test_compiled_run_matches_the_plain_run(tmp_path):
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
 
 
+def test_cuda_graphs_compile_in_reduce_overhead_mode(tmp_path, monkeypatch):
+    """--cuda-graphs compiles the model (torch.compile's CUDA-graph mode); the run's identity is unchanged."""
+    modes = []
+
+    def compile_recorder(model, mode=None, **kwargs):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_recorder)
+    run = dict(SMALL, epochs=1)
+    train(TrainConfig(**run, cuda_graphs=True, out=str(tmp_path / "graphs")), quiet=True)
+    train(TrainConfig(**run, compile=True, out=str(tmp_path / "compiled")), quiet=True)
+    assert modes == ["reduce-overhead", None]
+    assert TrainConfig(**run, cuda_graphs=True).identity() == TrainConfig(**run).identity()
+
+
 def test_resume_refuses_changed_epochs_unless_extended_and_never_moves(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(run_cli(out, "--epochs", "1")) == 0

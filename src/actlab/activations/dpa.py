@@ -126,24 +126,28 @@ def _dpa_group():
     return _DPA_GROUP
 
 
-def _all_gather_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Every rank's ``rows`` (its sizes[rank] rows) concatenated rank-major."""
+def _all_gather_rows(rows: torch.Tensor, sizes: list[int], fill: float = 0) -> torch.Tensor:
+    """Every rank's ``rows`` (sizes[rank] rows; fewer are padded with ``fill``) concatenated rank-major."""
     group = _dpa_group()
-    padded = rows.new_zeros(max(sizes), *rows.shape[1:])
+    padded = rows.new_full((max(sizes), *rows.shape[1:]), fill)
     padded[: rows.shape[0]] = rows
-    chunks = [torch.zeros_like(padded) for _ in sizes]
+    chunks = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(chunks, padded, group=group)
     return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
 
 
 class _StepLabels:
     """The class labels of one forward, shared by every DPA site of the model (``targets`` makes one), so
-    what depends only on the labels is done once per step, not once per site: the copy to the device,
-    under torch.distributed the global batch's labels and each rank's batch size, and the class order
-    (a stable sort) that the GPU memory update runs in."""
+    what depends only on the labels is done once per step, not once per site: under torch.distributed the
+    global batch's labels, and the class order (a stable sort) that the GPU memory update runs in.
 
-    def __init__(self, y: torch.Tensor):
+    Under torch.distributed with a ``capacity`` every rank pads its rows to it (labels 0, values NaN: a
+    sample with a non-finite value updates no memory), so the gathers have one size on every rank and need
+    no host read; without one the ranks' batch sizes are exchanged once per step (one host read)."""
+
+    def __init__(self, y: torch.Tensor, capacity: int | None = None):
         self.y = y
+        self.capacity = capacity
         self._global: tuple[torch.Tensor, list[int] | None, int] | None = None
         self._order: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -153,16 +157,22 @@ class _StepLabels:
             self.y = self.y.to(device)
         return self.y
 
+    def _sizes(self, group) -> list[int]:
+        world = dist.get_world_size(group)
+        if self.capacity is not None:
+            return [self.capacity] * world
+        size = torch.tensor([self.y.shape[0]], device=self.y.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        return [int(n) for n in sizes]
+
     def _gathered(self) -> tuple[torch.Tensor, list[int] | None, int]:
         if self._global is None:
             if not _distributed():
                 self._global = (self.y, None, 0)
             else:
                 group = _dpa_group()
-                size = torch.tensor([self.y.shape[0]], device=self.y.device)
-                sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
-                dist.all_gather(sizes, size, group=group)
-                sizes = [int(n) for n in sizes]
+                sizes = self._sizes(group)
                 rank = dist.get_rank(group)
                 self._global = (_all_gather_rows(self.y, sizes), sizes, sum(sizes[:rank]))
         return self._global
@@ -172,7 +182,7 @@ class _StepLabels:
         labels, sizes, offset = self._gathered()
         if sizes is None:
             return labels, values, 0
-        return labels, _all_gather_rows(values, sizes), offset
+        return labels, _all_gather_rows(values, sizes, fill=float("nan")), offset
 
     def order(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The global labels sorted stably, and the sample index of each."""
@@ -226,15 +236,18 @@ class DPA(ActivationModule):
         self.register_buffer("grad_memory", torch.zeros(self.num_classes, channels))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.site = "<dpa>"
-        self._count_cache: int | None = None  # host copy of `count`, avoids a device sync per forward
+        self._count_cache: int | None = 0  # host copy of `count`: no device read in a forward
         self._targets: torch.Tensor | None = None  # traced graphs: the labels, a view of this site's own
         self._labels: _StepLabels | None = None  # eager: the labels, shared by the model's sites
+        self._label_buffer: torch.Tensor | None = None  # where ``targets`` copies the labels (shared)
         # (v, mask) of the last training forward, () when it masked nothing, None after an eval forward
         self._loss_terms: tuple[torch.Tensor, ...] | None = None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._count_cache = None
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "count")
+        # the host copy from the checkpoint's own tensor (on the CPU as a rule: no device read)
+        self._count_cache = int(loaded) if isinstance(loaded, torch.Tensor) else None
 
     @property
     def position(self) -> int:
@@ -426,6 +439,15 @@ def _dpa_sites(model: nn.Module) -> list[DPA]:
     return [m for m in model.modules() if isinstance(m, DPA)]
 
 
+def _check_label_tensor(y) -> None:
+    """What needs no read of the values: a (B,) integer tensor."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"targets must be a tensor of class indices, got {type(y).__name__}")
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
+                         "(for mixup / soft labels pass the hard labels)")
+
+
 def check_targets(model: nn.Module, y: torch.Tensor) -> None:
     """Raise a clear error when ``y`` cannot serve as the labels of ``model``'s DPA sites: not a (B,)
     integer tensor, or a class outside a site's [0, num_classes). One host read of y's bounds (free for
@@ -433,11 +455,7 @@ def check_targets(model: nn.Module, y: torch.Tensor) -> None:
     sites = _dpa_sites(model)
     if not sites:
         return
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"targets must be a tensor of class indices, got {type(y).__name__}")
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
-                         "(for mixup / soft labels pass the hard labels)")
+    _check_label_tensor(y)
     if y.numel():
         lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host read for both bounds
         for site in sites:
@@ -446,20 +464,64 @@ def check_targets(model: nn.Module, y: torch.Tensor) -> None:
                                  f"(min {lo}, max {hi})")
 
 
+def _check_on_device(sites: list[DPA], y: torch.Tensor) -> None:
+    """The range check of ``check_targets`` queued on the device: no host read; a class out of range
+    raises at the next synchronisation (a device-side assertion with this message)."""
+    if not y.numel():
+        return
+    lo, hi = torch.aminmax(y)
+    for classes in sorted({site.num_classes for site in sites}):
+        torch._assert_async((lo >= 0) & (hi < classes),
+                            f"actlab.targets: a class index outside [0, {classes}) reached a DPA site")
+
+
+def _label_buffer(sites: list[DPA], y: torch.Tensor) -> torch.Tensor:
+    """The sites' shared label buffer for a batch like y: one int64 tensor on the sites' device, made
+    again only when the batch size changes (or the sites moved), so its address stays fixed."""
+    device = sites[0].value_memory.device
+    buffer = sites[0]._label_buffer
+    if buffer is None or buffer.shape != y.shape or buffer.device != device \
+            or any(site._label_buffer is not buffer for site in sites):
+        buffer = torch.empty(y.shape, dtype=torch.long, device=device)
+        for site in sites:
+            site._label_buffer = buffer
+    return buffer
+
+
 @contextmanager
-def targets(model: nn.Module, y: torch.Tensor, validate: bool = True) -> Iterator[None]:
+def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: int | None = None) -> Iterator[None]:
     """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block.
 
-    ``validate``: check the labels first (``check_targets``); on a GPU that reads y's bounds back to the
-    host, so a training loop that checked its CPU labels already passes ``validate=False``."""
+    The labels are copied into one buffer that every site reads, kept from step to step (its address
+    changes only with the batch size), so a compiled graph or a captured CUDA graph never holds ``y``
+    itself. A backward that follows a later ``targets`` block would see the later labels: run each
+    forward's backward before the next forward with targets (as training loops do).
+
+    ``validate``: check the class range first. Labels on the CPU are checked on the host
+    (``check_targets``, a ValueError naming the site); labels on a GPU are checked on the device, with no
+    host read, and an error surfaces at the next synchronisation. The tensor's shape and dtype are always
+    checked.
+
+    ``capacity``: under torch.distributed, the largest batch any rank passes (the loader's batch size,
+    the same on every rank). Each rank's rows are padded to it, so the memory updates gather the global
+    batch with no host read; without it the ranks' batch sizes are exchanged once per step."""
     sites = _dpa_sites(model)
-    if validate:
+    if not sites:
+        yield
+        return
+    _check_label_tensor(y)
+    if capacity is not None and y.shape[0] > capacity:
+        raise ValueError(f"targets: a batch of {y.shape[0]} labels does not fit capacity={capacity} (the largest "
+                         "batch any rank passes)")
+    if validate and not runs_like_cuda(y):
         check_targets(model, y)
-    if sites:
-        y = y.long()
-    shared = _StepLabels(y)
+    labels = _label_buffer(sites, y)
+    labels.copy_(y, non_blocking=True)
+    if validate and runs_like_cuda(y):
+        _check_on_device(sites, labels)
+    shared = _StepLabels(labels, capacity)
     for site in sites:
-        site._labels, site._targets = shared, y
+        site._labels, site._targets = shared, labels
     try:
         yield
     finally:

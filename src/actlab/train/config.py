@@ -37,6 +37,7 @@ class TrainConfig:
     dpa_lambda: float = 1.0        # weight of DPA's channel loss (1 for CIFAR-10, 5 for CIFAR-100)
     amp: str = "auto"              # auto | bf16 | fp16 | off (auto: bf16 on CUDA where supported, else fp16; off on CPU)
     compile: bool = False          # torch.compile the model for training and evaluation
+    cuda_graphs: bool = False      # compile with CUDA graphs (torch.compile mode "reduce-overhead"); implies compile
     channels_last: bool = False    # NHWC memory format for model and images
     seed: int = 0
     workers: int | None = None     # data loader processes; None: min(8, CPUs per process) on CUDA, 0 on CPU
@@ -208,7 +209,7 @@ class TrainConfig:
 # identity. Two configs equal but for these are the same run: the bench grid's key, resuming a run and
 # the report's grouping all ask ``run_identity``. (Loading with any number of workers gives the same
 # batches: each sample's augmentation is drawn from (seed, epoch, index).)
-NOT_IDENTITY = ("out", "data_dir", "download", "workers", "log_every", "device", "compile")
+NOT_IDENTITY = ("out", "data_dir", "download", "workers", "log_every", "device", "compile", "cuda_graphs")
 
 
 def run_identity(values: dict) -> dict:

@@ -171,7 +171,8 @@ def train_epoch(model, loader, optimizer, scaler, cfg: TrainConfig, state: RunSt
         check_targets(raw_model, y)  # on the host copy: a device check would synchronise
         x, y = to_device(x, y, device, cfg.channels_last)
         with precision.autocast(device):
-            with targets(raw_model, y, validate=False):
+            # every training batch holds cfg.batch_size samples on every rank: DPA gathers without host reads
+            with targets(raw_model, y, validate=False, capacity=cfg.batch_size):
                 logits = model(x)
             ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             channel = dpa_loss(raw_model)
@@ -328,7 +329,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
         if device.type != "cuda":
             raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop --sync-bn on CPU")
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    compiled = cfg.compile or cfg.cuda_graphs
+    model = torch.compile(raw_model, mode="reduce-overhead" if cfg.cuda_graphs else None) if compiled else raw_model
     if info.enabled:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(raw_model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,

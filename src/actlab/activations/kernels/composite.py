@@ -439,7 +439,8 @@ def pooled_signs(g):
     return torch.where(torch.isfinite(g), torch.where(g > 0, 1.0, -1.0).to(g.dtype), g)
 
 
-def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True):
+def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True,
+                enabled=None):
     """DPA's per-class memory rule ``memory[y_i] += alpha * (values_i - memory[y_i])`` for i in batch
     order, in place; a sample whose values are not all finite is left out.
 
@@ -452,12 +453,17 @@ def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = 
             (the GPU kernel runs over the samples in class order); unused here.
         signs: update with the signs of ``values`` (``pooled_signs``) instead of the values.
         after: return the rows; else None.
+        enabled: None, or a 0-dim bool tensor: update only where it is true (decided on the device, no
+            host read); where false the rows are memory[labels] as they stand.
     Returns:
         (B, C) in memory's dtype, row i = memory[labels[i]] right after sample i's own update, or None.
     """
     if signs:
         values = pooled_signs(values)
     rows, updated = closed_form_ema(memory, labels, values.to(memory.dtype), alpha)
+    if enabled is not None:
+        rows = torch.where(enabled, rows, memory.index_select(0, labels))
+        updated = torch.where(enabled, updated, memory)
     memory.copy_(updated)
     return rows if after else None
 

@@ -1,8 +1,8 @@
 """The fused operations as ``torch.library`` custom ops: one dispatch, fake kernels, autograd formulas.
 
 Shapes are those of ``composite.py`` (IIEU-B planes (B, C, P) / rows (R, C); DPA maps (B, C, P) /
-tokens (B, N, C)); every tensor argument must be contiguous. ``ema_update_`` is the sync-free closed
-form of DPA's sequential memory rule.
+tokens (B, N, C)); every tensor argument must be contiguous. ``ema_update_`` is DPA's sequential memory rule,
+applied where a 0-dim device flag says so (no host synchronisation).
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from . import backend, composite
-from .composite import closed_form_ema
 
 
 # every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
@@ -186,9 +185,7 @@ def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, en
     """Where ``enabled`` (a 0-dim bool tensor), apply ``memory[y_i] += alpha * (values_i - memory[y_i])``
     for i in batch order, in place. Returns (B, C): memory[y_i] right after sample i's own update (or
     memory[y_i] unchanged when not enabled). No host synchronisation and no data-dependent loop."""
-    after, updated = closed_form_ema(memory, labels, values, alpha)
-    memory.copy_(torch.where(enabled, updated, memory))
-    return torch.where(enabled, after, memory.index_select(0, labels))
+    return backend(memory, cpu_native=False).ema_update_(memory, labels, values, alpha, enabled=enabled)
 
 
 @ema_update_.register_fake

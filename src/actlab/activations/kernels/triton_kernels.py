@@ -751,21 +751,24 @@ def _affine_then(a1, b1, f1, a2, b2, f2):
 
 
 @triton.jit
-def _ema_scan(MEM, VAL, ORDER, YS, AFTER, B, C, alpha, SIGNS: tl.constexpr, HAS_AFTER: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ema_scan(MEM, VAL, ORDER, YS, AFTER, ENABLED, B, C, alpha, SIGNS: tl.constexpr, HAS_AFTER: tl.constexpr,
+              HAS_ENABLED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per BLOCK_C channels: DPA's sequential memory rule. Taken in class order (ORDER, YS: the
     stable sort of the labels), each sample is the map m -> (1 - alpha) m + alpha v (the identity for a
     sample with a non-finite value in any channel), and a scan composes them within each class: the memory
     after sample j is the composition up to j applied to its class's row. The last sample of a class
-    writes the row."""
+    writes the row. With HAS_ENABLED, a 0-dim flag on the device: where it is false, nothing is read but
+    the rows at the labels, nothing is written but AFTER (those rows)."""
     j = tl.arange(0, BLOCK_B)
+    on = (tl.load(ENABLED + j * 0) != 0) if HAS_ENABLED else j >= 0
     live_j = j < B
     src = tl.load(ORDER + j, mask=live_j, other=0)
     y = tl.load(YS + j, mask=live_j, other=-1)
     first = y != tl.load(YS + j - 1, mask=live_j & (j > 0), other=-1)
     last = live_j & (y != tl.load(YS + j + 1, mask=j + 1 < B, other=-1))
     bad = tl.zeros([BLOCK_B], dtype=tl.int32)
-    for c0 in range(0, C, BLOCK_C):
+    scanned = C * tl.max(on.to(tl.int32), axis=0)  # 0 when disabled: no pass over the values
+    for c0 in range(0, scanned, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         v = tl.load(VAL + src[:, None] * C + cc[None, :], mask=live_j[:, None] & (cc < C)[None, :], other=0.0)
         bad += tl.sum((~(tl.abs(v) <= 3.4028234663852886e38)).to(tl.int32), axis=1)  # NaN or inf
@@ -774,7 +777,7 @@ def _ema_scan(MEM, VAL, ORDER, YS, AFTER, B, C, alpha, SIGNS: tl.constexpr, HAS_
     v = tl.load(VAL + src[:, None] * C + cc[None, :], mask=tile, other=0.0).to(tl.float32)
     if SIGNS:
         v = tl.where(v > 0, 1.0, -1.0)
-    use = tile & (bad == 0)[:, None]
+    use = tile & ((bad == 0) & on)[:, None]
     scale = tl.where(use, 1.0 - alpha, 1.0)
     shift = tl.where(use, alpha * v, 0.0)
     starts = first[:, None] & tile
@@ -783,7 +786,7 @@ def _ema_scan(MEM, VAL, ORDER, YS, AFTER, B, C, alpha, SIGNS: tl.constexpr, HAS_
     after = scale * tl.load(MEM + at, mask=tile, other=0.0) + shift
     if HAS_AFTER:
         tl.store(AFTER + src[:, None] * C + cc[None, :], after, mask=tile)
-    tl.store(MEM + at, after, mask=tile & last[:, None])
+    tl.store(MEM + at, after, mask=tile & (last & on)[:, None])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -1177,14 +1180,17 @@ def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=N
 _SCAN_TILE = 8192  # elements of the scan's (batch, channels) tile: batches above this use the composite
 
 
-def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True):
+def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True,
+                enabled=None):
     b, c = values.shape
     if b > _SCAN_TILE or b == 0 or memory.dtype != torch.float32 or not memory.is_contiguous():
-        return composite.ema_update_(memory, labels, values, alpha, order, signs, after)
+        return composite.ema_update_(memory, labels, values, alpha, order, signs, after, enabled)
     ys, src = order if order is not None else torch.sort(labels, stable=True)
     rows = torch.empty(b, c, dtype=memory.dtype, device=memory.device) if after else memory
     block_b = _pow2(b, 1, _SCAN_TILE)
     block_c = _pow2(c, 1, max(1, _SCAN_TILE // block_b))
-    _ema_scan[(triton.cdiv(c, block_c),)](memory, values.contiguous(), src, ys, rows, b, c, alpha, SIGNS=signs,
-                                          HAS_AFTER=after, BLOCK_B=block_b, BLOCK_C=block_c)
+    flag = enabled if enabled is not None else ys  # never read without HAS_ENABLED
+    _ema_scan[(triton.cdiv(c, block_c),)](memory, values.contiguous(), src, ys, rows, flag, b, c, alpha, SIGNS=signs,
+                                          HAS_AFTER=after, HAS_ENABLED=enabled is not None, BLOCK_B=block_b,
+                                          BLOCK_C=block_c)
     return rows if after else None
