@@ -195,7 +195,7 @@ def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     """Two counts of the same step agree to the call, the second with the Triton launches skipped (the
     command's default), DPA's update and ordinary steps too; a training step on the CUDA path makes no
     host synchronisation, DPA's update step included; a DPA interval holds one update step; ReLU's step
-    launches no actlab kernel."""
+    launches no actlab kernel; DPA meets its per-site targets."""
     def same(a, b):
         assert [(s.host_calls, s.kernels, s.bytes, s.by_line) for s in a["ordinary"] + a["update"]] == \
             [(s.host_calls, s.kernels, s.bytes, s.by_line) for s in b["ordinary"] + b["update"]]
@@ -212,6 +212,13 @@ def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     relu = gpu_cost.count_steps(gpu_cost.Workload("resnet20", "relu", 1, 8, 10))["ordinary"][0]
     assert not any("triton_kernels" in where for where in relu.by_line)
     assert first["ordinary"][0].kernels > relu.kernels and (first["sites"], dpa["sites"]) == (10, 19)
+    # DPA's targets, per site beyond ReLU's step: ordinary steps <= 2 kernels and <= 6 host calls, the
+    # mean over an interval (its update step included) <= 6 and <= 12
+    steps, sites = dpa["ordinary"] + dpa["update"], dpa["sites"]
+    ordinary = dpa["ordinary"][0]
+    assert (ordinary.kernels - relu.kernels) / sites <= 2 and (ordinary.host_calls - relu.host_calls) / sites <= 6
+    assert (sum(s.kernels for s in steps) / len(steps) - relu.kernels) / sites <= 6
+    assert (sum(s.host_calls for s in steps) / len(steps) - relu.host_calls) / sites <= 12
 
 
 def test_counting_with_skipped_kernels_refuses_a_step_that_syncs(emulated, monkeypatch):

@@ -430,7 +430,9 @@ def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=N
     mask = None if memories is None else dpa_mask(v, memories[0], memories[1], labels, tau, True)
     if count is not None:
         count[0].fill_(count[1])
-    return (out if flat is x else out.view(x.shape)), v, passes, mask
+    # back to x's shape as a tensor of its own, not a view: an autograd function's output that is a view of
+    # another of its tensors could not be modified in place after the unit (Dropout(inplace=True), +=)
+    return (out if flat is x else torch.ops.aten._unsafe_view(out, x.shape)), v, passes, mask
 
 
 def pooled_signs(g):
