@@ -102,7 +102,7 @@ def test_compiled_eval_matches_eager():
 
 
 @pytest.mark.parametrize("case,op", [("conv_bn_iieu", "actlab.inv_norm"), ("vit_mlp_iieu", "actlab.rows_inv_norm"),
-                                     ("conv_bn_dpa", "actlab.tau_pool"), ("vit_mlp_dpa", "actlab.ema_update_")])
+                                     ("conv_bn_dpa", "actlab.tau_pool"), ("vit_mlp_dpa", "actlab.dpa_step_")])
 def test_one_graph_built_on_the_kernel_layer(case, op):
     """One graph per training forward (fullgraph), with the kernel layer's operations in it."""
     torch._dynamo.reset()

@@ -397,20 +397,31 @@ class DPA(ActivationModule):
 
     def _traced_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The forward as torch.compile traces it: the schedule advanced on the device, the memory update
-        applied where a 0-dim bool tensor says so (no data-dependent Python value)."""
+        applied where a 0-dim bool tensor says so (no data-dependent Python value). Its bookkeeping is one
+        operation of the kernel layer (``dpa_step_``), opaque to the compiler, which then has less to
+        compile."""
         self._check_rows(x, y.shape[0])
         out, v = self._traced_tau_pool(x, y.shape[0])
-        self.count.copy_((self.count + 1) % self.interval)
-        update = self.count == 0
         with torch.no_grad():
-            labels, values, offset = _gather_global(y, v.detach())
-            rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(), self.alpha, update)
-            rows = rows[offset: offset + y.shape[0]]
-            mask = composite.dpa_mask(v.detach(), rows, self.grad_memory, y, self.tau, False)
+            if _distributed():
+                mask, update = self._traced_global_update(v.detach(), y)
+            else:
+                mask, update = torch.ops.actlab.dpa_step_(self.value_memory, self.count, self.grad_memory,
+                                                          v.detach().contiguous(), y, self.alpha, self.interval,
+                                                          self.tau)
         self._loss_terms = (v, mask)
         if out.requires_grad:
             out.register_hook(self._traced_grad_hook(y, update))
         return out
+
+    def _traced_global_update(self, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dpa_step_`` on the global batch (torch.distributed)."""
+        self.count.copy_((self.count + 1) % self.interval)
+        update = self.count == 0
+        labels, values, offset = _gather_global(y, v)
+        rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(), self.alpha, update)
+        rows = rows[offset: offset + y.shape[0]]
+        return composite.dpa_mask(v, rows, self.grad_memory, y, self.tau, False), update
 
     def _traced_grad_hook(self, y: torch.Tensor, update: torch.Tensor):
         """The hook as torch.compile traces it into the backward graph (update applied on the device)."""
@@ -418,8 +429,8 @@ class DPA(ActivationModule):
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                sign = composite.pooled_signs(self.pool(grad, y.shape[0]))
-                torch.ops.actlab.ema_update_(memory, y, sign, alpha, update)
+                pooled = self.pool(grad, y.shape[0]).contiguous()
+                torch.ops.actlab.ema_update_(memory, y, pooled, alpha, update, signs=True)
 
         return hook
 

@@ -181,13 +181,34 @@ tau_pool.register_autograd(_tau_grad, setup_context=_tau_setup)
 # --- DPA: the per-class exponential memory -------------------------------------------------------------
 
 @torch.library.custom_op("actlab::ema_update_", mutates_args=("memory",), tags=_CONTIGUOUS)
-def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, enabled: Tensor) -> Tensor:
+def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, enabled: Tensor,
+                signs: bool = False) -> Tensor:
     """Where ``enabled`` (a 0-dim bool tensor), apply ``memory[y_i] += alpha * (values_i - memory[y_i])``
-    for i in batch order, in place. Returns (B, C): memory[y_i] right after sample i's own update (or
+    for i in batch order, in place (``signs``: with the signs of the values, see
+    ``composite.pooled_signs``). Returns (B, C): memory[y_i] right after sample i's own update (or
     memory[y_i] unchanged when not enabled). No host synchronisation and no data-dependent loop."""
-    return backend(memory, cpu_native=False).ema_update_(memory, labels, values, alpha, enabled=enabled)
+    return backend(memory, cpu_native=False).ema_update_(memory, labels, values, alpha, signs=signs, enabled=enabled)
 
 
 @ema_update_.register_fake
-def _(memory, labels, values, alpha, enabled):
+def _(memory, labels, values, alpha, enabled, signs=False):
     return memory.new_empty(labels.shape[0], memory.shape[1])
+
+
+@torch.library.custom_op("actlab::dpa_step_", mutates_args=("value_memory", "count"), tags=_CONTIGUOUS)
+def dpa_step_(value_memory: Tensor, count: Tensor, grad_memory: Tensor, v: Tensor, labels: Tensor, alpha: float,
+              interval: int, tau: float) -> tuple[Tensor, Tensor]:
+    """One DPA site's bookkeeping in a traced training forward, as one operation: advance the schedule
+    ``count`` (mod ``interval``) on the device; where it wraps to 0, update the value memory with the pooled
+    response v (B, C); return DPA's channel mask (B, C) from the memory rows right after each sample's
+    update, and the 0-dim update flag (for the gradient memory's update in backward)."""
+    count.copy_((count + 1) % interval)
+    update = count == 0
+    rows = backend(value_memory, cpu_native=False).ema_update_(value_memory, labels, v, alpha, enabled=update)
+    mask = backend(v, cpu_native=False).dpa_mask(v, rows, grad_memory, labels, tau, False)
+    return mask, update
+
+
+@dpa_step_.register_fake
+def _(value_memory, count, grad_memory, v, labels, alpha, interval, tau):
+    return v.new_empty(v.shape, dtype=torch.bool), count.new_empty((), dtype=torch.bool)
