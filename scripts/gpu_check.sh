@@ -3,7 +3,8 @@
 # torchvision, timm, triton and pytest (no package registry needed): install actlab without
 # dependencies, run the GPU tests, the whole-model GPU speed benchmark (eager, then compiled), a profile,
 # and 200-step bf16 training runs (actlab's trainer against a bare loop).
-# Logs and JSON go to $OUT (default /tmp/actlab-gpu-check). Budget: about 9 minutes.
+# Logs and JSON go to $OUT (default /tmp/actlab-gpu-check); the speed JSON is rewritten after each case, so a
+# stage cut short keeps its finished rows. Budget: about 9 minutes.
 # STAGES picks a subset (default "tests eager compiled profile train"), END the seconds after the start
 # by which the last stage stops (default 560), e.g. STAGES="tests eager" END=200 for a short re-check.
 set -uo pipefail
@@ -11,6 +12,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/actlab-gpu-check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# compiled kernels kept between calls on the same machine (a re-check of the compiled stage compiles nothing)
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/actlab-inductor-cache}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/actlab-triton-cache}"
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 

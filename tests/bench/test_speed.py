@@ -60,16 +60,29 @@ def test_iieu_eta_puts_every_response_below_the_threshold():
     assert bool((units[0].ii_score(fc1(x_pre), x_pre) < 10.0).all())
 
 
-def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys):
+def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys, tmp_path):
     """The whole-model benchmark's accounting on a small stand-in case: every activation gets a row with
-    its ratios to ReLU (ReLU's own exactly 1), memory is the bytes saved for backward on the CPU, and a
-    spent time budget lists the cases it skipped."""
+    its ratios to ReLU (ReLU's own exactly 1), memory is the bytes saved for backward on the CPU, a spent
+    time budget lists the cases it skipped, and the JSON holds each case's rows as soon as it is done."""
+    import json
+
     from actlab.bench import model_speed
 
     small = (model_speed.Case("resnet20", 4, 8, ("iieu_b", "dpa"), num_classes=10),
              model_speed.Case("vgg11", 4, 8, ("dpa",), num_classes=10))
     monkeypatch.setitem(model_speed.SUITES, "cpu", small)
-    rows = model_speed.main(["--suite", "cpu", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--budget-s", "0"])
+    written = []
+    real_write = model_speed.write_json
+
+    def record(path, rows, *args):
+        real_write(path, rows, *args)
+        written.append(len(json.load(open(path))["rows"]))
+
+    monkeypatch.setattr(model_speed, "write_json", record)
+    rows = model_speed.main(["--suite", "cpu", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--budget-s", "0",
+                             "--json", str(tmp_path / "speed.json")])
+    assert written == [3, 3]  # after the case, and at the end
+    assert json.load(open(tmp_path / "speed.json"))["skipped"] == ["vgg11, batch 4, 8x8, eager"]
     out = capsys.readouterr().out
     assert [r.activation for r in rows] == ["relu", "iieu_b", "dpa"]  # the first case runs, then the budget is spent
     assert rows[0].time_vs_relu == 1.0 and rows[0].memory_vs_relu == 1.0 and rows[0].mean_vs_relu == 1.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -210,14 +211,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 continue
             rows += run_case(case, device, dtype, compiled, args.repeats, args.warmup)
             print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
+            if args.json:  # the rows so far: a run cut short by its time limit keeps its finished cases
+                write_json(args.json, rows, skipped, args.repeats, device)
     print(markdown(rows, args.repeats, device))
     if skipped:
         print("skipped (time budget): " + "; ".join(skipped))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "repeats": args.repeats, "rows": [asdict(r) for r in rows],
-                       "skipped": skipped}, f, indent=1)
+        write_json(args.json, rows, skipped, args.repeats, device)
     return rows
+
+
+def write_json(path: str, rows: list[Row], skipped: list[str], repeats: int, device: torch.device) -> None:
+    """The rows (and the cases skipped for time) as JSON, replacing the file atomically."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump({"environment": environment(device), "repeats": repeats, "rows": [asdict(r) for r in rows],
+                   "skipped": skipped}, f, indent=1)
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":
