@@ -237,7 +237,7 @@ class DPA(ActivationModule):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.site = "<dpa>"
         self._count_cache: int | None = 0  # host copy of `count`: no device read in a forward
-        self._targets: torch.Tensor | None = None  # traced graphs: the labels, a view of this site's own
+        self._targets: torch.Tensor | None = None  # traced graphs: the labels (the shared buffer, in a block)
         self._labels: _StepLabels | None = None  # eager: the labels, shared by the model's sites
         self._label_buffer: torch.Tensor | None = None  # where ``targets`` copies the labels (shared)
         # (v, mask) of the last training forward, () when it masked nothing, None after an eval forward

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for act in args.acts.split(","):
         rows.append(measure_fresh(args.model, act.strip(), args.batch, args.image, args.classes))
-        print(table(args.model, rows[-1:]).split("\n", 2)[-1], flush=True)
+        print(table(args.model, rows).splitlines()[-1], flush=True)  # its row, against ReLU's when measured
     print(table(args.model, rows))
     if args.json:
         with open(args.json, "w") as f:
