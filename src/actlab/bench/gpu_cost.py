@@ -240,13 +240,13 @@ def count_steps(w: Workload, steps: int | None = None, execute: bool = True) -> 
     y = torch.randint(0, w.classes, (w.batch,), generator=g)
     with CostCounter(execute):
         _step(model, optimizer, x, y)
-    counters = _dpa_sites(model)
-    steps = steps or (int(next(m.interval for m in model.modules() if hasattr(m, "interval"))) if counters else 1)
+    dpa_sites = _dpa_sites(model)
+    steps = steps or (dpa_sites[0].interval if dpa_sites else 1)
     ordinary, update = [], []
     for _ in range(steps):
         with CostCounter(execute) as counter:
             _step(model, optimizer, x, y)
-        is_update = bool(counters) and counters[0].position == 0
+        is_update = bool(dpa_sites) and dpa_sites[0].position == 0
         count = StepCount.of(counter.calls)
         if count.syncs and not execute:
             raise RuntimeError(f"{w.model} + {w.act}: the step reads values back to the host ({count.syncs} syncs), so "
