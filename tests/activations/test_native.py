@@ -124,21 +124,23 @@ def test_unit_keeps_only_what_batchnorm_keeps_and_matches_the_reference():
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 4, 16), (2, 5)], ids=["maps_tail", "whole_vectors", "no_positions"])
 def test_coupler_kernels(shape):
-    """The coupler's fused passes: weighted sum, the two sums over positions, both branch gradients."""
+    """The coupler's fused passes over maps (B, C, *S): weighted sum, dL/d weights from the sums over
+    positions, both branch gradients, against float64 by hand."""
     torch.manual_seed(6)
     main, shortcut, out, grad = (torch.randn(shape) for _ in range(4))
     b, c = shape[:2]
-    w1, w2, add1, add2 = (torch.randn(b, c) for _ in range(4))
+    lam, add = torch.rand(b, 2, c) + 0.1, torch.randn(b, 2 * c)
     view = (lambda t: t.double().view(b, c, *(1,) * (len(shape) - 2)))
+    w1, w2 = lam[:, 0], lam[:, 1]
     want = view(w1) * main.double() + view(w2) * shortcut.double()
-    torch.testing.assert_close(native.coupler_forward(main, shortcut, w1, w2).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(native.coupler_forward(main, shortcut, lam).double(), want, rtol=1e-6, atol=1e-6)
     dims = tuple(range(2, len(shape)))
-    got = native.coupler_sums(grad, out, shortcut)
-    for g, other in zip(got, (out, shortcut)):
-        prod = grad.double() * other.double()
-        torch.testing.assert_close(g.double(), prod.sum(dims) if dims else prod, rtol=1e-5, atol=1e-5)
-    got = native.coupler_grads(grad, w1, w2, add1, add2)
-    for g, w, a in zip(got, (w1, w2), (add1, add2)):
+    sums = [(grad.double() * t.double()).sum(dims) if dims else grad.double() * t.double() for t in (main, shortcut)]
+    # dL/d l1 = sum of grad * main, recovered from out = l1 * main + l2 * shortcut
+    out = native.coupler_forward(main, shortcut, lam)
+    got = native.coupler_weight_grads(grad, out, shortcut, lam)
+    torch.testing.assert_close(got.double(), torch.stack(sums, 1), rtol=1e-4, atol=1e-4)
+    for g, w, a in zip(native.coupler_grads(grad, lam, add), (w1, w2), add.view(b, 2, c).unbind(1)):
         assert g.shape == grad.shape and g.is_contiguous()
         torch.testing.assert_close(g.double(), grad.double() * view(w) + view(a), rtol=1e-6, atol=1e-6)
 

@@ -439,3 +439,87 @@ def test_per_position_patch_norms_in_one_pass_each_way(groups, dtype):
     into = triton_kernels.channel_norm_grad_scale(x, sumsq, grad_inv, 1e-5, 0.3, add, into_add=True)
     assert into.data_ptr() == add.data_ptr()
     close(into, want, dtype)
+
+
+def coupler_net(channels, reduction, seed=0):
+    """A Dynamic Coupler moved away from its initial values (uneven fusion weights, both adjuster branches)."""
+    from actlab import DynamicCoupler
+
+    torch.manual_seed(seed)
+    dc = DynamicCoupler(channels, reduction)
+    with torch.no_grad():
+        for p in (dc.out_norm.weight, dc.act.norm_weight, dc.in_norm.weight):
+            p.uniform_(0.5, 2.0)
+        for p in (dc.in_norm.bias, dc.out_norm.bias, dc.act.norm_bias):
+            p.normal_(0, 0.3)
+        dc.act.eta.uniform_(0.2, 1.0)
+    return dc.to(DEVICE)
+
+
+@pytest.mark.parametrize("channels,reduction", [(32, 4), (48, 16), (8, 8), (300, 2)],
+                         ids=["hidden8", "hidden3", "hidden1", "hidden150_tiles"])
+def test_coupler_weight_network_in_one_launch_each_way(channels, reduction):
+    """The weight network (input LayerNorm, fc1, IIEU-B with the row normaliser, fc2, output LayerNorm,
+    softmax) forward and backward against the composite, a silenced (all-zero) sample included."""
+    dc = coupler_net(channels, reduction)
+    net = dc.network()
+    g = torch.Generator().manual_seed(1)
+    pooled = torch.randn(5, 2 * channels, generator=g).to(DEVICE)
+    pooled[2] = 0.0  # its rows a_i are the LayerNorm's bias: silenced only where that is ~0
+    pooled[3, :channels] = 3.0  # a constant half
+    lam = triton_kernels.coupler_weights(pooled, net)
+    want = composite.coupler_weights(pooled, net)
+    close(lam, want)
+    assert lam.min() < 0.3 and lam.max() > 0.7  # uneven: the test sees the weights
+    grad_lam = torch.randn(lam.shape, generator=g).to(DEVICE)
+    got_pooled, got = triton_kernels.coupler_weights_backward(pooled, net, grad_lam, 0.25)
+    want_pooled, want = composite.coupler_weights_backward(pooled, net, grad_lam, 0.25)
+    close(got_pooled, want_pooled)
+    for name, a, b in zip(net.NAMES, got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 40, 20, 15), (4, 9)], ids=["maps", "tiles", "vectors"])
+def test_coupler_passes_over_the_maps(shape, dtype):
+    """Pooling both branches, the weighted sum, dL/d weights from grad, out and shortcut, both branch
+    gradients: each one launch, against the composite."""
+    g = torch.Generator().manual_seed(2)
+    main, shortcut, out, grad = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(4))
+    b, c = shape[:2]
+    lam = torch.rand(b, 2, c, generator=g).to(DEVICE) + 0.1
+    added = torch.randn(b, 2 * c, generator=g).to(DEVICE)
+    close(triton_kernels.coupler_pool(main, shortcut), composite.coupler_pool(main, shortcut))
+    close(triton_kernels.coupler_forward(main, shortcut, lam), composite.coupler_forward(main, shortcut, lam), dtype)
+    close(triton_kernels.coupler_weight_grads(grad, out, shortcut, lam),
+          composite.coupler_weight_grads(grad, out, shortcut, lam))
+    for got, want in zip(triton_kernels.coupler_grads(grad, lam, added), composite.coupler_grads(grad, lam, added)):
+        assert got.dtype == dtype
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_dynamic_coupler_training_on_triton_matches_composite(autocast, triton_mode):
+    """The coupler's eager training path dispatching to Triton: output, both branch gradients and every
+    parameter's gradient as the composite gives them (a frozen parameter keeps no gradient)."""
+    dc = coupler_net(24, 4, seed=3)
+    dc.in_norm.bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    main, shortcut, weight = (torch.randn(3, 24, 6, 5, generator=g).to(DEVICE) for _ in range(3))
+    main[1] = 0.0  # a sample whose main branch is silent
+    results = []
+    for mode in ("triton", "eager"):
+        kernels.set_kernels(mode)
+        dc.zero_grad(set_to_none=True)
+        m, s = main.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            out = dc(m.bfloat16() if autocast else m, s.bfloat16() if autocast else s)
+        (out.float() * weight).sum().backward()
+        results.append([out, m.grad, s.grad] + [p.grad for p in dc.parameters() if p.requires_grad])
+        assert dc.in_norm.bias.grad is None
+    for got, want in zip(*results, strict=True):
+        if autocast:  # bf16 maps: the composite rounds the products, the kernels the results
+            assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
+        else:
+            close(got, want)

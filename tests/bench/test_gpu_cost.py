@@ -221,6 +221,20 @@ def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     assert (sum(s.host_calls for s in steps) / len(steps) - relu.host_calls) / sites <= 12
 
 
+def test_the_coupler_meets_its_kernel_target_per_fusion(emulated):
+    """IIEU-DC against IIEU-B in the same network, per fusion: at most 12 kernels (pool, weight network,
+    weighted sum; sums, network backward and its three parameter-gradient calls, branch gradients, less
+    the plain add) and the 36 host calls counted when written (9 of them autograd handing the coupler's
+    9 parameters their gradients); no host sync."""
+    counts = {act: gpu_cost.count_steps(gpu_cost.Workload("resnet20", act, 2, 8, 10), execute=False)
+              for act in ("iieu_b", "iieu_dc")}
+    fusions = counts["iieu_dc"]["fusions"]
+    dc, iieu = counts["iieu_dc"]["ordinary"][0], counts["iieu_b"]["ordinary"][0]
+    assert fusions == 9 and dc.syncs == 0
+    assert (dc.kernels - iieu.kernels) / fusions <= 12
+    assert (dc.host_calls - iieu.host_calls) / fusions <= 36
+
+
 def test_counting_with_skipped_kernels_refuses_a_step_that_syncs(emulated, monkeypatch):
     """A step that reads a value back could launch differently on real values: without executing the
     kernels it is refused, with them it is counted (the sync included)."""

@@ -15,18 +15,10 @@ import math
 import torch
 import torch.nn as nn
 
-from .iieu import LinearPatches, iieu_b, inverse_filter_norms
-from .kernels import backend, native
-from .layout import global_pool, per_channel
-
-
-def row_standardize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(h - mean) / (std + eps) over the last dim, with the unbiased std (the published coupler's
-    normaliser, not LayerNorm's sqrt(biased var + eps)). A single feature has no spread: 0."""
-    if h.shape[-1] == 1:
-        return torch.zeros_like(h)
-    centered = h - h.mean(-1, keepdim=True)
-    return centered / (h.std(-1, correction=1, keepdim=True) + eps)
+from .iieu.patches import LinearPatches, silent_threshold
+from .kernels import backend, composite, native
+from .kernels.composite import CouplerNet, row_standardize  # noqa: F401  (row_standardize: public here)
+from .layout import per_channel
 
 
 class CouplerIIEU(nn.Module):
@@ -43,12 +35,6 @@ class CouplerIIEU(nn.Module):
         self.norm_weight = nn.Parameter(torch.full((2, hidden), float(norm_init)))
         self.norm_bias = nn.Parameter(torch.zeros(2, hidden))
 
-    def forward(self, h: torch.Tensor, a: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
-        """h (B, 2, hidden) = fc(a), a (B, 2, C)."""
-        nu = torch.sigmoid(row_standardize(h) * self.norm_weight + self.norm_bias)
-        inv_w = inverse_filter_norms(fc.weight, self.eps)
-        return iieu_b(h, a, inv_w, nu, self.eta, LinearPatches.from_linear(fc), self.eps, True)
-
 
 def _kernels_for(main: torch.Tensor, shortcut: torch.Tensor):
     """C++ kernels for float32 CPU maps in (B, C, *S) order, contiguous; else the composite (or Triton)."""
@@ -59,11 +45,11 @@ def _kernels_for(main: torch.Tensor, shortcut: torch.Tensor):
 class _CoupledSum(torch.autograd.Function):
     """out = l1 * main + l2 * shortcut in eager training, with the fusion weights' gradient path folded in.
 
-    The weights come from the branches' GAPs through the small weight network, differentiated on its own
-    (from a detached copy of the GAPs); backward turns dL/d(l1, l2) into dL/d GAP and the coupler's
-    parameter gradients through that small graph, and adds dL/d GAP, spread over the positions, to each
-    branch's gradient in the pass that scales it: one pass for the sums, one for both branch gradients,
-    and no full-size map of the pooling's own.
+    The weights come from the branches' GAPs through the small weight network (``CouplerNet``); backward
+    turns dL/d(l1, l2) into dL/d GAP and the network's parameter gradients (the kernels'
+    ``coupler_weights_backward``) and adds dL/d GAP, spread over the positions, to each branch's gradient
+    in the pass that scales it: one pass for the sums, one for both branch gradients, and no full-size map
+    of the pooling's own.
 
     Saves ``out`` and ``shortcut``, not ``main``: in a residual network ``out`` is the next block's input,
     which its first convolution keeps anyway, and an identity ``shortcut`` is this block's input, which its
@@ -72,32 +58,26 @@ class _CoupledSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, main, shortcut, coupler, *params):
-        pooled = coupler.pooled(main, shortcut).requires_grad_()
-        with torch.enable_grad():  # the weight network's own small graph, differentiated in backward
-            lam = coupler.weights_from_pooled(pooled)
-        w1, w2 = lam[:, 0].detach().contiguous(), lam[:, 1].detach().contiguous()
+    def forward(ctx, main, shortcut, net, *params):
         kernels = _kernels_for(main, shortcut)
-        out = kernels.coupler_forward(main, shortcut, w1, w2)
-        ctx.save_for_backward(out, shortcut, w1, w2)
-        ctx.weight_graph, ctx.params, ctx.kernels = (pooled, lam), params, kernels
+        pooled = kernels.coupler_pool(main, shortcut)
+        lam = kernels.coupler_weights(pooled, net)
+        out = kernels.coupler_forward(main, shortcut, lam)
+        ctx.save_for_backward(out, shortcut, pooled, lam)
+        ctx.net, ctx.kernels = net, kernels
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, shortcut, w1, w2 = ctx.saved_tensors
+        out, shortcut, pooled, lam = ctx.saved_tensors
         kernels = ctx.kernels
         if kernels is native:
             grad = grad.contiguous()
-        sum_out, sum_shortcut = kernels.coupler_sums(grad, out, shortcut)
-        grad_w1 = (sum_out - w2 * sum_shortcut) / w1
-        pooled, lam = ctx.weight_graph
-        grads = torch.autograd.grad(lam, [pooled, *ctx.params], torch.stack([grad_w1, sum_shortcut], 1),
-                                    allow_unused=True, retain_graph=True)  # kept for a retained outer graph
+        grad_lam = kernels.coupler_weight_grads(grad, out, shortcut, lam)
         positions = grad.shape[1] if grad.dim() == 3 else math.prod(grad.shape[2:])
-        spread_main, spread_shortcut = (grads[0] / positions).chunk(2, dim=1)
-        grad_main, grad_shortcut = kernels.coupler_grads(grad, w1, w2, spread_main, spread_shortcut)
-        return grad_main, grad_shortcut, None, *grads[1:]
+        grad_pooled, grad_params = kernels.coupler_weights_backward(pooled, ctx.net, grad_lam, 1.0 / positions)
+        grad_main, grad_shortcut = kernels.coupler_grads(grad, lam, grad_pooled)
+        return grad_main, grad_shortcut, None, *grad_params
 
 
 class DynamicCoupler(nn.Module):
@@ -124,32 +104,37 @@ class DynamicCoupler(nn.Module):
         nn.init.constant_(self.out_norm.weight, 0.01)
         nn.init.zeros_(self.out_norm.bias)
 
-    def pooled(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """[GAP(main), GAP(shortcut)] (B, 2C) in float32 (float64 for float64 inputs)."""
+    def network(self) -> CouplerNet:
+        """The weight network as the kernels take it: this module's parameters themselves."""
+        return CouplerNet(self.in_norm.weight, self.in_norm.bias, self.fc1.weight, self.act.eta, self.act.norm_weight,
+                          self.act.norm_bias, self.fc2.weight, self.out_norm.weight, self.out_norm.bias,
+                          silent=silent_threshold(LinearPatches.from_linear(self.fc1), True),
+                          ln_eps=self.in_norm.eps, eps=self.act.eps)
+
+    def _check(self, main: torch.Tensor, shortcut: torch.Tensor) -> None:
         if main.shape != shortcut.shape:
             raise ValueError(f"DynamicCoupler: main {tuple(main.shape)} and shortcut {tuple(shortcut.shape)} differ")
-        dtype = torch.float64 if main.dtype == torch.float64 else torch.float32
-        pooled = torch.cat([global_pool(main, dtype), global_pool(shortcut, dtype)], 1)
-        if pooled.shape[1] != 2 * self.channels:
-            raise ValueError(f"DynamicCoupler: expected {self.channels} channels, got {pooled.shape[1] // 2}")
-        return pooled
+        channels = main.shape[-1] if main.dim() == 3 else main.shape[1]
+        if channels != self.channels:
+            raise ValueError(f"DynamicCoupler: expected {self.channels} channels, got {channels}")
+
+    def pooled(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """[GAP(main), GAP(shortcut)] (B, 2C) in float32 (float64 for float64 inputs)."""
+        self._check(main, shortcut)
+        return composite.coupler_pool(main, shortcut)
 
     def weights_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, 2C) pooled branches -> fusion weights (B, 2, C) in pooled's dtype; rows sum to 1."""
-        with torch.autocast(pooled.device.type, enabled=False):
-            a = self.in_norm(pooled).view(-1, 2, self.channels)
-            h = self.act(self.fc1(a), a, self.fc1)
-            z = self.out_norm(self.fc2(h).flatten(1)).view(-1, 2, self.channels)
-            return z.softmax(dim=1)
+        return composite.coupler_weights(pooled, self.network())
 
     def weights(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """Fusion weights (B, 2, C), in float32 (float64 for float64 inputs); rows sum to 1."""
-        with torch.autocast(main.device.type, enabled=False):
-            return self.weights_from_pooled(self.pooled(main, shortcut))
+        return self.weights_from_pooled(self.pooled(main, shortcut))
 
     def forward(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            trainable = [p for p in self.parameters() if p.requires_grad]
-            return _CoupledSum.apply(main, shortcut, self, *trainable)
+            self._check(main, shortcut)
+            net = self.network()
+            return _CoupledSum.apply(main, shortcut, net, *net.tensors())
         lam = self.weights(main, shortcut).to(main.dtype)
         return per_channel(lam[:, 0], main) * main + per_channel(lam[:, 1], shortcut) * shortcut

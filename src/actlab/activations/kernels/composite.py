@@ -12,9 +12,11 @@ what any device without a fused kernel falls back to. Layouts (all tensors conti
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, replace
+from typing import ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 # A bool tensor is one byte (0 or 1) per flag. Viewing 8 of them as one int64 word w, the product
 # w * 0x0102040810204080 collects byte t's flag into bit 56 + t without carries, so (w * M) >> 56 is the
@@ -255,10 +257,99 @@ def _positions_dims(x) -> tuple:
     return (1,) if x.dim() == 3 else tuple(range(2, x.dim()))
 
 
-def coupler_forward(main, shortcut, w1, w2):
-    """The Dynamic Coupler's fusion out = w1 * main + w2 * shortcut, weights (B, C) per sample and channel
-    (channels at dim 1 of maps (B, C, *S), last of tokens (B, N, C)), computed in main's dtype."""
-    w1, w2 = w1.to(main.dtype), w2.to(main.dtype)
+@dataclass(frozen=True)
+class CouplerNet:
+    """The Dynamic Coupler's weight network: pooled branches (B, 2C) -> fusion weights (B, 2, C).
+
+    a = LayerNorm_2C(pooled) as two rows of C; h = fc1 a (C -> H, shared by both rows); h' = IIEU-B of h
+    at that Linear site (term-B: each row standardised by its mean and unbiased std plus ``row_eps``, then
+    its own affine ``row_weight[i]``, ``row_bias[i]``); z = LayerNorm_2C(fc2 h'); softmax over the rows.
+    The tensors are the coupler's parameters themselves, in ``NAMES`` order."""
+
+    NAMES: ClassVar[tuple[str, ...]] = ("in_weight", "in_bias", "fc1", "eta", "row_weight", "row_bias", "fc2",
+                                        "out_weight", "out_bias")
+
+    in_weight: torch.Tensor  # (2C,)
+    in_bias: torch.Tensor  # (2C,)
+    fc1: torch.Tensor  # (H, C)
+    eta: torch.Tensor  # (H,)
+    row_weight: torch.Tensor  # (2, H)
+    row_bias: torch.Tensor  # (2, H)
+    fc2: torch.Tensor  # (C, H)
+    out_weight: torch.Tensor  # (2C,)
+    out_bias: torch.Tensor  # (2C,)
+    silent: float  # the norm below which a row a_i is silenced (its term-S is 0); < 0: never
+    ln_eps: float = 1e-6
+    row_eps: float = 1e-6
+    eps: float = 1e-8
+
+    @property
+    def channels(self) -> int:
+        return self.fc1.shape[1]
+
+    @property
+    def hidden(self) -> int:
+        return self.fc1.shape[0]
+
+    def tensors(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.NAMES)
+
+    def with_tensors(self, tensors) -> "CouplerNet":
+        return replace(self, **dict(zip(self.NAMES, tensors, strict=True)))
+
+
+def row_standardize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(h - mean) / (std + eps) over the last dim, with the unbiased std (the published coupler's
+    normaliser, not LayerNorm's sqrt(biased var + eps)). A single feature has no spread: 0."""
+    if h.shape[-1] == 1:
+        return torch.zeros_like(h)
+    centered = h - h.mean(-1, keepdim=True)
+    return centered / (h.std(-1, correction=1, keepdim=True) + eps)
+
+
+def coupler_iieu(h, a, net: CouplerNet):
+    """IIEU-B of the hidden rows h (B, 2, H) = fc1 a, a (B, 2, C): s(rho) * h with
+    rho = h / ((||fc1_j|| + eps) (||a_i|| + eps)) + sigmoid(row_standardize(h) * row_weight + row_bias)."""
+    nu = torch.sigmoid(row_standardize(h, net.row_eps) * net.row_weight + net.row_bias)
+    inv_w = 1.0 / (torch.linalg.vector_norm(net.fc1, dim=1) + net.eps)
+    norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    inv_x = torch.where(norm_a < net.silent, torch.zeros_like(norm_a), 1.0 / (norm_a + net.eps))
+    rho = h * inv_w * inv_x + nu
+    scale = torch.where(rho >= net.eta, rho, net.eta * torch.exp(torch.clamp(rho - net.eta, max=0.0)))
+    return scale * h
+
+
+def coupler_weights(pooled, net: CouplerNet):
+    """Fusion weights (B, 2, C) from the pooled branches (B, 2C), in pooled's dtype (autocast off)."""
+    c = net.channels
+    with torch.autocast(pooled.device.type, enabled=False):
+        a = F.layer_norm(pooled, (2 * c,), net.in_weight, net.in_bias, net.ln_eps).view(-1, 2, c)
+        h = coupler_iieu(F.linear(a, net.fc1), a, net)
+        z = F.layer_norm(F.linear(h, net.fc2).flatten(1), (2 * c,), net.out_weight, net.out_bias, net.ln_eps)
+        return z.view(-1, 2, c).softmax(dim=1)
+
+
+def coupler_weights_backward(pooled, net: CouplerNet, grad_lam, scale: float):
+    """scale * dL/d pooled (B, 2C) and dL/d of each of ``net.tensors()``, from dL/d weights (B, 2, C)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (pooled, *net.tensors())]
+        lam = coupler_weights(leaves[0], net.with_tensors(leaves[1:]))
+        grads = torch.autograd.grad(lam, leaves, grad_lam)
+    return grads[0] * scale, grads[1:]
+
+
+def coupler_pool(main, shortcut):
+    """[GAP(main), GAP(shortcut)] (B, 2C) in the compute dtype; maps (B, C, *S), tokens (B, N, C), (B, C)."""
+    ct, dims = compute_dtype(main), _positions_dims(main)
+    if not dims:
+        return torch.cat([main, shortcut], 1).to(ct)
+    return torch.cat([main.mean(dims, dtype=ct), shortcut.mean(dims, dtype=ct)], 1)
+
+
+def coupler_forward(main, shortcut, lam):
+    """The Dynamic Coupler's fusion out = l1 * main + l2 * shortcut with lam (B, 2, C) = (l1, l2) per sample
+    and channel (channels at dim 1 of maps (B, C, *S), last of tokens (B, N, C)), computed in main's dtype."""
+    w1, w2 = lam.to(main.dtype).unbind(1)
     return main * _sample_channel(w1, main) + shortcut * _sample_channel(w2, shortcut)
 
 
@@ -271,11 +362,22 @@ def coupler_sums(grad, out, shortcut):
     return (g * out.to(ct)).sum(dims), (g * shortcut.to(ct)).sum(dims)
 
 
-def coupler_grads(grad, w1, w2, add1, add2):
-    """grad * w1 + add1 and grad * w2 + add2, the (B, C) terms broadcast over positions, in grad's dtype."""
+def coupler_weight_grads(grad, out, shortcut, lam):
+    """dL/d lam (B, 2, C) of ``coupler_forward`` from dL/d out, without ``main``: the sum of grad * main over
+    positions is (sum of grad * out - l2 * sum of grad * shortcut) / l1."""
+    sum_out, sum_shortcut = coupler_sums(grad, out, shortcut)
+    w1, w2 = lam.unbind(1)
+    return torch.stack([(sum_out - w2 * sum_shortcut) / w1, sum_shortcut], 1)
+
+
+def coupler_grads(grad, lam, add):
+    """The branch gradients grad * l1 + add[:, :C] and grad * l2 + add[:, C:], lam (B, 2, C) and add
+    (B, 2C) broadcast over positions, in grad's dtype."""
     dt = grad.dtype
-    return (grad * _sample_channel(w1.to(dt), grad) + _sample_channel(add1.to(dt), grad),
-            grad * _sample_channel(w2.to(dt), grad) + _sample_channel(add2.to(dt), grad))
+    w1, w2 = lam.to(dt).unbind(1)
+    add1, add2 = add.to(dt).view(lam.shape).unbind(1)
+    return (grad * _sample_channel(w1, grad) + _sample_channel(add1, grad),
+            grad * _sample_channel(w2, grad) + _sample_channel(add2, grad))
 
 
 def channel_sumsq(x, groups: int, ct: torch.dtype):

@@ -108,9 +108,10 @@ def channel_scale(x, scale, add=None, into_add: bool = False):
     return torch.ops.actlab_iieu.planes_channel_scale(x, scale.view(x.shape[0], scale.shape[1], -1), add, into_add)
 
 
-def coupler_forward(main, shortcut, w1, w2):
-    """As composite.coupler_forward, for contiguous float32 maps (B, C, *S) and weights (B, C)."""
-    return torch.ops.actlab_iieu.coupler_forward(main, shortcut, w1.contiguous(), w2.contiguous())
+def coupler_forward(main, shortcut, lam):
+    """As composite.coupler_forward, for contiguous float32 maps (B, C, *S)."""
+    w1, w2 = (w.contiguous() for w in lam.unbind(1))
+    return torch.ops.actlab_iieu.coupler_forward(main, shortcut, w1, w2)
 
 
 def coupler_sums(grad, out, shortcut):
@@ -118,10 +119,22 @@ def coupler_sums(grad, out, shortcut):
     return tuple(torch.ops.actlab_iieu.coupler_sums(grad, out, shortcut))
 
 
-def coupler_grads(grad, w1, w2, add1, add2):
-    """As composite.coupler_grads, for a contiguous float32 grad (B, C, *S) and (B, C) terms."""
-    terms = (t.contiguous() for t in (w1, w2, add1, add2))
+def coupler_weight_grads(grad, out, shortcut, lam):
+    """As composite.coupler_weight_grads, the sums over positions in one C++ pass."""
+    sum_out, sum_shortcut = coupler_sums(grad, out, shortcut)
+    w1, w2 = lam.unbind(1)
+    return torch.stack([(sum_out - w2 * sum_shortcut) / w1, sum_shortcut], 1)
+
+
+def coupler_grads(grad, lam, add):
+    """As composite.coupler_grads, for a contiguous float32 grad (B, C, *S)."""
+    terms = (t.contiguous() for t in (*lam.unbind(1), *add.view(lam.shape).unbind(1)))
     return tuple(torch.ops.actlab_iieu.coupler_grads(grad, *terms))
+
+
+# the coupler's pooling and weight network: small (B, 2C) work, torch's own ops
+coupler_pool, coupler_weights, coupler_weights_backward = (composite.coupler_pool, composite.coupler_weights,
+                                                           composite.coupler_weights_backward)
 
 
 def inverse_norm(sumsq, eps: float, silent: float):

@@ -864,11 +864,6 @@ def _finish(part, eta, samples: int, blocks: int, c: int, strides: tuple):
     return grad_w, grad_nu, grad_eta
 
 
-# the coupler's per-channel scalings: torch's own reductions and broadcasts
-coupler_forward, coupler_sums, coupler_grads = composite.coupler_forward, composite.coupler_sums, composite.coupler_grads
-
-
-
 def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
     """Launches ``_iieu_bn_sums``: its partial sums PART (6, B * C, NPB), NPB, and the partial sums of
     dL/d inv over the NCB channel blocks (NCB, B * G, P)."""
@@ -1194,3 +1189,456 @@ def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = 
                                           HAS_AFTER=after, HAS_ENABLED=enabled is not None, BLOCK_B=block_b,
                                           BLOCK_C=block_c)
     return rows if after else None
+
+
+# ---- the Dynamic Coupler -------------------------------------------------------------------------------
+# Maps are contiguous (B, C, P); rows r = b * C + c. The weight network runs one program per sample.
+
+
+@triton.jit
+def _row_tile(rb, pb, R, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    live_r = rows < R
+    live = live_r[:, None] & (offs < P)[None, :]
+    return rows, live_r, live, rows.to(tl.int64)[:, None] * P + offs[None, :]
+
+
+@triton.jit
+def _coupler_pool(MAIN, SHORT, POOLED, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    rb = tl.program_id(0)
+    s_main = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    s_short = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    for pb in range(0, tl.cdiv(P, BLOCK_P)):
+        rows, live_r, live, at = _row_tile(rb, pb, R, P, BLOCK_R, BLOCK_P)
+        s_main += tl.load(MAIN + at, mask=live, other=0.0).to(tl.float32)
+        s_short += tl.load(SHORT + at, mask=live, other=0.0).to(tl.float32)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    live_r = rows < R
+    dest = (rows // C) * 2 * C + rows % C
+    tl.store(POOLED + dest, tl.sum(s_main, axis=1) / P, mask=live_r)
+    tl.store(POOLED + dest + C, tl.sum(s_short, axis=1) / P, mask=live_r)
+
+
+@triton.jit
+def _coupler_fuse(MAIN, SHORT, LAM, OUT, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows, live_r, live, at = _row_tile(tl.program_id(0), tl.program_id(1), R, P, BLOCK_R, BLOCK_P)
+    w_at = (rows // C) * 2 * C + rows % C
+    w1 = tl.load(LAM + w_at, mask=live_r, other=0.0)
+    w2 = tl.load(LAM + w_at + C, mask=live_r, other=0.0)
+    m = tl.load(MAIN + at, mask=live, other=0.0).to(tl.float32)
+    s = tl.load(SHORT + at, mask=live, other=0.0).to(tl.float32)
+    tl.store(OUT + at, (w1[:, None] * m + w2[:, None] * s).to(OUT.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _coupler_weight_grads(GRAD, OUT, SHORT, LAM, GLAM, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    rb = tl.program_id(0)
+    s_out = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    s_short = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
+    for pb in range(0, tl.cdiv(P, BLOCK_P)):
+        rows, live_r, live, at = _row_tile(rb, pb, R, P, BLOCK_R, BLOCK_P)
+        g = tl.load(GRAD + at, mask=live, other=0.0).to(tl.float32)
+        s_out += g * tl.load(OUT + at, mask=live, other=0.0).to(tl.float32)
+        s_short += g * tl.load(SHORT + at, mask=live, other=0.0).to(tl.float32)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    live_r = rows < R
+    dest = (rows // C) * 2 * C + rows % C
+    w1 = tl.load(LAM + dest, mask=live_r, other=1.0)
+    w2 = tl.load(LAM + dest + C, mask=live_r, other=0.0)
+    sum_short = tl.sum(s_short, axis=1)
+    tl.store(GLAM + dest, (tl.sum(s_out, axis=1) - w2 * sum_short) / w1, mask=live_r)
+    tl.store(GLAM + dest + C, sum_short, mask=live_r)
+
+
+@triton.jit
+def _coupler_grads(GRAD, LAM, ADD, GM, GS, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows, live_r, live, at = _row_tile(tl.program_id(0), tl.program_id(1), R, P, BLOCK_R, BLOCK_P)
+    w_at = (rows // C) * 2 * C + rows % C
+    w1 = tl.load(LAM + w_at, mask=live_r, other=0.0)
+    w2 = tl.load(LAM + w_at + C, mask=live_r, other=0.0)
+    a1 = tl.load(ADD + w_at, mask=live_r, other=0.0)
+    a2 = tl.load(ADD + w_at + C, mask=live_r, other=0.0)
+    g = tl.load(GRAD + at, mask=live, other=0.0).to(tl.float32)
+    tl.store(GM + at, (g * w1[:, None] + a1[:, None]).to(GM.dtype.element_ty), mask=live)
+    tl.store(GS + at, (g * w2[:, None] + a2[:, None]).to(GS.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _row_moments(X, N, BLOCK: tl.constexpr):
+    """Mean and biased variance of a length-N float32 row, in two passes."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < N, other=0.0)
+    mean = tl.sum(acc, axis=0) / N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        d = tl.load(X + offs, mask=offs < N, other=0.0) - mean
+        acc += tl.where(offs < N, d * d, 0.0)
+    return mean, tl.sum(acc, axis=0) / N
+
+
+@triton.jit
+def _coupler_a(PROW, IW, IB, cc, live_c, mean, rstd, C):
+    """Rows a_1, a_2 of the input LayerNorm at channels cc, and their normalised values xhat_1, xhat_2."""
+    x1 = (tl.load(PROW + cc, mask=live_c, other=0.0) - mean) * rstd
+    x2 = (tl.load(PROW + C + cc, mask=live_c, other=0.0) - mean) * rstd
+    a1 = tl.where(live_c, x1 * tl.load(IW + cc, mask=live_c, other=0.0) + tl.load(IB + cc, mask=live_c, other=0.0), 0.0)
+    a2 = tl.where(live_c, x2 * tl.load(IW + C + cc, mask=live_c, other=0.0) + tl.load(IB + C + cc, mask=live_c,
+                                                                                      other=0.0), 0.0)
+    return a1, a2, x1, x2
+
+
+@triton.jit
+def _coupler_hidden(PROW, IW, IB, FC1, A, C, hh, live_h, mean, rstd, WRITE_A: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """h_i = fc1 a_i for both rows, the squared filter norms and ||a_i||^2 (writes a to A when asked)."""
+    h1 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    h2 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    wsq = tl.zeros([BLOCK_H], dtype=tl.float32)
+    asq1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    asq2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        a1, a2, x1, x2 = _coupler_a(PROW, IW, IB, cc, live_c, mean, rstd, C)
+        if WRITE_A:
+            tl.store(A + cc, a1, mask=live_c)
+            tl.store(A + C + cc, a2, mask=live_c)
+        w = tl.load(FC1 + hh[:, None] * C + cc[None, :], mask=live_h[:, None] & live_c[None, :], other=0.0)
+        w = w.to(tl.float32)
+        h1 += tl.sum(w * a1[None, :], axis=1)
+        h2 += tl.sum(w * a2[None, :], axis=1)
+        wsq += tl.sum(w * w, axis=1)
+        asq1 += a1 * a1
+        asq2 += a2 * a2
+    return h1, h2, wsq, tl.sum(asq1, axis=0), tl.sum(asq2, axis=0)
+
+
+@triton.jit
+def _coupler_row(h, live_h, H, inv_w, asq, RW, RB, e, hh, silent, row_eps, eps):
+    """IIEU-B of one hidden row: the output s * h and what its backward needs."""
+    m = tl.sum(tl.where(live_h, h, 0.0), axis=0) / H
+    cen = tl.where(live_h, h - m, 0.0)
+    sd = tl.sqrt(tl.sum(cen * cen, axis=0) / tl.maximum(H - 1, 1))
+    nh = cen / (sd + row_eps)
+    rw = tl.load(RW + hh, mask=live_h, other=0.0)
+    nu = tl.sigmoid(nh * rw + tl.load(RB + hh, mask=live_h, other=0.0))
+    norm_a = tl.sqrt(asq)
+    inv_x = tl.where(norm_a < silent, 0.0, 1.0 / (norm_a + eps))
+    rho = h * (inv_w * inv_x) + nu
+    s = _adjusted(rho, e)
+    return tl.where(live_h, s * h, 0.0), cen, sd, nh, rw, nu, norm_a, inv_x, rho, s
+
+
+@triton.jit
+def _coupler_z(FC2, ZROW, hp1, hp2, C, H, hh, live_h, BLOCK_C: tl.constexpr):
+    """z = fc2 h' for both rows, written to ZROW (2C); returns their sum."""
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        w = tl.load(FC2 + cc[:, None] * H + hh[None, :], mask=live_c[:, None] & live_h[None, :], other=0.0)
+        w = w.to(tl.float32)
+        z1 = tl.sum(w * hp1[None, :], axis=1)
+        z2 = tl.sum(w * hp2[None, :], axis=1)
+        tl.store(ZROW + cc, z1, mask=live_c)
+        tl.store(ZROW + C + cc, z2, mask=live_c)
+        acc += tl.where(live_c, z1 + z2, 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _coupler_forward_rows(POOLED, IW, IB, FC1, ETA, RW, RB, C, H, b, hh, live_h, silent, ln_eps, row_eps, eps, A,
+                          WRITE_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Sample b's input LayerNorm statistics, hidden rows and IIEU-B outputs h'_1, h'_2 (with their terms)."""
+    prow = POOLED + b * 2 * C
+    mean, var = _row_moments(prow, 2 * C, BLOCK_C)
+    rstd = 1.0 / tl.sqrt(var + ln_eps)
+    h1, h2, wsq, asq1, asq2 = _coupler_hidden(prow, IW, IB, FC1, A, C, hh, live_h, mean, rstd, WRITE_A,
+                                              BLOCK_C, BLOCK_H)
+    wnorm = tl.sqrt(wsq)
+    inv_w = 1.0 / (wnorm + eps)
+    e = tl.load(ETA + hh, mask=live_h, other=0.0)
+    row1 = _coupler_row(h1, live_h, H, inv_w, asq1, RW, RB, e, hh, silent, row_eps, eps)
+    row2 = _coupler_row(h2, live_h, H, inv_w, asq2, RW + H, RB + H, e, hh, silent, row_eps, eps)
+    return mean, rstd, h1, h2, wnorm, inv_w, e, row1, row2
+
+
+@triton.jit
+def _coupler_net_fwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, LAM, C, H, silent, ln_eps, row_eps, eps,
+                     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    hh = tl.arange(0, BLOCK_H)
+    live_h = hh < H
+    _, _, _, _, _, _, _, row1, row2 = _coupler_forward_rows(POOLED, IW, IB, FC1, ETA, RW, RB, C, H, b, hh, live_h,
+                                                            silent, ln_eps, row_eps, eps, LAM, False, BLOCK_C,
+                                                            BLOCK_H)
+    zrow = LAM + b * 2 * C  # z first, then the weights over it
+    z_mean = _coupler_z(FC2, zrow, row1[0], row2[0], C, H, hh, live_h, BLOCK_C) / (2 * C)
+    tl.debug_barrier()
+    _, z_var = _row_moments(zrow, 2 * C, BLOCK_C)
+    z_rstd = 1.0 / tl.sqrt(z_var + ln_eps)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        y1 = (tl.load(zrow + cc, mask=live_c, other=0.0) - z_mean) * z_rstd * tl.load(OW + cc, mask=live_c) \
+            + tl.load(OB + cc, mask=live_c)
+        y2 = (tl.load(zrow + C + cc, mask=live_c, other=0.0) - z_mean) * z_rstd * tl.load(OW + C + cc, mask=live_c) \
+            + tl.load(OB + C + cc, mask=live_c)
+        tl.debug_barrier()
+        tl.store(zrow + cc, tl.sigmoid(y1 - y2), mask=live_c)
+        tl.store(zrow + C + cc, tl.sigmoid(y2 - y1), mask=live_c)
+
+
+@triton.jit
+def _coupler_row_bwd(g_hp, h, live_h, H, inv_w, row, e, row_eps):
+    """One hidden row's backward: dL/dh, and the per-row terms d eta, d row_weight, d row_bias, dL/d inv_w
+    (per feature) and dL/d inv_x (a scalar)."""
+    _, cen, sd, nh, rw, nu, norm_a, inv_x, rho, s = row
+    below = rho < e
+    expo = tl.exp(tl.minimum(rho - e, 0.0))
+    g_scale = g_hp * h
+    g_rho = tl.where(below, g_scale * e * expo, g_scale)
+    g_eta = tl.where(below, g_scale * expo * (1.0 - e), 0.0)
+    g_t = g_rho * nu * (1.0 - nu)
+    g_nh = g_t * rw
+    d = sd + row_eps
+    g_sd = -tl.sum(g_nh * cen, axis=0) / (d * d)
+    g_cen = g_nh / d + tl.where(sd > 0, g_sd / (tl.maximum(H - 1, 1) * tl.where(sd > 0, sd, 1.0)), 0.0) * cen
+    g_cen = tl.where(live_h, g_cen, 0.0)
+    g_h = g_hp * s + g_rho * (inv_w * inv_x) + (g_cen - tl.sum(g_cen, axis=0) / H)
+    g_inv_w = g_rho * h * inv_x
+    g_inv_x = tl.sum(g_rho * h * inv_w, axis=0)
+    return tl.where(live_h, g_h, 0.0), g_eta, g_t * nh, g_t, g_inv_w, g_inv_x
+
+
+@triton.jit
+def _coupler_net_bwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, GLAM, GP, DZT, HP, DHT, A, PART, C, H, K, NB,
+                     silent, ln_eps, row_eps, eps, scale, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program per sample b. Writes scale * dL/d pooled (GP, used as scratch for z and dL/d a first), h'
+    (HP) and a (A) as rows 2b, 2b + 1 of (NB = 2B, H) and (NB, C), dL/dz and dL/dh transposed as columns
+    2b, 2b + 1 of (C, NB) and (H, NB) (DZT, DHT), and the sample's parameter-gradient terms (PART row, K values:
+    d in_weight, d in_bias, d out_weight, d out_bias (2C each), d eta (H), d row_weight, d row_bias (2H
+    each), and the factor k (H) with dL/d fc1 = dh^T a + k * fc1)."""
+    b = tl.program_id(0).to(tl.int64)
+    hh = tl.arange(0, BLOCK_H)
+    live_h = hh < H
+    arow = A + b * 2 * C
+    mean, rstd, h1, h2, wnorm, inv_w, e, row1, row2 = _coupler_forward_rows(
+        POOLED, IW, IB, FC1, ETA, RW, RB, C, H, b, hh, live_h, silent, ln_eps, row_eps, eps, arow, True,
+        BLOCK_C, BLOCK_H)
+    tl.store(HP + b * 2 * H + hh, row1[0], mask=live_h)
+    tl.store(HP + b * 2 * H + H + hh, row2[0], mask=live_h)
+    zrow = GP + b * 2 * C
+    glam = GLAM + b * 2 * C
+    part = PART + b * K
+    z_mean = _coupler_z(FC2, zrow, row1[0], row2[0], C, H, hh, live_h, BLOCK_C) / (2 * C)
+    tl.debug_barrier()
+    _, z_var = _row_moments(zrow, 2 * C, BLOCK_C)
+    z_rstd = 1.0 / tl.sqrt(z_var + ln_eps)
+    # the softmax and the output LayerNorm: dL/d zhat and its two sums
+    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        zh1 = (tl.load(zrow + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
+        zh2 = (tl.load(zrow + C + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
+        ow1 = tl.load(OW + cc, mask=live_c, other=0.0)
+        ow2 = tl.load(OW + C + cc, mask=live_c, other=0.0)
+        y1 = zh1 * ow1 + tl.load(OB + cc, mask=live_c, other=0.0)
+        y2 = zh2 * ow2 + tl.load(OB + C + cc, mask=live_c, other=0.0)
+        l1 = tl.sigmoid(y1 - y2)
+        g_y1 = l1 * (1.0 - l1) * (tl.load(glam + cc, mask=live_c, other=0.0) - tl.load(glam + C + cc, mask=live_c,
+                                                                                        other=0.0))
+        tl.store(part + 4 * C + cc, g_y1 * zh1, mask=live_c)
+        tl.store(part + 5 * C + cc, -g_y1 * zh2, mask=live_c)
+        tl.store(part + 6 * C + cc, g_y1, mask=live_c)
+        tl.store(part + 7 * C + cc, -g_y1, mask=live_c)
+        g_zh1 = g_y1 * ow1
+        g_zh2 = -g_y1 * ow2
+        acc1 += g_zh1 + g_zh2
+        acc2 += g_zh1 * zh1 + g_zh2 * zh2
+    m1 = tl.sum(acc1, axis=0) / (2 * C)
+    m2 = tl.sum(acc2, axis=0) / (2 * C)
+    # dL/dz (to DZ) and dL/dh' = fc2^T dL/dz
+    g_hp1 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    g_hp2 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        zh1 = (tl.load(zrow + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
+        zh2 = (tl.load(zrow + C + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
+        ow1 = tl.load(OW + cc, mask=live_c, other=0.0)
+        ow2 = tl.load(OW + C + cc, mask=live_c, other=0.0)
+        l1 = tl.sigmoid(zh1 * ow1 + tl.load(OB + cc, mask=live_c, other=0.0)
+                        - zh2 * ow2 - tl.load(OB + C + cc, mask=live_c, other=0.0))
+        g_y1 = l1 * (1.0 - l1) * (tl.load(glam + cc, mask=live_c, other=0.0) - tl.load(glam + C + cc, mask=live_c,
+                                                                                        other=0.0))
+        g_z1 = tl.where(live_c, z_rstd * (g_y1 * ow1 - m1 - zh1 * m2), 0.0)
+        g_z2 = tl.where(live_c, z_rstd * (-g_y1 * ow2 - m1 - zh2 * m2), 0.0)
+        tl.store(DZT + cc * NB + 2 * b, g_z1, mask=live_c)
+        tl.store(DZT + cc * NB + 2 * b + 1, g_z2, mask=live_c)
+        w = tl.load(FC2 + cc[:, None] * H + hh[None, :], mask=live_c[:, None] & live_h[None, :], other=0.0)
+        w = w.to(tl.float32)
+        g_hp1 += tl.sum(w * g_z1[:, None], axis=0)
+        g_hp2 += tl.sum(w * g_z2[:, None], axis=0)
+    # IIEU-B of the hidden rows
+    g_h1, g_eta1, g_rw1, g_rb1, g_iw1, g_ix1 = _coupler_row_bwd(g_hp1, h1, live_h, H, inv_w, row1, e, row_eps)
+    g_h2, g_eta2, g_rw2, g_rb2, g_iw2, g_ix2 = _coupler_row_bwd(g_hp2, h2, live_h, H, inv_w, row2, e, row_eps)
+    tl.store(DHT + hh * NB + 2 * b, g_h1, mask=live_h)
+    tl.store(DHT + hh * NB + 2 * b + 1, g_h2, mask=live_h)
+    tl.store(part + 8 * C + hh, g_eta1 + g_eta2, mask=live_h)
+    tl.store(part + 8 * C + H + hh, g_rw1, mask=live_h)
+    tl.store(part + 8 * C + 2 * H + hh, g_rw2, mask=live_h)
+    tl.store(part + 8 * C + 3 * H + hh, g_rb1, mask=live_h)
+    tl.store(part + 8 * C + 4 * H + hh, g_rb2, mask=live_h)
+    k = tl.where(wnorm > 0, -(g_iw1 + g_iw2) * inv_w * inv_w / tl.where(wnorm > 0, wnorm, 1.0), 0.0)
+    tl.store(part + 8 * C + 5 * H + hh, k, mask=live_h)
+    # dL/d a = fc1^T dL/dh + (dL/d inv_x) d inv_x / d a, then the input LayerNorm
+    norm1, ix1 = row1[6], row1[7]
+    norm2, ix2 = row2[6], row2[7]
+    k1 = tl.where((ix1 > 0) & (norm1 > 0), -g_ix1 * ix1 * ix1 / tl.where(norm1 > 0, norm1, 1.0), 0.0)
+    k2 = tl.where((ix2 > 0) & (norm2 > 0), -g_ix2 * ix2 * ix2 / tl.where(norm2 > 0, norm2, 1.0), 0.0)
+    prow = POOLED + b * 2 * C
+    tl.debug_barrier()
+    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        a1, a2, x1, x2 = _coupler_a(prow, IW, IB, cc, live_c, mean, rstd, C)
+        w = tl.load(FC1 + hh[:, None] * C + cc[None, :], mask=live_h[:, None] & live_c[None, :], other=0.0)
+        w = w.to(tl.float32)
+        g_a1 = tl.sum(w * g_h1[:, None], axis=0) + k1 * a1
+        g_a2 = tl.sum(w * g_h2[:, None], axis=0) + k2 * a2
+        tl.store(part + cc, g_a1 * x1, mask=live_c)
+        tl.store(part + C + cc, g_a2 * x2, mask=live_c)
+        tl.store(part + 2 * C + cc, g_a1, mask=live_c)
+        tl.store(part + 3 * C + cc, g_a2, mask=live_c)
+        g_x1 = tl.where(live_c, g_a1 * tl.load(IW + cc, mask=live_c, other=0.0), 0.0)
+        g_x2 = tl.where(live_c, g_a2 * tl.load(IW + C + cc, mask=live_c, other=0.0), 0.0)
+        tl.store(zrow + cc, g_x1, mask=live_c)
+        tl.store(zrow + C + cc, g_x2, mask=live_c)
+        acc1 += g_x1 + g_x2
+        acc2 += g_x1 * x1 + g_x2 * x2
+    m1 = tl.sum(acc1, axis=0) / (2 * C)
+    m2 = tl.sum(acc2, axis=0) / (2 * C)
+    tl.debug_barrier()
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        _, _, x1, x2 = _coupler_a(prow, IW, IB, cc, live_c, mean, rstd, C)
+        g_x1 = tl.load(zrow + cc, mask=live_c, other=0.0)
+        g_x2 = tl.load(zrow + C + cc, mask=live_c, other=0.0)
+        tl.store(zrow + cc, scale * rstd * (g_x1 - m1 - x1 * m2), mask=live_c)
+        tl.store(zrow + C + cc, scale * rstd * (g_x2 - m1 - x2 * m2), mask=live_c)
+
+
+def _coupler_maps(*maps) -> bool:
+    """Maps (B, C, *S) or (B, C), contiguous: the coupler's kernels apply (tokens take the composite)."""
+    return maps[0].dim() != 3 and all(m.is_contiguous() for m in maps)
+
+
+def _coupler_rows(x) -> tuple:
+    """(R, C, P, BLOCK_R, BLOCK_P) of a map's rows (one per sample and channel) of P positions."""
+    b, c = x.shape[:2]
+    p = math.prod(x.shape[2:])
+    block_p = _pow2(p, 16, 256)
+    return b * c, c, p, _pow2(b * c, 1, max(1, _TILE // block_p)), block_p
+
+
+def _weights(*tensors) -> bool:
+    """(B, 2, C) or (B, 2C) per-channel terms as the kernels read them: contiguous float32."""
+    return all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors)
+
+
+def coupler_pool(main, shortcut):
+    if not _coupler_maps(main, shortcut):
+        return composite.coupler_pool(main, shortcut)
+    r, c, p, block_r, block_p = _coupler_rows(main)
+    pooled = main.new_empty(main.shape[0], 2 * c, dtype=torch.float32)
+    _coupler_pool[(triton.cdiv(r, block_r),)](main, shortcut, pooled, r, c, p, BLOCK_R=block_r, BLOCK_P=block_p)
+    return pooled
+
+
+def coupler_forward(main, shortcut, lam):
+    if not (_coupler_maps(main, shortcut) and _weights(lam)):
+        return composite.coupler_forward(main, shortcut, lam)
+    r, c, p, block_r, block_p = _coupler_rows(main)
+    out = torch.empty_like(main)
+    _coupler_fuse[(triton.cdiv(r, block_r), triton.cdiv(p, block_p))](main, shortcut, lam, out, r, c, p,
+                                                                       BLOCK_R=block_r, BLOCK_P=block_p)
+    return out
+
+
+def coupler_sums(grad, out, shortcut):
+    return composite.coupler_sums(grad, out, shortcut)
+
+
+def coupler_weight_grads(grad, out, shortcut, lam):
+    if not (_coupler_maps(grad, out, shortcut) and _weights(lam)):
+        return composite.coupler_weight_grads(grad, out, shortcut, lam)
+    r, c, p, block_r, block_p = _coupler_rows(grad)
+    grad_lam = torch.empty_like(lam)
+    _coupler_weight_grads[(triton.cdiv(r, block_r),)](grad, out, shortcut, lam, grad_lam, r, c, p,
+                                                      BLOCK_R=block_r, BLOCK_P=block_p)
+    return grad_lam
+
+
+def coupler_grads(grad, lam, add):
+    if not (_coupler_maps(grad) and _weights(lam, add)):
+        return composite.coupler_grads(grad, lam, add)
+    r, c, p, block_r, block_p = _coupler_rows(grad)
+    grad_main, grad_shortcut = torch.empty_like(grad), torch.empty_like(grad)
+    _coupler_grads[(triton.cdiv(r, block_r), triton.cdiv(p, block_p))](grad, lam, add, grad_main, grad_shortcut, r, c,
+                                                                        p, BLOCK_R=block_r, BLOCK_P=block_p)
+    return grad_main, grad_shortcut
+
+
+_NET_HIDDEN = 256  # widest hidden layer the one-program-per-sample kernels take
+
+
+def _net_blocks(net) -> tuple[int, int] | None:
+    """(BLOCK_C, BLOCK_H) of the weight network's kernels, or None where they do not apply."""
+    fits = net.hidden <= _NET_HIDDEN and all(t.is_contiguous() and t.dtype != torch.float64 for t in net.tensors())
+    if not fits:
+        return None
+    block_h = _pow2(net.hidden, 2, _NET_HIDDEN)
+    return _pow2(net.channels, 16, max(16, _TILE // block_h)), block_h
+
+
+def _net_scalars(net) -> tuple:
+    return net.channels, net.hidden, net.silent, net.ln_eps, net.row_eps, net.eps
+
+
+def coupler_weights(pooled, net):
+    blocks = _net_blocks(net)
+    if blocks is None or not pooled.is_contiguous() or pooled.dtype != torch.float32:
+        return composite.coupler_weights(pooled, net)
+    lam = pooled.new_empty(pooled.shape[0], 2, net.channels)
+    _coupler_net_fwd[(pooled.shape[0],)](pooled, *net.tensors(), lam, *_net_scalars(net), BLOCK_C=blocks[0],
+                                         BLOCK_H=blocks[1])
+    return lam
+
+
+def coupler_weights_backward(pooled, net, grad_lam, scale: float):
+    blocks = _net_blocks(net)
+    if blocks is None or not pooled.is_contiguous() or pooled.dtype != torch.float32:
+        return composite.coupler_weights_backward(pooled, net, grad_lam, scale)
+    b, c, h = pooled.shape[0], net.channels, net.hidden
+    grad_pooled = torch.empty_like(pooled)
+    grad_z_t, a = pooled.new_empty(c, 2 * b), pooled.new_empty(2 * b, c)
+    hidden_out, grad_h_t = pooled.new_empty(2 * b, h), pooled.new_empty(h, 2 * b)
+    part = pooled.new_empty(b, 8 * c + 6 * h)
+    _coupler_net_bwd[(b,)](pooled, *net.tensors(), grad_lam.contiguous(), grad_pooled, grad_z_t, hidden_out, grad_h_t,
+                           a, part, c, h, part.shape[1], 2 * b, net.silent, net.ln_eps, net.row_eps, net.eps, scale,
+                           BLOCK_C=blocks[0], BLOCK_H=blocks[1])
+    g_in_w, g_in_b, g_out_w, g_out_b, g_eta, g_rw, g_rb, k = part.sum(0).split([2 * c] * 4 + [h, 2 * h, 2 * h, h])
+    g_fc1 = torch.addmm(net.fc1 * k[:, None], grad_h_t, a)
+    g_fc2 = torch.mm(grad_z_t, hidden_out)
+    grads = (g_in_w, g_in_b, g_fc1, g_eta, g_rw.view(2, h), g_rb.view(2, h), g_fc2, g_out_w, g_out_b)
+    return grad_pooled, tuple(g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, net.tensors()))
