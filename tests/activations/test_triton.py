@@ -523,3 +523,17 @@ def test_dynamic_coupler_training_on_triton_matches_composite(autocast, triton_m
             assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
         else:
             close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 5, 37), (3 * 7, 130), (2 * 300, 20)], ids=["planes", "rows", "row_tiles"])
+def test_spread_add_in_place(shape, dtype):
+    """grad_x += scale * grad_gap at every position of each sample, in place, in one launch."""
+    g = torch.Generator().manual_seed(5)
+    grad_x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    samples = shape[0] if len(shape) == 3 else {130: 3, 20: 2}[shape[1]]
+    grad_gap = torch.randn(samples, shape[1], generator=g).to(DEVICE)
+    want = composite.spread_add_(grad_x.clone(), grad_gap, 0.25)
+    got = triton_kernels.spread_add_(grad_x, grad_gap, 0.25)
+    assert got.data_ptr() == grad_x.data_ptr()
+    close(got, want, dtype)

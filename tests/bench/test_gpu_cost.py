@@ -235,6 +235,24 @@ def test_the_coupler_meets_its_kernel_target_per_fusion(emulated):
     assert (dc.host_calls - iieu.host_calls) / fusions <= 36
 
 
+def test_the_committed_suite_counts_are_the_current_codes(emulated):
+    """model_speed prints the committed counts beside its GPU rows: one of them (ViT-Tiny/4 with DPA,
+    ordinary and interval) counted afresh here equals the committed entry, so a change to the CUDA path
+    that moves the counts fails until the table is written again (``gpu_cost --suite gpu --json``)."""
+    from actlab.bench import model_speed
+
+    case = next(c for c in model_speed.SUITES["gpu"] if c.model == "vit_tiny")
+    case = model_speed.Case(case.model, case.batch, case.image_size, ("dpa",), case.num_classes)
+    fresh = gpu_cost.suite_counts([case])
+    key = model_speed.count_key(case, "dpa")
+    assert set(fresh) == {key}
+    committed = model_speed._counts()[key]
+    assert fresh[key].keys() == committed.keys() == {"ordinary", "interval"}
+    for kind in committed:
+        for name, value in committed[kind].items():
+            assert fresh[key][kind][name] == pytest.approx(value, rel=1e-9), (kind, name)
+
+
 def test_counting_with_skipped_kernels_refuses_a_step_that_syncs(emulated, monkeypatch):
     """A step that reads a value back could launch differently on real values: without executing the
     kernels it is refused, with them it is counted (the sync included)."""

@@ -89,3 +89,28 @@ def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys, tmp_path):
     assert all(r.memory_mb > 0 and r.ms_median > 0 and r.ms_mean > 0 for r in rows)
     assert "mean ms (x ReLU)" in out
     assert "skipped (time budget): vgg11, batch 4, 8x8, eager" in out
+
+
+def test_model_speed_prints_the_cost_models_counts_beside_bf16_eager_rows(monkeypatch):
+    """The committed counts table covers every activation of the GPU suite (DPA with its interval mean);
+    a bf16 eager row of a counted case carries them and prints them, a compiled or float32 row does not."""
+    from actlab.bench import model_speed
+
+    table = model_speed._counts()
+    for case in model_speed.SUITES["gpu"]:
+        for act in case.acts:
+            entry = table[model_speed.count_key(case, act)]
+            assert ("interval" in entry) == (act == "dpa")
+            assert all(e["kernels_per_site"] > -5 and e["host_calls_per_site"] > 0 for e in entry.values())
+    case = model_speed.SUITES["gpu"][0]
+    act = case.acts[0]
+    got = model_speed.counted(case, act, torch.bfloat16, compiled=False)
+    assert got == table[model_speed.count_key(case, act)]
+    assert model_speed.counted(case, act, torch.bfloat16, compiled=True) is None
+    assert model_speed.counted(case, act, None, compiled=False) is None
+    row = model_speed.Row(case.label, act, False, "bf16", 10.0, 1.0, 5.0, counted=got)
+    plain = model_speed.Row(case.label, "relu", False, "bf16", 8.0, 1.0, 5.0)
+    text = model_speed.markdown([plain, row], 5, torch.device("cpu"))
+    ordinary = got["ordinary"]
+    assert f"| {ordinary['kernels_per_site']:.1f} / {ordinary['host_calls_per_site']:.1f} |" in text
+    assert text.splitlines()[-2].endswith("| - |")  # ReLU's row: nothing beyond itself

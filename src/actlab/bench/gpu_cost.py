@@ -10,6 +10,8 @@ results, broadcast dimensions counted once; a Triton launch's tensor arguments),
 
     TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.bench.gpu_cost --model resnet26 --act iieu_b \\
         [--batch 128 --image 224 --classes 1000] [--json cost.json]
+    TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.bench.gpu_cost --suite gpu \\
+        --json src/actlab/bench/gpu_counts.json   # the per-site counts model_speed prints beside its rows
 
 Triton launches are counted and skipped by default (``--execute-kernels`` runs them, under the
 interpreter: slow): what a step launches cannot depend on values it never reads back, and a step that
@@ -326,6 +328,27 @@ def compare(model: str, act: str, batch: int, image: int, classes: int, measure=
     return report
 
 
+def suite_counts(cases, measure=(1, 2), execute: bool = False) -> dict:
+    """Per-site counts beyond ReLU's step for every activation of ``cases`` (``model_speed.Case``s), keyed as
+    ``model_speed.count_key``: {"ordinary": {...}, "interval": {...} (DPA)}, each with extra kernels and
+    host calls per site and the step's bytes against ReLU's, extrapolated to the case's batch."""
+    from .model_speed import count_key
+
+    out = {}
+    for case in cases:
+        size = (case.batch, case.image_size, case.num_classes, measure)
+        base = workload_cost(case.model, "relu", *size, execute)["ordinary"]
+        for act in case.acts:
+            mine = workload_cost(case.model, act, *size, execute)
+            sites = max(mine["sites"], 1)
+            out[count_key(case, act)] = {
+                kind: {"kernels_per_site": (mine[kind]["kernels"] - base["kernels"]) / sites,
+                       "host_calls_per_site": (mine[kind]["host_calls"] - base["host_calls"]) / sites,
+                       "bytes_vs_relu": mine[kind]["bytes"] / base["bytes"]}
+                for kind in ("ordinary", "interval") if kind in mine}
+    return out
+
+
 def table(report: dict) -> str:
     """The report as a few markdown lines."""
     w = report["workload"]
@@ -355,8 +378,10 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m actlab.bench.gpu_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--act", required=True)
+    p.add_argument("--model", help="a zoo model (with --act)")
+    p.add_argument("--act", help="the activation compared with ReLU")
+    p.add_argument("--suite", choices=("gpu",), help="instead of --model/--act: every case of model_speed's GPU "
+                   "suite at its batch and size, per-site counts only (what model_speed prints beside its timings)")
     p.add_argument("--batch", type=int, default=128, help="the batch the counts are extrapolated to")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
@@ -375,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"gpu_cost: error: --measure takes two increasing batches like 1,2, got {args.measure!r}", file=sys.stderr)
         return 2
+    if args.suite:
+        return _suite_main(args.suite, measure, args.execute_kernels, args.json)
+    if not (args.model and args.act):
+        print("gpu_cost: error: give --model and --act, or --suite", file=sys.stderr)
+        return 2
     try:
         report = compare(args.model, args.act, args.batch, args.image, args.classes, measure, args.bandwidth,
                          args.host_us, args.execute_kernels)
@@ -385,6 +415,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    return 0
+
+
+def _suite_main(suite: str, measure: tuple, execute: bool, path: str | None) -> int:
+    from .model_speed import SUITES
+
+    try:
+        counts = suite_counts(SUITES[suite], measure, execute)
+    except (ValueError, RuntimeError) as exc:
+        print(f"gpu_cost: error: {exc}", file=sys.stderr)
+        return 2
+    print("| case | ordinary: extra kernels / host calls per site, x ReLU bytes | interval (DPA) |\n|---|---|---|")
+    for key, entry in counts.items():
+        cells = [f"{e['kernels_per_site']:.1f} / {e['host_calls_per_site']:.1f}, {e['bytes_vs_relu']:.3f}"
+                 for e in entry.values()]
+        print(f"| {key} | {' | '.join(cells)}{' | -' if len(cells) == 1 else ''} |")
+    if path:
+        with open(path, "w") as f:
+            json.dump(counts, f, indent=1, sort_keys=True)
+            f.write("\n")
     return 0
 
 

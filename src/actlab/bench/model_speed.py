@@ -11,6 +11,10 @@ Suites:
        batch 256; bf16 autocast; eager and torch.compile.
   cpu: IIEU paper ResNet-26 training steps at batch 16, 64x64 and batch 8, 224x224, float32, eager.
 
+Beside each bf16 eager row of the gpu suite stand the GPU cost model's counts for that step (extra
+kernels and host calls per site beyond ReLU's; DPA also over an interval), read from ``gpu_counts.json``
+next to this file, which ``python -m actlab.bench.gpu_cost --suite gpu --json ...`` writes.
+
     python -m actlab.bench.model_speed --suite gpu [--repeats 20] [--compile both|eager|compiled] [--json F]
     python -m actlab.bench.model_speed --suite gpu --profile resnet26:iieu_b,resnet26:relu
 """
@@ -22,6 +26,8 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +39,7 @@ from .speed import environment, saved_bytes, time_interleaved
 
 NUM_CLASSES = 1000
 DPA_INTERVAL = 5  # DPA's default: one update step in every five training steps
+COUNTS = Path(__file__).with_name("gpu_counts.json")  # the cost model's counts of the gpu suite's eager steps
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,31 @@ class Row:
     memory_vs_relu: float = float("nan")
     ms_mean: float = float("nan")          # over whole DPA intervals of rounds (update steps included)
     mean_vs_relu: float = float("nan")     # that mean against ReLU's over the same rounds
+    counted: dict | None = None            # the cost model's per-site counts of this step (bf16 eager), if any
+
+    def counted_cell(self) -> str:
+        """'kernels / host calls' per site beyond ReLU's, ordinary steps (and DPA's interval mean)."""
+        if not self.counted:
+            return "-"
+        cells = [f"{e['kernels_per_site']:.1f} / {e['host_calls_per_site']:.1f}" for e in self.counted.values()]
+        return cells[0] + (f" (interval {cells[1]})" if len(cells) > 1 else "")
+
+
+def count_key(case: "Case", act: str) -> str:
+    """How the counts table names one activation of one case."""
+    return f"{case.model}/{act}/{case.batch}/{case.image_size}/{case.num_classes}"
+
+
+@cache
+def _counts() -> dict:
+    return json.loads(COUNTS.read_text()) if COUNTS.exists() else {}
+
+
+def counted(case: "Case", act: str, dtype: torch.dtype | None, compiled: bool) -> dict | None:
+    """The cost model's counts of this step: bf16 eager steps of the counted cases only."""
+    if compiled or dtype != torch.bfloat16:
+        return None
+    return _counts().get(count_key(case, act))
 
 
 class TrainingStep:
@@ -120,7 +152,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, compil
     for act in acts:
         q = statistics.quantiles(times[act], n=4)
         rows.append(Row(case.label, act, compiled, precision, statistics.median(times[act]), q[2] - q[0],
-                        steps[act].memory_mb()))
+                        steps[act].memory_mb(), counted=counted(case, act, dtype, compiled)))
     relu = rows[0]
     whole = DPA_INTERVAL * (repeats // DPA_INTERVAL) or repeats  # rounds that hold whole DPA intervals
     for row in rows:
@@ -138,13 +170,15 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     memory = "peak MB" if device.type == "cuda" else "saved MB"
     lines = [f"Machine: {environment(device)}; median of {repeats} interleaved training steps (IQR in brackets); "
              "x ReLU: median of the per-round ratios; mean: over whole DPA intervals of rounds (its update steps "
-             "included), against ReLU's mean over the same rounds.", "",
-             f"| case | activation | mode | ms | x ReLU time | mean ms (x ReLU) | {memory} | x ReLU memory |",
-             "|---|---|---|---|---|---|---|---|"]
+             "included), against ReLU's mean over the same rounds; counted: the GPU cost model's extra kernels / host "
+             "calls per site beyond ReLU's step (bf16 eager).", "",
+             f"| case | activation | mode | ms | x ReLU time | mean ms (x ReLU) | {memory} | x ReLU memory | counted |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mode = f"{r.precision}, {'compiled' if r.compiled else 'eager'}"
         lines.append(f"| {r.case} | {r.activation} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | {r.time_vs_relu:.2f} | "
-                     f"{r.ms_mean:.1f} ({r.mean_vs_relu:.2f}) | {r.memory_mb:.0f} | {r.memory_vs_relu:.2f} |")
+                     f"{r.ms_mean:.1f} ({r.mean_vs_relu:.2f}) | {r.memory_mb:.0f} | {r.memory_vs_relu:.2f} | "
+                     f"{r.counted_cell()} |")
     return "\n".join(lines)
 
 

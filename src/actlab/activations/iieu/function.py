@@ -34,16 +34,12 @@ def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
 
 @dataclass(frozen=True)
 class TermB:
-    """What term-B's forward, nu = sigmoid(LayerNorm(gap) * weight + bias), leaves for the gradient
-    through gap: the input and the LayerNorm's statistics (B, 1) and weight."""
+    """Term-B computed inside the unit's autograd function, nu = sigmoid(LayerNorm(gap) * weight + bias),
+    from ``gap`` = GAP(x_t) taken detached; backward adds dL/d gap, spread over the positions, to x_t's
+    gradient in place and returns the LayerNorm's weight and bias gradients."""
 
     gap: torch.Tensor
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    weight: torch.Tensor
-
-    def tensors(self) -> tuple:
-        return self.gap, self.mean, self.rstd, self.weight
+    eps: float
 
 
 @dataclass(frozen=True)
@@ -155,14 +151,6 @@ class ProducerInputTap(torch.autograd.Function):
         return apply_patch_grad(ctx.patches, x_pre, factor, grad, into_grad=in_place), None, None, None
 
 
-def _add_spread(grad_x: torch.Tensor, grad_gap: torch.Tensor) -> None:
-    """grad_x (flat kernel layout) += grad_gap (B, C) at every position of each sample, in place."""
-    if grad_x.dim() == 3:  # planes (B, C, P)
-        grad_x.add_(grad_gap.unsqueeze(-1).to(grad_x.dtype))
-    else:  # rows (B * T, C)
-        grad_x.view(grad_gap.shape[0], -1, grad_gap.shape[1]).add_(grad_gap.unsqueeze(1).to(grad_x.dtype))
-
-
 class IIEUFunction(torch.autograd.Function):
     """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward (eager training).
 
@@ -170,25 +158,28 @@ class IIEUFunction(torch.autograd.Function):
     x_t the BatchNorm / Linear input and parameters that ``replay`` recomputes it from. x_pre is kept by
     the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
     the producer's input passed through), x_pre's gradient goes there as a factor instead of being
-    returned. (At conv-BN sites where the unit differentiates through the BatchNorm, ``IIEUNormFunction``
+    returned. With ``term_b`` (a ``TermB``; ``nu`` is then None) the function computes nu itself from
+    the LayerNorm parameters ``ln_weight``, ``ln_bias`` and differentiates through it. (At conv-BN sites where the unit differentiates through the BatchNorm, ``IIEUNormFunction``
     serves instead.)
     """
 
     @staticmethod
     def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
-                term_b=None, tap=None):
+                term_b=None, tap=None, ln_weight=None, ln_bias=None):
         with autocast_off(x_t.device.type):
             ct = compute_dtype(x_t)
+            term_b_tensors = (None,) * 4
+            if term_b is not None:
+                gap = term_b.gap
+                nu, mean, rstd = backend(gap).term_b_forward(gap, ln_weight.to(ct), ln_bias.to(ct), term_b.eps)
+                term_b_tensors = (gap, mean, rstd, ln_weight)
             inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
             x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
             out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
         keep_norms = sumsq.numel() * 16 <= x_t.numel()  # else recomputed in backward (depthwise convs)
         kept_x_t = None if replay is not None else x_t
-        # term_b (a TermB): nu was computed from a detached GAP(x_t); backward adds that path's gradient
-        # to grad x_t itself, after the kernel (saves a full-size autograd add)
-        term_b_tensors = term_b.tensors() if term_b is not None else (None,) * 4
         norms = (inv_x, sumsq) if keep_norms else (None, None)
-        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, *replay_tensors)
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, ln_bias, *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
         # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
         # holds that output) so that a following in-place operation (a residual "+=") is allowed
@@ -196,7 +187,8 @@ class IIEUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, *replay_tensors = ctx.saved_tensors
+        x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, ln_bias, *replay_tensors = \
+            ctx.saved_tensors
         replay = ctx.replay
         if x_t is None:
             with torch.no_grad():
@@ -211,15 +203,16 @@ class IIEUFunction(torch.autograd.Function):
                 grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own)
             else:
                 grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
+            grad_ln = (None, None)
             if gap is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample
-                positions = x_t.numel() // nu.numel()
-                grad_gap = composite.term_b_input_grad(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
-                                                       ln_weight.to(gap.dtype))
-                _add_spread(grad_x, grad_gap / positions)
+                grad_gap, *grad_ln = backend(gap).term_b_backward(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
+                                                                  ln_weight.to(ct), ln_bias.to(ct))
+                kernels.spread_add_(grad_x, grad_gap, nu.numel() / x_t.numel())
+                grad_ln = [g.to(t.dtype) for g, t in zip(grad_ln, (ln_weight, ln_bias))]
             grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
-        return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype),
-                grad_nu.reshape(nu.shape).to(nu.dtype), grad_eta.to(eta.dtype), None, None, None, None, None, None,
-                None)
+        grad_nu = None if gap is not None else grad_nu.reshape(nu.shape).to(nu.dtype)
+        return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype), grad_nu,
+                grad_eta.to(eta.dtype), None, None, None, None, None, None, None, *grad_ln)
 
 
 def _flat_inputs(ctx, source, x_pre, sumsq, inv_x, nu, grad_out, ct):

@@ -5,6 +5,7 @@ import dataclasses
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..base import ActivationModule
@@ -205,14 +206,10 @@ class IIEUB(ActivationModule):
             return self._term_b_from_gap(self._patches.gap(x_t))
 
     def _term_b_from_gap(self, gap: torch.Tensor) -> torch.Tensor:
-        return self._term_b_with_stats(gap)[0]
-
-    def _term_b_with_stats(self, gap: torch.Tensor) -> tuple[torch.Tensor, TermB]:
-        """nu from GAP (B, C) in gap's dtype, and what its gradient through gap needs."""
-        weight = self.norm.weight.to(gap.dtype)
-        z, mean, rstd = torch.native_layer_norm(gap, (self.channels,), weight, self.norm.bias.to(gap.dtype),
-                                                self.norm.eps)  # = F.layer_norm, which runs this kernel
-        return torch.sigmoid(z), TermB(gap, mean.detach(), rstd.detach(), self.norm.weight)
+        """nu from GAP (B, C), in gap's dtype."""
+        z = F.layer_norm(gap, (self.channels,), self.norm.weight.to(gap.dtype), self.norm.bias.to(gap.dtype),
+                         self.norm.eps)
+        return torch.sigmoid(z)
 
     def forward(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:
         tap = None
@@ -247,10 +244,9 @@ class IIEUB(ActivationModule):
                 site = NormSite(self._patches, self.patch_eps(), silence, replay.batch_stats, self.norm.eps, tap)
                 return IIEUNormFunction.apply(x_t.detach(), c, x_pre, inv_w, self.eta, self.norm.weight,
                                               self.norm.bias, norm.weight, norm.bias, terms, gap, site)
-            with autocast_off(x_t.device.type):
-                nu, term_b = self._term_b_with_stats(gap)
-            return IIEUFunction.apply(x_t, x_pre, inv_w, nu, self.eta, self._patches, self.patch_eps(), silence, replay,
-                                      replay_tensors, term_b, tap)
+            return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
+                                      replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
+                                      self.norm.bias)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.patch_eps(), silence)
 
     @torch.no_grad()

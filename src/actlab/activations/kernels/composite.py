@@ -149,11 +149,23 @@ def term_b_forward(gap, weight, bias, eps: float):
     return torch.sigmoid(z), mean, rstd
 
 
-def term_b_input_grad(grad_nu, nu, gap, mean, rstd, weight):
-    """dL/d gap (B, C) of ``term_b_forward`` from dL/d nu."""
+def term_b_backward(grad_nu, nu, gap, mean, rstd, weight, bias):
+    """dL/d gap (B, C) and dL/d weight, dL/d bias (C,) of ``term_b_forward`` from dL/d nu."""
     grad_z = torch.ops.aten.sigmoid_backward(grad_nu, nu)
-    return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, None,
-                                                     [True, False, False])[0]
+    return torch.ops.aten.native_layer_norm_backward(grad_z, gap, gap.shape[-1:], mean, rstd, weight, bias,
+                                                     [True, True, True])
+
+
+def spread_add_(grad_x, grad_gap, scale: float):
+    """grad_x += scale * grad_gap (B, C) at every position of each sample, in place, in grad_x's dtype:
+    the gradient of a per-sample mean over positions. grad_x in IIEU-B's flat layouts: planes (B, C, P)
+    or rows (B * T, C)."""
+    g = (grad_gap * scale).to(grad_x.dtype)
+    if grad_x.dim() == 3:
+        grad_x.add_(g.unsqueeze(-1))
+    else:
+        grad_x.view(g.shape[0], -1, g.shape[1]).add_(g.unsqueeze(1))
+    return grad_x
 
 
 class NormSiteGrads(NamedTuple):

@@ -132,6 +132,9 @@ def coupler_grads(grad, lam, add):
     return tuple(torch.ops.actlab_iieu.coupler_grads(grad, *terms))
 
 
+# term-B's backward (small (B, C) work) and its spread over the positions: torch's own ops
+term_b_backward, spread_add_ = composite.term_b_backward, composite.spread_add_
+
 # the coupler's pooling and weight network: small (B, 2C) work, torch's own ops
 coupler_pool, coupler_weights, coupler_weights_backward = (composite.coupler_pool, composite.coupler_weights,
                                                            composite.coupler_weights_backward)

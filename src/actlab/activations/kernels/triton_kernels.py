@@ -931,6 +931,49 @@ def term_b_forward(gap, weight, bias, eps: float):
     return nu, mean, rstd
 
 
+term_b_backward = composite.term_b_backward  # a sigmoid's and a LayerNorm's backward over (B, C): torch's own
+
+
+@triton.jit
+def _spread_planes(GX, G, P, scale, BLOCK: tl.constexpr):
+    bc = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < P
+    gx = tl.load(GX + bc * P + offs, mask=live, other=0.0).to(tl.float32)
+    tl.store(GX + bc * P + offs, (gx + scale * tl.load(G + bc)).to(GX.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _spread_rows(GX, G, C, T, scale, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    tt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_c = cc < C
+    live = (tt < T)[:, None] & live_c[None, :]
+    at = (s * T + tt)[:, None] * C + cc[None, :]
+    g = scale * tl.load(G + s * C + cc, mask=live_c, other=0.0)
+    gx = tl.load(GX + at, mask=live, other=0.0).to(tl.float32)
+    tl.store(GX + at, (gx + g[None, :]).to(GX.dtype.element_ty), mask=live)
+
+
+def spread_add_(grad_x, grad_gap, scale: float):
+    if not (grad_x.is_contiguous() and grad_gap.is_contiguous() and grad_gap.dtype == torch.float32):
+        return composite.spread_add_(grad_x, grad_gap, scale)
+    if grad_x.dim() == 3:
+        p = grad_x.shape[2]
+        block = _pow2(p, 16, _BLOCK)
+        _spread_planes[(grad_x.shape[0] * grad_x.shape[1], triton.cdiv(p, block))](grad_x, grad_gap, p, scale,
+                                                                                   BLOCK=block)
+        return grad_x
+    s, c = grad_gap.shape
+    t = grad_x.shape[0] // s
+    block_c = _pow2(c, 16, 128)
+    block_t = _pow2(t, 1, max(1, _TILE // block_c))
+    _spread_rows[(s, triton.cdiv(t, block_t), triton.cdiv(c, block_c))](grad_x, grad_gap, c, t, scale,
+                                                                        BLOCK_T=block_t, BLOCK_C=block_c)
+    return grad_x
+
+
 def batch_moments(x):
     if not x.is_contiguous() or x.dtype == torch.float64:
         return composite.batch_moments(x)
