@@ -168,3 +168,31 @@ def test_row_normaliser_is_the_published_one():
     out = single(torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(actlab.DynamicCoupler(16, reduction=4, eta_init=0.05).act.eta, torch.full((4,), 0.05))
+
+
+def test_compiled_training_is_one_operation_with_the_eager_gradients():
+    """Under torch.compile (fullgraph) the coupler is the kernel layer's one operation with its gradient
+    formula (the compiler generates no code for the weight network): output and every gradient as in
+    eager training."""
+    dc = perturbed(channels=16, reduction=4).float()
+    main, shortcut = torch.randn(3, 16, 5, 5), torch.randn(3, 16, 5, 5)
+    weight = torch.linspace(-1, 1, main.numel()).view_as(main)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    results = []
+    for forward in (dc, torch.compile(dc, fullgraph=True), torch.compile(dc, backend=record, fullgraph=True)):
+        dc.zero_grad(set_to_none=True)
+        m, s = main.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        out = forward(m, s)
+        (out * weight).sum().backward()
+        results.append([out, m.grad, s.grad, *(p.grad for p in dc.parameters())])
+    for compiled in results[1:]:
+        for got, want in zip(compiled, results[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert "actlab.coupler" in targets, targets
+    assert not any("layer_norm" in t or "softmax" in t for t in targets)

@@ -10,13 +10,12 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
+from .iieu.function import path
 from .iieu.patches import LinearPatches, silent_threshold
-from .kernels import backend, composite, native
+from .kernels import composite, ops
 from .kernels.composite import CouplerNet, row_standardize  # noqa: F401  (row_standardize: public here)
 from .layout import per_channel
 
@@ -36,20 +35,14 @@ class CouplerIIEU(nn.Module):
         self.norm_bias = nn.Parameter(torch.zeros(2, hidden))
 
 
-def _kernels_for(main: torch.Tensor, shortcut: torch.Tensor):
-    """C++ kernels for float32 CPU maps in (B, C, *S) order, contiguous; else the composite (or Triton)."""
-    native_ok = main.dim() != 3 and main.is_contiguous() and shortcut.is_contiguous() and shortcut.dtype == main.dtype
-    return backend(main, cpu_native=native_ok)
-
-
 class _CoupledSum(torch.autograd.Function):
     """out = l1 * main + l2 * shortcut in eager training, with the fusion weights' gradient path folded in.
 
     The weights come from the branches' GAPs through the small weight network (``CouplerNet``); backward
-    turns dL/d(l1, l2) into dL/d GAP and the network's parameter gradients (the kernels'
-    ``coupler_weights_backward``) and adds dL/d GAP, spread over the positions, to each branch's gradient
-    in the pass that scales it: one pass for the sums, one for both branch gradients, and no full-size map
-    of the pooling's own.
+    turns dL/d(l1, l2) into dL/d GAP and the network's parameter gradients and adds dL/d GAP, spread over
+    the positions, to each branch's gradient in the pass that scales it: one pass for the sums, one for
+    both branch gradients, and no full-size map of the pooling's own (the kernel layer's
+    ``coupler_fusion`` and ``coupler_fusion_backward``, which ``torch.compile`` sees as one operation).
 
     Saves ``out`` and ``shortcut``, not ``main``: in a residual network ``out`` is the next block's input,
     which its first convolution keeps anyway, and an identity ``shortcut`` is this block's input, which its
@@ -59,24 +52,14 @@ class _CoupledSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, main, shortcut, net, *params):
-        kernels = _kernels_for(main, shortcut)
-        pooled = kernels.coupler_pool(main, shortcut)
-        lam = kernels.coupler_weights(pooled, net)
-        out = kernels.coupler_forward(main, shortcut, lam)
+        out, pooled, lam = ops.coupler_fusion(main, shortcut, net)
         ctx.save_for_backward(out, shortcut, pooled, lam)
-        ctx.net, ctx.kernels = net, kernels
+        ctx.net = net
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, shortcut, pooled, lam = ctx.saved_tensors
-        kernels = ctx.kernels
-        if kernels is native:
-            grad = grad.contiguous()
-        grad_lam = kernels.coupler_weight_grads(grad, out, shortcut, lam)
-        positions = grad.shape[1] if grad.dim() == 3 else math.prod(grad.shape[2:])
-        grad_pooled, grad_params = kernels.coupler_weights_backward(pooled, ctx.net, grad_lam, 1.0 / positions)
-        grad_main, grad_shortcut = kernels.coupler_grads(grad, lam, grad_pooled)
+        grad_main, grad_shortcut, grad_params = ops.coupler_fusion_backward(grad, *ctx.saved_tensors, ctx.net)
         return grad_main, grad_shortcut, None, *grad_params
 
 
@@ -132,9 +115,13 @@ class DynamicCoupler(nn.Module):
         return self.weights_from_pooled(self.pooled(main, shortcut))
 
     def forward(self, main: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        mode = path()  # the same computation paths as IIEU-B's
+        if mode in ("train", "traced_train"):
             self._check(main, shortcut)
             net = self.network()
+            if mode == "traced_train":  # one operation with its gradient formula for the compiler
+                return torch.ops.actlab.coupler(main, shortcut, *net.tensors(), net.silent, net.ln_eps, net.row_eps,
+                                                net.eps)[0]
             return _CoupledSum.apply(main, shortcut, net, *net.tensors())
         lam = self.weights(main, shortcut).to(main.dtype)
         return per_channel(lam[:, 0], main) * main + per_channel(lam[:, 1], shortcut) * shortcut

@@ -343,10 +343,11 @@ def coupler_weights(pooled, net: CouplerNet):
 
 def coupler_weights_backward(pooled, net: CouplerNet, grad_lam, scale: float):
     """scale * dL/d pooled (B, 2C) and dL/d of each of ``net.tensors()``, from dL/d weights (B, 2, C)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (pooled, *net.tensors())]
-        lam = coupler_weights(leaves[0], net.with_tensors(leaves[1:]))
-        grads = torch.autograd.grad(lam, leaves, grad_lam)
+    def weights(pooled, *tensors):
+        return coupler_weights(pooled, net.with_tensors(tensors))
+
+    _, vjp = torch.func.vjp(weights, pooled, *net.tensors())
+    grads = vjp(grad_lam)
     return grads[0] * scale, grads[1:]
 
 

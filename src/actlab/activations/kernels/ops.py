@@ -6,10 +6,12 @@ applied where a 0-dim device flag says so (no host synchronisation).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from . import backend, composite
+from . import backend, composite, native
 
 
 # every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
@@ -129,6 +131,96 @@ def _inv_norm_grad(ctx, grad_inv):
 
 
 inv_norm.register_autograd(_inv_norm_grad, setup_context=_inv_norm_setup)
+
+
+# --- the Dynamic Coupler's fusion ----------------------------------------------------------------------
+
+def _coupler_kernels(main: Tensor, shortcut: Tensor):
+    """C++ kernels for float32 CPU maps in (B, C, *S) order, contiguous; else the composite (or Triton)."""
+    native_ok = main.dim() != 3 and main.is_contiguous() and shortcut.is_contiguous() and shortcut.dtype == main.dtype
+    return backend(main, cpu_native=native_ok)
+
+
+def coupler_fusion(main: Tensor, shortcut: Tensor, net: composite.CouplerNet) -> tuple[Tensor, Tensor, Tensor]:
+    """out = l1 * main + l2 * shortcut with (l1, l2) = lam from the pooled branches through the weight
+    network; returns (out, pooled (B, 2C), lam (B, 2, C)), what ``coupler_fusion_backward`` takes."""
+    kernels = _coupler_kernels(main, shortcut)
+    pooled = kernels.coupler_pool(main, shortcut)
+    lam = kernels.coupler_weights(pooled, net)
+    return kernels.coupler_forward(main, shortcut, lam), pooled, lam
+
+
+def coupler_fusion_backward(grad: Tensor, out: Tensor, shortcut: Tensor, pooled: Tensor, lam: Tensor,
+                            net: composite.CouplerNet) -> tuple[Tensor, Tensor, tuple]:
+    """dL/d main, dL/d shortcut and dL/d each of ``net.tensors()`` from dL/d out, without ``main``: one pass
+    for the weights' gradient, the network's backward, one pass writing both branch gradients with the
+    pooling's gradient spread in."""
+    kernels = _coupler_kernels(out, shortcut)  # out has main's dtype and layout
+    if kernels is native:
+        grad = grad.contiguous()
+    grad_lam = kernels.coupler_weight_grads(grad, out, shortcut, lam)
+    positions = grad.shape[1] if grad.dim() == 3 else math.prod(grad.shape[2:])
+    grad_pooled, grad_params = kernels.coupler_weights_backward(pooled, net, grad_lam, 1.0 / positions)
+    grad_main, grad_shortcut = kernels.coupler_grads(grad, lam, grad_pooled)
+    return grad_main, grad_shortcut, grad_params
+
+
+_NET = "Tensor in_weight, Tensor in_bias, Tensor fc1, Tensor eta, Tensor row_weight, Tensor row_bias, Tensor fc2, " \
+       "Tensor out_weight, Tensor out_bias, float silent, float ln_eps, float row_eps, float eps"
+
+
+def _net_of(tensors, scalars) -> composite.CouplerNet:
+    silent, ln_eps, row_eps, eps = scalars
+    return composite.CouplerNet(*tensors, silent=silent, ln_eps=ln_eps, row_eps=row_eps, eps=eps)
+
+
+@torch.library.custom_op("actlab::coupler", mutates_args=(), tags=_CONTIGUOUS,
+                         schema=f"(Tensor main, Tensor shortcut, {_NET}) -> (Tensor, Tensor, Tensor)")
+def coupler(main, shortcut, *net):
+    """The Dynamic Coupler's fusion, ``coupler_fusion``, for torch.compile: (out, pooled, lam)."""
+    return coupler_fusion(main, shortcut, _net_of(net[:9], net[9:]))
+
+
+def _channels(x: Tensor) -> int:
+    return x.shape[-1] if x.dim() == 3 else x.shape[1]
+
+
+@coupler.register_fake
+def _(main, shortcut, *net):
+    b, c = main.shape[0], _channels(main)
+    dtype = composite.compute_dtype(main)
+    return _dense(main), main.new_empty(b, 2 * c, dtype=dtype), main.new_empty(b, 2, c, dtype=dtype)
+
+
+@torch.library.custom_op("actlab::coupler_backward", mutates_args=(), tags=_CONTIGUOUS,
+                         schema=f"(Tensor grad, Tensor out, Tensor shortcut, Tensor pooled, Tensor lam, {_NET}) "
+                                "-> Tensor[]")
+def coupler_backward(grad, out, shortcut, pooled, lam, *net):
+    """``coupler_fusion_backward``: [dL/d main, dL/d shortcut, then one per network tensor]."""
+    grad_main, grad_shortcut, grad_params = coupler_fusion_backward(grad, out, shortcut, pooled, lam,
+                                                                    _net_of(net[:9], net[9:]))
+    return [grad_main, grad_shortcut, *(g.contiguous() for g in grad_params)]
+
+
+@coupler_backward.register_fake
+def _(grad, out, shortcut, pooled, lam, *net):
+    return [_dense(grad), _dense(grad), *(_dense(t) for t in net[:9])]
+
+
+def _coupler_setup(ctx, inputs, output):
+    out, pooled, lam = output
+    ctx.save_for_backward(out, inputs[1], pooled, lam, *inputs[2:11])
+    ctx.scalars = inputs[11:]
+
+
+def _coupler_grad(ctx, grad_out, grad_pooled, grad_lam):
+    out, shortcut, pooled, lam, *tensors = ctx.saved_tensors
+    grads = torch.ops.actlab.coupler_backward(grad_out.contiguous(), out, shortcut, pooled, lam, *tensors,
+                                              *ctx.scalars)
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+
+
+coupler.register_autograd(_coupler_grad, setup_context=_coupler_setup)
 
 
 # --- DPA: TAU and the pooled response in one pass ------------------------------------------------------
