@@ -1459,6 +1459,21 @@ def _coupler_row_bwd(g_hp, h, live_h, H, inv_w, row, e, row_eps):
 
 
 @triton.jit
+def _coupler_out_grad(ZROW, GLAM, OW, OB, cc, live_c, C, z_mean, z_rstd):
+    """At channels cc: the output LayerNorm's normalised rows zhat_1, zhat_2, its weights for them, and
+    dL/d y_1 (= -dL/d y_2) of the softmax over the two rows y_i = zhat_i * w_i + b_i."""
+    zh1 = (tl.load(ZROW + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
+    zh2 = (tl.load(ZROW + C + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
+    ow1 = tl.load(OW + cc, mask=live_c, other=0.0)
+    ow2 = tl.load(OW + C + cc, mask=live_c, other=0.0)
+    y1 = zh1 * ow1 + tl.load(OB + cc, mask=live_c, other=0.0)
+    y2 = zh2 * ow2 + tl.load(OB + C + cc, mask=live_c, other=0.0)
+    l1 = tl.sigmoid(y1 - y2)
+    g_lam = tl.load(GLAM + cc, mask=live_c, other=0.0) - tl.load(GLAM + C + cc, mask=live_c, other=0.0)
+    return zh1, zh2, ow1, ow2, l1 * (1.0 - l1) * g_lam
+
+
+@triton.jit
 def _coupler_net_bwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, GLAM, GP, DZT, HP, DHT, A, PART, C, H, K, NB,
                      silent, ln_eps, row_eps, eps, scale, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program per sample b. Writes scale * dL/d pooled (GP, used as scratch for z and dL/d a first), h'
@@ -1488,15 +1503,7 @@ def _coupler_net_bwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, GLAM, GP, DZ
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         live_c = cc < C
-        zh1 = (tl.load(zrow + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
-        zh2 = (tl.load(zrow + C + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
-        ow1 = tl.load(OW + cc, mask=live_c, other=0.0)
-        ow2 = tl.load(OW + C + cc, mask=live_c, other=0.0)
-        y1 = zh1 * ow1 + tl.load(OB + cc, mask=live_c, other=0.0)
-        y2 = zh2 * ow2 + tl.load(OB + C + cc, mask=live_c, other=0.0)
-        l1 = tl.sigmoid(y1 - y2)
-        g_y1 = l1 * (1.0 - l1) * (tl.load(glam + cc, mask=live_c, other=0.0) - tl.load(glam + C + cc, mask=live_c,
-                                                                                        other=0.0))
+        zh1, zh2, ow1, ow2, g_y1 = _coupler_out_grad(zrow, glam, OW, OB, cc, live_c, C, z_mean, z_rstd)
         tl.store(part + 4 * C + cc, g_y1 * zh1, mask=live_c)
         tl.store(part + 5 * C + cc, -g_y1 * zh2, mask=live_c)
         tl.store(part + 6 * C + cc, g_y1, mask=live_c)
@@ -1513,14 +1520,7 @@ def _coupler_net_bwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, GLAM, GP, DZ
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         live_c = cc < C
-        zh1 = (tl.load(zrow + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
-        zh2 = (tl.load(zrow + C + cc, mask=live_c, other=0.0) - z_mean) * z_rstd
-        ow1 = tl.load(OW + cc, mask=live_c, other=0.0)
-        ow2 = tl.load(OW + C + cc, mask=live_c, other=0.0)
-        l1 = tl.sigmoid(zh1 * ow1 + tl.load(OB + cc, mask=live_c, other=0.0)
-                        - zh2 * ow2 - tl.load(OB + C + cc, mask=live_c, other=0.0))
-        g_y1 = l1 * (1.0 - l1) * (tl.load(glam + cc, mask=live_c, other=0.0) - tl.load(glam + C + cc, mask=live_c,
-                                                                                        other=0.0))
+        zh1, zh2, ow1, ow2, g_y1 = _coupler_out_grad(zrow, glam, OW, OB, cc, live_c, C, z_mean, z_rstd)
         g_z1 = tl.where(live_c, z_rstd * (g_y1 * ow1 - m1 - zh1 * m2), 0.0)
         g_z2 = tl.where(live_c, z_rstd * (-g_y1 * ow2 - m1 - zh2 * m2), 0.0)
         tl.store(DZT + cc * NB + 2 * b, g_z1, mask=live_c)
