@@ -1618,10 +1618,6 @@ def coupler_forward(main, shortcut, lam):
     return out
 
 
-def coupler_sums(grad, out, shortcut):
-    return composite.coupler_sums(grad, out, shortcut)
-
-
 def coupler_weight_grads(grad, out, shortcut, lam):
     if not (_coupler_maps(grad, out, shortcut) and _weights(lam)):
         return composite.coupler_weight_grads(grad, out, shortcut, lam)
