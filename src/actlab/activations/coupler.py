@@ -21,7 +21,8 @@ from .layout import per_channel
 
 
 class CouplerIIEU(nn.Module):
-    """IIEU over the hidden features of both rows (B, 2, C/r): shared ``eta``, per-row term-B affine."""
+    """The parameters of the IIEU over the hidden features of both rows (B, 2, C/r): a shared ``eta`` and
+    a per-row term-B affine. The computation is ``CouplerNet``'s (the kernel layer), which reads them."""
 
     # parameters the published code keeps multi-dimensional ((1, 1, h), (1, 2, h)), so that timm's rule
     # "decay all but 1-D parameters and biases" decays them (weight_decay_rule="timm")

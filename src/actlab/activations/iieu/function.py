@@ -159,8 +159,8 @@ class IIEUFunction(torch.autograd.Function):
     the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
     the producer's input passed through), x_pre's gradient goes there as a factor instead of being
     returned. With ``term_b`` (a ``TermB``; ``nu`` is then None) the function computes nu itself from
-    the LayerNorm parameters ``ln_weight``, ``ln_bias`` and differentiates through it. (At conv-BN sites where the unit differentiates through the BatchNorm, ``IIEUNormFunction``
-    serves instead.)
+    the LayerNorm parameters ``ln_weight``, ``ln_bias`` and differentiates through it. (At conv-BN sites
+    where the unit differentiates through the BatchNorm, ``IIEUNormFunction`` serves instead.)
     """
 
     @staticmethod
