@@ -101,7 +101,7 @@ def test_compiled_eval_matches_eager():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case,op", [("conv_bn_iieu", "actlab.inv_norm"), ("vit_mlp_iieu", "actlab.rows_inv_norm"),
+@pytest.mark.parametrize("case,op", [("conv_bn_iieu", "actlab.iieu_unit"), ("vit_mlp_iieu", "actlab.iieu_unit"),
                                      ("conv_bn_dpa", "actlab.tau_pool"), ("vit_mlp_dpa", "actlab.dpa_step_")])
 def test_one_graph_built_on_the_kernel_layer(case, op):
     """One graph per training forward (fullgraph), with the kernel layer's operations in it."""

@@ -13,6 +13,7 @@ Norms, term-B and the adjuster run in float32 (float64 for float64 inputs), also
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
-from .patches import (ConvPatches, LinearPatches, NormGradFactor, apply_patch_grad, autocast_off, inverse_patch_norm,
-                      patch_grad_factor, patch_inverse, silent_threshold)
+from .patches import (ConvPatches, LinearPatches, NormGradFactor, Patches, apply_patch_grad, autocast_off,
+                      inverse_patch_norm, patch_grad_factor, patch_inverse, silent_threshold)
 
 
 def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
@@ -166,24 +167,16 @@ class IIEUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
                 term_b=None, tap=None, ln_weight=None, ln_bias=None):
-        with autocast_off(x_t.device.type):
-            ct = compute_dtype(x_t)
-            term_b_tensors = (None,) * 4
-            if term_b is not None:
-                gap = term_b.gap
-                nu, mean, rstd = backend(gap).term_b_forward(gap, ln_weight.to(ct), ln_bias.to(ct), term_b.eps)
-                term_b_tensors = (gap, mean, rstd, ln_weight)
-            inv_x, sumsq = patch_inverse(patches, x_pre, eps, silence, ct)
-            x, inv, nu_flat, unflatten = patches.flat(x_t, inv_x, nu.to(ct))
-            out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
-        keep_norms = sumsq.numel() * 16 <= x_t.numel()  # else recomputed in backward (depthwise convs)
+        site = UnitSite(patches, eps, silence)
+        out, inv_x, sumsq, nu, term_b_tensors = unit_forward(x_t, x_pre, inv_w, nu, eta, site, term_b, ln_weight,
+                                                             ln_bias)
         kept_x_t = None if replay is not None else x_t
-        norms = (inv_x, sumsq) if keep_norms else (None, None)
-        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, ln_bias, *replay_tensors)
+        norms = (inv_x, sumsq) if site.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
+        ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, ln_weight, ln_bias,
+                              *replay_tensors)
         ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
-        # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
-        # holds that output) so that a following in-place operation (a residual "+=") is allowed
-        return out.detach()
+        ctx.term_b = term_b is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -193,36 +186,102 @@ class IIEUFunction(torch.autograd.Function):
         if x_t is None:
             with torch.no_grad():
                 x_t = replay.replay(*replay_tensors)
-        with autocast_off(grad_out.device.type):
-            ct = compute_dtype(x_t)
-            sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(ctx, x_t, x_pre, sumsq, inv_x, nu,
-                                                                                   grad_out, ct)
-            args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
-            if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
-                own = replay is not None or x.data_ptr() != x_t.data_ptr()
-                grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own)
-            else:
-                grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
-            grad_ln = (None, None)
-            if gap is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample
-                grad_gap, *grad_ln = backend(gap).term_b_backward(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
-                                                                  ln_weight.to(ct), ln_bias.to(ct))
-                kernels.spread_add_(grad_x, grad_gap, nu.numel() / x_t.numel())
-                grad_ln = [g.to(t.dtype) for g, t in zip(grad_ln, (ln_weight, ln_bias))]
-            grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grad_inv.reshape(inv_x.shape), ct)
-        grad_nu = None if gap is not None else grad_nu.reshape(nu.shape).to(nu.dtype)
-        return (unflatten(grad_x), grad_x_pre, grad_w.reshape(inv_w.shape).to(inv_w.dtype), grad_nu,
-                grad_eta.to(eta.dtype), None, None, None, None, None, None, None, *grad_ln)
+        term_b = (gap, mean, rstd) if ctx.term_b else None
+        grads = unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, (inv_x, sumsq), term_b, ln_weight, ln_bias,
+                              UnitSite(ctx.patches, ctx.eps, ctx.silence), x_t_owned=replay is not None)
+        grad_x_pre = _patch_norm_grad(ctx, x_pre, grads.sumsq, grads.inv, compute_dtype(x_t))
+        return (grads.x_t, grad_x_pre, grads.inv_w, grads.nu, grads.eta, None, None, None, None, None, None, None,
+                grads.ln_weight, grads.ln_bias)
 
 
-def _flat_inputs(ctx, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
+@dataclass(frozen=True)
+class UnitSite:
+    """What the unit's computation is told of its site besides its tensors: the patch geometry, the patch
+    norms' eps and the zero-patch rule."""
+
+    patches: Patches
+    eps: float
+    silence: bool
+
+    @staticmethod
+    def keeps_norms(norms_numel: int, x_t_numel: int) -> bool:
+        """Whether the patch norms are kept for backward (small against x_t) or recomputed (depthwise convs)."""
+        return norms_numel * 16 <= x_t_numel
+
+
+class UnitGrads(NamedTuple):
+    """What ``unit_backward`` gives: the gradients of x_t (its shape), of the inverse patch norms (the
+    norms' shape, the compute dtype), of inv_w, nu (None with term-B inside), eta and term-B's LayerNorm
+    weight and bias (None without), each in its input's dtype; and the squared patch norms (recomputed
+    when they were not kept), which x_pre's gradient through the norms needs."""
+
+    x_t: torch.Tensor
+    inv: torch.Tensor
+    inv_w: torch.Tensor
+    nu: torch.Tensor | None
+    eta: torch.Tensor
+    ln_weight: torch.Tensor | None
+    ln_bias: torch.Tensor | None
+    sumsq: torch.Tensor
+
+
+def unit_forward(x_t, x_pre, inv_w, nu, eta, site: UnitSite, term_b: TermB | None = None, ln_weight=None,
+                 ln_bias=None):
+    """IIEU-B's output (x_t's shape and dtype, a tensor of its own) with what its backward needs:
+    (out, inv_x, sumsq, nu, (gap, mean, rstd)). With ``term_b`` nu is computed here from term_b.gap and the
+    LayerNorm's ``ln_weight`` and ``ln_bias`` (else it is given, and (gap, mean, rstd) are None)."""
+    with autocast_off(x_t.device.type):
+        ct = compute_dtype(x_t)
+        term_b_tensors = (None,) * 3
+        if term_b is not None:
+            gap = term_b.gap
+            nu, mean, rstd = backend(gap).term_b_forward(gap, ln_weight.to(ct), ln_bias.to(ct), term_b.eps)
+            term_b_tensors = (gap, mean, rstd)
+        inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
+        x, inv, nu_flat, unflatten = site.patches.flat(x_t, inv_x, nu.to(ct))
+        out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
+    # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
+    # holds that output) so that a following in-place operation (a residual "+=") is allowed
+    return out.detach(), inv_x, sumsq, nu, term_b_tensors
+
+
+def unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, norms, term_b, ln_weight, ln_bias, site: UnitSite,
+                  x_t_owned: bool = False) -> UnitGrads:
+    """The gradients of ``unit_forward`` from dL/d out, all but x_pre's (which ``patch_grad_factor`` forms
+    from ``grads.inv`` and ``grads.sumsq``). ``norms``: (inv_x, sumsq) as forward gave them, or (None, None)
+    to recompute them; ``term_b``: forward's (gap, mean, rstd), or None where nu was given. ``x_t_owned``:
+    x_t is the caller's temporary (a replay), which the CPU kernels may overwrite with its gradient."""
+    with autocast_off(grad_out.device.type):
+        ct = compute_dtype(x_t)
+        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(site, x_t, x_pre, *norms[::-1], nu,
+                                                                               grad_out, ct)
+        args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
+        if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
+            own = x_t_owned or x.data_ptr() != x_t.data_ptr()
+            grad_x, grad_inv, grad_w, grad_nu, grad_eta = native.iieu_backward(*args, grad_into_x=own)
+        else:
+            grad_x, grad_inv, grad_w, grad_nu, grad_eta = kernels.iieu_backward(*args)
+        grad_ln = (None, None)
+        if term_b is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample
+            gap, mean, rstd = term_b
+            grad_gap, *grad_ln = backend(gap).term_b_backward(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
+                                                              ln_weight.to(ct), ln_bias.to(ct))
+            kernels.spread_add_(grad_x, grad_gap, nu.numel() / x_t.numel())
+            grad_ln = [g.to(t.dtype) for g, t in zip(grad_ln, (ln_weight, ln_bias))]
+    grad_nu = None if term_b is not None else grad_nu.reshape(nu.shape).to(nu.dtype)
+    return UnitGrads(unflatten(grad_x), grad_inv.reshape(inv_x.shape), grad_w.reshape(inv_w.shape).to(inv_w.dtype),
+                     grad_nu, grad_eta.to(eta.dtype), *grad_ln, sumsq)
+
+
+def _flat_inputs(site, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
     """The backward kernels' inputs: the squared patch norms and invX (recomputed when not kept), the flat
     layout of ``source`` (x_t, or the BatchNorm input) with invX and nu, grad_out in that layout, and the
-    kernels for it. ``ctx``: an autograd context with ``patches``, ``eps`` and ``silence``."""
+    kernels for it. ``site``: a ``UnitSite`` (or an autograd context) with ``patches``, ``eps`` and
+    ``silence``."""
     if sumsq is None:
-        inv_x, sumsq = patch_inverse(ctx.patches, x_pre, ctx.eps, ctx.silence, ct)
-    flat = ctx.patches.flat(source, inv_x, nu.to(ct))
-    go = ctx.patches.flat_like(grad_out, flat[0])
+        inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
+    flat = site.patches.flat(source, inv_x, nu.to(ct))
+    go = site.patches.flat_like(grad_out, flat[0])
     return sumsq, inv_x, flat, go, backend(flat[0], cpu_native=go.dtype == flat[0].dtype)
 
 
@@ -273,7 +332,7 @@ class IIEUNormFunction(torch.autograd.Function):
             inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
             x, inv, nu_flat, unflatten = site.patches.flat(x_t, inv_x, nu)
             out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
-        norms = (inv_x, sumsq) if sumsq.numel() * 16 <= x_t.numel() else (None, None)  # else recomputed
+        norms = (inv_x, sumsq) if UnitSite.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
         ctx.save_for_backward(c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, *norms)
         ctx.patches, ctx.eps, ctx.silence, ctx.tap, ctx.batch_stats = (site.patches, site.eps, site.silence,
                                                                         site.tap, site.batch_stats)

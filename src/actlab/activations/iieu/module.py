@@ -13,6 +13,7 @@ from ..kernels import backend
 from ..kernels.composite import compute_dtype
 from .function import (PATHS, BatchNormReplay, IIEUFunction, IIEUNormFunction, InputTap, LinearReplay, NormSite,
                        ProducerInputTap, TermB, iieu_b_rho, path)
+from .operation import iieu_unit_traced
 from .patches import ConvPatches, LinearPatches, Patches, autocast_off
 
 
@@ -39,8 +40,12 @@ class InverseFilterNorms(torch.autograd.Function):
 
 def inverse_filter_norms(weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(C_out, ...) filters -> 1 / (||w_c|| + eps), (C_out,), float32 or float64."""
-    if weight.requires_grad and torch.is_grad_enabled() and path() == "train":
+    mode = path() if weight.requires_grad and torch.is_grad_enabled() else "plain"
+    if mode == "train":
         return InverseFilterNorms.apply(weight, eps)
+    if mode == "traced_train":  # one operation of the kernel layer with its gradient formula
+        inv, _ = torch.ops.actlab.rows_inv_norm(weight.reshape(weight.shape[0], -1).contiguous(), eps, -1.0)
+        return inv.to(compute_dtype(weight))
     return 1.0 / (weight.flatten(1).to(compute_dtype(weight)).norm(dim=1) + eps)
 
 
@@ -101,6 +106,11 @@ class IIEUB(ActivationModule):
     @property
     def producer(self) -> nn.Module | None:
         return self._producer
+
+    @property
+    def patches(self) -> Patches | None:
+        """The bound site's patch geometry (``ConvPatches`` or ``LinearPatches``), None when unbound."""
+        return self._patches
 
     def bind(self, producer: nn.Module, capture: bool = True, norm: nn.Module | None = None,
              out_slice: tuple[int, int] | None = None) -> "IIEUB":
@@ -247,6 +257,9 @@ class IIEUB(ActivationModule):
             return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
                                       replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
                                       self.norm.bias)
+        if mode == "traced_train":  # one operation (term-B, patch norms and the unit) with its gradient formula
+            return iieu_unit_traced(x_t, x_pre, inv_w, self.eta, self.norm.weight, self.norm.bias, self._patches,
+                                    self.patch_eps(), silence, self.norm.eps)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.patch_eps(), silence)
 
     @torch.no_grad()

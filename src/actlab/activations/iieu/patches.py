@@ -202,6 +202,22 @@ class LinearPatches:
 Patches = ConvPatches | LinearPatches
 
 
+def patches_key(patches: Patches) -> list[int]:
+    """A site's geometry as a list of ints (what an operator schema can carry); ``patches_of`` inverts it."""
+    if isinstance(patches, LinearPatches):
+        return [0, patches.in_features, patches.out_features]
+    return [1, patches.in_channels, patches.out_channels, patches.groups, *patches.kernel_size, *patches.stride,
+            *patches.dilation, *patches.pads]
+
+
+def patches_of(key: list[int]) -> Patches:
+    """The geometry ``patches_key`` encoded."""
+    if key[0] == 0:
+        return LinearPatches(key[1], key[2])
+    cin, cout, groups, kh, kw, sh, sw, dh, dw, *pads = key[1:]
+    return ConvPatches(cin, cout, groups, (kh, kw), (sh, sw), (dh, dw), tuple(pads))
+
+
 def inverse_patch_norm(sumsq: torch.Tensor, patch_numel: int, eps: float, silence: bool) -> torch.Tensor:
     """invX = 1 / (||patch|| + eps); patches with RMS < 1e-6 get 0 when ``silence``."""
     return inverse_norm(sumsq, eps, _silent_norm(patch_numel) if silence else -1.0)

@@ -15,10 +15,10 @@ from . import backend, composite, native
 
 
 # every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
-_CONTIGUOUS = tuple(getattr(torch.Tag, name) for name in ("needs_contiguous_strides",) if hasattr(torch.Tag, name))
+CONTIGUOUS = tuple(getattr(torch.Tag, name) for name in ("needs_contiguous_strides",) if hasattr(torch.Tag, name))
 
 
-def _dense(t: Tensor) -> Tensor:
+def dense(t: Tensor) -> Tensor:
     """A contiguous tensor of t's shape and dtype: what the implementations return. (``empty_like``
     would copy an input's strides, and the compiler would then read the real, contiguous output with
     those strides.)"""
@@ -27,7 +27,7 @@ def _dense(t: Tensor) -> Tensor:
 
 # --- IIEU-B elementwise forward / backward -------------------------------------------------------------
 
-@torch.library.custom_op("actlab::iieu_forward", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::iieu_forward", mutates_args=(), tags=CONTIGUOUS)
 def iieu_forward(x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor, eta: Tensor) -> Tensor:
     """out = s(x * inv_w * inv + nu) * x, x's dtype; s(r) = r above eta, eta * exp(r - eta) below."""
     return backend(x).iieu_forward(x, inv, inv_w, nu, eta)
@@ -35,10 +35,10 @@ def iieu_forward(x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor, eta: Tensor)
 
 @iieu_forward.register_fake
 def _(x, inv, inv_w, nu, eta):
-    return _dense(x)
+    return dense(x)
 
 
-@torch.library.custom_op("actlab::iieu_backward", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::iieu_backward", mutates_args=(), tags=CONTIGUOUS)
 def iieu_backward(grad_out: Tensor, x: Tensor, inv: Tensor, inv_w: Tensor, nu: Tensor,
                   eta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``iieu_forward`` w.r.t. (x, inv, inv_w, nu, eta), each shaped like its input."""
@@ -47,8 +47,8 @@ def iieu_backward(grad_out: Tensor, x: Tensor, inv: Tensor, inv_w: Tensor, nu: T
 
 @iieu_backward.register_fake
 def _(grad_out, x, inv, inv_w, nu, eta):
-    return (_dense(x), _dense(inv), _dense(inv_w), _dense(nu),
-            _dense(eta))
+    return (dense(x), dense(inv), dense(inv_w), dense(nu),
+            dense(eta))
 
 
 def _iieu_setup(ctx, inputs, output):
@@ -65,7 +65,7 @@ iieu_forward.register_autograd(_iieu_grad, setup_context=_iieu_setup)
 
 # --- inverse row norms of a Linear site's input -------------------------------------------------------
 
-@torch.library.custom_op("actlab::rows_inv_norm", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::rows_inv_norm", mutates_args=(), tags=CONTIGUOUS)
 def rows_inv_norm(x: Tensor, eps: float, silent: float) -> tuple[Tensor, Tensor]:
     """x (R, K) -> (inv (R,), sumsq (R,)): 1 / (||x_r|| + eps), 0 below ``silent`` (< 0: never)."""
     return tuple(backend(x).rows_inv_norm(x, eps, silent))
@@ -77,7 +77,7 @@ def _(x, eps, silent):
     return x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape[0], dtype=dtype)
 
 
-@torch.library.custom_op("actlab::rows_inv_norm_backward", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::rows_inv_norm_backward", mutates_args=(), tags=CONTIGUOUS)
 def rows_inv_norm_backward(x: Tensor, sumsq: Tensor, grad_inv: Tensor, eps: float, silent: float) -> Tensor:
     """dL/d x of ``rows_inv_norm`` from dL/d inv."""
     return backend(x).rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
@@ -85,7 +85,7 @@ def rows_inv_norm_backward(x: Tensor, sumsq: Tensor, grad_inv: Tensor, eps: floa
 
 @rows_inv_norm_backward.register_fake
 def _(x, sumsq, grad_inv, eps, silent):
-    return _dense(x)
+    return dense(x)
 
 
 def _norm_setup(ctx, inputs, output):
@@ -106,7 +106,7 @@ def _norm_grad(ctx, grad_inv, grad_sumsq):
 rows_inv_norm.register_autograd(_norm_grad, setup_context=_norm_setup)
 
 
-@torch.library.custom_op("actlab::inv_norm", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::inv_norm", mutates_args=(), tags=CONTIGUOUS)
 def inv_norm(sumsq: Tensor, eps: float, silent: float) -> Tensor:
     """1 / (sqrt(sumsq) + eps), 0 where sqrt(sumsq) < silent (< 0: never); elementwise, any shape. Its
     gradient is 0 at a zero norm, where the plain ops' chain rule would give inf * 0 = NaN."""
@@ -117,7 +117,7 @@ def inv_norm(sumsq: Tensor, eps: float, silent: float) -> Tensor:
 
 @inv_norm.register_fake
 def _(sumsq, eps, silent):
-    return _dense(sumsq)
+    return dense(sumsq)
 
 
 def _inv_norm_setup(ctx, inputs, output):
@@ -174,7 +174,7 @@ def _net_of(tensors, scalars) -> composite.CouplerNet:
     return composite.CouplerNet(*tensors, silent=silent, ln_eps=ln_eps, row_eps=row_eps, eps=eps)
 
 
-@torch.library.custom_op("actlab::coupler", mutates_args=(), tags=_CONTIGUOUS,
+@torch.library.custom_op("actlab::coupler", mutates_args=(), tags=CONTIGUOUS,
                          schema=f"(Tensor main, Tensor shortcut, {_NET}) -> (Tensor, Tensor, Tensor)")
 def coupler(main, shortcut, *net):
     """The Dynamic Coupler's fusion, ``coupler_fusion``, for torch.compile: (out, pooled, lam)."""
@@ -189,10 +189,10 @@ def _channels(x: Tensor) -> int:
 def _(main, shortcut, *net):
     b, c = main.shape[0], _channels(main)
     dtype = composite.compute_dtype(main)
-    return _dense(main), main.new_empty(b, 2 * c, dtype=dtype), main.new_empty(b, 2, c, dtype=dtype)
+    return dense(main), main.new_empty(b, 2 * c, dtype=dtype), main.new_empty(b, 2, c, dtype=dtype)
 
 
-@torch.library.custom_op("actlab::coupler_backward", mutates_args=(), tags=_CONTIGUOUS,
+@torch.library.custom_op("actlab::coupler_backward", mutates_args=(), tags=CONTIGUOUS,
                          schema=f"(Tensor grad, Tensor out, Tensor shortcut, Tensor pooled, Tensor lam, {_NET}) "
                                 "-> Tensor[]")
 def coupler_backward(grad, out, shortcut, pooled, lam, *net):
@@ -204,7 +204,7 @@ def coupler_backward(grad, out, shortcut, pooled, lam, *net):
 
 @coupler_backward.register_fake
 def _(grad, out, shortcut, pooled, lam, *net):
-    return [_dense(grad), _dense(grad), *(_dense(t) for t in net[:9])]
+    return [dense(grad), dense(grad), *(dense(t) for t in net[:9])]
 
 
 def _coupler_setup(ctx, inputs, output):
@@ -225,7 +225,7 @@ coupler.register_autograd(_coupler_grad, setup_context=_coupler_setup)
 
 # --- DPA: TAU and the pooled response in one pass ------------------------------------------------------
 
-@torch.library.custom_op("actlab::tau_pool", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::tau_pool", mutates_args=(), tags=CONTIGUOUS)
 def tau_pool(x: Tensor, tau: float, tokens: bool) -> tuple[Tensor, Tensor, Tensor]:
     """TAU(x), the mean (float32; float64 for float64 x) over positions (x (B, C, P)) or tokens (x (B, N, C)), and the
     packed pass mask x >= tau (uint8, ceil(numel / 8))."""
@@ -235,11 +235,11 @@ def tau_pool(x: Tensor, tau: float, tokens: bool) -> tuple[Tensor, Tensor, Tenso
 @tau_pool.register_fake
 def _(x, tau, tokens):
     b, c = (x.shape[0], x.shape[2]) if tokens else x.shape[:2]
-    return (_dense(x), x.new_empty(b, c, dtype=composite.compute_dtype(x)),
+    return (dense(x), x.new_empty(b, c, dtype=composite.compute_dtype(x)),
             x.new_empty(composite.packed_size(x.numel()), dtype=torch.uint8))
 
 
-@torch.library.custom_op("actlab::tau_pool_backward", mutates_args=(), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::tau_pool_backward", mutates_args=(), tags=CONTIGUOUS)
 def tau_pool_backward(grad_out: Tensor, passes: Tensor, grad_v: Tensor | None, tokens: bool) -> Tensor:
     """dL/d x of ``tau_pool``: grad_out where the pass mask is set, plus grad_v spread evenly over the pooled
     axis."""
@@ -248,7 +248,7 @@ def tau_pool_backward(grad_out: Tensor, passes: Tensor, grad_v: Tensor | None, t
 
 @tau_pool_backward.register_fake
 def _(grad_out, passes, grad_v, tokens):
-    return _dense(grad_out)
+    return dense(grad_out)
 
 
 def _tau_setup(ctx, inputs, output):
@@ -272,7 +272,7 @@ tau_pool.register_autograd(_tau_grad, setup_context=_tau_setup)
 
 # --- DPA: the per-class exponential memory -------------------------------------------------------------
 
-@torch.library.custom_op("actlab::ema_update_", mutates_args=("memory",), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::ema_update_", mutates_args=("memory",), tags=CONTIGUOUS)
 def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, enabled: Tensor,
                 signs: bool = False) -> Tensor:
     """Where ``enabled`` (a 0-dim bool tensor), apply ``memory[y_i] += alpha * (values_i - memory[y_i])``
@@ -287,7 +287,7 @@ def _(memory, labels, values, alpha, enabled, signs=False):
     return memory.new_empty(labels.shape[0], memory.shape[1])
 
 
-@torch.library.custom_op("actlab::dpa_step_", mutates_args=("value_memory", "count"), tags=_CONTIGUOUS)
+@torch.library.custom_op("actlab::dpa_step_", mutates_args=("value_memory", "count"), tags=CONTIGUOUS)
 def dpa_step_(value_memory: Tensor, count: Tensor, grad_memory: Tensor, v: Tensor, labels: Tensor, alpha: float,
               interval: int, tau: float) -> tuple[Tensor, Tensor]:
     """One DPA site's bookkeeping in a traced training forward, as one operation: advance the schedule
