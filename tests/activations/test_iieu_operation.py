@@ -76,12 +76,19 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(f, (x_t, x_pre, inv_w, unit.eta, unit.norm.weight, unit.norm.bias))
 
 
-@pytest.mark.parametrize("name", ["3x3", "depthwise", "rows"])
-def test_operator_contract(name):
-    """Schema, fake kernel (shapes, dtypes, strides), no aliasing, autograd registration, AOT dispatch."""
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["3x3", "stride2_grouped", "depthwise", "rows"])
+def test_operator_contract(name, layout):
+    """Schema, fake kernel (shapes, dtypes, strides: channels-last maps are taken and returned as they come),
+    no aliasing, autograd registration, AOT dispatch."""
+    if layout == "channels_last" and name == "rows":
+        pytest.skip("a Linear site has no channels-last layout")
     producer, unit, x_pre = site(name)
-    x_t = producer(x_pre).detach().float().requires_grad_()
+    x_t = producer(x_pre).detach().float()
+    x_pre = x_pre.detach().float()
+    if layout == "channels_last":
+        x_t, x_pre = x_t.contiguous(memory_format=torch.channels_last), x_pre.contiguous(memory_format=torch.channels_last)
     inv_w = inverse_filter_norms(producer.weight.float(), unit.eps).detach().requires_grad_()
-    args = (x_t, x_pre.detach().float().requires_grad_(), inv_w, unit.eta.float(), unit.norm.weight.float(),
+    args = (x_t.requires_grad_(), x_pre.requires_grad_(), inv_w, unit.eta.float(), unit.norm.weight.float(),
             unit.norm.bias.float(), patches_key(unit.patches), unit.patch_eps(), True, unit.norm.eps)
     torch.library.opcheck(torch.ops.actlab.iieu_unit.default, args)

@@ -3,8 +3,10 @@
 * ``IIEUFunction``: eager training. Saves little (x_pre, which the producer keeps anyway, and small
   per-channel / per-position values), replays ``x_t`` from its maker when it can, and recomputes the rest
   in backward.
-* ``iieu_b_traced``: training under ``torch.compile``: the custom operations with their registered
-  autograd formulas, traced without a graph break.
+* ``unit_forward`` / ``unit_backward``: the unit's computation, shared by ``IIEUFunction`` and the
+  operation ``actlab::iieu_unit`` (``operation.py``) that a module's site is under ``torch.compile``.
+* ``iieu_b_traced``: the functional ``iieu_b`` (nu given) under ``torch.compile``: the custom operations
+  with their registered autograd formulas, traced without a graph break.
 * ``iieu_b_inference``: eager forward without autograd, on the fused kernels.
 * ``iieu_b_plain``: plain tensor ops (the composite), for tracing, export and compile without grad.
 

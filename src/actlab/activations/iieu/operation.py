@@ -14,11 +14,22 @@ import torch
 from torch import Tensor
 
 from ..kernels.composite import compute_dtype
-from ..kernels.ops import CONTIGUOUS, dense
 from .function import TermB, UnitSite, unit_backward, unit_forward
 from .patches import LinearPatches, Patches, apply_patch_grad, patch_grad_factor, patches_key, patches_of
 
 _NO_NORMS = (0,)  # the patch norms' shape where they are recomputed in backward rather than kept
+
+# The operations take x_t in the layout the compiler chose and return the output and x_t's gradient in it:
+# a channels-last convolution output (Inductor's choice for convolution networks) is read in place as rows
+# (B * H * W, C), with no copy before or after the unit. The producer's input is read contiguous (copied
+# here when it is not: the patch norms' kernels read planes), and its gradient is returned contiguous.
+_FLEXIBLE = (torch.Tag.flexible_layout,)
+
+
+def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """t (like's shape) with the strides ``torch.empty_like(like)`` has: t itself when it has them, else a copy."""
+    target = torch.empty_like(like)
+    return t if t.stride() == target.stride() else target.copy_(t)
 
 
 def _norms_shape(x_t: Tensor, x_pre: Tensor, patches: Patches) -> tuple[int, ...]:
@@ -34,13 +45,14 @@ def _channels(x_t: Tensor, patches: Patches) -> int:
     return x_t.shape[-1] if isinstance(patches, LinearPatches) else x_t.shape[1]
 
 
-@torch.library.custom_op("actlab::iieu_unit", mutates_args=(), tags=CONTIGUOUS)
+@torch.library.custom_op("actlab::iieu_unit", mutates_args=(), tags=_FLEXIBLE)
 def iieu_unit(x_t: Tensor, x_pre: Tensor, inv_w: Tensor, eta: Tensor, ln_weight: Tensor, ln_bias: Tensor,
               patches: list[int], eps: float, silence: bool,
               ln_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """IIEU-B with term-B from x_t: (out, inv_x, sumsq, gap, nu, mean, rstd), the last six for backward
     (inv_x and sumsq empty where backward recomputes them). ``patches``: ``patches_key`` of the site."""
     site = UnitSite(patches_of(patches), eps, silence)
+    x_pre = x_pre.contiguous()
     gap = site.patches.gap(x_t)
     if gap.data_ptr() == x_t.data_ptr():  # a (rows, C) Linear site in the compute dtype: GAP is x_t itself
         gap = gap.clone()
@@ -48,7 +60,8 @@ def iieu_unit(x_t: Tensor, x_pre: Tensor, inv_w: Tensor, eta: Tensor, ln_weight:
                                                             ln_weight, ln_bias)
     if not site.keeps_norms(sumsq.numel(), x_t.numel()):
         inv_x, sumsq = sumsq.new_empty(_NO_NORMS), sumsq.new_empty(_NO_NORMS)
-    return out, inv_x, sumsq, gap, nu, mean, rstd
+    saved = (t.contiguous() for t in (inv_x, sumsq, gap, nu, mean, rstd))
+    return _in_layout_of(out, x_t), *saved
 
 
 @iieu_unit.register_fake
@@ -57,29 +70,31 @@ def _(x_t, x_pre, inv_w, eta, ln_weight, ln_bias, patches, eps, silence, ln_eps)
     ct = compute_dtype(x_t)
     norms = _norms_shape(x_t, x_pre, geometry)
     rows, channels = x_t.shape[0], _channels(x_t, geometry)
-    return (dense(x_t), x_t.new_empty(norms, dtype=ct), x_t.new_empty(norms, dtype=ct),
+    return (torch.empty_like(x_t), x_t.new_empty(norms, dtype=ct), x_t.new_empty(norms, dtype=ct),
             x_t.new_empty(rows, channels, dtype=ct), x_t.new_empty(rows, channels, dtype=ct),
             x_t.new_empty(rows, 1, dtype=ct), x_t.new_empty(rows, 1, dtype=ct))
 
 
-@torch.library.custom_op("actlab::iieu_unit_backward", mutates_args=(), tags=CONTIGUOUS)
+@torch.library.custom_op("actlab::iieu_unit_backward", mutates_args=(), tags=_FLEXIBLE)
 def iieu_unit_backward(grad: Tensor, x_t: Tensor, x_pre: Tensor, inv_w: Tensor, eta: Tensor, ln_weight: Tensor,
                        ln_bias: Tensor, inv_x: Tensor, sumsq: Tensor, gap: Tensor, nu: Tensor, mean: Tensor,
                        rstd: Tensor, patches: list[int], eps: float,
                        silence: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``iieu_unit``'s output w.r.t. (x_t, x_pre, inv_w, eta, ln_weight, ln_bias)."""
     site = UnitSite(patches_of(patches), eps, silence)
+    x_pre = x_pre.contiguous()
     norms = (inv_x, sumsq) if sumsq.numel() else (None, None)
     grads = unit_backward(grad, x_t, x_pre, inv_w, nu, eta, norms, (gap, mean, rstd), ln_weight, ln_bias, site)
     factor = patch_grad_factor(site.patches, x_pre, grads.sumsq, grads.inv, eps, silence, compute_dtype(x_t))
     grad_x_pre = apply_patch_grad(site.patches, x_pre, factor)
-    return (grads.x_t.contiguous(), grad_x_pre.contiguous(), grads.inv_w.contiguous(), grads.eta.contiguous(),
-            grads.ln_weight.contiguous(), grads.ln_bias.contiguous())
+    return (_in_layout_of(grads.x_t, x_t), grad_x_pre.contiguous(), grads.inv_w.contiguous(),
+            grads.eta.contiguous(), grads.ln_weight.contiguous(), grads.ln_bias.contiguous())
 
 
 @iieu_unit_backward.register_fake
 def _(grad, x_t, x_pre, inv_w, eta, ln_weight, ln_bias, inv_x, sumsq, gap, nu, mean, rstd, patches, eps, silence):
-    return dense(x_t), dense(x_pre), dense(inv_w), dense(eta), dense(ln_weight), dense(ln_bias)
+    dense = (t.new_empty(t.shape) for t in (x_pre, inv_w, eta, ln_weight, ln_bias))
+    return torch.empty_like(x_t), *dense
 
 
 def _setup(ctx, inputs, output):
