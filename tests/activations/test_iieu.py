@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from actlab.activations import IIEUB
 from actlab.bench.speed import saved_bytes
@@ -505,3 +506,38 @@ def test_in_place_operation_on_the_output(replay):
         grads.append(torch.autograd.grad(out.square().sum(), [xs, unit.eta]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class _Casts(TorchDispatchMode):
+    """Records (numel, source dtype, target dtype) of every dtype cast dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and "dtype" in kwargs:
+            self.casts.append((args[0].numel(), args[0].dtype, kwargs["dtype"]))
+        return func(*args, **kwargs)
+
+
+def test_linear_recompute_under_autocast_multiplies_the_saved_bf16_operands():
+    """Under bf16 autocast x_t is recomputed from the bf16 input and weight the Linear saved for its own
+    backward: backward casts neither the input nor the weight to bf16 again, and the gradients equal
+    those of the unit that keeps x_t."""
+    x = torch.randn(4, 65, 24)
+    grads = []
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        fc1, head = nn.Linear(24, 96), nn.Linear(96, 5)  # no other map of x's size is cast in backward
+        unit = IIEUB(96, recompute_linear=recompute).bind(fc1)
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head(unit(fc1(xs))).float().square().sum()
+        with _Casts() as mode:
+            grads.append(torch.autograd.grad(loss, [xs, fc1.weight, fc1.bias, unit.eta, unit.norm.weight]))
+        to_bf16 = [n for n, src, dst in mode.casts if src == torch.float32 and dst == torch.bfloat16]
+        assert x.numel() not in to_bf16 and fc1.weight.numel() not in to_bf16, mode.casts
+    for recomputed, kept in zip(*grads):
+        assert torch.equal(recomputed, kept)

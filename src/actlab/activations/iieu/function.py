@@ -103,7 +103,12 @@ class LinearReplay:
     autocast_dtype: torch.dtype
 
     @classmethod
-    def of_call(cls, linear: nn.Module, output: torch.Tensor) -> "LinearReplay":
+    def of_call(cls, linear: nn.Module, output: torch.Tensor):
+        """The replay of this call: from the operands the Linear's matrix product saved for its own backward
+        (``ProductReplay``) where autograd recorded one, else from the Linear's input and weights."""
+        product = ProductReplay.of_output(output)
+        if product is not None:
+            return product
         device = output.device.type
         return cls(torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
 
@@ -114,6 +119,41 @@ class LinearReplay:
     def replay(self, x, weight, bias) -> torch.Tensor:
         with _autocast_as(x.device.type, self.autocast, self.autocast_dtype):
             return F.linear(x, weight, bias)
+
+    def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
+        return False
+
+
+@dataclass(frozen=True, eq=False)
+class ProductReplay:
+    """``x_t = bias + mat1 @ mat2`` recomputed from the operands autograd saved for the Linear's own
+    backward (``torch.addmm``'s node, reached from x_t's ``grad_fn`` through at most a view), in the dtype
+    they were multiplied in: under autocast the bfloat16 input and weight, so nothing is cast again and
+    the Linear's float32 input is not kept. ``node``: that autograd node; its saved operands are read in
+    backward, before the node itself runs (x_t's consumers run first) and frees them."""
+
+    node: object
+    shape: tuple
+
+    @classmethod
+    def of_output(cls, output: torch.Tensor) -> "ProductReplay | None":
+        node = output.grad_fn
+        if node is not None and node.name() == "ViewBackward0":
+            node = node.next_functions[0][0]
+        if node is None or node.name() != "AddmmBackward0" or node._saved_alpha != 1 or node._saved_beta != 1:
+            return None
+        rows, inner = node._saved_mat1_sym_sizes
+        if rows * node._saved_mat2_sym_sizes[1] != output.numel():
+            return None
+        return cls(node, tuple(output.shape))
+
+    def prepare(self, linear: nn.Module, x: torch.Tensor, x_t: torch.Tensor):
+        """The saved tensors (the bias; the operands stay with the node); no GAP comes with them (None)."""
+        return (linear.bias,), None
+
+    def replay(self, bias) -> torch.Tensor:
+        mat1, mat2 = self.node._saved_mat1, self.node._saved_mat2
+        return torch.addmm(bias.to(mat1.dtype), mat1, mat2).view(self.shape)
 
     def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
         return False
