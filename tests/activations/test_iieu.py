@@ -367,6 +367,23 @@ def restore_kernels():
     kernels.set_kernels(os.environ.get("ACTLAB_KERNELS", "auto"))
 
 
+@pytest.mark.parametrize("kernels", ["native", "eager"])
+def test_inverse_filter_norms_of_conv_filters_as_they_are(kernels, restore_kernels):
+    """(C_out, C_in, kh, kw) filters go to the kernels without a reshape: values and gradient as the norm's."""
+    restore_kernels.set_kernels(kernels)
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, requires_grad=True)
+    inv = inverse_filter_norms(w, 1e-8)
+    reference = w.detach().clone().requires_grad_()
+    want = 1.0 / (reference.flatten(1).norm(dim=1) + 1e-8)
+    torch.testing.assert_close(inv, want)
+    g = torch.randn(6)
+    (inv * g).sum().backward()
+    (want * g).sum().backward()
+    assert w.grad.shape == w.shape
+    torch.testing.assert_close(w.grad, reference.grad)
+
+
 KERNEL_SITES = {  # producer, norm, input: every layout the fused kernels handle
     "conv": (lambda: nn.Conv2d(6, 8, 3, padding=1), lambda: nn.BatchNorm2d(8), (4, 6, 9, 9)),
     "conv_grouped": (lambda: nn.Conv2d(6, 8, 3, stride=2, groups=2), lambda: nn.BatchNorm2d(8), (3, 6, 9, 7)),

@@ -157,14 +157,15 @@ def test_dpa_mask(gather, tau):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(37, 7), (37, 1, 7, 1)], ids=["rows", "filters"])  # filters: rows as they are
 @pytest.mark.parametrize("silent", [-1.0, 1e-6 * 7 ** 0.5], ids=["published", "silence"])
-def test_rows_inverse_norms(silent):
+def test_rows_inverse_norms(silent, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(37, 7, generator=g)
     x[0] = 0
     x[1] *= 0.8e-6 * 7 ** 0.5 / x[1].norm()  # just below the silencing norm
     x[2] *= 1.25e-6 * 7 ** 0.5 / x[2].norm()  # just above
-    x = x.to(DEVICE)
+    x = x.reshape(shape).to(DEVICE)
     inv, sumsq = triton_kernels.rows_inv_norm(x, 1e-8, silent)
     want_inv, want_sumsq = composite.rows_inv_norm(x, 1e-8, silent)
     close(inv, want_inv)

@@ -67,10 +67,9 @@ class BatchNormReplay:
         xhat = c * hat_scale + hat_shift per channel) and, when the batch statistics give it for free, GAP(x_t)
         (B, C) in the compute dtype (else None). One pass over ``c`` in training mode, none in eval mode."""
         with torch.no_grad():
-            if self.batch_stats:
-                source = c.detach()
-                kernels = backend(source, cpu_native=source.is_contiguous())
-                *terms, gap = kernels.batchnorm_terms(source, norm.weight, norm.bias, self.eps)
+            if self.batch_stats:  # (no_grad: c is read, not differentiated)
+                kernels = backend(c, cpu_native=c.is_contiguous())
+                *terms, gap = kernels.batchnorm_terms(c, norm.weight, norm.bias, self.eps)
                 return (c, *terms), gap if x_t.dim() == 4 else None  # GAP of a conv map
             ct = compute_dtype(x_t)
             mean, var = norm.running_mean.double(), norm.running_var.double()

@@ -25,9 +25,9 @@ class InverseFilterNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, eps):
-        rows = weight.reshape(weight.shape[0], -1).contiguous()
+        rows = weight.contiguous()  # (C_out, ...): the kernels read each filter as one row
         inv, sumsq = backend(rows).rows_inv_norm(rows, eps, -1.0)
-        ctx.eps, ctx.shape = eps, weight.shape
+        ctx.eps = eps
         ctx.save_for_backward(rows, sumsq)
         return inv.to(compute_dtype(weight))
 
@@ -35,7 +35,7 @@ class InverseFilterNorms(torch.autograd.Function):
     def backward(ctx, grad_inv):
         rows, sumsq = ctx.saved_tensors
         grad = backend(rows).rows_inv_norm_backward(rows, sumsq, grad_inv.contiguous().to(sumsq.dtype), ctx.eps, -1.0)
-        return grad.view(ctx.shape), None
+        return grad, None
 
 
 def inverse_filter_norms(weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -247,8 +247,6 @@ class IIEUB(ActivationModule):
             with autocast_off(x_t.device.type):
                 if gap is None:
                     gap = self._patches.gap(x_t.detach())
-            if tap is not None:  # x_pre's gradient goes to the tap the producer's input passed through
-                x_pre = x_pre.detach()
             if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm and term-B
                 norm, (c, *terms) = self._maker, replay_tensors
                 site = NormSite(self._patches, self.patch_eps(), silence, replay.batch_stats, self.norm.eps, tap)

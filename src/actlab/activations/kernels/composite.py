@@ -412,9 +412,9 @@ def channel_scale(x, scale, add=None, into_add: bool = False):
 
 
 def rows_inv_norm(x, eps: float, silent: float):
-    """x (R, K) -> inv (R,) = 1 / (||x_r|| + eps), 0 where ||x_r|| < silent (silent < 0: never), and the
-    squared norms (R,), both in the compute dtype."""
-    sumsq = x.to(compute_dtype(x)).square().sum(1)
+    """x (R, K) or (R, *) (each row x[r] flattened: conv filters as they are) -> inv (R,) = 1 / (||x_r|| + eps),
+    0 where ||x_r|| < silent (silent < 0: never), and the squared norms (R,), both in the compute dtype."""
+    sumsq = x.to(compute_dtype(x)).square().flatten(1).sum(1)
     norm = sumsq.sqrt()
     inv = 1.0 / (norm + eps)
     if silent >= 0:
@@ -472,9 +472,9 @@ def inv_norm_grad_sumsq(sumsq, grad_inv, eps: float, silent: float):
 
 
 def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
-    """dL/d x (x's dtype) of ``rows_inv_norm`` from dL/d inv."""
+    """dL/d x (x's shape and dtype) of ``rows_inv_norm`` from dL/d inv."""
     grad_sumsq = inv_norm_grad_sumsq(sumsq, grad_inv, eps, silent)
-    return (2 * x.to(sumsq.dtype) * grad_sumsq[:, None]).to(x.dtype)
+    return (2 * x.to(sumsq.dtype) * grad_sumsq.view(-1, *(1,) * (x.dim() - 1))).to(x.dtype)
 
 
 def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):

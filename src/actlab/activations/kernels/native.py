@@ -177,12 +177,13 @@ def window_inv_norm_backward(sumsq, grad_inv, hw, window, eps: float, silent: fl
 
 
 def rows_inv_norm(x, eps: float, silent: float):
-    inv, sumsq = torch.ops.actlab_iieu.rows_inv_norm(x, eps, silent)
+    inv, sumsq = torch.ops.actlab_iieu.rows_inv_norm(x.view(x.shape[0], -1), eps, silent)
     return inv, sumsq
 
 
 def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
-    return torch.ops.actlab_iieu.rows_inv_norm_backward(x, sumsq, grad_inv, eps, silent)
+    grad = torch.ops.actlab_iieu.rows_inv_norm_backward(x.view(x.shape[0], -1), sumsq, grad_inv, eps, silent)
+    return grad.view(x.shape)
 
 
 def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):

@@ -1118,7 +1118,8 @@ def _norm_blocks(k: int) -> tuple[int, int]:
 
 
 def rows_inv_norm(x, eps: float, silent: float):
-    r, k = x.shape
+    r = x.shape[0]
+    k = x.numel() // r  # rows of any trailing shape (conv filters as they are), read through the pointer
     inv = x.new_empty(r, dtype=torch.float32)
     sumsq = torch.empty_like(inv)
     block_r, block_k = _norm_blocks(k)
@@ -1133,7 +1134,8 @@ def rows_inv_norm_backward(x, sumsq, grad_inv, eps: float, silent: float):
 def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None, into_add: bool = False):
     if add is not None and not add.is_contiguous():
         return composite.rows_norm_grad_scale(x, sumsq, grad_inv, eps, silent, add, into_add)
-    r, k = x.shape
+    r = x.shape[0]
+    k = x.numel() // r
     grad_x = add if into_add else torch.empty_like(x if add is None else add)
     block_r, block_k = _norm_blocks(k)
     _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x, sumsq, grad_inv, grad_x if add is None else add, grad_x, r, k,
