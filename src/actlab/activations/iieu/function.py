@@ -127,8 +127,8 @@ class LinearReplay:
 class ProductReplay:
     """``x_t = bias + mat1 @ mat2`` recomputed from the operands autograd saved for the Linear's own
     backward (``torch.addmm``'s node, reached from x_t's ``grad_fn`` through at most a view), in the dtype
-    they were multiplied in: under autocast the bfloat16 input and weight, so nothing is cast again and
-    the Linear's float32 input is not kept. ``node``: that autograd node; its saved operands are read in
+    they were multiplied in: under autocast the bfloat16 input and weight, so neither is cast again (only
+    the bias). ``node``: that autograd node; its saved operands are read in
     backward, before the node itself runs (x_t's consumers run first) and frees them."""
 
     node: object
@@ -141,8 +141,7 @@ class ProductReplay:
             node = node.next_functions[0][0]
         if node is None or node.name() != "AddmmBackward0" or node._saved_alpha != 1 or node._saved_beta != 1:
             return None
-        rows, inner = node._saved_mat1_sym_sizes
-        if rows * node._saved_mat2_sym_sizes[1] != output.numel():
+        if node._saved_mat1_sym_sizes[0] * node._saved_mat2_sym_sizes[1] != output.numel():
             return None
         return cls(node, tuple(output.shape))
 
@@ -294,7 +293,8 @@ def unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, norms, term_b, ln_weight
     x_t is the caller's temporary (a replay), which the CPU kernels may overwrite with its gradient."""
     with autocast_off(grad_out.device.type):
         ct = compute_dtype(x_t)
-        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(site, x_t, x_pre, *norms[::-1], nu,
+        inv_x, sumsq = norms
+        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(site, x_t, x_pre, sumsq, inv_x, nu,
                                                                                grad_out, ct)
         args = (go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct))
         if kernels is native:  # a replayed x_t (or a layout copy) is ours: grad_x is written over it
@@ -367,17 +367,14 @@ class IIEUNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_t, c, x_pre, inv_w, eta, ln_weight, ln_bias, norm_weight, norm_bias, terms, gap,
                 site: NormSite):
-        with autocast_off(x_t.device.type):
-            ct = compute_dtype(x_t)
-            nu, mean, rstd = backend(gap).term_b_forward(gap, ln_weight.to(ct), ln_bias.to(ct), site.ln_eps)
-            inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
-            x, inv, nu_flat, unflatten = site.patches.flat(x_t, inv_x, nu)
-            out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
+        out, inv_x, sumsq, nu, (gap, mean, rstd) = unit_forward(x_t, x_pre, inv_w, None, eta,
+                                                                UnitSite(site.patches, site.eps, site.silence),
+                                                                TermB(gap, site.ln_eps), ln_weight, ln_bias)
         norms = (inv_x, sumsq) if UnitSite.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
         ctx.save_for_backward(c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, *norms)
         ctx.patches, ctx.eps, ctx.silence, ctx.tap, ctx.batch_stats = (site.patches, site.eps, site.silence,
                                                                         site.tap, site.batch_stats)
-        return out.detach()  # a tensor of its own: a following in-place operation is allowed
+        return out  # a tensor of its own (unit_forward's): a following in-place operation is allowed
 
     @staticmethod
     def backward(ctx, grad_out):
