@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.composite import compute_dtype
+from ..kernels.ops import dense
 from .function import TermB, UnitSite, unit_backward, unit_forward
 from .patches import LinearPatches, Patches, apply_patch_grad, patch_grad_factor, patches_key, patches_of
 
@@ -27,9 +28,12 @@ _FLEXIBLE = (torch.Tag.flexible_layout,)
 
 
 def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
-    """t (like's shape) with the strides ``torch.empty_like(like)`` has: t itself when it has them, else a copy."""
-    target = torch.empty_like(like)
-    return t if t.stride() == target.stride() else target.copy_(t)
+    """t (like's shape) with the strides ``torch.empty_like(like)`` has: t itself when it has them (a dense
+    ``like``, contiguous or channels-last, whose strides t shares), else a copy."""
+    dense_like = like.is_contiguous() or like.is_contiguous(memory_format=torch.channels_last)
+    if dense_like and t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
 
 
 def _norms_shape(x_t: Tensor, x_pre: Tensor, patches: Patches) -> tuple[int, ...]:
@@ -93,8 +97,7 @@ def iieu_unit_backward(grad: Tensor, x_t: Tensor, x_pre: Tensor, inv_w: Tensor, 
 
 @iieu_unit_backward.register_fake
 def _(grad, x_t, x_pre, inv_w, eta, ln_weight, ln_bias, inv_x, sumsq, gap, nu, mean, rstd, patches, eps, silence):
-    dense = (t.new_empty(t.shape) for t in (x_pre, inv_w, eta, ln_weight, ln_bias))
-    return torch.empty_like(x_t), *dense
+    return torch.empty_like(x_t), *(dense(t) for t in (x_pre, inv_w, eta, ln_weight, ln_bias))
 
 
 def _setup(ctx, inputs, output):
