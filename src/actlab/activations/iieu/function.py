@@ -280,9 +280,9 @@ def unit_forward(x_t, x_pre, inv_w, nu, eta, site: UnitSite, term_b: TermB | Non
         inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
         x, inv, nu_flat, unflatten = site.patches.flat(x_t, inv_x, nu.to(ct))
         out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
-    # x_t's shape is a view of the kernel's flat output; returned as a tensor of its own (nothing else
-    # holds that output) so that a following in-place operation (a residual "+=") is allowed
-    return out.detach(), inv_x, sumsq, nu, term_b_tensors
+    # where x_t's shape is a view of the kernel's flat output, it is returned as a tensor of its own (nothing
+    # else holds that output) so that a following in-place operation (a residual "+=") is allowed
+    return (out.detach() if out._is_view() else out), inv_x, sumsq, nu, term_b_tensors
 
 
 def unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, norms, term_b, ln_weight, ln_bias, site: UnitSite,
@@ -310,8 +310,13 @@ def unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, norms, term_b, ln_weight
             kernels.spread_add_(grad_x, grad_gap, nu.numel() / x_t.numel())
             grad_ln = [g.to(t.dtype) for g, t in zip(grad_ln, (ln_weight, ln_bias))]
     grad_nu = None if term_b is not None else grad_nu.reshape(nu.shape).to(nu.dtype)
-    return UnitGrads(unflatten(grad_x), grad_inv.reshape(inv_x.shape), grad_w.reshape(inv_w.shape).to(inv_w.dtype),
+    return UnitGrads(unflatten(grad_x), _shaped(grad_inv, inv_x.shape), _shaped(grad_w, inv_w.shape).to(inv_w.dtype),
                      grad_nu, grad_eta.to(eta.dtype), *grad_ln, sumsq)
+
+
+def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """t in ``shape``: t itself when it has it (no view made), else a reshape."""
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def _flat_inputs(site, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
@@ -384,9 +389,9 @@ class IIEUNormFunction(torch.autograd.Function):
                                                                                grad_out, ct)
         grads = kernels.iieu_bn_backward(go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), terms,
                                          (gap, mean, rstd, ln_weight.to(ct)), ctx.batch_stats)
-        grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grads.inv.reshape(inv_x.shape), ct, x_pre_input=2)
+        grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, _shaped(grads.inv, inv_x.shape), ct, x_pre_input=2)
         needed = ctx.needs_input_grad
-        return (None, unflatten(grads.c), grad_x_pre, grads.inv_w.reshape(inv_w.shape).to(inv_w.dtype),
+        return (None, unflatten(grads.c), grad_x_pre, _shaped(grads.inv_w, inv_w.shape).to(inv_w.dtype),
                 grads.eta.to(eta.dtype), grads.ln_weight.to(ln_weight.dtype), grads.ln_bias,
                 grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None, None, None)
 

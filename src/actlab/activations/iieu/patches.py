@@ -32,6 +32,11 @@ def _same_pads(kernel: int, dilation: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """The ``unflatten`` of a layout that is x_t's own."""
+    return t
+
+
 @dataclass(frozen=True)
 class ConvPatches:
     """Receptive-field geometry of a Conv2d producer; channel views are (B, G, C/G, H, W)."""
@@ -131,22 +136,21 @@ class ConvPatches:
 
     def flat(self, x_t: torch.Tensor, inv_x: torch.Tensor, nu: torch.Tensor):
         """The kernels' layout of a site's tensors, without copies where the memory allows it:
-        contiguous maps as planes (B, C, P) with inv (B, G, P); channels_last maps of an ungrouped conv
-        as rows (B * P, C) with inv (B * P,). Returns (x, inv, nu, unflatten) with ``unflatten`` taking
-        a kernel output of x's flat shape back to x_t's shape and memory format."""
+        contiguous maps as planes, as they are (B, C, H', W') with inv (B, G, H', W'); channels_last maps
+        of an ungrouped conv as rows (B * P, C) with inv (B * P,). Returns (x, inv, nu, unflatten) with
+        ``unflatten`` taking a kernel output of x's layout back to x_t's shape and memory format."""
         b, c, h, w = x_t.shape
         if self.groups == 1 and not x_t.is_contiguous() and x_t.is_contiguous(memory_format=torch.channels_last):
             rows = x_t.permute(0, 2, 3, 1).reshape(b * h * w, c)
             return rows, inv_x.reshape(-1).contiguous(), nu.contiguous(), \
                 lambda out: out.view(b, h, w, c).permute(0, 3, 1, 2)
-        planes = x_t.contiguous().view(b, c, h * w)
-        return planes, inv_x.contiguous().view(b, self.groups, h * w), nu.contiguous(), lambda out: out.view(b, c, h, w)
+        return x_t.contiguous(), inv_x.contiguous(), nu.contiguous(), _same
 
     def flat_like(self, t: torch.Tensor, x_flat: torch.Tensor) -> torch.Tensor:
         """A tensor of x_t's shape (a gradient) in the flat layout ``flat`` gave x_t."""
         if x_flat.dim() == 2:  # channels_last rows (B * H * W, C)
             return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(x_flat.shape)
-        return t.contiguous().view(x_flat.shape)
+        return t.contiguous()
 
     def gap(self, x_t: torch.Tensor) -> torch.Tensor:
         return x_t.mean((2, 3), dtype=compute_dtype(x_t))

@@ -3,7 +3,8 @@
 These are what ``set_kernels("eager")`` runs, what the C++ and Triton kernels are tested against, and
 what any device without a fused kernel falls back to. Layouts (all tensors contiguous):
 
-* IIEU-B ``planes``: x (B, C, P) with P positions; inv (B, G, P) for G channel groups; nu (B, C).
+* IIEU-B ``planes``: x (B, C, *S) with P = prod(S) positions (a conv map as it is, or flattened to
+  (B, C, P)); inv (B, G, *S) for G channel groups; nu (B, C).
 * IIEU-B ``rows``: x (R, C) with R = S * T rows (S samples of T tokens); inv (R,); nu (S, C).
 * inv_w and eta: (C,). Everything but x is float32 (float64 for float64 x); the math runs in that
   compute dtype and the map outputs are returned in x's dtype.
@@ -12,6 +13,7 @@ what any device without a fused kernel falls back to. Layouts (all tensors conti
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar, NamedTuple
 
@@ -62,10 +64,10 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _iieu_views(x, inv, inv_w, nu, eta):
     """Broadcastable views of the per-position, per-channel and per-sample inputs against x."""
-    if x.dim() == 3:  # planes (B, C, P) -> (B, G, C/G, P)
-        b, c, p = x.shape
+    if x.dim() != 2:  # planes (B, C, *S) -> (B, G, C/G, P)
+        b, c = x.shape[:2]
         g = inv.shape[1]
-        return (x.view(b, g, c // g, p), inv.unsqueeze(2), inv_w.view(1, g, -1, 1), nu.view(b, g, -1, 1),
+        return (x.view(b, g, c // g, -1), inv.view(b, g, 1, -1), inv_w.view(1, g, -1, 1), nu.view(b, g, -1, 1),
                 eta.view(1, g, -1, 1))
     r, c = x.shape  # rows (R, C) -> (S, T, C)
     s = nu.shape[0]
@@ -107,8 +109,8 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     grad_x = (gv * scale + g_rho * a).to(x.dtype).view(x.shape)
     g_rx = g_rho * xv
     grad_eta_low = torch.where(below, g_scale * expo, torch.zeros_like(expo))
-    if x.dim() == 3:
-        grad_inv = (g_rx * wv).sum(2)
+    if x.dim() != 2:
+        grad_inv = (g_rx * wv).sum(2).view(inv.shape)
         grad_w = (g_rx * iv).sum((0, 3)).view(-1)
         grad_nu = g_rho.sum(3).view(nu.shape)
         grad_eta = grad_eta_low.sum((0, 3)).view(-1)
@@ -121,25 +123,27 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
 
 
 def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    """Pass 1 of IIEU-B's backward fused with its BatchNorm's, on planes: c (B, C, P) is the BatchNorm
+    """Pass 1 of IIEU-B's backward fused with its BatchNorm's, on planes: c (B, C, *S) is the BatchNorm
     input, x_t = c * xs + xb and xhat = c * hs + hb per channel. Returns the gradients w.r.t. inv, inv_w,
     nu and eta (as ``iieu_backward``) and, per (sample, channel), the sums over positions of g (the
     gradient w.r.t. x_t), g * xhat and xhat."""
     ct = compute_dtype(c)
-    cf = c.to(ct)
-    g, grad_inv, grad_w, grad_nu, grad_eta = iieu_backward(grad_out, torch.addcmul(xb[:, None], cf, xs[:, None]),
-                                                           inv, inv_w, nu, eta)
+    cf = c.to(ct).flatten(2)
+    g, grad_inv, grad_w, grad_nu, grad_eta = iieu_backward(grad_out.flatten(2),
+                                                           torch.addcmul(xb[:, None], cf, xs[:, None]),
+                                                           inv.flatten(2), inv_w, nu, eta)
     xhat = torch.addcmul(hb[:, None], cf, hs[:, None])
     g = g.to(ct)
-    return grad_inv, grad_w, grad_nu, grad_eta, g.sum(2), (g * xhat).sum(2), xhat.sum(2)
+    return grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta, g.sum(2), (g * xhat).sum(2), xhat.sum(2)
 
 
 def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
     """Pass 2: dL/dc = a * g + k1 + k2 * c (a, k2 per channel, k1 per (sample, channel)), c's dtype."""
     ct = compute_dtype(c)
-    cf = c.to(ct)
-    g = iieu_backward(grad_out, torch.addcmul(xb[:, None], cf, xs[:, None]), inv, inv_w, nu, eta)[0].to(ct)
-    return (a[:, None] * g + k1[..., None] + k2[:, None] * cf).to(c.dtype)
+    cf = c.to(ct).flatten(2)
+    g = iieu_backward(grad_out.flatten(2), torch.addcmul(xb[:, None], cf, xs[:, None]), inv.flatten(2), inv_w, nu,
+                      eta)[0].to(ct)
+    return (a[:, None] * g + k1[..., None] + k2[:, None] * cf).to(c.dtype).view(c.shape)
 
 
 def term_b_forward(gap, weight, bias, eps: float):
@@ -158,11 +162,11 @@ def term_b_backward(grad_nu, nu, gap, mean, rstd, weight, bias):
 
 def spread_add_(grad_x, grad_gap, scale: float):
     """grad_x += scale * grad_gap (B, C) at every position of each sample, in place, in grad_x's dtype:
-    the gradient of a per-sample mean over positions. grad_x in IIEU-B's flat layouts: planes (B, C, P)
+    the gradient of a per-sample mean over positions. grad_x in IIEU-B's flat layouts: planes (B, C, *S)
     or rows (B * T, C)."""
     g = (grad_gap * scale).to(grad_x.dtype)
-    if grad_x.dim() == 3:
-        grad_x.add_(g.unsqueeze(-1))
+    if grad_x.dim() != 2:
+        grad_x.add_(g.view(*g.shape, *(1,) * (grad_x.dim() - 2)))
     else:
         grad_x.view(g.shape[0], -1, g.shape[1]).add_(g.unsqueeze(1))
     return grad_x
@@ -187,7 +191,7 @@ class NormSiteGrads(NamedTuple):
 def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool,
                      sums=None, grad=None) -> NormSiteGrads:
     """IIEU-B's backward through the training BatchNorm that made its input, x_t = BN(c), on planes c
-    (B, C, P): two passes over c and grad_out (``sums`` and ``grad``, by default this module's
+    (B, C, *S): two passes over c and grad_out (``sums`` and ``grad``, by default this module's
     ``iieu_bn_sums`` and ``iieu_bn_grad``) and per-channel arithmetic between them, instead of the unit's
     gradient map, term-B's spread over it and the BatchNorm's own backward.
 
@@ -201,7 +205,7 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     xs, xb, hs, hb = terms
     grad_inv, grad_w, grad_nu, grad_eta, sum_g, sum_gh, sum_h = (sums or iieu_bn_sums)(
         grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    positions = c.shape[2]
+    positions = math.prod(c.shape[2:])
     ln_grads = (None, None)
     if term_b is not None:
         gap, mean, rstd, weight = term_b

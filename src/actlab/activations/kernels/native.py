@@ -46,18 +46,27 @@ def build_error() -> str | None:
     return _state.get("error")
 
 
+def _planes(t):
+    """A planes tensor (B, C, *S) as the C++ kernels read it, (B, C, P) (a view)."""
+    return t if t.dim() == 3 else t.flatten(2)
+
+
 def iieu_forward(x, inv, inv_w, nu, eta):
     ops = torch.ops.actlab_iieu
-    forward = ops.planes_forward if x.dim() == 3 else ops.rows_forward
-    return forward(x, inv, inv_w, nu, eta)
+    if x.dim() == 2:
+        return ops.rows_forward(x, inv, inv_w, nu, eta)
+    return ops.planes_forward(_planes(x), _planes(inv), inv_w, nu, eta).view(x.shape)
 
 
 def iieu_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x: bool = False):
     """As composite.iieu_backward; ``grad_into_x``: x is the caller's temporary, overwritten by grad_x."""
     ops = torch.ops.actlab_iieu
-    backward = ops.planes_backward if x.dim() == 3 else ops.rows_backward
-    grad_x, grad_inv, grad_w, grad_nu, grad_eta = backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
-    return grad_x, grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta)
+    if x.dim() == 2:
+        grads = ops.rows_backward(grad_out, x, inv, inv_w, nu, eta, grad_into_x)
+    else:
+        grads = ops.planes_backward(_planes(grad_out), _planes(x), _planes(inv), inv_w, nu, eta, grad_into_x)
+    grad_x, grad_inv, grad_w, grad_nu, grad_eta = grads
+    return grad_x.view(x.shape), grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta)
 
 
 _NONE = torch.empty(0)
@@ -66,13 +75,14 @@ _NONE = torch.empty(0)
 def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
     """As composite.iieu_bn_sums, for contiguous float32 planes."""
     grad_inv, grad_w, grad_nu, grad_eta, *sums = torch.ops.actlab_iieu.planes_bn_sums(
-        grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    return (grad_inv, grad_w, grad_nu, grad_eta * (1 - eta), *sums)
+        _planes(grad_out), _planes(c), _planes(inv), inv_w, nu, eta, xs, xb, hs, hb)
+    return (grad_inv.view(inv.shape), grad_w, grad_nu, grad_eta * (1 - eta), *sums)
 
 
 def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
     """As composite.iieu_bn_grad, for contiguous float32 planes."""
-    return torch.ops.actlab_iieu.planes_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), k2)
+    return torch.ops.actlab_iieu.planes_bn_grad(_planes(grad_out), _planes(c), _planes(inv), inv_w, nu, eta, xs, xb, a,
+                                                k1.contiguous(), k2).view(c.shape)
 
 
 def batch_moments(x):

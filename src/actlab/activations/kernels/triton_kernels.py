@@ -806,10 +806,15 @@ def _planes_tiles(p: int, cg: int) -> tuple[int, int]:
     return _pow2(cg, 1, max(1, _TILE // block_p)), block_p
 
 
+def _planes_shape(x) -> tuple[int, int, int]:
+    """(B, C, P) of a planes tensor (B, C, *S), P = prod(S): the kernels read it through its pointer."""
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:])
+
+
 def iieu_forward(x, inv, inv_w, nu, eta):
     out = torch.empty_like(x)
-    if x.dim() == 3:
-        b, c, p = x.shape
+    if x.dim() != 2:
+        b, c, p = _planes_shape(x)
         g = inv.shape[1]
         block = _pow2(p, 16, _BLOCK)
         _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, nu, eta, out, c, c // g, g, p, BLOCK=block)
@@ -827,8 +832,8 @@ def iieu_forward(x, inv, inv_w, nu, eta):
 def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
     grad_x = torch.empty_like(x)
     grad_inv = torch.empty_like(inv)
-    if x.dim() == 3:
-        b, c, p = x.shape
+    if x.dim() != 2:
+        b, c, p = _planes_shape(x)
         g = inv.shape[1]
         cg = c // g
         block_c, block_p = _planes_tiles(p, cg)
@@ -867,7 +872,7 @@ def _finish(part, eta, samples: int, blocks: int, c: int, strides: tuple):
 def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
     """Launches ``_iieu_bn_sums``: its partial sums PART (6, B * C, NPB), NPB, and the partial sums of
     dL/d inv over the NCB channel blocks (NCB, B * G, P)."""
-    b, ch, p = c.shape
+    b, ch, p = _planes_shape(c)
     g = inv.shape[1]
     cg = ch // g
     block_c, block_p = _planes_tiles(p, cg)
@@ -880,7 +885,7 @@ def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
 
 
 def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    b, ch, _ = c.shape
+    b, ch, _ = _planes_shape(c)
     part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
     grad_inv = ginv_part.sum(0).view(inv.shape)
     sums = part.view(6, b, ch, npb).sum(3)  # (6, B, C)
@@ -889,7 +894,7 @@ def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
 
 
 def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
-    b, ch, p = c.shape
+    b, ch, p = _planes_shape(c)
     grad_c = torch.empty_like(c)
     block = _pow2(p, 16, _BLOCK)
     _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), k2,
@@ -901,7 +906,7 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     """As composite.iieu_bn_backward: the two passes over the maps and, between them, two launches for
     the per-sample (term-B) and per-channel arithmetic."""
     xs, xb, hs, hb = terms
-    b, ch, p = c.shape
+    b, ch, p = _planes_shape(c)
     part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
     rows = inv.new_empty(8, b, ch)
     grad_inv = torch.empty_like(inv)
@@ -959,8 +964,8 @@ def _spread_rows(GX, G, C, T, scale, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexp
 def spread_add_(grad_x, grad_gap, scale: float):
     if not (grad_x.is_contiguous() and grad_gap.is_contiguous() and grad_gap.dtype == torch.float32):
         return composite.spread_add_(grad_x, grad_gap, scale)
-    if grad_x.dim() == 3:
-        p = grad_x.shape[2]
+    if grad_x.dim() != 2:
+        p = math.prod(grad_x.shape[2:])
         block = _pow2(p, 16, _BLOCK)
         _spread_planes[(grad_x.shape[0] * grad_x.shape[1], triton.cdiv(p, block))](grad_x, grad_gap, p, scale,
                                                                                    BLOCK=block)
