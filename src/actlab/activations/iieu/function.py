@@ -361,12 +361,13 @@ class NormSite:
 class IIEUNormFunction(torch.autograd.Function):
     """IIEU-B at a conv-BN site in eager training, differentiated through the BatchNorm and term-B itself.
 
-    x_t = BN(c) arrives detached with the BatchNorm's per-channel coefficients ``terms`` = (xs, xb, hs, hb)
+    x_t = BN(c) arrives with the BatchNorm's per-channel coefficients ``terms`` = (xs, xb, hs, hb)
     (x_t = c * xs + xb, xhat = c * hs + hb) and gap = GAP(x_t), which one pass over c gave
     (``BatchNormReplay.prepare``). Forward computes term-B nu = sigmoid(LayerNorm(gap)) and the unit's
     output; backward (the kernels' ``iieu_bn_backward``: two passes over c and the incoming gradient)
     returns the gradients of c, of the BatchNorm's and the LayerNorm's weight and bias and of the unit's
-    parameters directly, and sends x_pre's to the producer-input tap. Saves c (which the BatchNorm keeps
+    parameters directly (none for x_t: the BatchNorm's own backward then receives no gradient and computes
+    nothing), and sends x_pre's to the producer-input tap. Saves c (which the BatchNorm keeps
     anyway), x_pre (the producer's), and per-channel / per-sample values."""
 
     @staticmethod

@@ -250,7 +250,7 @@ class IIEUB(ActivationModule):
             if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm and term-B
                 norm, (c, *terms) = self._maker, replay_tensors
                 site = NormSite(self._patches, self.patch_eps(), silence, replay.batch_stats, self.norm.eps, tap)
-                return IIEUNormFunction.apply(x_t.detach(), c, x_pre, inv_w, self.eta, self.norm.weight,
+                return IIEUNormFunction.apply(x_t, c, x_pre, inv_w, self.eta, self.norm.weight,
                                               self.norm.bias, norm.weight, norm.bias, terms, gap, site)
             return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
                                       replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,

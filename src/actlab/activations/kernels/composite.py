@@ -175,12 +175,13 @@ def spread_add_(grad_x, grad_gap, scale: float):
 class NormSiteGrads(NamedTuple):
     """The gradients ``iieu_bn_backward`` returns: the BatchNorm input's (c's shape and dtype), the inverse
     patch norms', the unit's (inv_w, nu, eta), the BatchNorm's weight and bias, and term-B's LayerNorm
-    weight and bias (None without term-B)."""
+    weight and bias. With term-B, nu is computed inside the unit and its gradient is None; without
+    term-B, the LayerNorm's gradients are None."""
 
     c: torch.Tensor
     inv: torch.Tensor
     inv_w: torch.Tensor
-    nu: torch.Tensor
+    nu: torch.Tensor | None
     eta: torch.Tensor
     norm_weight: torch.Tensor
     norm_bias: torch.Tensor
@@ -226,6 +227,7 @@ def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stat
     else:
         k1, k2 = xs * spread, torch.zeros_like(xs)
     grad_c = (grad or iieu_bn_grad)(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
+    grad_nu = grad_nu if term_b is None else None  # term-B's nu is inside the unit
     return NormSiteGrads(grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta, *ln_grads)
 
 

@@ -114,12 +114,12 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, N
 
 
 @triton.jit
-def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, GINV_PART, PART, C, CG, G, P, NPB, SLAB,
+def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, PART, C, CG, G, P, NPB, SLAB,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Pass 1 of the backward through the BatchNorm, on a tile as ``_iieu_planes_bwd``: x_t = c * xs + xb
     and xhat = c * hs + hb formed from the BatchNorm input c in registers; g is the gradient w.r.t. x_t.
-    GINV_PART as there; PART (6, B * C, NPB): the sums over the tile's positions of g_rx * inv, g_rho,
-    g_eta, g, g * xhat and xhat."""
+    PART (6, B * C, NPB): the sums over the tile's positions of g_rx * inv, g_rho, g_eta, g, g * xhat and
+    xhat (SLAB = B * C * NPB each), followed in the same buffer by GINV_PART as ``_iieu_planes_bwd``'s."""
     bg = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(2)
     b, c, offs, live_p, live_c, live, at = _plane_tile(bg, tl.program_id(1), pb, C, CG, G, P, BLOCK_C, BLOCK_P)
@@ -134,15 +134,16 @@ def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, GINV_PART, PART, C, 
     g, g_rx, g_rho, g_eta = _grad_terms(cin * xs + xb, go, w[:, None] * inv[None, :], n[:, None], e[:, None])
     xhat = tl.where(live, cin * hs + hb, 0.0)
     slot = (b * C + c) * NPB + pb
-    _store_tile_sums(GINV_PART, PART, SLAB, bg, slot, offs, live_p, live_c, g_rx, g_rho, g_eta, w, inv, P)
+    _store_tile_sums(PART + 6 * SLAB, PART, SLAB, bg, slot, offs, live_p, live_c, g_rx, g_rho, g_eta, w, inv, P)
     tl.store(PART + 3 * SLAB + slot, tl.sum(g, axis=1), mask=live_c)
     tl.store(PART + 4 * SLAB + slot, tl.sum(g * xhat, axis=1), mask=live_c)
     tl.store(PART + 5 * SLAB + slot, tl.sum(xhat, axis=1), mask=live_c)
 
 
 @triton.jit
-def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K2, GC, C, CG, G, P, BLOCK: tl.constexpr):
-    """Pass 2, program (b * C + c, position block): dL/dc = a * g + k1 + k2 * c, stored in c's dtype."""
+def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K1_AT, K2, GC, C, CG, G, P, BLOCK: tl.constexpr):
+    """Pass 2, program (b * C + c, position block): dL/dc = a * g + k1 + k2 * c, stored in c's dtype;
+    k1 (B, C) starts K1_AT elements into K1's buffer."""
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
@@ -153,7 +154,7 @@ def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K2, GC, C, CG, G, P, 
     inv = tl.load(INV + (b * G + c // CG) * P + offs, mask=live, other=0.0)
     x = cin * tl.load(XS + c) + tl.load(XB + c)
     g = _grad_terms(x, go, tl.load(W + c) * inv, tl.load(NU + bc), tl.load(ETA + c))[0]
-    grad = tl.load(A + c) * g + tl.load(K1 + bc) + tl.load(K2 + c) * cin
+    grad = tl.load(A + c) * g + tl.load(K1 + K1_AT + bc) + tl.load(K2 + c) * cin
     tl.store(GC + bc * P + offs, grad.to(GC.dtype.element_ty), mask=live)
 
 
@@ -169,11 +170,12 @@ def _column_sum(X, B, C, cc, live_c, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
-def _bn_terms(MEAN, M2, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _bn_terms(MEAN, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program per channel block: from the planes' means and sums of squared deviations (B, C), the
-    channel's batch mean and biased variance, TERMS (4, C) = xs, xb, hs, hb (x_t = c * xs + xb,
+    """Program per channel block: from the planes' means and, after them, sums of squared deviations
+    (2, B, C), the channel's batch mean and biased variance, TERMS (4, C) = xs, xb, hs, hb (x_t = c * xs + xb,
     xhat = c * hs + hb) and GAP(x_t) (B, C) = plane mean * xs + xb."""
+    M2 = MEAN + B * C
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live_c = cc < C
     mean = _column_sum(MEAN, B, C, cc, live_c, BLOCK_B, BLOCK_C) / B
@@ -203,7 +205,7 @@ def _bn_terms(MEAN, M2, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.c
 
 
 @triton.jit
-def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NPB, SLAB, BC, P, NCB, GP,
+def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV, C, NPB, SLAB, BC, P, NCB, GP,
              HAS_TERM_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per sample b, after ``_iieu_bn_sums``: its PART sums over the position blocks give dL/d nu
     and the sums of g, g * xhat and xhat per channel; term-B's spread k = dL/d GAP(x_t) / P comes from
@@ -212,8 +214,10 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
     shares of dL/d inv_w and of dL/d eta (before its (1 - eta) factor); with term-B, rows 6 and 7 hold
     dL/dz = dL/d nu * nu (1 - nu) and dL/dz * the normalised gap, whose sums over the batch are the
     LayerNorm's bias and weight gradients. GINV (B, G * P):
-    dL/d inv, the sum of the NCB channel blocks' partial sums GINV_PART (NCB, B, G * P)."""
+    dL/d inv, the sum of the NCB channel blocks' partial sums GINV_PART (NCB, B, G * P), which follow
+    PART in its buffer."""
     b = tl.program_id(0).to(tl.int64)
+    GINV_PART = PART + 6 * SLAB
     for i0 in range(0, GP, BLOCK_C):
         ii = i0 + tl.arange(0, BLOCK_C)
         live = ii < GP
@@ -279,11 +283,12 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV_PART, GINV, C, NP
 
 
 @triton.jit
-def _bn_channels(ROWS, XS, HS, HB, ETA, K1, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, HAS_TERM_B: tl.constexpr,
+def _bn_channels(ROWS, XS, HS, HB, ETA, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, HAS_TERM_B: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per channel block, after ``_bn_rows``: CH (7, C) = dL/d inv_w, dL/d eta, dL/d gamma,
     dL/d beta, k2 and (with term-B) the LayerNorm's dL/d weight and dL/d bias; K1 (B, C) = k1
-    (dL/dc = xs * g + k1 + k2 * c)."""
+    (dL/dc = xs * g + k1 + k2 * c) follows ROWS (8, B, C) in its buffer."""
+    K1 = ROWS + 8 * BC
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live_c = cc < C
     g_beta = _column_sum(ROWS + 2 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C)
@@ -338,9 +343,10 @@ def _term_b(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, C, eps, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _plane_moments(X, MEAN, M2, P, BLOCK: tl.constexpr):
+def _plane_moments(X, MOMENTS, P, BLOCK: tl.constexpr):
     """Program per (b, c) plane, one pass over it in its own dtype: the float32 mean and sum of squared
-    deviations, accumulated about the plane's first value (a map far from zero keeps its variance)."""
+    deviations, accumulated about the plane's first value (a map far from zero keeps its variance), into
+    MOMENTS (2, B, C)."""
     bc = tl.program_id(0).to(tl.int64)
     k = tl.load(X + bc * P).to(tl.float32)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -352,8 +358,8 @@ def _plane_moments(X, MEAN, M2, P, BLOCK: tl.constexpr):
         s1 += d
         s2 += d * d
     t1 = tl.sum(s1, axis=0)
-    tl.store(MEAN + bc, k + t1 / P)
-    tl.store(M2 + bc, tl.sum(s2, axis=0) - t1 * t1 / P)
+    tl.store(MOMENTS + bc, k + t1 / P)
+    tl.store(MOMENTS + tl.num_programs(0) + bc, tl.sum(s2, axis=0) - t1 * t1 / P)
 
 
 @triton.jit
@@ -870,60 +876,66 @@ def _finish(part, eta, samples: int, blocks: int, c: int, strides: tuple):
 
 
 def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    """Launches ``_iieu_bn_sums``: its partial sums PART (6, B * C, NPB), NPB, and the partial sums of
-    dL/d inv over the NCB channel blocks (NCB, B * G, P)."""
+    """Launches ``_iieu_bn_sums`` into one float32 buffer of its partial sums, PART (6, B * C, NPB) and then
+    the partial sums of dL/d inv over the NCB channel blocks (NCB, B * G, P). Returns (buffer, NPB, NCB)."""
     b, ch, p = _planes_shape(c)
     g = inv.shape[1]
     cg = ch // g
     block_c, block_p = _planes_tiles(p, cg)
     ncb, npb = triton.cdiv(cg, block_c), triton.cdiv(p, block_p)
-    part = inv.new_empty(6, b * ch, npb)
-    ginv_part = inv.new_empty(ncb, b * g, p)
-    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb, ginv_part, part, ch, cg, g,
-                                     p, npb, b * ch * npb, BLOCK_C=block_c, BLOCK_P=block_p)
-    return part, npb, ginv_part
+    work = inv.new_empty(6 * b * ch * npb + ncb * b * g * p)
+    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb, work, ch, cg, g, p, npb,
+                                     b * ch * npb, BLOCK_C=block_c, BLOCK_P=block_p)
+    return work, npb, ncb
 
 
 def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    b, ch, _ = _planes_shape(c)
-    part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    grad_inv = ginv_part.sum(0).view(inv.shape)
+    b, ch, p = _planes_shape(c)
+    work, npb, ncb = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    part, ginv_part = work.split([6 * b * ch * npb, ncb * inv.numel()])
+    grad_inv = ginv_part.view(ncb, *inv.shape).sum(0)
     sums = part.view(6, b, ch, npb).sum(3)  # (6, B, C)
     per_channel = sums[0:3:2].sum(1)  # grad_w, grad_eta before its (1 - eta) factor
     return grad_inv, per_channel[0], sums[1], per_channel[1] * (1 - eta), sums[3], sums[4], sums[5]
 
 
-def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
+def _bn_grad_launch(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k1_at: int, k2):
     b, ch, p = _planes_shape(c)
     grad_c = torch.empty_like(c)
     block = _pow2(p, 16, _BLOCK)
-    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), k2,
+    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k1_at, k2,
                                                   grad_c, ch, ch // inv.shape[1], inv.shape[1], p, BLOCK=block)
     return grad_c
 
 
+def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
+    return _bn_grad_launch(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), 0, k2)
+
+
 def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool):
     """As composite.iieu_bn_backward: the two passes over the maps and, between them, two launches for
-    the per-sample (term-B) and per-channel arithmetic."""
+    the per-sample (term-B) and per-channel arithmetic. The first pass's partial sums share one buffer,
+    the per-sample rows (8, B, C) and k1 (B, C) another (small: what each later launch reads whole)."""
     xs, xb, hs, hb = terms
     b, ch, p = _planes_shape(c)
-    part, npb, ginv_part = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    rows = inv.new_empty(8, b, ch)
+    work, npb, ncb = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    rows = inv.new_empty(9 * b * ch)
     grad_inv = torch.empty_like(inv)
     gap, ln_mean, ln_rstd, ln_w = term_b if term_b is not None else (nu,) * 4  # never read without term-B
-    _bn_rows[(b,)](part, nu, gap, ln_mean, ln_rstd, ln_w, rows, ginv_part, grad_inv, ch, npb, b * ch * npb, b * ch, p,
-                   ginv_part.shape[0], math.prod(inv.shape[1:]), HAS_TERM_B=term_b is not None,
-                   BLOCK_C=_pow2(ch, 16, 1024))
-    k1 = inv.new_empty(b, ch)
+    _bn_rows[(b,)](work, nu, gap, ln_mean, ln_rstd, ln_w, rows, grad_inv, ch, npb, b * ch * npb, b * ch, p, ncb,
+                   math.prod(inv.shape[1:]), HAS_TERM_B=term_b is not None, BLOCK_C=_pow2(ch, 16, 1024))
     per_channel = inv.new_empty(7, ch)
     block_b, block = _column_tiles(b, ch)
-    _bn_channels[(triton.cdiv(ch, block),)](rows, xs, hs, hb, eta, k1, per_channel, b, ch, b * ch, b * p,
+    _bn_channels[(triton.cdiv(ch, block),)](rows, xs, hs, hb, eta, per_channel, b, ch, b * ch, b * p,
                                             BATCH_STATS=batch_stats, HAS_TERM_B=term_b is not None,
                                             BLOCK_B=block_b, BLOCK_C=block)
     grad_w, grad_eta, grad_gamma, grad_beta, k2, grad_ln_weight, grad_ln_bias = per_channel
-    grad_c = iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
-    ln_grads = (grad_ln_weight, grad_ln_bias) if term_b is not None else (None, None)
-    return composite.NormSiteGrads(grad_c, grad_inv, grad_w, rows[0], grad_eta, grad_gamma, grad_beta, *ln_grads)
+    grad_c = _bn_grad_launch(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, rows, 8 * b * ch, k2)
+    if term_b is not None:  # nu is term-B's, inside the unit: no gradient of its own to return
+        return composite.NormSiteGrads(grad_c, grad_inv, grad_w, None, grad_eta, grad_gamma, grad_beta,
+                                       grad_ln_weight, grad_ln_bias)
+    grad_nu = rows[:b * ch].view(b, ch)
+    return composite.NormSiteGrads(grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta, None, None)
 
 
 def term_b_forward(gap, weight, bias, eps: float):
@@ -982,18 +994,19 @@ def spread_add_(grad_x, grad_gap, scale: float):
 def batch_moments(x):
     if not x.is_contiguous() or x.dtype == torch.float64:
         return composite.batch_moments(x)
-    plane_mean, plane_m2, p = _plane_moments_of(x)
-    return composite.combine_moments(plane_mean.double(), plane_m2.double() / p)
+    moments, p = _plane_moments_of(x)
+    plane_mean, plane_m2 = moments.double()
+    return composite.combine_moments(plane_mean, plane_m2 / p)
 
 
 def _plane_moments_of(x):
-    """Per (b, c) plane of a contiguous x: float32 mean and sum of squared deviations, one launch."""
+    """Per (b, c) plane of a contiguous x, one launch: the float32 means and sums of squared deviations
+    (2, B, C), and the positions a plane P."""
     b, c = x.shape[:2]
     p = math.prod(x.shape[2:])
-    plane_mean = x.new_empty(b, c, dtype=torch.float32)
-    plane_m2 = torch.empty_like(plane_mean)
-    _plane_moments[(b * c,)](x, plane_mean, plane_m2, p, BLOCK=_pow2(p, 16, _BLOCK))
-    return plane_mean, plane_m2, p
+    moments = x.new_empty(2, b, c, dtype=torch.float32)
+    _plane_moments[(b * c,)](x, moments, p, BLOCK=_pow2(p, 16, _BLOCK))
+    return moments, p
 
 
 def batchnorm_terms(c, weight, bias, eps: float):
@@ -1001,12 +1014,12 @@ def batchnorm_terms(c, weight, bias, eps: float):
     coefficients and GAP(x_t)."""
     if not c.is_contiguous() or c.dtype == torch.float64:
         return composite.batchnorm_terms(c, weight, bias, eps)
-    plane_mean, plane_m2, p = _plane_moments_of(c)
-    b, ch = plane_mean.shape
-    terms = plane_mean.new_empty(4, ch)
-    gap = torch.empty_like(plane_mean)
+    moments, p = _plane_moments_of(c)
+    b, ch = moments.shape[1:]
+    terms = moments.new_empty(4, ch)
+    gap = moments.new_empty(b, ch)
     block_b, block = _column_tiles(b, ch)
-    _bn_terms[(triton.cdiv(ch, block),)](plane_mean, plane_m2, weight if weight is not None else terms,
+    _bn_terms[(triton.cdiv(ch, block),)](moments, weight if weight is not None else terms,
                                          bias if bias is not None else terms, terms, gap, b, ch, p, eps,
                                          HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_B=block_b,
                                          BLOCK_C=block)
