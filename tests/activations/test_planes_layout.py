@@ -69,6 +69,12 @@ def test_maps_are_read_as_they_are(name):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
-    spread = torch.rand(x.shape[:2], device=DEVICE)
-    flat_grad = _flat(go).clone()
-    _same(kernels.spread_add_(go.clone(), spread, 0.5), kernels.spread_add_(flat_grad, spread, 0.5), x)
+    gap = torch.randn(x.shape[:2], device=DEVICE)
+    mean, var = gap.mean(1, keepdim=True), gap.var(1, correction=0, keepdim=True)
+    term_b = (go[:, :, 0, 0].contiguous(), nu, gap, mean, (var + 1e-5).rsqrt(), inv_w, eta)
+    got_x, want_x = go.clone(), _flat(go).clone()
+    got = kernels.term_b_backward_into_(got_x, *term_b, 0.5)
+    want = kernels.term_b_backward_into_(want_x, *term_b, 0.5)
+    _same(got_x, want_x, x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

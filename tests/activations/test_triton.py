@@ -527,14 +527,23 @@ def test_dynamic_coupler_training_on_triton_matches_composite(autocast, triton_m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(2, 5, 37), (3 * 7, 130), (2 * 300, 20)], ids=["planes", "rows", "row_tiles"])
-def test_spread_add_in_place(shape, dtype):
-    """grad_x += scale * grad_gap at every position of each sample, in place, in one launch."""
+@pytest.mark.parametrize("shape,samples", [((2, 5, 6, 7), 2), ((3 * 7, 130), 3), ((2 * 300, 20), 2),
+                                           ((130, 3, 2, 2), 130)],
+                         ids=["planes", "rows", "row_tiles", "planes_batch_tiles"])
+def test_term_b_backward_spread_in_place(shape, samples, dtype):
+    """Term-B's backward in one launch and its spread over x_t's gradient, in place, with the LayerNorm's
+    gradients summed over the batch in the same second launch."""
     g = torch.Generator().manual_seed(5)
     grad_x = torch.randn(shape, generator=g).to(DEVICE, dtype)
-    samples = shape[0] if len(shape) == 3 else {130: 3, 20: 2}[shape[1]]
-    grad_gap = torch.randn(samples, shape[1], generator=g).to(DEVICE)
-    want = composite.spread_add_(grad_x.clone(), grad_gap, 0.25)
-    got = triton_kernels.spread_add_(grad_x, grad_gap, 0.25)
-    assert got.data_ptr() == grad_x.data_ptr()
-    close(got, want, dtype)
+    c = shape[1] if len(shape) == 4 else shape[-1]
+    nu, (gap, mean, rstd, weight) = term_b_inputs(samples, c, g)
+    grad_nu = torch.randn(samples, c, generator=g).to(DEVICE)
+    scale = samples * c / grad_x.numel()
+    want_x = grad_x.clone()
+    bias = torch.zeros_like(weight)
+    want = composite.term_b_backward_into_(want_x, grad_nu, nu, gap, mean, rstd, weight, bias, scale)
+    got = triton_kernels.term_b_backward_into_(grad_x, grad_nu, nu, gap, mean, rstd, weight, bias, scale)
+    close(grad_x, want_x, dtype)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape == (c,)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -305,9 +305,8 @@ def unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, norms, term_b, ln_weight
         grad_ln = (None, None)
         if term_b is not None:  # term-B's path: dL/d GAP(x_t), the same for every position of a sample
             gap, mean, rstd = term_b
-            grad_gap, *grad_ln = backend(gap).term_b_backward(grad_nu.reshape(nu.shape), nu, gap, mean, rstd,
-                                                              ln_weight.to(ct), ln_bias.to(ct))
-            kernels.spread_add_(grad_x, grad_gap, nu.numel() / x_t.numel())
+            grad_ln = kernels.term_b_backward_into_(grad_x, _shaped(grad_nu, nu.shape), nu, gap, mean, rstd,
+                                                    ln_weight.to(ct), ln_bias.to(ct), nu.numel() / x_t.numel())
             grad_ln = [g.to(t.dtype) for g, t in zip(grad_ln, (ln_weight, ln_bias))]
     grad_nu = None if term_b is not None else grad_nu.reshape(nu.shape).to(nu.dtype)
     return UnitGrads(unflatten(grad_x), _shaped(grad_inv, inv_x.shape), _shaped(grad_w, inv_w.shape).to(inv_w.dtype),

@@ -172,6 +172,15 @@ def spread_add_(grad_x, grad_gap, scale: float):
     return grad_x
 
 
+def term_b_backward_into_(grad_x, grad_nu, nu, gap, mean, rstd, weight, bias, scale: float):
+    """Term-B's backward added into x_t's gradient: grad_x += scale * dL/d gap at every position of each
+    sample, in place (``spread_add_``; scale = 1 / positions, the mean's gradient), from dL/d nu (B, C)
+    through ``term_b_forward`` with the LayerNorm's ``weight`` and ``bias``. Returns their gradients (C,)."""
+    grad_gap, grad_weight, grad_bias = term_b_backward(grad_nu, nu, gap, mean, rstd, weight, bias)
+    spread_add_(grad_x, grad_gap, scale)
+    return grad_weight, grad_bias
+
+
 class NormSiteGrads(NamedTuple):
     """The gradients ``iieu_bn_backward`` returns: the BatchNorm input's (c's shape and dtype), the inverse
     patch norms', the unit's (inv_w, nu, eta), the BatchNorm's weight and bias, and term-B's LayerNorm

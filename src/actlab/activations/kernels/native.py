@@ -143,7 +143,7 @@ def coupler_grads(grad, lam, add):
 
 
 # term-B's backward (small (B, C) work) and its spread over the positions: torch's own ops
-term_b_backward, spread_add_ = composite.term_b_backward, composite.spread_add_
+term_b_backward_into_ = composite.term_b_backward_into_
 
 # the coupler's pooling and weight network: small (B, 2C) work, torch's own ops
 coupler_pool, coupler_weights, coupler_weights_backward = (composite.coupler_pool, composite.coupler_weights,

@@ -948,47 +948,103 @@ def term_b_forward(gap, weight, bias, eps: float):
     return nu, mean, rstd
 
 
-term_b_backward = composite.term_b_backward  # a sigmoid's and a LayerNorm's backward over (B, C): torch's own
+@triton.jit
+def _term_b_bwd(GNU, NU, GAP, MEAN, RSTD, LN_W, WORK, C, BC, BLOCK_C: tl.constexpr):
+    """Program per sample b: term-B's backward over its C channels, nu = sigmoid(z), z = LayerNorm(gap) * w
+    + bias. WORK (3, B, C): dL/d gap, dL/dz and dL/dz * the normalised gap (the last two summed over the
+    batch are the LayerNorm's bias and weight gradients)."""
+    b = tl.program_id(0).to(tl.int64)
+    mean = tl.load(MEAN + b)
+    rstd = tl.load(RSTD + b)
+    acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live = cc < C
+        row = b * C + cc
+        nu = tl.load(NU + row, mask=live, other=0.0)
+        gz = tl.load(GNU + row, mask=live, other=0.0) * nu * (1.0 - nu)
+        x_ln = (tl.load(GAP + row, mask=live, other=0.0) - mean) * rstd
+        tl.store(WORK + BC + row, gz, mask=live)
+        tl.store(WORK + 2 * BC + row, gz * x_ln, mask=live)
+        gzw = gz * tl.load(LN_W + cc, mask=live, other=0.0)
+        acc_a += gzw
+        acc_b += gzw * x_ln
+    mean_a = tl.sum(acc_a, axis=0) / C
+    mean_b = tl.sum(acc_b, axis=0) / C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live = cc < C
+        row = b * C + cc
+        gzw = tl.load(WORK + BC + row, mask=live, other=0.0) * tl.load(LN_W + cc, mask=live, other=0.0)
+        x_ln = (tl.load(GAP + row, mask=live, other=0.0) - mean) * rstd
+        tl.store(WORK + row, rstd * (gzw - mean_a - x_ln * mean_b), mask=live)
 
 
 @triton.jit
-def _spread_planes(GX, G, P, scale, BLOCK: tl.constexpr):
+def _ln_param_sums(WORK, LN_GRADS, B, C, cc, live_c, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """LN_GRADS (2, C) at channels cc: the LayerNorm's weight and bias gradients, WORK's rows 2 and 1
+    summed over the batch."""
+    tl.store(LN_GRADS + cc, _column_sum(WORK + 2 * B * C, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+    tl.store(LN_GRADS + C + cc, _column_sum(WORK + B * C, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+
+
+@triton.jit
+def _spread_planes(GX, WORK, LN_GRADS, B, C, P, scale, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (b * C + c, position block): dL/d x_t += scale * dL/d gap (WORK's row 0) over the plane;
+    the programs of sample 0's first position block also sum the LayerNorm's gradients of their channel."""
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
     gx = tl.load(GX + bc * P + offs, mask=live, other=0.0).to(tl.float32)
-    tl.store(GX + bc * P + offs, (gx + scale * tl.load(G + bc)).to(GX.dtype.element_ty), mask=live)
+    tl.store(GX + bc * P + offs, (gx + scale * tl.load(WORK + bc)).to(GX.dtype.element_ty), mask=live)
+    if (bc < C) & (tl.program_id(1) == 0):
+        cc = bc + tl.arange(0, 1)
+        _ln_param_sums(WORK, LN_GRADS, B, C, cc, cc < C, BLOCK_B, 1)
 
 
 @triton.jit
-def _spread_rows(GX, G, C, T, scale, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _spread_rows(GX, WORK, LN_GRADS, S, C, T, scale, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """Program (sample, token block, channel block): dL/d x_t += scale * dL/d gap (WORK's row 0) at the
+    block's rows; the programs of sample 0's first token block also sum the LayerNorm's gradients of
+    their channels."""
     s = tl.program_id(0).to(tl.int64)
     tt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     live_c = cc < C
     live = (tt < T)[:, None] & live_c[None, :]
     at = (s * T + tt)[:, None] * C + cc[None, :]
-    g = scale * tl.load(G + s * C + cc, mask=live_c, other=0.0)
+    g = scale * tl.load(WORK + s * C + cc, mask=live_c, other=0.0)
     gx = tl.load(GX + at, mask=live, other=0.0).to(tl.float32)
     tl.store(GX + at, (gx + g[None, :]).to(GX.dtype.element_ty), mask=live)
+    if (s == 0) & (tl.program_id(1) == 0):
+        _ln_param_sums(WORK, LN_GRADS, S, C, cc, live_c, BLOCK_S, BLOCK_C)
 
 
-def spread_add_(grad_x, grad_gap, scale: float):
-    if not (grad_x.is_contiguous() and grad_gap.is_contiguous() and grad_gap.dtype == torch.float32):
-        return composite.spread_add_(grad_x, grad_gap, scale)
+def term_b_backward_into_(grad_x, grad_nu, nu, gap, mean, rstd, weight, bias, scale: float):
+    """As composite.term_b_backward_into_: term-B's backward over (B, C) in one launch, and a second that
+    spreads dL/d gap over grad_x in place and sums the LayerNorm's gradients over the batch."""
+    if not (grad_x.is_contiguous() and gap.is_contiguous() and gap.dtype == torch.float32):
+        return composite.term_b_backward_into_(grad_x, grad_nu, nu, gap, mean, rstd, weight, bias, scale)
+    b, c = gap.shape
+    work = gap.new_empty(3, b, c)
+    _term_b_bwd[(b,)](grad_nu.contiguous(), nu.contiguous(), gap, mean, rstd, weight, work, c, b * c,
+                      BLOCK_C=_pow2(c, 16, 1024))
+    ln_grads = gap.new_empty(2, c)
     if grad_x.dim() != 2:
         p = math.prod(grad_x.shape[2:])
         block = _pow2(p, 16, _BLOCK)
-        _spread_planes[(grad_x.shape[0] * grad_x.shape[1], triton.cdiv(p, block))](grad_x, grad_gap, p, scale,
-                                                                                   BLOCK=block)
-        return grad_x
-    s, c = grad_gap.shape
-    t = grad_x.shape[0] // s
-    block_c = _pow2(c, 16, 128)
-    block_t = _pow2(t, 1, max(1, _TILE // block_c))
-    _spread_rows[(s, triton.cdiv(t, block_t), triton.cdiv(c, block_c))](grad_x, grad_gap, c, t, scale,
-                                                                        BLOCK_T=block_t, BLOCK_C=block_c)
-    return grad_x
+        _spread_planes[(b * c, triton.cdiv(p, block))](grad_x, work, ln_grads, b, c, p, scale, BLOCK=block,
+                                                       BLOCK_B=_pow2(b, 1, 128))
+    else:
+        t = grad_x.shape[0] // b
+        block_c = _pow2(c, 16, 128)
+        block_t = _pow2(t, 1, max(1, _TILE // block_c))
+        _spread_rows[(b, triton.cdiv(t, block_t), triton.cdiv(c, block_c))](
+            grad_x, work, ln_grads, b, c, t, scale, BLOCK_T=block_t, BLOCK_C=block_c,
+            BLOCK_S=_pow2(b, 1, max(1, 2048 // block_c)))
+    return ln_grads.unbind(0)
 
 
 def batch_moments(x):
