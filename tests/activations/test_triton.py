@@ -108,26 +108,6 @@ def bn_terms(c_channels, g):
     return [t.to(DEVICE) for t in (hs * gamma, hb * gamma + beta, hs, hb)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("dims", [d for layout, d in IIEU_GEOMETRIES if layout == "planes"])
-def test_backward_through_the_batchnorm_passes(dims, dtype):
-    """Both passes of the backward through the BatchNorm (x_t formed from the BatchNorm input in the
-    kernel) against the composite: the unit's gradients, the three sums per (sample, channel) and dL/dc."""
-    (c, inv, inv_w, nu, eta), go = iieu_inputs("planes", dims, dtype, seed=3)
-    g = torch.Generator().manual_seed(11)
-    xs, xb, hs, hb = bn_terms(dims[1], g)
-    got = triton_kernels.iieu_bn_sums(go, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    want = composite.iieu_bn_sums(go, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    for a, b in zip(got, want):  # float32 sums of the same float32 terms
-        assert a.shape == b.shape and a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
-    k1 = torch.randn(dims[0], dims[1], generator=g).to(DEVICE)
-    k2 = torch.randn(dims[1], generator=g).to(DEVICE)
-    got = triton_kernels.iieu_bn_grad(go, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2)
-    assert got.dtype == c.dtype
-    close(got, composite.iieu_bn_grad(go, c, inv, inv_w, nu, eta, xs, xb, xs, k1, k2), dtype)
-
-
 @pytest.mark.parametrize("silent", [-1.0, 0.3])
 def test_inverse_norms_and_their_gradient(silent):
     g = torch.Generator().manual_seed(5)
@@ -334,36 +314,63 @@ def term_b_inputs(b, c, g):
     return torch.sigmoid(z).to(DEVICE), [t.to(DEVICE) for t in (gap, mean, rstd, weight)]
 
 
+def site_stats(b, c, g):
+    """A conv-BN site's statistics as ``composite.site_stats_parts`` reads them: BatchNorm coefficients,
+    GAP, term-B's nu and its LayerNorm's mean and rstd."""
+    nu, (gap, mean, rstd, weight) = term_b_inputs(b, c, g)
+    parts = (*bn_terms(c, g), gap, nu, mean, rstd)
+    return torch.cat([t.reshape(-1) for t in parts]), weight
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch_stats", "running_stats"])
-@pytest.mark.parametrize("with_term_b", [True, False], ids=["term_b", "no_term_b"])
 @pytest.mark.parametrize("dims", [(2, 8, 2, 37), (2, 40, 1, 300), (3, 6, 6, 5)], ids=["grouped", "tiles", "depthwise"])
-def test_whole_backward_through_the_batchnorm(dims, with_term_b, batch_stats, dtype):
-    """The four launches of the Triton backward through the BatchNorm against the composite's composition
-    of its two passes with per-channel torch arithmetic: dL/dc, the unit's and the BatchNorm's gradients."""
-    check_bn_backward(dims, with_term_b, batch_stats, dtype)
+def test_conv_bn_site_forward_and_backward(dims, batch_stats, dtype):
+    """The unit's output from the site's statistics, and the four launches of the backward through the
+    BatchNorm and term-B, against the composite's composition of its two passes with per-channel torch
+    arithmetic: dL/dc, the unit's, the BatchNorm's and the LayerNorm's gradients."""
+    check_bn_site(dims, batch_stats, dtype)
 
 
-def test_whole_backward_through_the_batchnorm_over_batch_tiles():
+def test_conv_bn_site_over_batch_tiles():
     """A batch of more than one tile (128 samples) in the per-channel launch."""
-    check_bn_backward((130, 2, 1, 1), True, True, torch.float32)
+    check_bn_site((130, 2, 1, 1), True, torch.float32)
 
 
-def check_bn_backward(dims, with_term_b, batch_stats, dtype):
+def check_bn_site(dims, batch_stats, dtype):
     (c, inv, inv_w, _, eta), go = iieu_inputs("planes", dims, dtype, seed=5)
-    g = torch.Generator().manual_seed(12)
-    terms = bn_terms(dims[1], g)
-    nu, term_b = term_b_inputs(dims[0], dims[1], g)
-    term_b = term_b if with_term_b else None
-    got = triton_kernels.iieu_bn_backward(go, c, inv, inv_w, nu, eta, terms, term_b, batch_stats)
-    want = composite.iieu_bn_backward(go, c, inv, inv_w, nu, eta, terms, term_b, batch_stats)
+    stats, ln_weight = site_stats(dims[0], dims[1], torch.Generator().manual_seed(12))
+    close(triton_kernels.bn_site_forward(c, inv, inv_w, eta, stats), composite.bn_site_forward(c, inv, inv_w, eta, stats),
+          dtype)
+    got = triton_kernels.bn_site_backward(go, c, inv, inv_w, eta, stats, ln_weight, batch_stats)
+    # the reference in float64: the float32 composite loses ~1e-5 of dL/dc to cancellation over large batches
+    want = composite.bn_site_backward(*(t.double() for t in (go, c, inv, inv_w, eta, stats, ln_weight)), batch_stats)
     assert got.c.dtype == c.dtype and got.c.shape == c.shape
     close(got.c, want.c, dtype)
-    assert (got.ln_weight is None) == (got.ln_bias is None) == (want.ln_weight is None) == (term_b is None)
+    assert got.nu is None and want.nu is None  # term-B's nu is inside the unit
     for a, b in zip(got[1:], want[1:]):
         if b is not None:
             assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (130, 2, 1, 1)], ids=["maps", "batch_tiles"])
+def test_conv_bn_site_statistics(shape, affine, dtype):
+    """The site's statistics in three launches (moments, BatchNorm coefficients with GAP, term-B) into one
+    buffer, against the composite's BatchNorm terms and LayerNorm."""
+    g = torch.Generator().manual_seed(3)
+    c = (torch.randn(shape, generator=g) * 2 + 5).to(DEVICE, dtype)
+    ch = shape[1]
+    weight, bias = (torch.rand(ch, generator=g).to(DEVICE) + 0.5, torch.randn(ch, generator=g).to(DEVICE)) if affine \
+        else (None, None)
+    ln_weight, ln_bias = torch.rand(ch, generator=g).to(DEVICE) + 0.5, torch.randn(ch, generator=g).to(DEVICE) * 0.1
+    got = triton_kernels.bn_site_stats(c, weight, bias, 1e-5, None, ln_weight, ln_bias, 1e-6)
+    want = composite.bn_site_stats(c, weight, bias, 1e-5, None, ln_weight, ln_bias, 1e-6)
+    n = composite.site_stats_numel(shape[0], ch)
+    assert got.dtype == torch.float32 and got.numel() == want.numel() == n
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

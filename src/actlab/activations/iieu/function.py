@@ -51,7 +51,7 @@ class BatchNormReplay:
     map ``x_t = c * scale + shift`` with the statistics the BatchNorm used in forward, from its input ``c``
     (which BatchNorm keeps for its own backward anyway), in ``x_t``'s dtype; equal to the forward's
     ``x_t`` to float rounding. Where ``fuses`` holds, the unit differentiates through the BatchNorm
-    instead (the kernels' ``iieu_bn_backward``) and nothing is recomputed."""
+    instead (``IIEUNormFunction``) and nothing is recomputed."""
 
     batch_stats: bool
     eps: float
@@ -71,21 +71,20 @@ class BatchNormReplay:
                 kernels = backend(c, cpu_native=c.is_contiguous())
                 *terms, gap = kernels.batchnorm_terms(c, norm.weight, norm.bias, self.eps)
                 return (c, *terms), gap if x_t.dim() == 4 else None  # GAP of a conv map
-            ct = compute_dtype(x_t)
-            mean, var = norm.running_mean.double(), norm.running_var.double()
-            hat_scale = (var + self.eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
-            scale = hat_scale * norm.weight.detach().double() if norm.weight is not None else hat_scale
-            shift = -mean * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias.detach().double()
-        return (c, scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)), None
+            terms = composite.running_terms(norm.running_mean, norm.running_var, norm.weight, norm.bias, self.eps,
+                                            compute_dtype(x_t))
+        return (c, *terms), None
 
     def replay(self, c, scale, shift, *hat) -> torch.Tensor:
         shape = (-1,) + (1,) * (c.dim() - 2)
         return torch.addcmul(shift.view(shape), c.to(scale.dtype), scale.view(shape)).to(self.dtype)
 
+    def running(self, norm: nn.Module):
+        """The running statistics (mean, var) the BatchNorm normalised with, or None (batch statistics)."""
+        return None if self.batch_stats else (norm.running_mean, norm.running_var)
+
     def fuses(self, c: torch.Tensor, x_t: torch.Tensor) -> bool:
-        """Whether the unit differentiates through the BatchNorm itself (``iieu_bn_backward``): a contiguous
+        """Whether the unit differentiates through the BatchNorm itself (``IIEUNormFunction``): a contiguous
         conv map; on the CUDA path in any float dtype (the kernels read c and the gradient in their own
         dtypes), on the CPU in float32 or float64 with x_t of c's dtype."""
         if x_t.dim() != 4 or not c.is_contiguous() or not c.is_floating_point():
@@ -280,9 +279,13 @@ def unit_forward(x_t, x_pre, inv_w, nu, eta, site: UnitSite, term_b: TermB | Non
         inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
         x, inv, nu_flat, unflatten = site.patches.flat(x_t, inv_x, nu.to(ct))
         out = unflatten(backend(x).iieu_forward(x, inv, inv_w.to(ct), nu_flat, eta.to(ct)))
-    # where x_t's shape is a view of the kernel's flat output, it is returned as a tensor of its own (nothing
-    # else holds that output) so that a following in-place operation (a residual "+=") is allowed
-    return (out.detach() if out._is_view() else out), inv_x, sumsq, nu, term_b_tensors
+    return _own(out), inv_x, sumsq, nu, term_b_tensors
+
+
+def _own(out: torch.Tensor) -> torch.Tensor:
+    """A kernel's output as a tensor of its own where it is a view of the kernel's flat output (nothing else
+    holds that output), so that a following in-place operation (a residual "+=") is allowed."""
+    return out.detach() if out._is_view() else out
 
 
 def unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, norms, term_b, ln_weight, ln_bias, site: UnitSite,
@@ -320,7 +323,7 @@ def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _flat_inputs(site, source, x_pre, sumsq, inv_x, nu, grad_out, ct):
     """The backward kernels' inputs: the squared patch norms and invX (recomputed when not kept), the flat
-    layout of ``source`` (x_t, or the BatchNorm input) with invX and nu, grad_out in that layout, and the
+    layout of ``source`` (x_t) with invX and nu, grad_out in that layout, and the
     kernels for it. ``site``: a ``UnitSite`` (or an autograd context) with ``patches``, ``eps`` and
     ``silence``."""
     if sumsq is None:
@@ -346,13 +349,14 @@ def _patch_norm_grad(ctx, x_pre, sumsq, grad_inv, ct, x_pre_input: int = 1):
 @dataclass(frozen=True)
 class NormSite:
     """What ``IIEUNormFunction`` is told of its site besides its tensors: the patch geometry and eps,
-    the zero-patch rule, whether the BatchNorm used batch statistics, term-B's LayerNorm eps, and the
-    producer-input tap (or None)."""
+    the zero-patch rule, the BatchNorm's eps and running statistics (mean, var) when it normalised with
+    them (else None), term-B's LayerNorm eps, and the producer-input tap (or None)."""
 
     patches: ConvPatches
     eps: float
     silence: bool
-    batch_stats: bool
+    bn_eps: float
+    running: tuple | None
     ln_eps: float
     tap: InputTap | None
 
@@ -360,40 +364,45 @@ class NormSite:
 class IIEUNormFunction(torch.autograd.Function):
     """IIEU-B at a conv-BN site in eager training, differentiated through the BatchNorm and term-B itself.
 
-    x_t = BN(c) arrives with the BatchNorm's per-channel coefficients ``terms`` = (xs, xb, hs, hb)
-    (x_t = c * xs + xb, xhat = c * hs + hb) and gap = GAP(x_t), which one pass over c gave
-    (``BatchNormReplay.prepare``). Forward computes term-B nu = sigmoid(LayerNorm(gap)) and the unit's
-    output; backward (the kernels' ``iieu_bn_backward``: two passes over c and the incoming gradient)
-    returns the gradients of c, of the BatchNorm's and the LayerNorm's weight and bias and of the unit's
-    parameters directly (none for x_t: the BatchNorm's own backward then receives no gradient and computes
-    nothing), and sends x_pre's to the producer-input tap. Saves c (which the BatchNorm keeps
-    anyway), x_pre (the producer's), and per-channel / per-sample values."""
+    x_t = BN(c) arrives with the BatchNorm's input c. Forward computes the site's statistics in one buffer
+    (the kernels' ``bn_site_stats``: one pass over c for the BatchNorm's per-channel coefficients and
+    GAP(x_t), then term-B nu = sigmoid(LayerNorm(GAP))), the patch norms and the unit's output; backward
+    (``bn_site_backward``: two passes over c and the incoming gradient) returns the gradients of c, of the
+    BatchNorm's and the LayerNorm's weight and bias and of the unit's parameters directly (none for x_t:
+    the BatchNorm's own backward then receives no gradient and computes nothing), and sends x_pre's to
+    the producer-input tap. Saves c (which the BatchNorm keeps anyway), x_pre (the producer's), the
+    statistics and the parameters."""
 
     @staticmethod
-    def forward(ctx, x_t, c, x_pre, inv_w, eta, ln_weight, ln_bias, norm_weight, norm_bias, terms, gap,
-                site: NormSite):
-        out, inv_x, sumsq, nu, (gap, mean, rstd) = unit_forward(x_t, x_pre, inv_w, None, eta,
-                                                                UnitSite(site.patches, site.eps, site.silence),
-                                                                TermB(gap, site.ln_eps), ln_weight, ln_bias)
+    def forward(ctx, x_t, c, x_pre, inv_w, eta, ln_weight, ln_bias, norm_weight, norm_bias, site: NormSite):
+        with autocast_off(c.device.type):
+            ct = compute_dtype(c)
+            kernels = backend(c)
+            stats = kernels.bn_site_stats(c, norm_weight, norm_bias, site.bn_eps, site.running, ln_weight.to(ct),
+                                          ln_bias.to(ct), site.ln_eps)
+            inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
+            out = kernels.bn_site_forward(x_t.contiguous(), inv_x.contiguous(), inv_w.to(ct), eta.to(ct), stats)
         norms = (inv_x, sumsq) if UnitSite.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
-        ctx.save_for_backward(c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, *norms)
+        ctx.save_for_backward(c, x_pre, inv_w, eta, ln_weight, stats, *norms)
         ctx.patches, ctx.eps, ctx.silence, ctx.tap, ctx.batch_stats = (site.patches, site.eps, site.silence,
-                                                                        site.tap, site.batch_stats)
-        return out  # a tensor of its own (unit_forward's): a following in-place operation is allowed
+                                                                        site.tap, site.running is None)
+        return _own(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        c, x_pre, inv_w, eta, ln_weight, nu, mean, rstd, gap, *terms, inv_x, sumsq = ctx.saved_tensors
-        ct = compute_dtype(c)
-        sumsq, inv_x, (x, inv, nu_flat, unflatten), go, kernels = _flat_inputs(ctx, c, x_pre, sumsq, inv_x, nu,
-                                                                               grad_out, ct)
-        grads = kernels.iieu_bn_backward(go, x, inv, inv_w.to(ct), nu_flat, eta.to(ct), terms,
-                                         (gap, mean, rstd, ln_weight.to(ct)), ctx.batch_stats)
-        grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, _shaped(grads.inv, inv_x.shape), ct, x_pre_input=2)
+        c, x_pre, inv_w, eta, ln_weight, stats, inv_x, sumsq = ctx.saved_tensors
+        with autocast_off(c.device.type):
+            ct = compute_dtype(c)
+            if sumsq is None:
+                inv_x, sumsq = patch_inverse(ctx.patches, x_pre, ctx.eps, ctx.silence, ct)
+            go = grad_out.contiguous()
+            grads = backend(c, cpu_native=go.dtype == c.dtype).bn_site_backward(
+                go, c, inv_x.contiguous(), inv_w.to(ct), eta.to(ct), stats, ln_weight.to(ct), ctx.batch_stats)
+            grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grads.inv, ct, x_pre_input=2)
         needed = ctx.needs_input_grad
-        return (None, unflatten(grads.c), grad_x_pre, _shaped(grads.inv_w, inv_w.shape).to(inv_w.dtype),
+        return (None, grads.c, grad_x_pre, _shaped(grads.inv_w, inv_w.shape).to(inv_w.dtype),
                 grads.eta.to(eta.dtype), grads.ln_weight.to(ln_weight.dtype), grads.ln_bias,
-                grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None, None, None)
+                grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None)
 
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):

@@ -201,14 +201,14 @@ class IIEUB(ActivationModule):
             return  # compiler plans its own memory; no_grad / inference_mode tensors keep no version counter)
         self._maker_io = (args[0], output, output._version, self._replay_type.of_call(maker, output))
 
-    def _replay_for(self, x_t: torch.Tensor):
-        """How to recompute x_t in backward, when x_t is, untouched, the output of its maker's last call:
-        (replay, its saved tensors, GAP(x_t) when the replay's preparation gives it, else None)."""
+    def _maker_call(self, x_t: torch.Tensor):
+        """(replay, the maker's input) of the maker's last call when x_t is, untouched, its output; else
+        (None, None)."""
         io, self._maker_io = self._maker_io, None
         if io is None or io[1] is not x_t or io[2] != x_t._version:
-            return None, (), None
+            return None, None
         maker_input, _, _, replay = io
-        return (replay, *replay.prepare(self._maker, maker_input, x_t))
+        return replay, maker_input
 
     def term_b(self, x_t: torch.Tensor) -> torch.Tensor:
         """nu = sigmoid(LN_C(GAP(x_t))), (B, C), float32."""
@@ -242,16 +242,18 @@ class IIEUB(ActivationModule):
         silence = self.zero_patch == "silence"
         mode = path()
         if mode == "train":
-            replay, replay_tensors, gap = self._replay_for(x_t)
+            replay, maker_input = self._maker_call(x_t)
+            if replay is not None and replay.fuses(maker_input, x_t):  # through the BatchNorm and term-B
+                norm = self._maker
+                site = NormSite(self._patches, self.patch_eps(), silence, norm.eps, replay.running(norm),
+                                self.norm.eps, tap)
+                return IIEUNormFunction.apply(x_t, maker_input, x_pre, inv_w, self.eta, self.norm.weight,
+                                              self.norm.bias, norm.weight, norm.bias, site)
+            replay_tensors, gap = replay.prepare(self._maker, maker_input, x_t) if replay is not None else ((), None)
             # term-B from a detached GAP: the autograd function adds that path's gradient itself
             with autocast_off(x_t.device.type):
                 if gap is None:
                     gap = self._patches.gap(x_t.detach())
-            if replay is not None and replay.fuses(replay_tensors[0], x_t):  # through the BatchNorm and term-B
-                norm, (c, *terms) = self._maker, replay_tensors
-                site = NormSite(self._patches, self.patch_eps(), silence, replay.batch_stats, self.norm.eps, tap)
-                return IIEUNormFunction.apply(x_t, c, x_pre, inv_w, self.eta, self.norm.weight,
-                                              self.norm.bias, norm.weight, norm.bias, terms, gap, site)
             return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
                                       replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
                                       self.norm.bias)

@@ -256,6 +256,61 @@ def batchnorm_terms(c, weight, bias, eps: float, moments=None):
     return scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct), gap
 
 
+def running_terms(running_mean, running_var, weight, bias, eps: float, ct: torch.dtype):
+    """The coefficients (xs, xb, hs, hb) of an eval-mode BatchNorm (its running statistics), x_t = c * xs + xb
+    and xhat = c * hs + hb per channel, computed in float64 and returned in ``ct``."""
+    mean, var = running_mean.double(), running_var.double()
+    hat_scale = (var + eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
+    scale = hat_scale * weight.detach().double() if weight is not None else hat_scale
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)
+
+
+def site_stats_numel(b: int, c: int) -> int:
+    """The length of a conv-BN site's statistics (``bn_site_stats``) for B samples and C channels."""
+    return 4 * c + 2 * b * c + 2 * b
+
+
+def site_stats_parts(stats, b: int, c: int):
+    """Views of a conv-BN site's statistics, one flat compute-dtype buffer that the kernels read at fixed
+    offsets: the BatchNorm's coefficients (xs, xb, hs, hb) (C,) each, GAP(x_t) (B, C), term-B's nu (B, C),
+    and its LayerNorm's mean and rstd (B, 1) each."""
+    terms, gap, nu, mean, rstd = stats[:site_stats_numel(b, c)].split([4 * c, b * c, b * c, b, b])
+    return terms.view(4, c).unbind(0), gap.view(b, c), nu.view(b, c), mean.view(b, 1), rstd.view(b, 1)
+
+
+def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float, moments=None):
+    """What IIEU-B at a conv-BN site needs of its BatchNorm (on c (B, C, *S), with affine ``weight`` and
+    ``bias`` or None; ``running`` = (running_mean, running_var) for an eval-mode BatchNorm, else None for
+    the batch statistics) and of its term-B (LayerNorm ``ln_weight``, ``ln_bias``, ``ln_eps``), packed as
+    ``site_stats_parts`` reads them. ``moments``: as ``batchnorm_terms``'."""
+    ct = compute_dtype(c)
+    if running is None:
+        *terms, gap = batchnorm_terms(c, weight, bias, eps, moments)
+    else:
+        terms = running_terms(*running, weight, bias, eps, ct)
+        plane_means = c.flatten(2).mean(2, dtype=ct)
+        gap = plane_means * terms[0] + terms[1]
+    nu, mean, rstd = term_b_forward(gap, ln_weight, ln_bias, ln_eps)
+    return torch.cat([t.reshape(-1) for t in (*terms, gap, nu, mean, rstd)])
+
+
+def bn_site_forward(x, inv, inv_w, eta, stats):
+    """IIEU-B's output at a conv-BN site (``iieu_forward`` with the site's nu) on planes x (B, C, *S)."""
+    nu = site_stats_parts(stats, x.shape[0], x.shape[1])[2]
+    return iieu_forward(x, inv, inv_w, nu, eta)
+
+
+def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats: bool, sums=None,
+                     grad=None) -> NormSiteGrads:
+    """``iieu_bn_backward`` with term-B, from the site's statistics (``bn_site_stats``)."""
+    terms, gap, nu, mean, rstd = site_stats_parts(stats, c.shape[0], c.shape[1])
+    return iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, (gap, mean, rstd, ln_weight), batch_stats,
+                            sums, grad)
+
+
 def batch_moments(x):
     """x (B, C, *S) -> the mean of each plane (B, C) and, per channel over B and S, the mean and the biased
     variance (C,), all float64: the statistics a training-mode BatchNorm normalises x with."""

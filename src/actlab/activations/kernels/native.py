@@ -98,9 +98,19 @@ def batchnorm_terms(c, weight, bias, eps: float):
 term_b_forward = composite.term_b_forward  # a LayerNorm and a sigmoid over (B, C): torch's own kernels
 
 
-def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool):
-    """As composite.iieu_bn_backward, for contiguous float32 planes: both passes in C++."""
-    return composite.iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats,
+def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float):
+    """As composite.bn_site_stats, for a contiguous float32 c, its moments in one C++ pass."""
+    return composite.bn_site_stats(c, weight, bias, eps, running, ln_weight, ln_bias, ln_eps, moments=batch_moments)
+
+
+def bn_site_forward(x, inv, inv_w, eta, stats):
+    """As composite.bn_site_forward, in C++."""
+    return iieu_forward(x, inv, inv_w, composite.site_stats_parts(stats, x.shape[0], x.shape[1])[2], eta)
+
+
+def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats: bool):
+    """As composite.bn_site_backward, for contiguous float32 planes: both passes in C++."""
+    return composite.bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats,
                                       sums=iieu_bn_sums, grad=iieu_bn_grad)
 
 

@@ -35,7 +35,8 @@ def _channel_params(W, NU, ETA, nu_row, cc, live_c):
 
 
 @triton.jit
-def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
+def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, NU_AT, BLOCK: tl.constexpr):
+    """Program (b * C + c, position block): the unit's output; nu (B, C) starts NU_AT elements into NU."""
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
@@ -45,7 +46,7 @@ def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, BLOCK: tl.constexpr):
     x = tl.load(X + bc * P + offs, mask=live, other=0.0).to(tl.float32)
     inv = tl.load(INV + (b * G + g) * P + offs, mask=live, other=0.0)
     w = tl.load(W + c)
-    n = tl.load(NU + bc)
+    n = tl.load(NU + NU_AT + bc)
     e = tl.load(ETA + c)
     rho = x * (w * inv) + n
     tl.store(OUT + bc * P + offs, (_adjusted(rho, e) * x).to(OUT.dtype.element_ty), mask=live)
@@ -114,12 +115,18 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, N
 
 
 @triton.jit
-def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, PART, C, CG, G, P, NPB, SLAB,
+def _iieu_bn_sums(GO, CIN, INV, W, STATS, ETA, PART, C, CG, G, P, NPB, SLAB, BC,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Pass 1 of the backward through the BatchNorm, on a tile as ``_iieu_planes_bwd``: x_t = c * xs + xb
     and xhat = c * hs + hb formed from the BatchNorm input c in registers; g is the gradient w.r.t. x_t.
     PART (6, B * C, NPB): the sums over the tile's positions of g_rx * inv, g_rho, g_eta, g, g * xhat and
-    xhat (SLAB = B * C * NPB each), followed in the same buffer by GINV_PART as ``_iieu_planes_bwd``'s."""
+    xhat (SLAB = B * C * NPB each), followed in the same buffer by GINV_PART as ``_iieu_planes_bwd``'s.
+    STATS: the site's statistics (``composite.site_stats_parts``: xs, xb, hs, hb, gap, nu, ...)."""
+    XS = STATS
+    XB = STATS + C
+    HS = STATS + 2 * C
+    HB = STATS + 3 * C
+    NU = STATS + 4 * C + BC
     bg = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(2)
     b, c, offs, live_p, live_c, live, at = _plane_tile(bg, tl.program_id(1), pb, C, CG, G, P, BLOCK_C, BLOCK_P)
@@ -141,9 +148,12 @@ def _iieu_bn_sums(GO, CIN, INV, W, NU, ETA, XS, XB, HS, HB, PART, C, CG, G, P, N
 
 
 @triton.jit
-def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K1_AT, K2, GC, C, CG, G, P, BLOCK: tl.constexpr):
-    """Pass 2, program (b * C + c, position block): dL/dc = a * g + k1 + k2 * c, stored in c's dtype;
-    k1 (B, C) starts K1_AT elements into K1's buffer."""
+def _iieu_bn_grad(GO, CIN, INV, W, STATS, ETA, K1, K1_AT, K2, GC, C, CG, G, P, BLOCK: tl.constexpr):
+    """Pass 2, program (b * C + c, position block): dL/dc = xs * g + k1 + k2 * c, stored in c's dtype;
+    k1 (B, C) starts K1_AT elements into K1's buffer; xs, xb and nu are the site's STATS."""
+    XS = STATS
+    XB = STATS + C
+    NU = STATS + 4 * C + tl.num_programs(0)
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
@@ -154,7 +164,7 @@ def _iieu_bn_grad(GO, CIN, INV, W, NU, ETA, XS, XB, A, K1, K1_AT, K2, GC, C, CG,
     inv = tl.load(INV + (b * G + c // CG) * P + offs, mask=live, other=0.0)
     x = cin * tl.load(XS + c) + tl.load(XB + c)
     g = _grad_terms(x, go, tl.load(W + c) * inv, tl.load(NU + bc), tl.load(ETA + c))[0]
-    grad = tl.load(A + c) * g + tl.load(K1 + K1_AT + bc) + tl.load(K2 + c) * cin
+    grad = tl.load(XS + c) * g + tl.load(K1 + K1_AT + bc) + tl.load(K2 + c) * cin
     tl.store(GC + bc * P + offs, grad.to(GC.dtype.element_ty), mask=live)
 
 
@@ -170,11 +180,14 @@ def _column_sum(X, B, C, cc, live_c, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
-def _bn_terms(MEAN, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _bn_terms(TERMS, WEIGHT, BIAS, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program per channel block: from the planes' means and, after them, sums of squared deviations
-    (2, B, C), the channel's batch mean and biased variance, TERMS (4, C) = xs, xb, hs, hb (x_t = c * xs + xb,
-    xhat = c * hs + hb) and GAP(x_t) (B, C) = plane mean * xs + xb."""
+    """Program per channel block. TERMS holds (4, C) coefficients, then the planes' means (B, C), then
+    their sums of squared deviations (B, C) (``_plane_moments``); from them the channel's batch mean and
+    biased variance, the coefficients xs, xb, hs, hb (x_t = c * xs + xb, xhat = c * hs + hb), and GAP(x_t)
+    (B, C) = plane mean * xs + xb, written over the means (each program reads only its channels')."""
+    MEAN = TERMS + 4 * C
+    GAP = MEAN
     M2 = MEAN + B * C
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live_c = cc < C
@@ -205,8 +218,7 @@ def _bn_terms(MEAN, WEIGHT, BIAS, TERMS, GAP, B, C, P, eps, HAS_WEIGHT: tl.const
 
 
 @triton.jit
-def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV, C, NPB, SLAB, BC, P, NCB, GP,
-             HAS_TERM_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_rows(PART, STATS, LN_W, ROWS, GINV, C, NPB, SLAB, BC, P, NCB, GP, BLOCK_C: tl.constexpr):
     """Program per sample b, after ``_iieu_bn_sums``: its PART sums over the position blocks give dL/d nu
     and the sums of g, g * xhat and xhat per channel; term-B's spread k = dL/d GAP(x_t) / P comes from
     sigmoid's and the LayerNorm's backward over the sample's channels. ROWS (6, B, C): dL/d nu, k, the
@@ -215,9 +227,13 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV, C, NPB, SLAB, BC
     dL/dz = dL/d nu * nu (1 - nu) and dL/dz * the normalised gap, whose sums over the batch are the
     LayerNorm's bias and weight gradients. GINV (B, G * P):
     dL/d inv, the sum of the NCB channel blocks' partial sums GINV_PART (NCB, B, G * P), which follow
-    PART in its buffer."""
+    PART in its buffer. gap, nu and the LayerNorm's mean and rstd are the site's STATS."""
     b = tl.program_id(0).to(tl.int64)
     GINV_PART = PART + 6 * SLAB
+    GAP = STATS + 4 * C
+    NU = GAP + BC
+    LN_MEAN = NU + BC
+    LN_RSTD = LN_MEAN + tl.num_programs(0)
     for i0 in range(0, GP, BLOCK_C):
         ii = i0 + tl.arange(0, BLOCK_C)
         live = ii < GP
@@ -251,44 +267,40 @@ def _bn_rows(PART, NU, GAP, LN_MEAN, LN_RSTD, LN_W, ROWS, GINV, C, NPB, SLAB, BC
         tl.store(ROWS + 3 * BC + row, s_gh, mask=live)
         tl.store(ROWS + 4 * BC + row, g_w, mask=live)
         tl.store(ROWS + 5 * BC + row, g_eta, mask=live)
-        if HAS_TERM_B:
-            nu = tl.load(NU + row, mask=live, other=0.0)
-            gz = g_nu * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
-            x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * tl.load(LN_RSTD + b)
-            tl.store(ROWS + 6 * BC + row, g_nu * nu * (1.0 - nu), mask=live)
-            tl.store(ROWS + 7 * BC + row, g_nu * nu * (1.0 - nu) * x_ln, mask=live)
-            acc_a += gz
-            acc_b += gz * x_ln
-    if HAS_TERM_B:
-        mean_a = tl.sum(acc_a, axis=0) / C
-        mean_b = tl.sum(acc_b, axis=0) / C
-        rstd = tl.load(LN_RSTD + b)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            live = cc < C
-            row = b * C + cc
-            nu = tl.load(NU + row, mask=live, other=0.0)
-            gz = tl.load(ROWS + row, mask=live, other=0.0) * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
-            x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * rstd
-            spread = rstd * (gz - mean_a - x_ln * mean_b) / P
-            s_h = tl.load(ROWS + BC + row, mask=live, other=0.0)
-            tl.store(ROWS + BC + row, spread, mask=live)
-            tl.store(ROWS + 2 * BC + row, tl.load(ROWS + 2 * BC + row, mask=live, other=0.0) + P * spread, mask=live)
-            tl.store(ROWS + 3 * BC + row, tl.load(ROWS + 3 * BC + row, mask=live, other=0.0) + spread * s_h,
-                     mask=live)
-    else:
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            tl.store(ROWS + BC + b * C + cc, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cc < C)
+        nu = tl.load(NU + row, mask=live, other=0.0)
+        gz = g_nu * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
+        x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * tl.load(LN_RSTD + b)
+        tl.store(ROWS + 6 * BC + row, g_nu * nu * (1.0 - nu), mask=live)
+        tl.store(ROWS + 7 * BC + row, g_nu * nu * (1.0 - nu) * x_ln, mask=live)
+        acc_a += gz
+        acc_b += gz * x_ln
+    mean_a = tl.sum(acc_a, axis=0) / C
+    mean_b = tl.sum(acc_b, axis=0) / C
+    rstd = tl.load(LN_RSTD + b)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live = cc < C
+        row = b * C + cc
+        nu = tl.load(NU + row, mask=live, other=0.0)
+        gz = tl.load(ROWS + row, mask=live, other=0.0) * nu * (1.0 - nu) * tl.load(LN_W + cc, mask=live, other=0.0)
+        x_ln = (tl.load(GAP + row, mask=live, other=0.0) - tl.load(LN_MEAN + b)) * rstd
+        spread = rstd * (gz - mean_a - x_ln * mean_b) / P
+        s_h = tl.load(ROWS + BC + row, mask=live, other=0.0)
+        tl.store(ROWS + BC + row, spread, mask=live)
+        tl.store(ROWS + 2 * BC + row, tl.load(ROWS + 2 * BC + row, mask=live, other=0.0) + P * spread, mask=live)
+        tl.store(ROWS + 3 * BC + row, tl.load(ROWS + 3 * BC + row, mask=live, other=0.0) + spread * s_h, mask=live)
 
 
 @triton.jit
-def _bn_channels(ROWS, XS, HS, HB, ETA, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, HAS_TERM_B: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_channels(ROWS, STATS, ETA, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     """Program per channel block, after ``_bn_rows``: CH (7, C) = dL/d inv_w, dL/d eta, dL/d gamma,
-    dL/d beta, k2 and (with term-B) the LayerNorm's dL/d weight and dL/d bias; K1 (B, C) = k1
-    (dL/dc = xs * g + k1 + k2 * c) follows ROWS (8, B, C) in its buffer."""
+    dL/d beta, k2 and the LayerNorm's dL/d weight and dL/d bias; K1 (B, C) = k1
+    (dL/dc = xs * g + k1 + k2 * c) follows ROWS (8, B, C) in its buffer. xs, hs and hb: the site's STATS."""
     K1 = ROWS + 8 * BC
+    XS = STATS
+    HS = STATS + 2 * C
+    HB = STATS + 3 * C
     cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live_c = cc < C
     g_beta = _column_sum(ROWS + 2 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C)
@@ -311,16 +323,21 @@ def _bn_channels(ROWS, XS, HS, HB, ETA, CH, B, C, BC, N, BATCH_STATS: tl.constex
     tl.store(CH + 2 * C + cc, g_gamma, mask=live_c)
     tl.store(CH + 3 * C + cc, g_beta, mask=live_c)
     tl.store(CH + 4 * C + cc, k2, mask=live_c)
-    if HAS_TERM_B:
-        tl.store(CH + 5 * C + cc, _column_sum(ROWS + 7 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
-        tl.store(CH + 6 * C + cc, _column_sum(ROWS + 6 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+    tl.store(CH + 5 * C + cc, _column_sum(ROWS + 7 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
+    tl.store(CH + 6 * C + cc, _column_sum(ROWS + 6 * BC, B, C, cc, live_c, BLOCK_B, BLOCK_C), mask=live_c)
 
 
 @triton.jit
-def _term_b(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, C, eps, BLOCK_C: tl.constexpr):
+def _term_b(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, C, eps, SITE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program per sample: nu = sigmoid(LayerNorm(gap) * weight + bias) over its C channels, and the
-    LayerNorm's mean and rstd (biased variance, as LayerNorm)."""
+    LayerNorm's mean and rstd (biased variance, as LayerNorm). SITE: GAP is a site's statistics, where gap,
+    nu, mean and rstd have their places (``composite.site_stats_parts``)."""
     b = tl.program_id(0).to(tl.int64)
+    if SITE:
+        GAP = GAP + 4 * C
+        NU = GAP + tl.num_programs(0) * C
+        MEAN = NU + tl.num_programs(0) * C
+        RSTD = MEAN + tl.num_programs(0)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
@@ -343,10 +360,10 @@ def _term_b(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, C, eps, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _plane_moments(X, MOMENTS, P, BLOCK: tl.constexpr):
+def _plane_moments(X, MOMENTS, AT, P, BLOCK: tl.constexpr):
     """Program per (b, c) plane, one pass over it in its own dtype: the float32 mean and sum of squared
     deviations, accumulated about the plane's first value (a map far from zero keeps its variance), into
-    MOMENTS (2, B, C)."""
+    MOMENTS (2, B, C), AT elements into its buffer."""
     bc = tl.program_id(0).to(tl.int64)
     k = tl.load(X + bc * P).to(tl.float32)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -358,8 +375,8 @@ def _plane_moments(X, MOMENTS, P, BLOCK: tl.constexpr):
         s1 += d
         s2 += d * d
     t1 = tl.sum(s1, axis=0)
-    tl.store(MOMENTS + bc, k + t1 / P)
-    tl.store(MOMENTS + tl.num_programs(0) + bc, tl.sum(s2, axis=0) - t1 * t1 / P)
+    tl.store(MOMENTS + AT + bc, k + t1 / P)
+    tl.store(MOMENTS + AT + tl.num_programs(0) + bc, tl.sum(s2, axis=0) - t1 * t1 / P)
 
 
 @triton.jit
@@ -823,7 +840,8 @@ def iieu_forward(x, inv, inv_w, nu, eta):
         b, c, p = _planes_shape(x)
         g = inv.shape[1]
         block = _pow2(p, 16, _BLOCK)
-        _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, nu, eta, out, c, c // g, g, p, BLOCK=block)
+        _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, nu, eta, out, c, c // g, g, p, 0,
+                                                         BLOCK=block)
     else:
         r, c = x.shape
         s = nu.shape[0]
@@ -875,67 +893,57 @@ def _finish(part, eta, samples: int, blocks: int, c: int, strides: tuple):
     return grad_w, grad_nu, grad_eta
 
 
-def _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    """Launches ``_iieu_bn_sums`` into one float32 buffer of its partial sums, PART (6, B * C, NPB) and then
-    the partial sums of dL/d inv over the NCB channel blocks (NCB, B * G, P). Returns (buffer, NPB, NCB)."""
+def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float):
+    """As composite.bn_site_stats: one pass over c in its own dtype for the planes' moments, one launch for
+    the BatchNorm's coefficients and GAP(x_t), one for term-B, all into the one statistics buffer."""
+    if running is not None or not c.is_contiguous() or c.dtype == torch.float64:
+        return composite.bn_site_stats(c, weight, bias, eps, running, ln_weight, ln_bias, ln_eps)
+    b, ch, p = _planes_shape(c)
+    stats = c.new_empty(composite.site_stats_numel(b, ch), dtype=torch.float32)
+    _plane_moments[(b * ch,)](c, stats, 4 * ch, p, BLOCK=_pow2(p, 16, _BLOCK))  # where gap and nu go
+    _bn_terms_launch(stats, weight, bias, b, ch, p, eps)
+    _term_b[(b,)](stats, ln_weight, ln_bias, stats, stats, stats, ch, ln_eps, SITE=True, BLOCK_C=_pow2(ch, 16, 1024))
+    return stats
+
+
+def bn_site_forward(x, inv, inv_w, eta, stats):
+    b, c, p = _planes_shape(x)
+    g = inv.shape[1]
+    out = torch.empty_like(x)
+    block = _pow2(p, 16, _BLOCK)
+    _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, stats, eta, out, c, c // g, g, p, 4 * c + b * c,
+                                                     BLOCK=block)
+    return out
+
+
+def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats: bool):
+    """As composite.bn_site_backward: the two passes over the maps and, between them, two launches for the
+    per-sample (term-B) and per-channel arithmetic. The first pass's partial sums share one buffer, the
+    per-sample rows (8, B, C) and k1 (B, C) another (small: what each later launch reads whole)."""
     b, ch, p = _planes_shape(c)
     g = inv.shape[1]
     cg = ch // g
     block_c, block_p = _planes_tiles(p, cg)
     ncb, npb = triton.cdiv(cg, block_c), triton.cdiv(p, block_p)
-    work = inv.new_empty(6 * b * ch * npb + ncb * b * g * p)
-    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb, work, ch, cg, g, p, npb,
-                                     b * ch * npb, BLOCK_C=block_c, BLOCK_P=block_p)
-    return work, npb, ncb
-
-
-def iieu_bn_sums(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb):
-    b, ch, p = _planes_shape(c)
-    work, npb, ncb = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
-    part, ginv_part = work.split([6 * b * ch * npb, ncb * inv.numel()])
-    grad_inv = ginv_part.view(ncb, *inv.shape).sum(0)
-    sums = part.view(6, b, ch, npb).sum(3)  # (6, B, C)
-    per_channel = sums[0:3:2].sum(1)  # grad_w, grad_eta before its (1 - eta) factor
-    return grad_inv, per_channel[0], sums[1], per_channel[1] * (1 - eta), sums[3], sums[4], sums[5]
-
-
-def _bn_grad_launch(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k1_at: int, k2):
-    b, ch, p = _planes_shape(c)
-    grad_c = torch.empty_like(c)
-    block = _pow2(p, 16, _BLOCK)
-    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k1_at, k2,
-                                                  grad_c, ch, ch // inv.shape[1], inv.shape[1], p, BLOCK=block)
-    return grad_c
-
-
-def iieu_bn_grad(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1, k2):
-    return _bn_grad_launch(grad_out, c, inv, inv_w, nu, eta, xs, xb, a, k1.contiguous(), 0, k2)
-
-
-def iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, term_b, batch_stats: bool):
-    """As composite.iieu_bn_backward: the two passes over the maps and, between them, two launches for
-    the per-sample (term-B) and per-channel arithmetic. The first pass's partial sums share one buffer,
-    the per-sample rows (8, B, C) and k1 (B, C) another (small: what each later launch reads whole)."""
-    xs, xb, hs, hb = terms
-    b, ch, p = _planes_shape(c)
-    work, npb, ncb = _bn_sums_parts(grad_out, c, inv, inv_w, nu, eta, xs, xb, hs, hb)
+    slab = b * ch * npb
+    work = inv.new_empty(6 * slab + ncb * b * g * p)  # PART (6, B * C, NPB), then GINV_PART (NCB, B * G, P)
+    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, stats, eta, work, ch, cg, g, p, npb, slab, b * ch,
+                                     BLOCK_C=block_c, BLOCK_P=block_p)
     rows = inv.new_empty(9 * b * ch)
     grad_inv = torch.empty_like(inv)
-    gap, ln_mean, ln_rstd, ln_w = term_b if term_b is not None else (nu,) * 4  # never read without term-B
-    _bn_rows[(b,)](work, nu, gap, ln_mean, ln_rstd, ln_w, rows, grad_inv, ch, npb, b * ch * npb, b * ch, p, ncb,
-                   math.prod(inv.shape[1:]), HAS_TERM_B=term_b is not None, BLOCK_C=_pow2(ch, 16, 1024))
+    _bn_rows[(b,)](work, stats, ln_weight, rows, grad_inv, ch, npb, slab, b * ch, p, ncb, g * p,
+                   BLOCK_C=_pow2(ch, 16, 1024))
     per_channel = inv.new_empty(7, ch)
     block_b, block = _column_tiles(b, ch)
-    _bn_channels[(triton.cdiv(ch, block),)](rows, xs, hs, hb, eta, per_channel, b, ch, b * ch, b * p,
-                                            BATCH_STATS=batch_stats, HAS_TERM_B=term_b is not None,
-                                            BLOCK_B=block_b, BLOCK_C=block)
+    _bn_channels[(triton.cdiv(ch, block),)](rows, stats, eta, per_channel, b, ch, b * ch, b * p,
+                                            BATCH_STATS=batch_stats, BLOCK_B=block_b, BLOCK_C=block)
     grad_w, grad_eta, grad_gamma, grad_beta, k2, grad_ln_weight, grad_ln_bias = per_channel
-    grad_c = _bn_grad_launch(grad_out, c, inv, inv_w, nu, eta, xs, xb, xs, rows, 8 * b * ch, k2)
-    if term_b is not None:  # nu is term-B's, inside the unit: no gradient of its own to return
-        return composite.NormSiteGrads(grad_c, grad_inv, grad_w, None, grad_eta, grad_gamma, grad_beta,
-                                       grad_ln_weight, grad_ln_bias)
-    grad_nu = rows[:b * ch].view(b, ch)
-    return composite.NormSiteGrads(grad_c, grad_inv, grad_w, grad_nu, grad_eta, grad_gamma, grad_beta, None, None)
+    grad_c = torch.empty_like(c)
+    block = _pow2(p, 16, _BLOCK)
+    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, stats, eta, rows, 8 * b * ch, k2, grad_c,
+                                                  ch, cg, g, p, BLOCK=block)
+    return composite.NormSiteGrads(grad_c, grad_inv, grad_w, None, grad_eta, grad_gamma, grad_beta, grad_ln_weight,
+                                   grad_ln_bias)
 
 
 def term_b_forward(gap, weight, bias, eps: float):
@@ -944,7 +952,7 @@ def term_b_forward(gap, weight, bias, eps: float):
     b, c = gap.shape
     nu = torch.empty_like(gap)
     mean, rstd = gap.new_empty(b, 1), gap.new_empty(b, 1)
-    _term_b[(b,)](gap, weight, bias, nu, mean, rstd, c, eps, BLOCK_C=_pow2(c, 16, 1024))
+    _term_b[(b,)](gap, weight, bias, nu, mean, rstd, c, eps, SITE=False, BLOCK_C=_pow2(c, 16, 1024))
     return nu, mean, rstd
 
 
@@ -1050,36 +1058,32 @@ def term_b_backward_into_(grad_x, grad_nu, nu, gap, mean, rstd, weight, bias, sc
 def batch_moments(x):
     if not x.is_contiguous() or x.dtype == torch.float64:
         return composite.batch_moments(x)
-    moments, p = _plane_moments_of(x)
+    b, c, p = _planes_shape(x)
+    moments = x.new_empty(2, b, c, dtype=torch.float32)
+    _plane_moments[(b * c,)](x, moments, 0, p, BLOCK=_pow2(p, 16, _BLOCK))
     plane_mean, plane_m2 = moments.double()
     return composite.combine_moments(plane_mean, plane_m2 / p)
 
 
-def _plane_moments_of(x):
-    """Per (b, c) plane of a contiguous x, one launch: the float32 means and sums of squared deviations
-    (2, B, C), and the positions a plane P."""
-    b, c = x.shape[:2]
-    p = math.prod(x.shape[2:])
-    moments = x.new_empty(2, b, c, dtype=torch.float32)
-    _plane_moments[(b * c,)](x, moments, p, BLOCK=_pow2(p, 16, _BLOCK))
-    return moments, p
+def _bn_terms_launch(buffer, weight, bias, b: int, c: int, p: int, eps: float):
+    block_b, block = _column_tiles(b, c)
+    _bn_terms[(triton.cdiv(c, block),)](buffer, weight if weight is not None else buffer,
+                                        bias if bias is not None else buffer, b, c, p, eps,
+                                        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_B=block_b,
+                                        BLOCK_C=block)
 
 
 def batchnorm_terms(c, weight, bias, eps: float):
     """As composite.batchnorm_terms: one pass over c in its own dtype, one launch for the per-channel
-    coefficients and GAP(x_t)."""
+    coefficients and GAP(x_t), in one buffer."""
     if not c.is_contiguous() or c.dtype == torch.float64:
         return composite.batchnorm_terms(c, weight, bias, eps)
-    moments, p = _plane_moments_of(c)
-    b, ch = moments.shape[1:]
-    terms = moments.new_empty(4, ch)
-    gap = moments.new_empty(b, ch)
-    block_b, block = _column_tiles(b, ch)
-    _bn_terms[(triton.cdiv(ch, block),)](moments, weight if weight is not None else terms,
-                                         bias if bias is not None else terms, terms, gap, b, ch, p, eps,
-                                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_B=block_b,
-                                         BLOCK_C=block)
-    return (*terms, gap)
+    b, ch, p = _planes_shape(c)
+    buffer = c.new_empty(4 * ch + 2 * b * ch, dtype=torch.float32)  # terms, then the moments (gap over the means)
+    _plane_moments[(b * ch,)](c, buffer, 4 * ch, p, BLOCK=_pow2(p, 16, _BLOCK))
+    _bn_terms_launch(buffer, weight, bias, b, ch, p, eps)
+    terms, gap, _ = buffer.split([4 * ch, b * ch, b * ch])
+    return (*terms.view(4, ch), gap.view(b, ch))
 
 
 def _channel_sumsq_launch(x, groups: int, ct: torch.dtype, inverse: tuple | None):
