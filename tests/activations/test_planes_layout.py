@@ -62,11 +62,10 @@ def test_maps_are_read_as_they_are(name):
         torch.testing.assert_close(a, b)
 
     stats = torch.cat([*terms, torch.randn(x.shape[:2], device=DEVICE).flatten(), nu.flatten(),
-                       torch.zeros(x.shape[0], device=DEVICE), torch.ones(x.shape[0], device=DEVICE)])
-    _same(kernels.bn_site_forward(x, inv, inv_w, eta, stats), kernels.bn_site_forward(_flat(x), _flat(inv), inv_w, eta,
-                                                                                      stats), x)
-    got = kernels.bn_site_backward(go, x, inv, inv_w, eta, stats, inv_w, True)
-    want = kernels.bn_site_backward(_flat(go), _flat(x), _flat(inv), inv_w, eta, stats, inv_w, True)
+                       torch.zeros(x.shape[0], device=DEVICE), torch.ones(x.shape[0], device=DEVICE), inv_w, 1 / inv_w])
+    _same(kernels.bn_site_forward(x, inv, eta, stats), kernels.bn_site_forward(_flat(x), _flat(inv), eta, stats), x)
+    got = kernels.bn_site_backward(go, x, inv, eta, stats, inv_w, True)
+    want = kernels.bn_site_backward(_flat(go), _flat(x), _flat(inv), eta, stats, inv_w, True)
     _same(got.c, want.c, x)
     _same(got.inv, want.inv, inv)
     for a, b in zip(got[2:], want[2:]):

@@ -314,11 +314,11 @@ def term_b_inputs(b, c, g):
     return torch.sigmoid(z).to(DEVICE), [t.to(DEVICE) for t in (gap, mean, rstd, weight)]
 
 
-def site_stats(b, c, g):
+def site_stats(b, c, g, inv_w):
     """A conv-BN site's statistics as ``composite.site_stats_parts`` reads them: BatchNorm coefficients,
-    GAP, term-B's nu and its LayerNorm's mean and rstd."""
+    GAP, term-B's nu and its LayerNorm's mean and rstd, the filters' inverse and squared norms."""
     nu, (gap, mean, rstd, weight) = term_b_inputs(b, c, g)
-    parts = (*bn_terms(c, g), gap, nu, mean, rstd)
+    parts = (*bn_terms(c, g), gap, nu, mean, rstd, inv_w, (1 / inv_w).square())
     return torch.cat([t.reshape(-1) for t in parts]), weight
 
 
@@ -339,12 +339,11 @@ def test_conv_bn_site_over_batch_tiles():
 
 def check_bn_site(dims, batch_stats, dtype):
     (c, inv, inv_w, _, eta), go = iieu_inputs("planes", dims, dtype, seed=5)
-    stats, ln_weight = site_stats(dims[0], dims[1], torch.Generator().manual_seed(12))
-    close(triton_kernels.bn_site_forward(c, inv, inv_w, eta, stats), composite.bn_site_forward(c, inv, inv_w, eta, stats),
-          dtype)
-    got = triton_kernels.bn_site_backward(go, c, inv, inv_w, eta, stats, ln_weight, batch_stats)
+    stats, ln_weight = site_stats(dims[0], dims[1], torch.Generator().manual_seed(12), inv_w)
+    close(triton_kernels.bn_site_forward(c, inv, eta, stats), composite.bn_site_forward(c, inv, eta, stats), dtype)
+    got = triton_kernels.bn_site_backward(go, c, inv, eta, stats, ln_weight, batch_stats)
     # the reference in float64: the float32 composite loses ~1e-5 of dL/dc to cancellation over large batches
-    want = composite.bn_site_backward(*(t.double() for t in (go, c, inv, inv_w, eta, stats, ln_weight)), batch_stats)
+    want = composite.bn_site_backward(*(t.double() for t in (go, c, inv, eta, stats, ln_weight)), batch_stats)
     assert got.c.dtype == c.dtype and got.c.shape == c.shape
     close(got.c, want.c, dtype)
     assert got.nu is None and want.nu is None  # term-B's nu is inside the unit
@@ -366,11 +365,17 @@ def test_conv_bn_site_statistics(shape, affine, dtype):
     weight, bias = (torch.rand(ch, generator=g).to(DEVICE) + 0.5, torch.randn(ch, generator=g).to(DEVICE)) if affine \
         else (None, None)
     ln_weight, ln_bias = torch.rand(ch, generator=g).to(DEVICE) + 0.5, torch.randn(ch, generator=g).to(DEVICE) * 0.1
-    got = triton_kernels.bn_site_stats(c, weight, bias, 1e-5, None, ln_weight, ln_bias, 1e-6)
-    want = composite.bn_site_stats(c, weight, bias, 1e-5, None, ln_weight, ln_bias, 1e-6)
+    filters = torch.randn(ch, 3, 3, 3, generator=g).to(DEVICE)
+    filters[0] = 0  # an all-zero filter: inv_w = 1 / eps, no gradient
+    got = triton_kernels.bn_site_stats(c, weight, bias, 1e-5, None, ln_weight, ln_bias, 1e-6, filters, 1e-3)
+    want = composite.bn_site_stats(c, weight, bias, 1e-5, None, ln_weight, ln_bias, 1e-6, filters, 1e-3)
     n = composite.site_stats_numel(shape[0], ch)
     assert got.dtype == torch.float32 and got.numel() == want.numel() == n
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    grad_inv_w = torch.randn(ch, generator=g).to(DEVICE)
+    grad = triton_kernels.bn_site_filter_grad(filters, got, grad_inv_w, 1e-3)
+    torch.testing.assert_close(grad, composite.bn_site_filter_grad(filters, want, grad_inv_w, 1e-3))
+    assert grad.shape == filters.shape and not grad[0].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -349,12 +349,13 @@ def _patch_norm_grad(ctx, x_pre, sumsq, grad_inv, ct, x_pre_input: int = 1):
 @dataclass(frozen=True)
 class NormSite:
     """What ``IIEUNormFunction`` is told of its site besides its tensors: the patch geometry and eps,
-    the zero-patch rule, the BatchNorm's eps and running statistics (mean, var) when it normalised with
-    them (else None), term-B's LayerNorm eps, and the producer-input tap (or None)."""
+    the zero-patch rule, the filter norms' eps, the BatchNorm's eps and running statistics (mean, var) when
+    it normalised with them (else None), term-B's LayerNorm eps, and the producer-input tap (or None)."""
 
     patches: ConvPatches
     eps: float
     silence: bool
+    filter_eps: float
     bn_eps: float
     running: tuple | None
     ln_eps: float
@@ -364,45 +365,48 @@ class NormSite:
 class IIEUNormFunction(torch.autograd.Function):
     """IIEU-B at a conv-BN site in eager training, differentiated through the BatchNorm and term-B itself.
 
-    x_t = BN(c) arrives with the BatchNorm's input c. Forward computes the site's statistics in one buffer
-    (the kernels' ``bn_site_stats``: one pass over c for the BatchNorm's per-channel coefficients and
-    GAP(x_t), then term-B nu = sigmoid(LayerNorm(GAP))), the patch norms and the unit's output; backward
-    (``bn_site_backward``: two passes over c and the incoming gradient) returns the gradients of c, of the
-    BatchNorm's and the LayerNorm's weight and bias and of the unit's parameters directly (none for x_t:
-    the BatchNorm's own backward then receives no gradient and computes nothing), and sends x_pre's to
-    the producer-input tap. Saves c (which the BatchNorm keeps anyway), x_pre (the producer's), the
+    x_t = BN(c) arrives with the BatchNorm's input c and the producer's ``filters``. Forward computes the
+    site's statistics in one buffer (the kernels' ``bn_site_stats``: one pass over c for the BatchNorm's
+    per-channel coefficients and GAP(x_t), the filters' inverse norms inv_w, then term-B
+    nu = sigmoid(LayerNorm(GAP))), the patch norms and the unit's output; backward (``bn_site_backward``:
+    two passes over c and the incoming gradient) returns the gradients of c, of the filters (through
+    inv_w), of the BatchNorm's and the LayerNorm's weight and bias and of eta directly (none for x_t: the
+    BatchNorm's own backward then receives no gradient and computes nothing), and sends x_pre's to the
+    producer-input tap. Saves c (which the BatchNorm keeps anyway), x_pre (the producer's), the
     statistics and the parameters."""
 
     @staticmethod
-    def forward(ctx, x_t, c, x_pre, inv_w, eta, ln_weight, ln_bias, norm_weight, norm_bias, site: NormSite):
+    def forward(ctx, x_t, c, x_pre, filters, eta, ln_weight, ln_bias, norm_weight, norm_bias, site: NormSite):
         with autocast_off(c.device.type):
             ct = compute_dtype(c)
             kernels = backend(c)
             stats = kernels.bn_site_stats(c, norm_weight, norm_bias, site.bn_eps, site.running, ln_weight.to(ct),
-                                          ln_bias.to(ct), site.ln_eps)
+                                          ln_bias.to(ct), site.ln_eps, filters.contiguous(), site.filter_eps)
             inv_x, sumsq = patch_inverse(site.patches, x_pre, site.eps, site.silence, ct)
-            out = kernels.bn_site_forward(x_t.contiguous(), inv_x.contiguous(), inv_w.to(ct), eta.to(ct), stats)
+            out = kernels.bn_site_forward(x_t.contiguous(), inv_x.contiguous(), eta.to(ct), stats)
         norms = (inv_x, sumsq) if UnitSite.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
-        ctx.save_for_backward(c, x_pre, inv_w, eta, ln_weight, stats, *norms)
-        ctx.patches, ctx.eps, ctx.silence, ctx.tap, ctx.batch_stats = (site.patches, site.eps, site.silence,
-                                                                        site.tap, site.running is None)
+        ctx.save_for_backward(c, x_pre, filters, eta, ln_weight, stats, *norms)
+        ctx.patches, ctx.eps, ctx.silence, ctx.tap, ctx.batch_stats, ctx.filter_eps = (
+            site.patches, site.eps, site.silence, site.tap, site.running is None, site.filter_eps)
         return _own(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        c, x_pre, inv_w, eta, ln_weight, stats, inv_x, sumsq = ctx.saved_tensors
+        c, x_pre, filters, eta, ln_weight, stats, inv_x, sumsq = ctx.saved_tensors
         with autocast_off(c.device.type):
             ct = compute_dtype(c)
             if sumsq is None:
                 inv_x, sumsq = patch_inverse(ctx.patches, x_pre, ctx.eps, ctx.silence, ct)
             go = grad_out.contiguous()
-            grads = backend(c, cpu_native=go.dtype == c.dtype).bn_site_backward(
-                go, c, inv_x.contiguous(), inv_w.to(ct), eta.to(ct), stats, ln_weight.to(ct), ctx.batch_stats)
+            kernels = backend(c, cpu_native=go.dtype == c.dtype)
+            grads = kernels.bn_site_backward(go, c, inv_x.contiguous(), eta.to(ct), stats, ln_weight.to(ct),
+                                             ctx.batch_stats)
             grad_x_pre = _patch_norm_grad(ctx, x_pre, sumsq, grads.inv, ct, x_pre_input=2)
-        needed = ctx.needs_input_grad
-        return (None, grads.c, grad_x_pre, _shaped(grads.inv_w, inv_w.shape).to(inv_w.dtype),
-                grads.eta.to(eta.dtype), grads.ln_weight.to(ln_weight.dtype), grads.ln_bias,
-                grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None)
+            needed = ctx.needs_input_grad
+            grad_filters = kernels.bn_site_filter_grad(filters, stats, grads.inv_w, ctx.filter_eps) if needed[3] \
+                else None
+        return (None, grads.c, grad_x_pre, grad_filters, grads.eta.to(eta.dtype), grads.ln_weight.to(ln_weight.dtype),
+                grads.ln_bias, grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None)
 
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):

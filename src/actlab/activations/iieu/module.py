@@ -237,30 +237,38 @@ class IIEUB(ActivationModule):
         if isinstance(self._patches, ConvPatches) and x_t.dim() == 3:
             return self._conv_tokens(x_t, x_pre, tap)
         self._patches.check(x_t, x_pre, self.site)
-        with autocast_off(x_t.device.type):
-            inv_w = inverse_filter_norms(self.filters(), self.eps)
         silence = self.zero_patch == "silence"
         mode = path()
         if mode == "train":
-            replay, maker_input = self._maker_call(x_t)
-            if replay is not None and replay.fuses(maker_input, x_t):  # through the BatchNorm and term-B
-                norm = self._maker
-                site = NormSite(self._patches, self.patch_eps(), silence, norm.eps, replay.running(norm),
-                                self.norm.eps, tap)
-                return IIEUNormFunction.apply(x_t, maker_input, x_pre, inv_w, self.eta, self.norm.weight,
-                                              self.norm.bias, norm.weight, norm.bias, site)
-            replay_tensors, gap = replay.prepare(self._maker, maker_input, x_t) if replay is not None else ((), None)
-            # term-B from a detached GAP: the autograd function adds that path's gradient itself
-            with autocast_off(x_t.device.type):
-                if gap is None:
-                    gap = self._patches.gap(x_t.detach())
-            return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
-                                      replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
-                                      self.norm.bias)
+            return self._train(x_t, x_pre, tap, silence)
+        with autocast_off(x_t.device.type):
+            inv_w = inverse_filter_norms(self.filters(), self.eps)
         if mode == "traced_train":  # one operation (term-B, patch norms and the unit) with its gradient formula
             return iieu_unit_traced(x_t, x_pre, inv_w, self.eta, self.norm.weight, self.norm.bias, self._patches,
                                     self.patch_eps(), silence, self.norm.eps)
         return PATHS[mode](x_t, x_pre, inv_w, self.term_b(x_t), self.eta, self._patches, self.patch_eps(), silence)
+
+    def _train(self, x_t: torch.Tensor, x_pre: torch.Tensor, tap: InputTap | None, silence: bool) -> torch.Tensor:
+        """Eager training: at a conv-BN site whose BatchNorm made x_t, one function differentiating through
+        the filter norms, the BatchNorm and term-B (``IIEUNormFunction``); elsewhere ``IIEUFunction``, with
+        x_t recomputed in backward when its maker allows."""
+        replay, maker_input = self._maker_call(x_t)
+        if replay is not None and replay.fuses(maker_input, x_t):
+            norm = self._maker
+            site = NormSite(self._patches, self.patch_eps(), silence, self.eps, norm.eps, replay.running(norm),
+                            self.norm.eps, tap)
+            return IIEUNormFunction.apply(x_t, maker_input, x_pre, self.filters(), self.eta, self.norm.weight,
+                                          self.norm.bias, norm.weight, norm.bias, site)
+        with autocast_off(x_t.device.type):
+            inv_w = inverse_filter_norms(self.filters(), self.eps)
+        replay_tensors, gap = replay.prepare(self._maker, maker_input, x_t) if replay is not None else ((), None)
+        # term-B from a detached GAP: the autograd function adds that path's gradient itself
+        with autocast_off(x_t.device.type):
+            if gap is None:
+                gap = self._patches.gap(x_t.detach())
+        return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
+                                  replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
+                                  self.norm.bias)
 
     @torch.no_grad()
     def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:

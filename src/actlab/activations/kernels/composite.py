@@ -270,22 +270,25 @@ def running_terms(running_mean, running_var, weight, bias, eps: float, ct: torch
 
 def site_stats_numel(b: int, c: int) -> int:
     """The length of a conv-BN site's statistics (``bn_site_stats``) for B samples and C channels."""
-    return 4 * c + 2 * b * c + 2 * b
+    return 6 * c + 2 * b * c + 2 * b
 
 
 def site_stats_parts(stats, b: int, c: int):
     """Views of a conv-BN site's statistics, one flat compute-dtype buffer that the kernels read at fixed
     offsets: the BatchNorm's coefficients (xs, xb, hs, hb) (C,) each, GAP(x_t) (B, C), term-B's nu (B, C),
-    and its LayerNorm's mean and rstd (B, 1) each."""
-    terms, gap, nu, mean, rstd = stats[:site_stats_numel(b, c)].split([4 * c, b * c, b * c, b, b])
-    return terms.view(4, c).unbind(0), gap.view(b, c), nu.view(b, c), mean.view(b, 1), rstd.view(b, 1)
+    its LayerNorm's mean and rstd (B, 1) each, and the producer filters' inverse norms inv_w and squared
+    norms (C,) each."""
+    terms, gap, nu, mean, rstd, inv_w, w_sumsq = stats.split([4 * c, b * c, b * c, b, b, c, c])
+    return terms.view(4, c).unbind(0), gap.view(b, c), nu.view(b, c), mean.view(b, 1), rstd.view(b, 1), inv_w, w_sumsq
 
 
-def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float, moments=None):
+def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float, filters,
+                  filter_eps: float, moments=None):
     """What IIEU-B at a conv-BN site needs of its BatchNorm (on c (B, C, *S), with affine ``weight`` and
     ``bias`` or None; ``running`` = (running_mean, running_var) for an eval-mode BatchNorm, else None for
-    the batch statistics) and of its term-B (LayerNorm ``ln_weight``, ``ln_bias``, ``ln_eps``), packed as
-    ``site_stats_parts`` reads them. ``moments``: as ``batchnorm_terms``'."""
+    the batch statistics), of its term-B (LayerNorm ``ln_weight``, ``ln_bias``, ``ln_eps``) and of the
+    producer's ``filters`` (C, ...) (``rows_inv_norm`` with ``filter_eps``), packed as ``site_stats_parts``
+    reads them. ``moments``: as ``batchnorm_terms``'."""
     ct = compute_dtype(c)
     if running is None:
         *terms, gap = batchnorm_terms(c, weight, bias, eps, moments)
@@ -294,21 +297,27 @@ def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_e
         plane_means = c.flatten(2).mean(2, dtype=ct)
         gap = plane_means * terms[0] + terms[1]
     nu, mean, rstd = term_b_forward(gap, ln_weight, ln_bias, ln_eps)
-    return torch.cat([t.reshape(-1) for t in (*terms, gap, nu, mean, rstd)])
+    inv_w, w_sumsq = rows_inv_norm(filters.to(ct), filter_eps, -1.0)
+    return torch.cat([t.reshape(-1) for t in (*terms, gap, nu, mean, rstd, inv_w, w_sumsq)])
 
 
-def bn_site_forward(x, inv, inv_w, eta, stats):
-    """IIEU-B's output at a conv-BN site (``iieu_forward`` with the site's nu) on planes x (B, C, *S)."""
-    nu = site_stats_parts(stats, x.shape[0], x.shape[1])[2]
-    return iieu_forward(x, inv, inv_w, nu, eta)
+def bn_site_forward(x, inv, eta, stats):
+    """IIEU-B's output at a conv-BN site (``iieu_forward`` with the site's nu and inv_w) on planes x (B, C, *S)."""
+    parts = site_stats_parts(stats, x.shape[0], x.shape[1])
+    return iieu_forward(x, inv, parts[5], parts[2], eta)
 
 
-def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats: bool, sums=None,
+def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool, sums=None,
                      grad=None) -> NormSiteGrads:
     """``iieu_bn_backward`` with term-B, from the site's statistics (``bn_site_stats``)."""
-    terms, gap, nu, mean, rstd = site_stats_parts(stats, c.shape[0], c.shape[1])
+    terms, gap, nu, mean, rstd, inv_w, _ = site_stats_parts(stats, c.shape[0], c.shape[1])
     return iieu_bn_backward(grad_out, c, inv, inv_w, nu, eta, terms, (gap, mean, rstd, ln_weight), batch_stats,
                             sums, grad)
+
+
+def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
+    """dL/d filters (their shape and dtype) through the site's inverse filter norms, from dL/d inv_w."""
+    return rows_inv_norm_backward(filters, stats[-filters.shape[0]:], grad_inv_w, filter_eps, -1.0)
 
 
 def batch_moments(x):

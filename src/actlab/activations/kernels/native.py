@@ -98,20 +98,28 @@ def batchnorm_terms(c, weight, bias, eps: float):
 term_b_forward = composite.term_b_forward  # a LayerNorm and a sigmoid over (B, C): torch's own kernels
 
 
-def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float):
+def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float, filters,
+                  filter_eps: float):
     """As composite.bn_site_stats, for a contiguous float32 c, its moments in one C++ pass."""
-    return composite.bn_site_stats(c, weight, bias, eps, running, ln_weight, ln_bias, ln_eps, moments=batch_moments)
+    return composite.bn_site_stats(c, weight, bias, eps, running, ln_weight, ln_bias, ln_eps, filters, filter_eps,
+                                   moments=batch_moments)
 
 
-def bn_site_forward(x, inv, inv_w, eta, stats):
+def bn_site_forward(x, inv, eta, stats):
     """As composite.bn_site_forward, in C++."""
-    return iieu_forward(x, inv, inv_w, composite.site_stats_parts(stats, x.shape[0], x.shape[1])[2], eta)
+    parts = composite.site_stats_parts(stats, x.shape[0], x.shape[1])
+    return iieu_forward(x, inv, parts[5], parts[2], eta)
 
 
-def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats: bool):
+def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool):
     """As composite.bn_site_backward, for contiguous float32 planes: both passes in C++."""
-    return composite.bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats,
-                                      sums=iieu_bn_sums, grad=iieu_bn_grad)
+    return composite.bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats, sums=iieu_bn_sums,
+                                      grad=iieu_bn_grad)
+
+
+def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
+    """As composite.bn_site_filter_grad, in one C++ pass over the filters."""
+    return rows_inv_norm_backward(filters, stats[-filters.shape[0]:], grad_inv_w, filter_eps, -1.0)
 
 
 def channel_sumsq(x, groups: int, ct: torch.dtype):

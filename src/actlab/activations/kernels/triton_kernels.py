@@ -35,8 +35,10 @@ def _channel_params(W, NU, ETA, nu_row, cc, live_c):
 
 
 @triton.jit
-def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, NU_AT, BLOCK: tl.constexpr):
-    """Program (b * C + c, position block): the unit's output; nu (B, C) starts NU_AT elements into NU."""
+def _iieu_planes_fwd(X, INV, W, NU, ETA, OUT, C, CG, G, P, W_AT, NU_AT, BLOCK: tl.constexpr):
+    """Program (b * C + c, position block): the unit's output; inv_w (C,) and nu (B, C) start W_AT and
+    NU_AT elements into W and NU."""
+    W = W + W_AT
     bc = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = offs < P
@@ -115,13 +117,14 @@ def _iieu_planes_bwd(GO, X, INV, W, NU, ETA, GX, GINV_PART, PART, C, CG, G, P, N
 
 
 @triton.jit
-def _iieu_bn_sums(GO, CIN, INV, W, STATS, ETA, PART, C, CG, G, P, NPB, SLAB, BC,
+def _iieu_bn_sums(GO, CIN, INV, STATS, ETA, PART, C, CG, G, P, NPB, SLAB, BC, W_AT,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Pass 1 of the backward through the BatchNorm, on a tile as ``_iieu_planes_bwd``: x_t = c * xs + xb
     and xhat = c * hs + hb formed from the BatchNorm input c in registers; g is the gradient w.r.t. x_t.
     PART (6, B * C, NPB): the sums over the tile's positions of g_rx * inv, g_rho, g_eta, g, g * xhat and
     xhat (SLAB = B * C * NPB each), followed in the same buffer by GINV_PART as ``_iieu_planes_bwd``'s.
-    STATS: the site's statistics (``composite.site_stats_parts``: xs, xb, hs, hb, gap, nu, ...)."""
+    STATS: the site's statistics (``composite.site_stats_parts``: xs, xb, hs, hb, gap, nu, ..., inv_w at W_AT)."""
+    W = STATS + W_AT
     XS = STATS
     XB = STATS + C
     HS = STATS + 2 * C
@@ -148,9 +151,10 @@ def _iieu_bn_sums(GO, CIN, INV, W, STATS, ETA, PART, C, CG, G, P, NPB, SLAB, BC,
 
 
 @triton.jit
-def _iieu_bn_grad(GO, CIN, INV, W, STATS, ETA, K1, K1_AT, K2, GC, C, CG, G, P, BLOCK: tl.constexpr):
+def _iieu_bn_grad(GO, CIN, INV, STATS, ETA, K1, K1_AT, K2, GC, C, CG, G, P, W_AT, BLOCK: tl.constexpr):
     """Pass 2, program (b * C + c, position block): dL/dc = xs * g + k1 + k2 * c, stored in c's dtype;
-    k1 (B, C) starts K1_AT elements into K1's buffer; xs, xb and nu are the site's STATS."""
+    k1 (B, C) starts K1_AT elements into K1's buffer; xs, xb, nu and inv_w (at W_AT) are the site's STATS."""
+    W = STATS + W_AT
     XS = STATS
     XB = STATS + C
     NU = STATS + 4 * C + tl.num_programs(0)
@@ -180,12 +184,15 @@ def _column_sum(X, B, C, cc, live_c, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexp
 
 
 @triton.jit
-def _bn_terms(TERMS, WEIGHT, BIAS, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_terms(TERMS, WEIGHT, BIAS, FILTERS, B, C, P, eps, K, filter_eps, FILTERS_AT, HAS_WEIGHT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_FILTERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_K: tl.constexpr):
     """Program per channel block. TERMS holds (4, C) coefficients, then the planes' means (B, C), then
     their sums of squared deviations (B, C) (``_plane_moments``); from them the channel's batch mean and
     biased variance, the coefficients xs, xb, hs, hb (x_t = c * xs + xb, xhat = c * hs + hb), and GAP(x_t)
-    (B, C) = plane mean * xs + xb, written over the means (each program reads only its channels')."""
+    (B, C) = plane mean * xs + xb, written over the means (each program reads only its channels'). With
+    HAS_FILTERS also the inverse norms and squared norms of its channels' producer filters (C rows of K),
+    at FILTERS_AT in TERMS' buffer, as ``_rows_inv_norm``."""
     MEAN = TERMS + 4 * C
     GAP = MEAN
     M2 = MEAN + B * C
@@ -215,6 +222,21 @@ def _bn_terms(TERMS, WEIGHT, BIAS, B, C, P, eps, HAS_WEIGHT: tl.constexpr, HAS_B
         live = (bb < B)[:, None] & live_c[None, :]
         at = bb[:, None] * C + cc[None, :]
         tl.store(GAP + at, tl.load(MEAN + at, mask=live, other=0.0) * xs[None, :] + xb[None, :], mask=live)
+    if HAS_FILTERS:
+        _filter_norms(FILTERS, TERMS + FILTERS_AT, TERMS + FILTERS_AT + C, cc, live_c, K, filter_eps, BLOCK_C, BLOCK_K)
+
+
+@triton.jit
+def _filter_norms(X, INV, SUMSQ, rows, live_r, K, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / (||x_r|| + eps) and ||x_r||^2 of rows ``rows`` of X (rows of K), in float32."""
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        live = live_r[:, None] & (kk < K)[None, :]
+        x = tl.load(X + rows.to(tl.int64)[:, None] * K + kk[None, :], mask=live, other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    tl.store(INV + rows, 1.0 / (tl.sqrt(acc) + eps), mask=live_r)
+    tl.store(SUMSQ + rows, acc, mask=live_r)
 
 
 @triton.jit
@@ -591,9 +613,11 @@ def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
-def _rows_inv_norm_bwd(X, SUMSQ, GINV, ADD, GX, R, K, eps, silent, HAS_ADD: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """dL/d x of the rows' inverse norms, plus ``ADD`` (x's shape) when HAS_ADD (GX may be ADD itself)."""
+def _rows_inv_norm_bwd(X, SUMSQ, GINV, ADD, GX, R, K, eps, silent, SUMSQ_AT, HAS_ADD: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/d x of the rows' inverse norms, plus ``ADD`` (x's shape) when HAS_ADD (GX may be ADD itself); the
+    squared norms start SUMSQ_AT elements into SUMSQ."""
+    SUMSQ = SUMSQ + SUMSQ_AT
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live_r = rows < R
     sumsq = tl.load(SUMSQ + rows, mask=live_r, other=0.0)
@@ -840,7 +864,7 @@ def iieu_forward(x, inv, inv_w, nu, eta):
         b, c, p = _planes_shape(x)
         g = inv.shape[1]
         block = _pow2(p, 16, _BLOCK)
-        _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, nu, eta, out, c, c // g, g, p, 0,
+        _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, nu, eta, out, c, c // g, g, p, 0, 0,
                                                          BLOCK=block)
     else:
         r, c = x.shape
@@ -893,41 +917,48 @@ def _finish(part, eta, samples: int, blocks: int, c: int, strides: tuple):
     return grad_w, grad_nu, grad_eta
 
 
-def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float):
+def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_eps: float, filters, filter_eps: float):
     """As composite.bn_site_stats: one pass over c in its own dtype for the planes' moments, one launch for
-    the BatchNorm's coefficients and GAP(x_t), one for term-B, all into the one statistics buffer."""
-    if running is not None or not c.is_contiguous() or c.dtype == torch.float64:
-        return composite.bn_site_stats(c, weight, bias, eps, running, ln_weight, ln_bias, ln_eps)
+    the BatchNorm's coefficients, GAP(x_t) and the filter norms, one for term-B, all into one buffer."""
+    if running is not None or not c.is_contiguous() or c.dtype == torch.float64 or not filters.is_contiguous():
+        return composite.bn_site_stats(c, weight, bias, eps, running, ln_weight, ln_bias, ln_eps, filters,
+                                       filter_eps)
     b, ch, p = _planes_shape(c)
     stats = c.new_empty(composite.site_stats_numel(b, ch), dtype=torch.float32)
     _plane_moments[(b * ch,)](c, stats, 4 * ch, p, BLOCK=_pow2(p, 16, _BLOCK))  # where gap and nu go
-    _bn_terms_launch(stats, weight, bias, b, ch, p, eps)
+    _bn_terms_launch(stats, weight, bias, b, ch, p, eps, (filters, filter_eps, _site_filters_at(b, ch)))
     _term_b[(b,)](stats, ln_weight, ln_bias, stats, stats, stats, ch, ln_eps, SITE=True, BLOCK_C=_pow2(ch, 16, 1024))
     return stats
 
 
-def bn_site_forward(x, inv, inv_w, eta, stats):
+def _site_filters_at(b: int, c: int) -> int:
+    """Where a conv-BN site's statistics hold inv_w, then the filters' squared norms."""
+    return composite.site_stats_numel(b, c) - 2 * c
+
+
+def bn_site_forward(x, inv, eta, stats):
     b, c, p = _planes_shape(x)
     g = inv.shape[1]
     out = torch.empty_like(x)
     block = _pow2(p, 16, _BLOCK)
-    _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, inv_w, stats, eta, out, c, c // g, g, p, 4 * c + b * c,
-                                                     BLOCK=block)
+    _iieu_planes_fwd[(b * c, triton.cdiv(p, block))](x, inv, stats, stats, eta, out, c, c // g, g, p,
+                                                     _site_filters_at(b, c), 4 * c + b * c, BLOCK=block)
     return out
 
 
-def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats: bool):
+def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool):
     """As composite.bn_site_backward: the two passes over the maps and, between them, two launches for the
     per-sample (term-B) and per-channel arithmetic. The first pass's partial sums share one buffer, the
     per-sample rows (8, B, C) and k1 (B, C) another (small: what each later launch reads whole)."""
     b, ch, p = _planes_shape(c)
     g = inv.shape[1]
     cg = ch // g
+    w_at = _site_filters_at(b, ch)
     block_c, block_p = _planes_tiles(p, cg)
     ncb, npb = triton.cdiv(cg, block_c), triton.cdiv(p, block_p)
     slab = b * ch * npb
     work = inv.new_empty(6 * slab + ncb * b * g * p)  # PART (6, B * C, NPB), then GINV_PART (NCB, B * G, P)
-    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, inv_w, stats, eta, work, ch, cg, g, p, npb, slab, b * ch,
+    _iieu_bn_sums[(b * g, ncb, npb)](grad_out, c, inv, stats, eta, work, ch, cg, g, p, npb, slab, b * ch, w_at,
                                      BLOCK_C=block_c, BLOCK_P=block_p)
     rows = inv.new_empty(9 * b * ch)
     grad_inv = torch.empty_like(inv)
@@ -940,10 +971,25 @@ def bn_site_backward(grad_out, c, inv, inv_w, eta, stats, ln_weight, batch_stats
     grad_w, grad_eta, grad_gamma, grad_beta, k2, grad_ln_weight, grad_ln_bias = per_channel
     grad_c = torch.empty_like(c)
     block = _pow2(p, 16, _BLOCK)
-    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, inv_w, stats, eta, rows, 8 * b * ch, k2, grad_c,
-                                                  ch, cg, g, p, BLOCK=block)
+    _iieu_bn_grad[(b * ch, triton.cdiv(p, block))](grad_out, c, inv, stats, eta, rows, 8 * b * ch, k2, grad_c,
+                                                  ch, cg, g, p, w_at, BLOCK=block)
     return composite.NormSiteGrads(grad_c, grad_inv, grad_w, None, grad_eta, grad_gamma, grad_beta, grad_ln_weight,
                                    grad_ln_bias)
+
+
+def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
+    """As composite.bn_site_filter_grad: one pass over the filters, their squared norms read from the site's
+    statistics."""
+    r = filters.shape[0]
+    if not filters.is_contiguous():
+        return composite.bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps)
+    k = filters.numel() // r
+    grad = torch.empty_like(filters)
+    block_r, block_k = _norm_blocks(k)
+    _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](filters, stats, grad_inv_w, grad, grad, r, k, filter_eps, -1.0,
+                                                   stats.numel() - r, HAS_ADD=False, BLOCK_R=block_r,
+                                                   BLOCK_K=block_k)
+    return grad
 
 
 def term_b_forward(gap, weight, bias, eps: float):
@@ -1065,12 +1111,16 @@ def batch_moments(x):
     return composite.combine_moments(plane_mean, plane_m2 / p)
 
 
-def _bn_terms_launch(buffer, weight, bias, b: int, c: int, p: int, eps: float):
+def _bn_terms_launch(buffer, weight, bias, b: int, c: int, p: int, eps: float, filters=None):
+    """``_bn_terms`` over ``buffer``; ``filters``: (filters, eps, where in buffer) for their norms too."""
     block_b, block = _column_tiles(b, c)
+    rows, filter_eps, filters_at = filters if filters is not None else (buffer, 0.0, 0)
+    k = rows.numel() // rows.shape[0] if filters is not None else 1
     _bn_terms[(triton.cdiv(c, block),)](buffer, weight if weight is not None else buffer,
-                                        bias if bias is not None else buffer, b, c, p, eps,
-                                        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_B=block_b,
-                                        BLOCK_C=block)
+                                        bias if bias is not None else buffer, rows, b, c, p, eps, k, filter_eps,
+                                        filters_at, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                                        HAS_FILTERS=filters is not None, BLOCK_B=block_b, BLOCK_C=block,
+                                        BLOCK_K=min(256, max(16, _TILE // block)))
 
 
 def batchnorm_terms(c, weight, bias, eps: float):
@@ -1217,7 +1267,7 @@ def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None
     grad_x = add if into_add else torch.empty_like(x if add is None else add)
     block_r, block_k = _norm_blocks(k)
     _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x, sumsq, grad_inv, grad_x if add is None else add, grad_x, r, k,
-                                                   eps, silent, HAS_ADD=add is not None, BLOCK_R=block_r,
+                                                   eps, silent, 0, HAS_ADD=add is not None, BLOCK_R=block_r,
                                                    BLOCK_K=block_k)
     return grad_x
 
