@@ -221,6 +221,20 @@ def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     assert (sum(s.host_calls for s in steps) / len(steps) - relu.host_calls) / sites <= 12
 
 
+def test_conv_bn_iieu_b_sites_meet_their_per_site_targets(emulated):
+    """IIEU-B in the paper's ResNet-26 placement (every site a conv-BN site) against ReLU, per site: at
+    most 12 kernels and 25 host calls beyond ReLU's (10 and 24.1 when written: the site's statistics in
+    one buffer, three launches for them, the forward, two passes back through the BatchNorm with two
+    small launches between them, the patch norms' two and the filters' gradient); no host sync."""
+    counts = {act: gpu_cost.count_steps(gpu_cost.Workload("resnet26", act, 2, 32, 10), execute=False)
+              for act in ("relu", "iieu_b")}
+    sites = counts["iieu_b"]["sites"]
+    iieu, relu = counts["iieu_b"]["ordinary"][0], counts["relu"]["ordinary"][0]
+    assert sites == 29 and iieu.syncs == 0
+    assert (iieu.kernels - relu.kernels) / sites <= 12
+    assert (iieu.host_calls - relu.host_calls) / sites <= 25
+
+
 def test_the_coupler_meets_its_kernel_target_per_fusion(emulated):
     """IIEU-DC against IIEU-B in the same network, per fusion: at most 12 kernels (pool, weight network,
     weighted sum; sums, network backward and its three parameter-gradient calls, branch gradients, less
