@@ -245,27 +245,28 @@ def batchnorm_terms(c, weight, bias, eps: float, moments=None):
     and ``bias`` (C,) or None: the per-channel coefficients of x_t = c * xs + xb and xhat = c * hs + hb and
     GAP(x_t) (B, C), all in the compute dtype, from the batch statistics (``moments``, by default this
     module's ``batch_moments``)."""
-    ct = compute_dtype(c)
     plane_means, mean, var = (moments or batch_moments)(c)
-    hat_scale = (var + eps).rsqrt()
-    scale = hat_scale * weight.detach().double() if weight is not None else hat_scale
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.detach().double()
-    gap = (plane_means * scale + shift).to(ct)
-    return scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct), gap
+    xs, xb, hs, hb = _normalising_terms(mean, var, weight, bias, eps)
+    ct = compute_dtype(c)
+    return xs.to(ct), xb.to(ct), hs.to(ct), hb.to(ct), (plane_means * xs + xb).to(ct)
 
 
 def running_terms(running_mean, running_var, weight, bias, eps: float, ct: torch.dtype):
     """The coefficients (xs, xb, hs, hb) of an eval-mode BatchNorm (its running statistics), x_t = c * xs + xb
     and xhat = c * hs + hb per channel, computed in float64 and returned in ``ct``."""
-    mean, var = running_mean.double(), running_var.double()
-    hat_scale = (var + eps).rsqrt()  # xhat = (c - mean) / sqrt(var + eps), what the weight multiplies
+    terms = _normalising_terms(running_mean.double(), running_var.double(), weight, bias, eps)
+    return tuple(t.to(ct) for t in terms)
+
+
+def _normalising_terms(mean, var, weight, bias, eps: float):
+    """A BatchNorm's per-channel coefficients from its float64 mean and biased variance (C,): xhat =
+    (c - mean) / sqrt(var + eps) = c * hs + hb, x_t = xhat * weight + bias = c * xs + xb; float64."""
+    hat_scale = (var + eps).rsqrt()
     scale = hat_scale * weight.detach().double() if weight is not None else hat_scale
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.detach().double()
-    return scale.to(ct), shift.to(ct), hat_scale.to(ct), (-mean * hat_scale).to(ct)
+    return scale, shift, hat_scale, -mean * hat_scale
 
 
 def site_stats_numel(b: int, c: int) -> int:
