@@ -302,10 +302,11 @@ def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_e
     return torch.cat([t.reshape(-1) for t in (*terms, gap, nu, mean, rstd, inv_w, w_sumsq)])
 
 
-def bn_site_forward(x, inv, eta, stats):
-    """IIEU-B's output at a conv-BN site (``iieu_forward`` with the site's nu and inv_w) on planes x (B, C, *S)."""
-    parts = site_stats_parts(stats, x.shape[0], x.shape[1])
-    return iieu_forward(x, inv, parts[5], parts[2], eta)
+def bn_site_forward(x, inv, eta, stats, forward=None):
+    """IIEU-B's output at a conv-BN site (``forward``, by default this module's ``iieu_forward``, with the
+    site's nu and inv_w) on planes x (B, C, *S)."""
+    _, _, nu, _, _, inv_w, _ = site_stats_parts(stats, x.shape[0], x.shape[1])
+    return (forward or iieu_forward)(x, inv, inv_w, nu, eta)
 
 
 def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool, sums=None,
@@ -316,9 +317,10 @@ def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool,
                             sums, grad)
 
 
-def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
-    """dL/d filters (their shape and dtype) through the site's inverse filter norms, from dL/d inv_w."""
-    return rows_inv_norm_backward(filters, stats[-filters.shape[0]:], grad_inv_w, filter_eps, -1.0)
+def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float, backward=None):
+    """dL/d filters (their shape and dtype) through the site's inverse filter norms, from dL/d inv_w
+    (``backward``, by default this module's ``rows_inv_norm_backward``, with the kept squared norms)."""
+    return (backward or rows_inv_norm_backward)(filters, stats[-filters.shape[0]:], grad_inv_w, filter_eps, -1.0)
 
 
 def batch_moments(x):

@@ -107,8 +107,7 @@ def bn_site_stats(c, weight, bias, eps: float, running, ln_weight, ln_bias, ln_e
 
 def bn_site_forward(x, inv, eta, stats):
     """As composite.bn_site_forward, in C++."""
-    parts = composite.site_stats_parts(stats, x.shape[0], x.shape[1])
-    return iieu_forward(x, inv, parts[5], parts[2], eta)
+    return composite.bn_site_forward(x, inv, eta, stats, forward=iieu_forward)
 
 
 def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool):
@@ -119,7 +118,7 @@ def bn_site_backward(grad_out, c, inv, eta, stats, ln_weight, batch_stats: bool)
 
 def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
     """As composite.bn_site_filter_grad, in one C++ pass over the filters."""
-    return rows_inv_norm_backward(filters, stats[-filters.shape[0]:], grad_inv_w, filter_eps, -1.0)
+    return composite.bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps, backward=rows_inv_norm_backward)
 
 
 def channel_sumsq(x, groups: int, ct: torch.dtype):
