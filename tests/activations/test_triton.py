@@ -559,3 +559,61 @@ def test_term_b_backward_spread_in_place(shape, samples, dtype):
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape == (c,)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def linear_site_inputs(dims, dtype, bias, seed=21):
+    """x_pre (S, *, K) with a silenced row, the Linear's weight (C, K) and bias, x_t = the Linear in ``dtype`` (as
+    autocast multiplies), term-B's LayerNorm parameters, eta and an incoming gradient."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, k, c = dims
+    x_pre = torch.randn(*lead, k, generator=g)
+    x_pre.view(-1, k)[1] = 0
+    weight = torch.randn(c, k, generator=g) / k ** 0.5
+    b = torch.randn(c, generator=g) if bias else None
+    x_t = nn.functional.linear(x_pre.to(dtype), weight.to(dtype), None if b is None else b.to(dtype))
+    ln_weight, ln_bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.3
+    eta, go = torch.rand(c, generator=g) * 0.8, torch.randn(x_t.shape, generator=g).to(dtype)
+    return [None if t is None else t.to(DEVICE) for t in (x_pre, weight, b, x_t, ln_weight, ln_bias, eta, go)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dims", [(2, 5, 11, 7), (3, 130, 20, 40), (4, 24, 150), (2, 3, 2, 9, 17)],
+                         ids=["tokens", "token_tiles", "vectors", "grid"])
+def test_linear_site_statistics_forward_and_backward(dims, dtype, bias):
+    """A norm-less Linear site: the statistics in one launch (the rows' norms and means of x_pre, GAP through
+    the Linear with its operands rounded as the product was, term-B, the filters' norms), the forward from
+    them, the backward's three launches (gradients of x_t, eta, the LayerNorm, the filters and the bias;
+    x_pre's per-row and per-sample terms) and x_pre's gradient in one pass, against the composite."""
+    x_pre, weight, b, x_t, ln_weight, ln_bias, eta, go = linear_site_inputs(dims, dtype, bias)
+    s, r, c, k = x_pre.shape[0], x_pre.numel() // x_pre.shape[-1], weight.shape[0], weight.shape[1]
+    args = (x_pre, dtype, weight, b, ln_weight, ln_bias, 1e-6, 1e-8, 1e-6 * k ** 0.5, 1e-8)
+    got_stats, want_stats = triton_kernels.linear_site_stats(*args), composite.linear_site_stats(*args)
+    got_parts = composite.linear_site_parts(got_stats, s, r, c, k)
+    want_parts = composite.linear_site_parts(want_stats, s, r, c, k)
+    for name in composite.LinearSiteStats._fields[:9]:  # the forward's parts
+        torch.testing.assert_close(getattr(got_parts, name), getattr(want_parts, name), rtol=2e-5, atol=2e-5)
+    assert torch.equal(got_parts.inv_x.view(-1)[1], torch.zeros((), device=DEVICE))  # the silenced row
+    close(triton_kernels.linear_site_forward(x_t, eta, got_stats, k), composite.linear_site_forward(x_t, eta,
+                                                                                                     want_stats, k), dtype)
+    got = triton_kernels.linear_site_backward(go, x_t, eta, got_stats, weight, bias, ln_weight, 1e-8)
+    want = composite.linear_site_backward(go, x_t, eta, want_stats, weight, bias, ln_weight, 1e-8)
+    assert got.x.shape == go.shape and got.x.dtype == dtype
+    close(got.x, want.x, dtype)
+    for name in ("eta", "ln_weight", "ln_bias", "filters", "bias"):
+        a, w = getattr(got, name), getattr(want, name)
+        if w is None:
+            assert a is None and not bias
+            continue
+        assert a.shape == w.shape
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4 * max(w.abs().max().item(), 1.0), msg=name)
+    for name in ("grad_inv", "input_spread"):
+        w = getattr(want_parts, name)
+        torch.testing.assert_close(getattr(got_parts, name), w, rtol=1e-4, atol=1e-4 * max(w.abs().max().item(), 1.0))
+    add = torch.randn(x_pre.shape, device=DEVICE)
+    want_in = composite.linear_site_input_grad(x_pre, want_stats, c, 1e-8, 1e-6 * k ** 0.5, add)
+    torch.testing.assert_close(triton_kernels.linear_site_input_grad(x_pre, got_stats, c, 1e-8, 1e-6 * k ** 0.5),
+                               want_in - add, rtol=1e-4, atol=1e-5)
+    into = add.clone()
+    assert triton_kernels.linear_site_input_grad(x_pre, got_stats, c, 1e-8, 1e-6 * k ** 0.5, into, True) is into
+    torch.testing.assert_close(into, want_in, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
-from .patches import (ConvPatches, LinearPatches, NormGradFactor, Patches, apply_patch_grad, autocast_off,
+from .patches import (ConvPatches, LinearPatches, LinearSiteFactor, NormGradFactor, Patches, apply_patch_grad,
+                      autocast_off,
                       inverse_patch_norm, patch_grad_factor, patch_inverse, silent_threshold)
 
 
@@ -118,8 +119,18 @@ class LinearReplay:
         with _autocast_as(x.device.type, self.autocast, self.autocast_dtype):
             return F.linear(x, weight, bias)
 
+    def recompute(self, x, weight, bias) -> torch.Tensor:
+        """x_t from the Linear's input and parameters (``IIEULinearFunction``)."""
+        return self.replay(x, weight, bias)
+
     def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
-        return False
+        return _linear_fuses(x_t)
+
+
+def _linear_fuses(x_t: torch.Tensor) -> bool:
+    """Whether IIEU-B at a norm-less Linear site differentiates through the Linear itself
+    (``IIEULinearFunction``): a contiguous float x_t on the CUDA path."""
+    return runs_like_cuda(x_t) and x_t.is_contiguous() and x_t.is_floating_point()
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,11 +160,15 @@ class ProductReplay:
         return (linear.bias,), None
 
     def replay(self, bias) -> torch.Tensor:
+        return self.recompute(None, None, bias).view(self.shape)
+
+    def recompute(self, x, weight, bias) -> torch.Tensor:
+        """x_t's rows (R, C) from the saved operands and the Linear's ``bias`` (``x`` and ``weight`` unused)."""
         mat1, mat2 = self.node._saved_mat1, self.node._saved_mat2
-        return torch.addmm(bias.to(mat1.dtype), mat1, mat2).view(self.shape)
+        return torch.addmm(bias.to(mat1.dtype), mat1, mat2)
 
     def fuses(self, x: torch.Tensor, x_t: torch.Tensor) -> bool:
-        return False
+        return _linear_fuses(x_t)
 
 
 class InputTap:
@@ -408,6 +423,68 @@ class IIEUNormFunction(torch.autograd.Function):
         return (None, grads.c, grad_x_pre, grad_filters, grads.eta.to(eta.dtype), grads.ln_weight.to(ln_weight.dtype),
                 grads.ln_bias, grads.norm_weight if needed[7] else None, grads.norm_bias if needed[8] else None, None)
 
+
+@dataclass(frozen=True)
+class LinearSite:
+    """What ``IIEULinearFunction`` is told of its site besides its tensors: the patch geometry, the rows'
+    norm eps and silencing threshold (``silent_threshold``), the filter norms' eps, term-B's LayerNorm eps,
+    the producer-input tap (or None) and how x_t is recomputed in backward (a ``LinearReplay`` or
+    ``ProductReplay``)."""
+
+    patches: LinearPatches
+    eps: float
+    silent: float
+    filter_eps: float
+    ln_eps: float
+    tap: InputTap | None
+    replay: object
+
+
+class IIEULinearFunction(torch.autograd.Function):
+    """IIEU-B at a norm-less Linear site in eager training, x_t = Linear(x_pre), differentiated through the
+    Linear's GAP itself.
+
+    GAP(x_t) is the Linear of the mean of each sample's rows of x_pre, so forward computes the site's
+    statistics in one buffer (the kernels' ``linear_site_stats``: the rows' norms and means of x_pre, GAP,
+    term-B, the filters' norms) without reading x_t, then the unit's output. Backward recomputes x_t (one
+    matrix product, from the operands the Linear keeps), and term-B's gradient goes to the filters, the
+    bias and x_pre (through the tap, in the pass that adds the patch norms' gradient) instead of being
+    spread over x_t's. Saves x_pre (the Linear's), the statistics and the parameters."""
+
+    @staticmethod
+    def forward(ctx, x_t, x_pre, filters, bias, eta, ln_weight, ln_bias, site: LinearSite):
+        with autocast_off(x_t.device.type):
+            ct = compute_dtype(x_t)
+            kernels = backend(x_t)
+            stats = kernels.linear_site_stats(x_pre.contiguous(), x_t.dtype, filters.contiguous(), bias,
+                                              ln_weight.to(ct), ln_bias.to(ct), site.ln_eps, site.eps, site.silent,
+                                              site.filter_eps)
+            out = kernels.linear_site_forward(x_t.contiguous(), eta.to(ct), stats, x_pre.shape[-1])
+        ctx.save_for_backward(x_pre, filters, bias, eta, ln_weight, stats)
+        ctx.site = site
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_pre, filters, bias, eta, ln_weight, stats = ctx.saved_tensors
+        site = ctx.site
+        with autocast_off(grad_out.device.type):
+            ct = compute_dtype(grad_out)
+            with torch.no_grad():
+                x_t = site.replay.recompute(x_pre, filters, bias)
+            kernels = backend(x_t)
+            grads = kernels.linear_site_backward(grad_out.contiguous(), x_t, eta.to(ct), stats, filters.contiguous(),
+                                                 bias is not None, ln_weight.to(ct), site.filter_eps)
+            factor = LinearSiteFactor(stats, filters.shape[0], site.eps, site.silent)
+        grad_x_pre = None
+        if site.tap is not None:
+            site.tap.factor = factor
+        elif ctx.needs_input_grad[1]:
+            grad_x_pre = factor.apply(x_pre)
+        needed = ctx.needs_input_grad
+        return (_shaped(grads.x, grad_out.shape), grad_x_pre, grads.filters.to(filters.dtype) if needed[2] else None,
+                grads.bias.to(bias.dtype) if needed[3] else None, grads.eta.to(eta.dtype),
+                grads.ln_weight.to(ln_weight.dtype), grads.ln_bias.to(ln_weight.dtype), None)
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):
     """The fused forward operation on the site's flat layout, back in x_t's shape."""

@@ -11,10 +11,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..base import ActivationModule
 from ..kernels import backend
 from ..kernels.composite import compute_dtype
-from .function import (PATHS, BatchNormReplay, IIEUFunction, IIEUNormFunction, InputTap, LinearReplay, NormSite,
-                       ProducerInputTap, TermB, iieu_b_rho, path)
+from .function import (PATHS, BatchNormReplay, IIEUFunction, IIEULinearFunction, IIEUNormFunction, InputTap,
+                       LinearReplay, LinearSite, NormSite, ProducerInputTap, TermB, iieu_b_rho, path)
 from .operation import iieu_unit_traced
-from .patches import ConvPatches, LinearPatches, Patches, autocast_off
+from .patches import ConvPatches, LinearPatches, Patches, autocast_off, silent_threshold
 
 
 class InverseFilterNorms(torch.autograd.Function):
@@ -254,11 +254,7 @@ class IIEUB(ActivationModule):
         x_t recomputed in backward when its maker allows."""
         replay, maker_input = self._maker_call(x_t)
         if replay is not None and replay.fuses(maker_input, x_t):
-            norm = self._maker
-            site = NormSite(self._patches, self.patch_eps(), silence, self.eps, norm.eps, replay.running(norm),
-                            self.norm.eps, tap)
-            return IIEUNormFunction.apply(x_t, maker_input, x_pre, self.filters(), self.eta, self.norm.weight,
-                                          self.norm.bias, norm.weight, norm.bias, site)
+            return self._fused(replay, x_t, maker_input, x_pre, tap, silence)
         with autocast_off(x_t.device.type):
             inv_w = inverse_filter_norms(self.filters(), self.eps)
         replay_tensors, gap = replay.prepare(self._maker, maker_input, x_t) if replay is not None else ((), None)
@@ -269,6 +265,21 @@ class IIEUB(ActivationModule):
         return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
                                   replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
                                   self.norm.bias)
+
+    def _fused(self, replay, x_t: torch.Tensor, maker_input: torch.Tensor, x_pre: torch.Tensor, tap: InputTap | None,
+               silence: bool) -> torch.Tensor:
+        """The unit differentiating through the maker of x_t itself: its BatchNorm (``IIEUNormFunction``) or,
+        at a norm-less Linear site, the Linear's GAP (``IIEULinearFunction``)."""
+        maker = self._maker
+        if isinstance(replay, BatchNormReplay):
+            site = NormSite(self._patches, self.patch_eps(), silence, self.eps, maker.eps, replay.running(maker),
+                            self.norm.eps, tap)
+            return IIEUNormFunction.apply(x_t, maker_input, x_pre, self.filters(), self.eta, self.norm.weight,
+                                          self.norm.bias, maker.weight, maker.bias, site)
+        site = LinearSite(self._patches, self.patch_eps(), silent_threshold(self._patches, silence), self.eps,
+                          self.norm.eps, tap, replay)
+        return IIEULinearFunction.apply(x_t, x_pre, maker.weight, maker.bias, self.eta, self.norm.weight, self.norm.bias,
+                                        site)
 
     @torch.no_grad()
     def ii_score(self, x_t: torch.Tensor, x_pre: torch.Tensor | None = None) -> torch.Tensor:

@@ -264,6 +264,21 @@ class NormGradFactor:
     silent: float
 
 
+@dataclass(frozen=True)
+class LinearSiteFactor:
+    """The patch norms' and term-B's gradient of a Linear site's x_pre, not yet formed: the kernels'
+    ``linear_site_input_grad`` forms it in the pass that adds it to the producer's input gradient."""
+
+    stats: torch.Tensor
+    channels: int
+    eps: float
+    silent: float
+
+    def apply(self, x_pre, grad=None, into_grad: bool = False):
+        """dL/d x_pre (+ ``grad``), written over ``grad`` when ``into_grad``."""
+        return backend(self.stats).linear_site_input_grad(x_pre, self.stats, self.channels, self.eps, self.silent,
+                                                          grad, into_grad)
+
 def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
     """The factor f with dL/d x_pre = x_pre * f, from dL/d invX (ct): per group and position (B, G, H, W) at
     a conv site (each channel scaled by its group's factor); at a Linear or per-position conv site a
@@ -279,7 +294,10 @@ def patch_grad_factor(patches, x_pre, sumsq, grad_inv, eps, silence, ct):
 def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False):
     """dL/d x_pre = x_pre * factor, plus ``grad`` (the gradient x_pre has from elsewhere) when given, in one
     pass, in x_pre's dtype; ``into_grad``: written over ``grad`` (contiguous), which the caller owns.
-    ``factor``: what ``patch_grad_factor`` returned (a ``NormGradFactor`` is formed in that pass)."""
+    ``factor``: what ``patch_grad_factor`` returned (a ``NormGradFactor`` is formed in that pass), or a
+    ``LinearSiteFactor``."""
+    if isinstance(factor, LinearSiteFactor):
+        return factor.apply(x_pre, grad, into_grad)
     if isinstance(factor, NormGradFactor) and isinstance(patches, LinearPatches):
         return _apply_rows_norm_grad(x_pre, factor, grad, into_grad)
     if isinstance(factor, NormGradFactor):

@@ -323,6 +323,144 @@ def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float, backward=
     return (backward or rows_inv_norm_backward)(filters, stats[-filters.shape[0]:], grad_inv_w, filter_eps, -1.0)
 
 
+class LinearSiteStats(NamedTuple):
+    """Views of a Linear site's statistics (``linear_site_stats``), one flat compute-dtype buffer that the
+    kernels read at fixed offsets (``linear_site_offsets``), for x_pre (S, *, K) of R = S * T rows and C
+    output features: the rows' inverse and squared norms (R,) each, the mean of each sample's rows of
+    x_pre (S, K), GAP(x_t) (S, C), term-B's nu (S, C), its LayerNorm's mean and rstd (S,) each, the
+    filters' inverse and squared norms (C,) each; then what backward writes for x_pre's gradient: dL/d of
+    the rows' inverse norms (R,) and the per-sample term of dL/d x_pre (S, K), the same at each of the
+    sample's rows."""
+
+    inv_x: torch.Tensor
+    sumsq: torch.Tensor
+    pre_mean: torch.Tensor
+    gap: torch.Tensor
+    nu: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    inv_w: torch.Tensor
+    w_sumsq: torch.Tensor
+    grad_inv: torch.Tensor
+    input_spread: torch.Tensor
+
+
+def _linear_site_sizes(s: int, r: int, c: int, k: int) -> list[int]:
+    return [r, r, s * k, s * c, s * c, s, s, c, c, r, s * k]
+
+
+def linear_site_offsets(s: int, r: int, c: int, k: int) -> LinearSiteStats:
+    """Where each part of ``LinearSiteStats`` starts in the buffer (ints), and its length is the total."""
+    sizes = _linear_site_sizes(s, r, c, k)
+    return LinearSiteStats(*(sum(sizes[:i]) for i in range(len(sizes))))
+
+
+def linear_site_numel(s: int, r: int, c: int, k: int) -> int:
+    return sum(_linear_site_sizes(s, r, c, k))
+
+
+def linear_site_parts(stats, s: int, r: int, c: int, k: int) -> LinearSiteStats:
+    """The parts of a Linear site's statistics as views of the buffer."""
+    inv_x, sumsq, pre_mean, gap, nu, mean, rstd, inv_w, w_sumsq, grad_inv, spread = stats.split(
+        _linear_site_sizes(s, r, c, k))
+    return LinearSiteStats(inv_x, sumsq, pre_mean.view(s, k), gap.view(s, c), nu.view(s, c), mean.view(s, 1),
+                           rstd.view(s, 1), inv_w, w_sumsq, grad_inv, spread.view(s, k))
+
+
+def site_rows(t: torch.Tensor):
+    """(S, rows, features) of a Linear site's tensor (S, *, F): S samples of T tokens."""
+    s, f = t.shape[0], t.shape[-1]
+    return s, t.numel() // f, f
+
+
+def _as_product(t: torch.Tensor, product_dtype: torch.dtype, ct: torch.dtype) -> torch.Tensor:
+    """t rounded to the dtype the Linear multiplied in (its autocast dtype), in ``ct``."""
+    return t.to(product_dtype).to(ct)
+
+
+def linear_site_stats(x_pre, product_dtype, weight, bias, ln_weight, ln_bias, ln_eps: float, eps: float,
+                      silent: float, filter_eps: float):
+    """What IIEU-B needs at a site x_t = Linear(x_pre) (``weight`` (C, K), ``bias`` (C,) or None, multiplied
+    in ``product_dtype``, x_t's dtype) with x_pre (S, *, K), packed as ``linear_site_parts`` reads them.
+    GAP(x_t) is taken through the Linear, from the mean of each sample's rows of x_pre:
+    GAP(x_t) = mean(x_pre) @ weight^T + bias, with the operands rounded to ``product_dtype`` as the Linear
+    rounds them; then term-B (LayerNorm ``ln_weight``, ``ln_bias``, ``ln_eps``), the rows' inverse norms
+    (``rows_inv_norm`` with ``eps``, ``silent``) and the filters' (``filter_eps``). The backward part is
+    left unwritten (zeros here)."""
+    ct = torch.float64 if product_dtype == torch.float64 else torch.float32
+    s, r, k = site_rows(x_pre)
+    rows = x_pre.reshape(r, k)
+    inv_x, sumsq = rows_inv_norm(rows, eps, silent)
+    pre_mean = _as_product(rows, product_dtype, ct).view(s, -1, k).mean(1)
+    gap = pre_mean @ _as_product(weight, product_dtype, ct).T
+    if bias is not None:
+        gap = gap + _as_product(bias, product_dtype, ct)
+    nu, mean, rstd = term_b_forward(gap, ln_weight.to(ct), ln_bias.to(ct), ln_eps)
+    inv_w, w_sumsq = rows_inv_norm(weight.to(ct), filter_eps, -1.0)
+    backward_part = inv_x.new_zeros(r + s * k)
+    return torch.cat([t.reshape(-1).to(ct) for t in (inv_x, sumsq, pre_mean, gap, nu, mean, rstd, inv_w, w_sumsq,
+                                                      backward_part)])
+
+
+def linear_site_forward(x, eta, stats, k: int, forward=None):
+    """IIEU-B's output at a Linear site (``forward``, by default this module's ``iieu_forward``, on x's rows
+    with the site's statistics); x (S, *, C), x_pre had ``k`` features."""
+    s, r, c = site_rows(x)
+    parts = linear_site_parts(stats, s, r, c, k)
+    return (forward or iieu_forward)(x.reshape(r, c), parts.inv_x, parts.inv_w, parts.nu, eta).view(x.shape)
+
+
+class LinearSiteGrads(NamedTuple):
+    """What ``linear_site_backward`` gives: the gradients of x_t (its shape and dtype), of eta, of term-B's
+    LayerNorm weight and bias, of the producer's filters (their shape: through their inverse norms and
+    through GAP) and of its bias (None without one), the parameters' in the compute dtype."""
+
+    x: torch.Tensor
+    eta: torch.Tensor
+    ln_weight: torch.Tensor
+    ln_bias: torch.Tensor
+    filters: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def linear_site_backward(grad_out, x, eta, stats, weight, has_bias: bool, ln_weight, filter_eps: float,
+                         backward=None) -> LinearSiteGrads:
+    """IIEU-B's backward at a Linear site (``backward``, by default this module's ``iieu_backward``, on the
+    rows), term-B's through GAP(x_t) = mean(x_pre) @ weight^T + bias taken into the filters', the bias' and
+    x_pre's gradients instead of x_t's. ``x``: x_t recomputed, of grad_out's shape or its rows (R, C).
+    x_pre's part (dL/d of the rows' inverse norms and the per-sample term) is written into the statistics'
+    backward part for ``linear_site_input_grad``."""
+    s, r, c = site_rows(grad_out)
+    k = weight.shape[1]
+    ct = compute_dtype(x)
+    parts = linear_site_parts(stats, s, r, c, k)
+    grad_x, grad_inv, grad_w, grad_nu, grad_eta = (backward or iieu_backward)(
+        grad_out.reshape(r, c), x.reshape(r, c), parts.inv_x, parts.inv_w, parts.nu, eta)
+    grad_z = torch.ops.aten.sigmoid_backward(grad_nu, parts.nu)
+    grad_gap, grad_ln_weight, _ = torch.ops.aten.native_layer_norm_backward(
+        grad_z, parts.gap, (c,), parts.mean, parts.rstd, ln_weight.to(ct), None, [True, True, False])
+    scratch = linear_site_parts(stats.data, s, r, c, k)  # the backward part is scratch, no autograd version: a
+    scratch.grad_inv.copy_(grad_inv)  # retained graph's second backward reads the statistics again
+    scratch.input_spread.copy_(grad_gap @ _as_product(weight, x.dtype, ct) / (r // s))
+    grad_filters = rows_inv_norm_backward(weight.to(ct), parts.w_sumsq, grad_w, filter_eps, -1.0)
+    return LinearSiteGrads(grad_x.view(grad_out.shape), grad_eta, grad_ln_weight, grad_z.sum(0),
+                           grad_filters + grad_gap.T @ parts.pre_mean, grad_gap.sum(0) if has_bias else None)
+
+
+def linear_site_input_grad(x_pre, stats, c: int, eps: float, silent: float, add=None, into_add: bool = False):
+    """dL/d x_pre (x_pre's shape and dtype) from what ``linear_site_backward`` wrote into the statistics:
+    through the rows' inverse norms (``eps``, ``silent``) plus the per-sample term at each row, plus
+    ``add`` (x_pre's shape) when given, written over ``add`` when ``into_add``."""
+    s, r, k = site_rows(x_pre)
+    parts = linear_site_parts(stats, s, r, c, k)
+    rows = x_pre.reshape(s, r // s, k).to(stats.dtype)
+    grad_sumsq = inv_norm_grad_sumsq(parts.sumsq, parts.grad_inv, eps, silent).view(s, r // s, 1)
+    grad = (2 * rows * grad_sumsq + parts.input_spread[:, None]).view(x_pre.shape).to(x_pre.dtype)
+    if add is None:
+        return grad
+    return add.add_(grad) if into_add else add + grad
+
+
 def batch_moments(x):
     """x (B, C, *S) -> the mean of each plane (B, C) and, per channel over B and S, the mean and the biased
     variance (C,), all float64: the statistics a training-mode BatchNorm normalises x with."""

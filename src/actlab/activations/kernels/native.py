@@ -121,6 +121,22 @@ def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
     return composite.bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps, backward=rows_inv_norm_backward)
 
 
+linear_site_stats = composite.linear_site_stats  # small reductions and one (S, K) x (K, C) product: torch's kernels
+
+
+def linear_site_forward(x, eta, stats, k: int):
+    """As composite.linear_site_forward, in C++."""
+    return composite.linear_site_forward(x, eta, stats, k, forward=iieu_forward)
+
+
+def linear_site_backward(grad_out, x, eta, stats, weight, has_bias: bool, ln_weight, filter_eps: float):
+    """As composite.linear_site_backward, the pass over the rows in C++."""
+    return composite.linear_site_backward(grad_out, x, eta, stats, weight, has_bias, ln_weight, filter_eps,
+                                          backward=iieu_backward)
+
+
+linear_site_input_grad = composite.linear_site_input_grad
+
 def channel_sumsq(x, groups: int, ct: torch.dtype):
     """As composite.channel_sumsq, for a contiguous float32 x (B, C, *S) and ct float32."""
     b = x.shape[0]

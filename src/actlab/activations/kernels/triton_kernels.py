@@ -351,15 +351,21 @@ def _bn_channels(ROWS, STATS, ETA, CH, B, C, BC, N, BATCH_STATS: tl.constexpr, B
 
 @triton.jit
 def _term_b(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, C, eps, SITE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program per sample: nu = sigmoid(LayerNorm(gap) * weight + bias) over its C channels, and the
-    LayerNorm's mean and rstd (biased variance, as LayerNorm). SITE: GAP is a site's statistics, where gap,
-    nu, mean and rstd have their places (``composite.site_stats_parts``)."""
+    """Program per sample: ``_term_b_row``. SITE: GAP is a site's statistics, where gap, nu, mean and rstd
+    have their places (``composite.site_stats_parts``)."""
     b = tl.program_id(0).to(tl.int64)
     if SITE:
         GAP = GAP + 4 * C
         NU = GAP + tl.num_programs(0) * C
         MEAN = NU + tl.num_programs(0) * C
         RSTD = MEAN + tl.num_programs(0)
+    _term_b_row(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, b, C, eps, BLOCK_C)
+
+
+@triton.jit
+def _term_b_row(GAP, WEIGHT, BIAS, NU, MEAN, RSTD, b, C, eps, BLOCK_C: tl.constexpr):
+    """Sample b's nu = sigmoid(LayerNorm(gap) * weight + bias) over its C channels (rows of C in GAP and
+    NU), and the LayerNorm's mean and rstd (biased variance, as LayerNorm)."""
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
@@ -432,8 +438,12 @@ def _finish_sums(PART, ETA, GNU, GW, GETA, S, NK, C, SLAB, STRIDE_S, STRIDE_K, S
 
 
 @triton.jit
-def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (sample s, token block): rows s * T + t, all channels in chunks."""
+def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, INV_AT, W_AT, NU_AT, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (sample s, token block): rows s * T + t, all channels in chunks; inv, inv_w and nu start
+    INV_AT, W_AT and NU_AT elements into their buffers."""
+    INV = INV + INV_AT
+    W = W + W_AT
+    NU = NU + NU_AT
     s = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     live_t = t < T
@@ -451,10 +461,15 @@ def _iieu_rows_fwd(X, INV, W, NU, ETA, OUT, C, T, BLOCK_T: tl.constexpr, BLOCK_C
 
 
 @triton.jit
-def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB,
+def _iieu_rows_bwd(GO, X, INV, W, NU, ETA, GX, GINV, PART, C, T, NTB, SLAB, INV_AT, W_AT, NU_AT, GINV_AT,
                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (sample s, token block tb): grad_inv of its rows summed here over all channels;
-    per-channel sums over its rows written to PART (3, S * NTB, C)."""
+    per-channel sums over its rows written to PART (3, S * NTB, C). inv, inv_w, nu and grad_inv start
+    INV_AT, W_AT, NU_AT and GINV_AT elements into their buffers."""
+    INV = INV + INV_AT
+    W = W + W_AT
+    NU = NU + NU_AT
+    GINV = GINV + GINV_AT
     s = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -613,11 +628,14 @@ def _rows_inv_norm(X, INV, SUMSQ, R, K, eps, silent, BLOCK_R: tl.constexpr, BLOC
 
 
 @triton.jit
-def _rows_inv_norm_bwd(X, SUMSQ, GINV, ADD, GX, R, K, eps, silent, SUMSQ_AT, HAS_ADD: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rows_inv_norm_bwd(X, SUMSQ, GINV, ADD, GX, R, K, eps, silent, SUMSQ_AT, GINV_AT, SPREAD_AT, T,
+                       HAS_ADD: tl.constexpr, HAS_SPREAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """dL/d x of the rows' inverse norms, plus ``ADD`` (x's shape) when HAS_ADD (GX may be ADD itself); the
-    squared norms start SUMSQ_AT elements into SUMSQ."""
+    squared norms start SUMSQ_AT elements into SUMSQ, dL/d inv GINV_AT into GINV. HAS_SPREAD: plus a
+    per-sample row (S, K) at SPREAD_AT in SUMSQ's buffer, at each of the sample's T rows."""
+    SPREAD = SUMSQ + SPREAD_AT
     SUMSQ = SUMSQ + SUMSQ_AT
+    GINV = GINV + GINV_AT
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     live_r = rows < R
     sumsq = tl.load(SUMSQ + rows, mask=live_r, other=0.0)
@@ -633,6 +651,8 @@ def _rows_inv_norm_bwd(X, SUMSQ, GINV, ADD, GX, R, K, eps, silent, SUMSQ_AT, HAS
         at = rows[:, None] * K + kk[None, :]
         x = tl.load(X + at, mask=live, other=0.0).to(tl.float32)
         grad = 2 * x * g_sumsq[:, None]
+        if HAS_SPREAD:
+            grad += tl.load(SPREAD + (rows // T)[:, None] * K + kk[None, :], mask=live, other=0.0)
         if HAS_ADD:
             grad += tl.load(ADD + at, mask=live, other=0.0).to(tl.float32)
         tl.store(GX + at, grad.to(GX.dtype.element_ty), mask=live)
@@ -853,6 +873,14 @@ def _planes_tiles(p: int, cg: int) -> tuple[int, int]:
     return _pow2(cg, 1, max(1, _TILE // block_p)), block_p
 
 
+def _rows_tiles(t: int, c: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C) of the rows kernels for T tokens a sample and C channels: up to 128 tokens (a ViT's
+    sample) in one tile, so that a backward's per-channel partial sums are one row per sample; longer
+    samples in tiles of 32 tokens by 128 channels."""
+    block_t = _pow2(t, 1, 128) if t <= 128 else 32
+    return block_t, _pow2(c, 16, max(16, min(128, _TILE // block_t)))
+
+
 def _planes_shape(x) -> tuple[int, int, int]:
     """(B, C, P) of a planes tensor (B, C, *S), P = prod(S): the kernels read it through its pointer."""
     return x.shape[0], x.shape[1], math.prod(x.shape[2:])
@@ -870,9 +898,8 @@ def iieu_forward(x, inv, inv_w, nu, eta):
         r, c = x.shape
         s = nu.shape[0]
         t = r // s
-        block_c = _pow2(c, 16, 128)
-        block_t = _pow2(t, 1, max(1, 4096 // block_c))
-        _iieu_rows_fwd[(s, triton.cdiv(t, block_t))](x, inv, inv_w, nu, eta, out, c, t, BLOCK_T=block_t,
+        block_t, block_c = _rows_tiles(t, c)
+        _iieu_rows_fwd[(s, triton.cdiv(t, block_t))](x, inv, inv_w, nu, eta, out, c, t, 0, 0, 0, BLOCK_T=block_t,
                                                       BLOCK_C=block_c)
     return out
 
@@ -897,12 +924,11 @@ def iieu_backward(grad_out, x, inv, inv_w, nu, eta):
         r, c = x.shape
         s = nu.shape[0]
         t = r // s
-        block_c = _pow2(c, 16, 128)
-        block_t = _pow2(t, 1, max(1, 4096 // block_c))
+        block_t, block_c = _rows_tiles(t, c)
         ntb = triton.cdiv(t, block_t)
         part = inv.new_empty(3, s * ntb, c)
         _iieu_rows_bwd[(s, ntb)](grad_out, x, inv, inv_w, nu, eta, grad_x, grad_inv, part, c, t, ntb, s * ntb * c,
-                                 BLOCK_T=block_t, BLOCK_C=block_c)
+                                 0, 0, 0, 0, BLOCK_T=block_t, BLOCK_C=block_c)
         grad_w, grad_nu, grad_eta = _finish(part, eta, s, ntb, c, (ntb * c, c, 1))
     return grad_x, grad_inv, grad_w, grad_nu, grad_eta
 
@@ -987,8 +1013,8 @@ def bn_site_filter_grad(filters, stats, grad_inv_w, filter_eps: float):
     grad = torch.empty_like(filters)
     block_r, block_k = _norm_blocks(k)
     _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](filters, stats, grad_inv_w, grad, grad, r, k, filter_eps, -1.0,
-                                                   stats.numel() - r, HAS_ADD=False, BLOCK_R=block_r,
-                                                   BLOCK_K=block_k)
+                                                   stats.numel() - r, 0, 0, 1, HAS_ADD=False, HAS_SPREAD=False,
+                                                   BLOCK_R=block_r, BLOCK_K=block_k)
     return grad
 
 
@@ -1004,12 +1030,17 @@ def term_b_forward(gap, weight, bias, eps: float):
 
 @triton.jit
 def _term_b_bwd(GNU, NU, GAP, MEAN, RSTD, LN_W, WORK, C, BC, BLOCK_C: tl.constexpr):
-    """Program per sample b: term-B's backward over its C channels, nu = sigmoid(z), z = LayerNorm(gap) * w
-    + bias. WORK (3, B, C): dL/d gap, dL/dz and dL/dz * the normalised gap (the last two summed over the
-    batch are the LayerNorm's bias and weight gradients)."""
+    """Program per sample b: ``_term_b_bwd_row``."""
     b = tl.program_id(0).to(tl.int64)
-    mean = tl.load(MEAN + b)
-    rstd = tl.load(RSTD + b)
+    _term_b_bwd_row(GNU, NU, GAP, tl.load(MEAN + b), tl.load(RSTD + b), LN_W, WORK, b, C, BC, BLOCK_C)
+
+
+@triton.jit
+def _term_b_bwd_row(GNU, NU, GAP, mean, rstd, LN_W, WORK, b, C, BC, BLOCK_C: tl.constexpr):
+    """Term-B's backward of sample b over its C channels (rows of C in GNU, NU and GAP), nu = sigmoid(z),
+    z = LayerNorm(gap) * w + bias, with the LayerNorm's mean and rstd. WORK (3, B, C) (BC = B * C): dL/d gap,
+    dL/dz and dL/dz * the normalised gap (the last two summed over the batch are the LayerNorm's bias and
+    weight gradients). GNU may be WORK's first row (read before it is written)."""
     acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -1099,6 +1130,233 @@ def term_b_backward_into_(grad_x, grad_nu, nu, gap, mean, rstd, weight, bias, sc
             grad_x, work, ln_grads, b, c, t, scale, BLOCK_T=block_t, BLOCK_C=block_c,
             BLOCK_S=_pow2(b, 1, max(1, 2048 // block_c)))
     return ln_grads.unbind(0)
+
+
+@triton.jit
+def _rounded(x, ROUND: tl.constexpr):
+    """x (float32) rounded to the dtype a Linear multiplied in: ROUND 1 bfloat16, 2 float16, 0 as it is; to
+    the nearest, ties to even, as torch casts (bfloat16 on the bits: Triton's interpreter truncates)."""
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    if ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _linear_site_stats(X, WEIGHT, BIAS, LN_W, LN_B, STATS, S, T, K, C, eps, silent, filter_eps, ln_eps,
+                       PRE_AT, GAP_AT, NU_AT, MEAN_AT, RSTD_AT, W_AT, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A Linear site's statistics (``composite.linear_site_parts``; offsets into STATS). Program s < S:
+    sample s's T rows of x_pre (K each): their inverse and squared norms, the mean of its rows (rounded to
+    the product dtype, ``_rounded``), GAP(x_t) = that mean @ W^T + bias, then term-B. Programs S and on:
+    the inverse and squared norms of BLOCK_R filters each."""
+    pid = tl.program_id(0)
+    if pid < S:
+        s = pid.to(tl.int64)
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            live_t = tt < T
+            acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                live = live_t[:, None] & (kk < K)[None, :]
+                x = tl.load(X + (s * T + tt)[:, None] * K + kk[None, :], mask=live, other=0.0).to(tl.float32)
+                acc += tl.sum(x * x, axis=1)
+            norm = tl.sqrt(acc)
+            inv = tl.where((silent >= 0) & (norm < silent), 0.0, 1.0 / (norm + eps))
+            tl.store(STATS + s * T + tt, inv, mask=live_t)
+            tl.store(STATS + S * T + s * T + tt, acc, mask=live_t)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            col = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for t0 in range(0, T, BLOCK_T):
+                tt = t0 + tl.arange(0, BLOCK_T)
+                live = (tt < T)[:, None] & (kk < K)[None, :]
+                x = tl.load(X + (s * T + tt)[:, None] * K + kk[None, :], mask=live, other=0.0).to(tl.float32)
+                col += tl.sum(_rounded(x, ROUND), axis=0)
+            tl.store(STATS + PRE_AT + s * K + kk, col / T, mask=kk < K)
+        tl.debug_barrier()
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            live_c = cc < C
+            gap = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                m = tl.load(STATS + PRE_AT + s * K + kk, mask=kk < K, other=0.0)
+                w = tl.load(WEIGHT + cc[:, None] * K + kk[None, :], mask=live_c[:, None] & (kk < K)[None, :],
+                            other=0.0).to(tl.float32)
+                gap += tl.sum(_rounded(w, ROUND) * m[None, :], axis=1)
+            if HAS_BIAS:
+                gap += _rounded(tl.load(BIAS + cc, mask=live_c, other=0.0).to(tl.float32), ROUND)
+            tl.store(STATS + GAP_AT + s * C + cc, gap, mask=live_c)
+        tl.debug_barrier()
+        _term_b_row(STATS + GAP_AT, LN_W, LN_B, STATS + NU_AT, STATS + MEAN_AT, STATS + RSTD_AT, s, C, ln_eps, BLOCK_C)
+    else:
+        rows = (pid - S) * BLOCK_R + tl.arange(0, BLOCK_R)
+        _filter_norms(WEIGHT, STATS + W_AT, STATS + W_AT + C, rows, rows < C, K, filter_eps, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def _linear_site_sample(WORK, STATS, LN_W, WEIGHT, C, K, T, NTB, SLAB, GAP_AT, NU_AT, MEAN_AT, RSTD_AT, SPREAD_AT,
+                        ROUND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program per sample s after ``_iieu_rows_bwd`` (its partial sums at the start of WORK, (3, S * NTB, C)):
+    dL/d nu = slab 1 summed over the sample's NTB token blocks; term-B's backward (``_term_b_bwd_row``,
+    into WORK's (3, S, C) after the partial sums); then the per-sample term of dL/d x_pre,
+    dL/d gap @ W / T (W rounded as forward), into STATS at SPREAD_AT."""
+    s = tl.program_id(0).to(tl.int64)
+    BC = tl.num_programs(0) * C
+    TB = WORK + 3 * SLAB
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        live_c = cc < C
+        g_nu = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for kb in range(0, NTB):
+            g_nu += tl.load(WORK + SLAB + (s * NTB + kb) * C + cc, mask=live_c, other=0.0)
+        tl.store(TB + s * C + cc, g_nu, mask=live_c)
+    _term_b_bwd_row(TB, STATS + NU_AT, STATS + GAP_AT, tl.load(STATS + MEAN_AT + s), tl.load(STATS + RSTD_AT + s),
+                    LN_W, TB, s, C, BC, BLOCK_C)
+    tl.debug_barrier()
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        live_k = kk < K
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            live_c = cc < C
+            g = tl.load(TB + s * C + cc, mask=live_c, other=0.0)
+            w = tl.load(WEIGHT + cc[:, None] * K + kk[None, :], mask=live_c[:, None] & live_k[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(g[:, None] * _rounded(w, ROUND), axis=0)
+        tl.store(STATS + SPREAD_AT + s * K + kk, acc / T, mask=live_k)
+
+
+@triton.jit
+def _linear_site_channels(WORK, STATS, ETA, WEIGHT, PER_CHANNEL, GW, S, C, K, NK, SLAB, PRE_AT, W_AT,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program per channel block after ``_linear_site_sample``: PER_CHANNEL (4, C) = dL/d eta, the LayerNorm's
+    weight and bias gradients and dL/d bias (sums over the NK = S * NTB partial rows and over the samples),
+    and the filters' gradient GW (C, K): through their inverse norms (dL/d inv_w from the partial sums)
+    plus dL/d gap^T @ the rows' means (GAP's product)."""
+    cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_c = cc < C
+    TB = WORK + 3 * SLAB
+    BC = S * C
+    g_w = _column_sum(WORK, NK, C, cc, live_c, BLOCK_S, BLOCK_C)
+    g_eta = _column_sum(WORK + 2 * SLAB, NK, C, cc, live_c, BLOCK_S, BLOCK_C)
+    tl.store(PER_CHANNEL + cc, g_eta * (1.0 - tl.load(ETA + cc, mask=live_c, other=0.0)), mask=live_c)
+    tl.store(PER_CHANNEL + C + cc, _column_sum(TB + 2 * BC, S, C, cc, live_c, BLOCK_S, BLOCK_C), mask=live_c)
+    tl.store(PER_CHANNEL + 2 * C + cc, _column_sum(TB + BC, S, C, cc, live_c, BLOCK_S, BLOCK_C), mask=live_c)
+    tl.store(PER_CHANNEL + 3 * C + cc, _column_sum(TB, S, C, cc, live_c, BLOCK_S, BLOCK_C), mask=live_c)
+    inv_w = tl.load(STATS + W_AT + cc, mask=live_c, other=0.0)
+    norm = tl.sqrt(tl.load(STATS + W_AT + C + cc, mask=live_c, other=0.0))
+    g_sumsq = tl.where(norm > 0, -g_w * inv_w * inv_w / (2 * tl.where(norm > 0, norm, 1.0)), 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        live = live_c[:, None] & (kk < K)[None, :]
+        at = cc[:, None].to(tl.int64) * K + kk[None, :]
+        acc = 2 * tl.load(WEIGHT + at, mask=live, other=0.0).to(tl.float32) * g_sumsq[:, None]
+        for s0 in range(0, S, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            live_s = ss < S
+            g_gap = tl.load(TB + ss[None, :] * C + cc[:, None], mask=live_s[None, :] & live_c[:, None], other=0.0)
+            pre = tl.load(STATS + PRE_AT + ss[:, None] * K + kk[None, :], mask=live_s[:, None] & (kk < K)[None, :],
+                          other=0.0)
+            acc += tl.dot(g_gap, pre, input_precision="ieee")
+        tl.store(GW + at, acc.to(GW.dtype.element_ty), mask=live)
+
+
+_ROUND = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def _linear_site_blocks(k: int, c: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) of the Linear site's kernels: (BLOCK_C, BLOCK_K) tiles of the filters."""
+    block_k = _pow2(k, 16, 128)
+    return block_k, _pow2(c, 16, max(16, _TILE // block_k))
+
+
+def linear_site_stats(x_pre, product_dtype, weight, bias, ln_weight, ln_bias, ln_eps: float, eps: float,
+                      silent: float, filter_eps: float):
+    """As composite.linear_site_stats, in one launch: a program per sample (its rows' norms and mean, GAP,
+    term-B) and one per block of filters (their norms)."""
+    if x_pre.dtype == torch.float64 or not (x_pre.is_contiguous() and weight.is_contiguous()):
+        return composite.linear_site_stats(x_pre, product_dtype, weight, bias, ln_weight, ln_bias, ln_eps, eps,
+                                           silent, filter_eps)
+    s, r, k = composite.site_rows(x_pre)
+    c = weight.shape[0]
+    t = r // s
+    at = composite.linear_site_offsets(s, r, c, k)
+    stats = x_pre.new_empty(composite.linear_site_numel(s, r, c, k), dtype=torch.float32)
+    block_k, block_c = _linear_site_blocks(k, c)
+    block_r = max(1, _TILE // block_k)
+    _linear_site_stats[(s + triton.cdiv(c, block_r),)](
+        x_pre, weight, ln_bias if bias is None else bias, ln_weight, ln_bias, stats, s, t, k, c, eps, silent,
+        filter_eps, ln_eps, at.pre_mean, at.gap, at.nu, at.mean, at.rstd, at.inv_w, HAS_BIAS=bias is not None,
+        ROUND=_ROUND.get(product_dtype, 0), BLOCK_T=_pow2(t, 1, max(1, _TILE // block_k)), BLOCK_K=block_k,
+        BLOCK_C=block_c, BLOCK_R=block_r)
+    return stats
+
+
+def linear_site_forward(x, eta, stats, k: int):
+    """As composite.linear_site_forward: the rows kernel reading the site's statistics."""
+    if x.dtype == torch.float64 or not x.is_contiguous():
+        return composite.linear_site_forward(x, eta, stats, k)
+    s, r, c = composite.site_rows(x)
+    t = r // s
+    at = composite.linear_site_offsets(s, r, c, k)
+    out = torch.empty_like(x)
+    block_t, block_c = _rows_tiles(t, c)
+    _iieu_rows_fwd[(s, triton.cdiv(t, block_t))](x, stats, stats, stats, eta, out, c, t, at.inv_x, at.inv_w, at.nu,
+                                                  BLOCK_T=block_t, BLOCK_C=block_c)
+    return out
+
+
+def linear_site_backward(grad_out, x, eta, stats, weight, has_bias: bool, ln_weight, filter_eps: float):
+    """As composite.linear_site_backward: the pass over the rows, then a launch per sample (term-B and x_pre's
+    per-sample term) and one per channel block (the parameters' gradients). The partial sums and term-B's
+    rows share one buffer."""
+    if x.dtype == torch.float64 or not (x.is_contiguous() and grad_out.is_contiguous() and weight.is_contiguous()):
+        return composite.linear_site_backward(grad_out, x, eta, stats, weight, has_bias, ln_weight, filter_eps)
+    s, r, c = composite.site_rows(grad_out)
+    k = weight.shape[1]
+    t = r // s
+    at = composite.linear_site_offsets(s, r, c, k)
+    block_t, block_c = _rows_tiles(t, c)
+    ntb = triton.cdiv(t, block_t)
+    slab = s * ntb * c
+    work = stats.new_empty(3 * slab + 3 * s * c)
+    grad_x = torch.empty_like(grad_out)
+    _iieu_rows_bwd[(s, ntb)](grad_out, x, stats, stats, stats, eta, grad_x, stats, work, c, t, ntb, slab, at.inv_x,
+                             at.inv_w, at.nu, at.grad_inv, BLOCK_T=block_t, BLOCK_C=block_c)
+    block_k, block = _linear_site_blocks(k, c)
+    _linear_site_sample[(s,)](work, stats, ln_weight, weight, c, k, t, ntb, slab, at.gap, at.nu, at.mean, at.rstd,
+                              at.input_spread, ROUND=_ROUND.get(x.dtype, 0), BLOCK_C=block, BLOCK_K=block_k)
+    per_channel = stats.new_empty(4, c)
+    grad_filters = torch.empty_like(weight)
+    block_c = _pow2(c, 16, 64)
+    _linear_site_channels[(triton.cdiv(c, block_c),)](work, stats, eta, weight, per_channel, grad_filters, s, c, k,
+                                                      s * ntb, slab, at.pre_mean, at.inv_w, BLOCK_S=16,
+                                                      BLOCK_C=block_c, BLOCK_K=_pow2(k, 16, 64))
+    grad_eta, grad_ln_weight, grad_ln_bias, grad_bias = per_channel.unbind(0)
+    return composite.LinearSiteGrads(grad_x, grad_eta, grad_ln_weight, grad_ln_bias, grad_filters,
+                                     grad_bias if has_bias else None)
+
+
+def linear_site_input_grad(x_pre, stats, c: int, eps: float, silent: float, add=None, into_add: bool = False):
+    """As composite.linear_site_input_grad, in one pass over x_pre's rows."""
+    if x_pre.dtype == torch.float64 or not x_pre.is_contiguous() or (add is not None and not add.is_contiguous()):
+        return composite.linear_site_input_grad(x_pre, stats, c, eps, silent, add, into_add)
+    s, r, k = composite.site_rows(x_pre)
+    at = composite.linear_site_offsets(s, r, c, k)
+    grad_x = add if into_add else torch.empty_like(x_pre if add is None else add)
+    block_r, block_k = _norm_blocks(k)
+    _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x_pre, stats, stats, grad_x if add is None else add, grad_x, r, k,
+                                                   eps, silent, at.sumsq, at.grad_inv, at.input_spread, r // s,
+                                                   HAS_ADD=add is not None, HAS_SPREAD=True, BLOCK_R=block_r,
+                                                   BLOCK_K=block_k)
+    return grad_x
 
 
 def batch_moments(x):
@@ -1267,8 +1525,8 @@ def rows_norm_grad_scale(x, sumsq, grad_inv, eps: float, silent: float, add=None
     grad_x = add if into_add else torch.empty_like(x if add is None else add)
     block_r, block_k = _norm_blocks(k)
     _rows_inv_norm_bwd[(triton.cdiv(r, block_r),)](x, sumsq, grad_inv, grad_x if add is None else add, grad_x, r, k,
-                                                   eps, silent, 0, HAS_ADD=add is not None, BLOCK_R=block_r,
-                                                   BLOCK_K=block_k)
+                                                   eps, silent, 0, 0, 0, 1, HAS_ADD=add is not None, HAS_SPREAD=False,
+                                                   BLOCK_R=block_r, BLOCK_K=block_k)
     return grad_x
 
 
