@@ -617,3 +617,28 @@ def test_linear_site_statistics_forward_and_backward(dims, dtype, bias):
     into = add.clone()
     assert triton_kernels.linear_site_input_grad(x_pre, got_stats, c, 1e-8, 1e-6 * k ** 0.5, into, True) is into
     torch.testing.assert_close(into, want_in, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,reduction", [((3, 40, 20, 15), 4), ((2, 300, 3, 3), 2), ((5, 8), 8)],
+                         ids=["tiles", "channel_blocks", "vectors"])
+def test_coupler_fusion_in_three_launches_each_way(shape, reduction, dtype):
+    """The coupler's fusion (pooling, weight network, weighted sum into one state buffer) and its backward
+    (sums, the network's backward, the branch gradients with the parameter-gradient programs in the same
+    launch) against the composite's composition of its pieces; several row, position and channel blocks."""
+    dc = coupler_net(shape[1], reduction, seed=4)
+    net = dc.network()
+    g = torch.Generator().manual_seed(6)
+    main, shortcut, grad = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(3))
+    out, state = triton_kernels.coupler_fusion(main, shortcut, net)
+    want_out, want_state = composite.coupler_fusion(main, shortcut, net)
+    close(out, want_out, dtype)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+    got = triton_kernels.coupler_fusion_backward(grad, out, shortcut, state, net)
+    want = composite.coupler_fusion_backward(grad, out, shortcut, state, net)
+    for a, b in zip(got[:2], want[:2]):
+        assert a.dtype == dtype and a.shape == b.shape
+        close(a, b, dtype)
+    for name, a, b in zip(net.NAMES, got[2], want[2], strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0), msg=name)

@@ -328,14 +328,16 @@ def _extra_per(unit: str, model: str, image: int, base: str, act: str):
     return n, step.syncs, (step.kernels - ref.kernels) / n, (step.host_calls - ref.host_calls) / n
 
 
-def test_the_coupler_meets_its_kernel_target_per_fusion(emulated):
-    """IIEU-DC against IIEU-B in the same network, per fusion: at most 12 kernels (pool, weight network,
-    weighted sum; sums, network backward and its three parameter-gradient calls, branch gradients, less
-    the plain add) and the 36 host calls counted when written (9 of them autograd handing the coupler's
-    9 parameters their gradients); no host sync."""
+def test_the_coupler_meets_its_targets_per_fusion(emulated):
+    """IIEU-DC against IIEU-B in the same network, per fusion: at most 12 kernels and 25 host calls beyond
+    the plain add (5 and 25 when written: pooling, weight network and weighted sum forward; sums, the
+    network's backward, and the branch gradients with the parameter gradients in one launch; one buffer
+    for the forward's state, one for backward's work with the one-dimensional parameter gradients in it,
+    two for the other parameter gradients, the two branch gradients, autograd saving the output and
+    handing the 9 parameters their gradients); no host sync."""
     fusions, syncs, kernels, host_calls = _extra_per("fusions", "resnet20", 8, "iieu_b", "iieu_dc")
     assert fusions == 9 and syncs == 0
-    assert kernels <= 12 and host_calls <= 36
+    assert kernels <= 12 and host_calls <= 25
 
 
 def test_the_committed_suite_counts_are_the_current_codes(emulated):

@@ -53,8 +53,8 @@ class _CoupledSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, main, shortcut, net, *params):
-        out, pooled, lam = ops.coupler_fusion(main, shortcut, net)
-        ctx.save_for_backward(out, shortcut, pooled, lam)
+        out, state = ops.coupler_fusion(main, shortcut, net)
+        ctx.save_for_backward(out, shortcut, state)
         ctx.net = net
         return out
 

@@ -613,6 +613,39 @@ def coupler_grads(grad, lam, add):
             grad * _sample_channel(w2, grad) + _sample_channel(add2, grad))
 
 
+
+def coupler_state_parts(state, b: int, c: int):
+    """The pooled branches (B, 2C) and the fusion weights (B, 2, C) in a coupler's forward state, one flat
+    compute-dtype buffer that the kernels read at fixed offsets (the weights from 2BC on)."""
+    pooled, lam = state.split([2 * b * c, 2 * b * c])
+    return pooled.view(b, 2 * c), lam.view(b, 2, c)
+
+
+def coupler_fusion(main, shortcut, net: CouplerNet, pool=None, weights=None, forward=None):
+    """The Dynamic Coupler's fusion out = l1 * main + l2 * shortcut with (l1, l2) from the pooled branches
+    through the weight network: (out, state), the state (``coupler_state_parts``) for
+    ``coupler_fusion_backward``. ``pool``, ``weights``, ``forward``: by default this module's
+    ``coupler_pool``, ``coupler_weights``, ``coupler_forward``."""
+    pooled = (pool or coupler_pool)(main, shortcut)
+    lam = (weights or coupler_weights)(pooled, net)
+    out = (forward or coupler_forward)(main, shortcut, lam)
+    return out, torch.cat([pooled.reshape(-1), lam.reshape(-1)])
+
+
+def coupler_fusion_backward(grad, out, shortcut, state, net: CouplerNet, weight_grads=None, weights_backward=None,
+                            grads=None):
+    """dL/d main, dL/d shortcut and dL/d each of ``net.tensors()`` (a tuple) from dL/d out, without ``main``:
+    one pass for the weights' gradient (``weight_grads``), the network's backward (``weights_backward``),
+    one pass writing both branch gradients with the pooling's gradient spread in (``grads``); by default
+    this module's ``coupler_weight_grads``, ``coupler_weights_backward``, ``coupler_grads``."""
+    b, c = grad.shape[0], net.channels
+    pooled, lam = coupler_state_parts(state, b, c)
+    grad_lam = (weight_grads or coupler_weight_grads)(grad, out, shortcut, lam)
+    positions = math.prod(grad.shape[d] for d in _positions_dims(grad))
+    grad_pooled, grad_params = (weights_backward or coupler_weights_backward)(pooled, net, grad_lam, 1.0 / positions)
+    grad_main, grad_shortcut = (grads or coupler_grads)(grad, lam, grad_pooled)
+    return grad_main, grad_shortcut, grad_params
+
 def channel_sumsq(x, groups: int, ct: torch.dtype):
     """Sum of squares over each group's channels: (B, C, *S) -> (B, G, *S) in ``ct``."""
     b, c = x.shape[:2]

@@ -183,6 +183,17 @@ coupler_pool, coupler_weights, coupler_weights_backward = (composite.coupler_poo
                                                            composite.coupler_weights_backward)
 
 
+def coupler_fusion(main, shortcut, net):
+    """As composite.coupler_fusion, the fusion in C++."""
+    return composite.coupler_fusion(main, shortcut, net, forward=coupler_forward)
+
+
+def coupler_fusion_backward(grad, out, shortcut, state, net):
+    """As composite.coupler_fusion_backward, both passes over the maps in C++."""
+    return composite.coupler_fusion_backward(grad.contiguous(), out, shortcut, state, net,
+                                             weight_grads=coupler_weight_grads, grads=coupler_grads)
+
+
 def inverse_norm(sumsq, eps: float, silent: float):
     """As composite.inverse_norm, in one pass for a contiguous float32 map."""
     if sumsq.dtype != torch.float32 or not sumsq.is_contiguous():

@@ -6,12 +6,10 @@ applied where a 0-dim device flag says so (no host synchronisation).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from . import backend, composite, native
+from . import backend, composite
 
 
 # every implementation reads its inputs as dense row-major arrays; the compiler must hand them over so
@@ -141,28 +139,17 @@ def _coupler_kernels(main: Tensor, shortcut: Tensor):
     return backend(main, cpu_native=native_ok)
 
 
-def coupler_fusion(main: Tensor, shortcut: Tensor, net: composite.CouplerNet) -> tuple[Tensor, Tensor, Tensor]:
-    """out = l1 * main + l2 * shortcut with (l1, l2) = lam from the pooled branches through the weight
-    network; returns (out, pooled (B, 2C), lam (B, 2, C)), what ``coupler_fusion_backward`` takes."""
-    kernels = _coupler_kernels(main, shortcut)
-    pooled = kernels.coupler_pool(main, shortcut)
-    lam = kernels.coupler_weights(pooled, net)
-    return kernels.coupler_forward(main, shortcut, lam), pooled, lam
+def coupler_fusion(main: Tensor, shortcut: Tensor, net: composite.CouplerNet) -> tuple[Tensor, Tensor]:
+    """out = l1 * main + l2 * shortcut with (l1, l2) from the pooled branches through the weight network;
+    returns (out, state), the state (the pooled branches and the weights, ``composite.coupler_state_parts``)
+    what ``coupler_fusion_backward`` takes."""
+    return _coupler_kernels(main, shortcut).coupler_fusion(main, shortcut, net)
 
 
-def coupler_fusion_backward(grad: Tensor, out: Tensor, shortcut: Tensor, pooled: Tensor, lam: Tensor,
+def coupler_fusion_backward(grad: Tensor, out: Tensor, shortcut: Tensor, state: Tensor,
                             net: composite.CouplerNet) -> tuple[Tensor, Tensor, tuple]:
-    """dL/d main, dL/d shortcut and dL/d each of ``net.tensors()`` from dL/d out, without ``main``: one pass
-    for the weights' gradient, the network's backward, one pass writing both branch gradients with the
-    pooling's gradient spread in."""
-    kernels = _coupler_kernels(out, shortcut)  # out has main's dtype and layout
-    if kernels is native:
-        grad = grad.contiguous()
-    grad_lam = kernels.coupler_weight_grads(grad, out, shortcut, lam)
-    positions = grad.shape[1] if grad.dim() == 3 else math.prod(grad.shape[2:])
-    grad_pooled, grad_params = kernels.coupler_weights_backward(pooled, net, grad_lam, 1.0 / positions)
-    grad_main, grad_shortcut = kernels.coupler_grads(grad, lam, grad_pooled)
-    return grad_main, grad_shortcut, grad_params
+    """dL/d main, dL/d shortcut and dL/d each of ``net.tensors()`` from dL/d out, without ``main``."""
+    return _coupler_kernels(out, shortcut).coupler_fusion_backward(grad, out, shortcut, state, net)
 
 
 _NET = "Tensor in_weight, Tensor in_bias, Tensor fc1, Tensor eta, Tensor row_weight, Tensor row_bias, Tensor fc2, " \
@@ -175,9 +162,9 @@ def _net_of(tensors, scalars) -> composite.CouplerNet:
 
 
 @torch.library.custom_op("actlab::coupler", mutates_args=(), tags=CONTIGUOUS,
-                         schema=f"(Tensor main, Tensor shortcut, {_NET}) -> (Tensor, Tensor, Tensor)")
+                         schema=f"(Tensor main, Tensor shortcut, {_NET}) -> (Tensor, Tensor)")
 def coupler(main, shortcut, *net):
-    """The Dynamic Coupler's fusion, ``coupler_fusion``, for torch.compile: (out, pooled, lam)."""
+    """The Dynamic Coupler's fusion, ``coupler_fusion``, for torch.compile: (out, state)."""
     return coupler_fusion(main, shortcut, _net_of(net[:9], net[9:]))
 
 
@@ -188,35 +175,33 @@ def _channels(x: Tensor) -> int:
 @coupler.register_fake
 def _(main, shortcut, *net):
     b, c = main.shape[0], _channels(main)
-    dtype = composite.compute_dtype(main)
-    return dense(main), main.new_empty(b, 2 * c, dtype=dtype), main.new_empty(b, 2, c, dtype=dtype)
+    return dense(main), main.new_empty(4 * b * c, dtype=composite.compute_dtype(main))
 
 
 @torch.library.custom_op("actlab::coupler_backward", mutates_args=(), tags=CONTIGUOUS,
-                         schema=f"(Tensor grad, Tensor out, Tensor shortcut, Tensor pooled, Tensor lam, {_NET}) "
-                                "-> Tensor[]")
-def coupler_backward(grad, out, shortcut, pooled, lam, *net):
-    """``coupler_fusion_backward``: [dL/d main, dL/d shortcut, then one per network tensor]."""
-    grad_main, grad_shortcut, grad_params = coupler_fusion_backward(grad, out, shortcut, pooled, lam,
+                         schema=f"(Tensor grad, Tensor out, Tensor shortcut, Tensor state, {_NET}) -> Tensor[]")
+def coupler_backward(grad, out, shortcut, state, *net):
+    """``coupler_fusion_backward``: [dL/d main, dL/d shortcut, then one per network tensor], each a tensor of
+    its own (an operation's outputs do not alias each other)."""
+    grad_main, grad_shortcut, grad_params = coupler_fusion_backward(grad, out, shortcut, state,
                                                                     _net_of(net[:9], net[9:]))
-    return [grad_main, grad_shortcut, *(g.contiguous() for g in grad_params)]
+    return [grad_main, grad_shortcut, *(g.clone() if g._is_view() else g.contiguous() for g in grad_params)]
 
 
 @coupler_backward.register_fake
-def _(grad, out, shortcut, pooled, lam, *net):
+def _(grad, out, shortcut, state, *net):
     return [dense(grad), dense(grad), *(dense(t) for t in net[:9])]
 
 
 def _coupler_setup(ctx, inputs, output):
-    out, pooled, lam = output
-    ctx.save_for_backward(out, inputs[1], pooled, lam, *inputs[2:11])
+    out, state = output
+    ctx.save_for_backward(out, inputs[1], state, *inputs[2:11])
     ctx.scalars = inputs[11:]
 
 
-def _coupler_grad(ctx, grad_out, grad_pooled, grad_lam):
-    out, shortcut, pooled, lam, *tensors = ctx.saved_tensors
-    grads = torch.ops.actlab.coupler_backward(grad_out.contiguous(), out, shortcut, pooled, lam, *tensors,
-                                              *ctx.scalars)
+def _coupler_grad(ctx, grad_out, grad_state):
+    out, shortcut, state, *tensors = ctx.saved_tensors
+    grads = torch.ops.actlab.coupler_backward(grad_out.contiguous(), out, shortcut, state, *tensors, *ctx.scalars)
     return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
 
 

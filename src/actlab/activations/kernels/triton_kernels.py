@@ -1652,7 +1652,8 @@ def _coupler_pool(MAIN, SHORT, POOLED, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: 
 
 
 @triton.jit
-def _coupler_fuse(MAIN, SHORT, LAM, OUT, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+def _coupler_fuse(MAIN, SHORT, LAM, OUT, R, C, P, LAM_AT, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    LAM = LAM + LAM_AT
     rows, live_r, live, at = _row_tile(tl.program_id(0), tl.program_id(1), R, P, BLOCK_R, BLOCK_P)
     w_at = (rows // C) * 2 * C + rows % C
     w1 = tl.load(LAM + w_at, mask=live_r, other=0.0)
@@ -1663,7 +1664,10 @@ def _coupler_fuse(MAIN, SHORT, LAM, OUT, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P
 
 
 @triton.jit
-def _coupler_weight_grads(GRAD, OUT, SHORT, LAM, GLAM, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+def _coupler_weight_grads(GRAD, OUT, SHORT, LAM, GLAM, R, C, P, LAM_AT, GLAM_AT, BLOCK_R: tl.constexpr,
+                          BLOCK_P: tl.constexpr):
+    LAM = LAM + LAM_AT
+    GLAM = GLAM + GLAM_AT
     rb = tl.program_id(0)
     s_out = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
     s_short = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
@@ -1683,8 +1687,15 @@ def _coupler_weight_grads(GRAD, OUT, SHORT, LAM, GLAM, R, C, P, BLOCK_R: tl.cons
 
 
 @triton.jit
-def _coupler_grads(GRAD, LAM, ADD, GM, GS, R, C, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    rows, live_r, live, at = _row_tile(tl.program_id(0), tl.program_id(1), R, P, BLOCK_R, BLOCK_P)
+def _coupler_grads(GRAD, LAM, ADD, GM, GS, R, C, P, LAM_AT, ADD_AT, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    _coupler_branch_grads(GRAD, LAM + LAM_AT, ADD + ADD_AT, GM, GS, R, C, P, tl.program_id(0), tl.program_id(1),
+                          BLOCK_R, BLOCK_P)
+
+
+@triton.jit
+def _coupler_branch_grads(GRAD, LAM, ADD, GM, GS, R, C, P, rb, pb, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The branch gradients of row block rb, position block pb: grad * l1 + add[:, :C], grad * l2 + add[:, C:]."""
+    rows, live_r, live, at = _row_tile(rb, pb, R, P, BLOCK_R, BLOCK_P)
     w_at = (rows // C) * 2 * C + rows % C
     w1 = tl.load(LAM + w_at, mask=live_r, other=0.0)
     w2 = tl.load(LAM + w_at + C, mask=live_r, other=0.0)
@@ -1799,8 +1810,9 @@ def _coupler_forward_rows(POOLED, IW, IB, FC1, ETA, RW, RB, C, H, b, hh, live_h,
 
 
 @triton.jit
-def _coupler_net_fwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, LAM, C, H, silent, ln_eps, row_eps, eps,
+def _coupler_net_fwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, LAM, C, H, silent, ln_eps, row_eps, eps, LAM_AT,
                      BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    LAM = LAM + LAM_AT
     b = tl.program_id(0).to(tl.int64)
     hh = tl.arange(0, BLOCK_H)
     live_h = hh < H
@@ -1862,14 +1874,85 @@ def _coupler_out_grad(ZROW, GLAM, OW, OB, cc, live_c, C, z_mean, z_rstd):
 
 
 @triton.jit
-def _coupler_net_bwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, GLAM, GP, DZT, HP, DHT, A, PART, C, H, K, NB,
-                     silent, ln_eps, row_eps, eps, scale, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program per sample b. Writes scale * dL/d pooled (GP, used as scratch for z and dL/d a first), h'
-    (HP) and a (A) as rows 2b, 2b + 1 of (NB = 2B, H) and (NB, C), dL/dz and dL/dh transposed as columns
-    2b, 2b + 1 of (C, NB) and (H, NB) (DZT, DHT), and the sample's parameter-gradient terms (PART row, K values:
-    d in_weight, d in_bias, d out_weight, d out_bias (2C each), d eta (H), d row_weight, d row_bias (2H
-    each), and the factor k (H) with dL/d fc1 = dh^T a + k * fc1)."""
+def _coupler_work(WORK, B, C, H):
+    """The parts of the coupler backward's work buffer after its 8C + H one-dimensional parameter gradients
+    (``_coupler_param_grads``): dL/d lam (B, 2C), dL/d pooled (B, 2C), dL/dz^T (C, 2B), a (2B, C), h'
+    (2B, H), dL/dh^T (H, 2B) and the per-sample parameter terms (B, 8C + 6H)."""
+    GLAM = WORK + 8 * C + H
+    GP = GLAM + 2 * B * C
+    DZT = GP + 2 * B * C
+    A = DZT + 2 * B * C
+    HP = A + 2 * B * C
+    DHT = HP + 2 * B * H
+    PART = DHT + 2 * B * H
+    return GLAM, GP, DZT, A, HP, DHT, PART
+
+
+@triton.jit
+def _coupler_param_grads(WORK, FC1, GFC1, GHW, j, B, C, H, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """The weight network's parameter gradients of channel block j, from ``_coupler_net_bwd``'s work: sums
+    over the samples of the per-sample terms into WORK's head (in_weight, in_bias (2C), eta (H), out_weight,
+    out_bias (2C)), dL/d fc1 (H, C) = dL/dh^T a + k * fc1 into GFC1 and dL/d fc2 (C, H) = dL/dz^T h' into
+    GHW's first C rows; block 0 also the row affines' (2, H) each into GHW's last 4 rows."""
+    _, _, DZT, A, HP, DHT, PART = _coupler_work(WORK, B, C, H)
+    K = 8 * C + 6 * H
+    NB = 2 * B
+    cc = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_c = cc < C
+    hh = tl.arange(0, BLOCK_H)
+    live_h = hh < H
+    for quarter in range(0, 8):  # in_weight, in_bias, out_weight, out_bias: C channels of two rows each
+        dest = quarter * C + tl.where(quarter >= 4, H, 0)  # (eta's H values sit between in_bias and out_weight)
+        tl.store(WORK + dest + cc, _column_sum(PART + quarter * C, B, K, cc, live_c, 16, BLOCK_C), mask=live_c)
+    k = _column_sum(PART + 8 * C + 5 * H, B, K, hh, live_h, 16, BLOCK_H)
+    live = live_h[:, None] & live_c[None, :]
+    g_fc1 = tl.load(FC1 + hh[:, None] * C + cc[None, :], mask=live, other=0.0).to(tl.float32) * k[:, None]
+    g_fc2 = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
+    for n0 in range(0, NB, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        live_n = nn < NB
+        dht = tl.load(DHT + hh[:, None] * NB + nn[None, :], mask=live_h[:, None] & live_n[None, :], other=0.0)
+        a = tl.load(A + nn[:, None] * C + cc[None, :], mask=live_n[:, None] & live_c[None, :], other=0.0)
+        g_fc1 += tl.dot(dht, a, input_precision="ieee")
+        dzt = tl.load(DZT + cc[:, None] * NB + nn[None, :], mask=live_c[:, None] & live_n[None, :], other=0.0)
+        hp = tl.load(HP + nn[:, None] * H + hh[None, :], mask=live_n[:, None] & live_h[None, :], other=0.0)
+        g_fc2 += tl.dot(dzt, hp, input_precision="ieee")
+    tl.store(GFC1 + hh[:, None] * C + cc[None, :], g_fc1, mask=live)
+    tl.store(GHW + cc[:, None] * H + hh[None, :], g_fc2, mask=live_c[:, None] & live_h[None, :])
+    if j == 0:
+        tl.store(WORK + 4 * C + hh, _column_sum(PART + 8 * C, B, K, hh, live_h, 16, BLOCK_H), mask=live_h)
+        for row in range(0, 4):  # row_weight's two rows, then row_bias's
+            tl.store(GHW + (C + row) * H + hh, _column_sum(PART + 8 * C + (1 + row) * H, B, K, hh, live_h, 16, BLOCK_H),
+                     mask=live_h)
+
+
+@triton.jit
+def _coupler_grads_and_params(GRAD, STATE, WORK, GM, GS, FC1, GFC1, GHW, B, R, C, H, P, NRB, LAM_AT,
+                              BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Programs (row block < NRB, position block): the branch gradients with dL/d pooled (WORK's GP) spread
+    in; programs (NRB + j, 0): the weight network's parameter gradients of channel block j."""
+    rb = tl.program_id(0)
+    if rb < NRB:
+        _, GP, _, _, _, _, _ = _coupler_work(WORK, B, C, H)
+        _coupler_branch_grads(GRAD, STATE + LAM_AT, GP, GM, GS, R, C, P, rb, tl.program_id(1), BLOCK_R, BLOCK_P)
+    elif tl.program_id(1) == 0:
+        _coupler_param_grads(WORK, FC1, GFC1, GHW, rb - NRB, B, C, H, BLOCK_C, BLOCK_H, BLOCK_N)
+
+
+@triton.jit
+def _coupler_net_bwd(POOLED, IW, IB, FC1, ETA, RW, RB, FC2, OW, OB, WORK, C, H, K, silent, ln_eps, row_eps, eps,
+                     scale, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program per sample b, reading dL/d lam from WORK and writing the rest of WORK (``_coupler_work``):
+    scale * dL/d pooled (GP, used as scratch for z and dL/d a first), h' (HP) and a (A) as rows 2b, 2b + 1
+    of (NB = 2B, H) and (NB, C), dL/dz and dL/dh transposed as columns 2b, 2b + 1 of (C, NB) and (H, NB)
+    (DZT, DHT), and the sample's parameter-gradient terms (PART row, K values: d in_weight, d in_bias,
+    d out_weight, d out_bias (2C each), d eta (H), d row_weight, d row_bias (2H each), and the factor k (H)
+    with dL/d fc1 = dh^T a + k * fc1)."""
     b = tl.program_id(0).to(tl.int64)
+    NB = 2 * tl.num_programs(0)
+    GLAM, GP, DZT, A, HP, DHT, PART = _coupler_work(WORK, tl.num_programs(0), C, H)
     hh = tl.arange(0, BLOCK_H)
     live_h = hh < H
     arow = A + b * 2 * C
@@ -2001,7 +2084,7 @@ def coupler_forward(main, shortcut, lam):
         return composite.coupler_forward(main, shortcut, lam)
     r, c, p, block_r, block_p = _coupler_rows(main)
     out = torch.empty_like(main)
-    _coupler_fuse[(triton.cdiv(r, block_r), triton.cdiv(p, block_p))](main, shortcut, lam, out, r, c, p,
+    _coupler_fuse[(triton.cdiv(r, block_r), triton.cdiv(p, block_p))](main, shortcut, lam, out, r, c, p, 0,
                                                                        BLOCK_R=block_r, BLOCK_P=block_p)
     return out
 
@@ -2011,7 +2094,7 @@ def coupler_weight_grads(grad, out, shortcut, lam):
         return composite.coupler_weight_grads(grad, out, shortcut, lam)
     r, c, p, block_r, block_p = _coupler_rows(grad)
     grad_lam = torch.empty_like(lam)
-    _coupler_weight_grads[(triton.cdiv(r, block_r),)](grad, out, shortcut, lam, grad_lam, r, c, p,
+    _coupler_weight_grads[(triton.cdiv(r, block_r),)](grad, out, shortcut, lam, grad_lam, r, c, p, 0, 0,
                                                       BLOCK_R=block_r, BLOCK_P=block_p)
     return grad_lam
 
@@ -2022,7 +2105,7 @@ def coupler_grads(grad, lam, add):
     r, c, p, block_r, block_p = _coupler_rows(grad)
     grad_main, grad_shortcut = torch.empty_like(grad), torch.empty_like(grad)
     _coupler_grads[(triton.cdiv(r, block_r), triton.cdiv(p, block_p))](grad, lam, add, grad_main, grad_shortcut, r, c,
-                                                                        p, BLOCK_R=block_r, BLOCK_P=block_p)
+                                                                        p, 0, 0, BLOCK_R=block_r, BLOCK_P=block_p)
     return grad_main, grad_shortcut
 
 
@@ -2047,9 +2130,14 @@ def coupler_weights(pooled, net):
     if blocks is None or not pooled.is_contiguous() or pooled.dtype != torch.float32:
         return composite.coupler_weights(pooled, net)
     lam = pooled.new_empty(pooled.shape[0], 2, net.channels)
-    _coupler_net_fwd[(pooled.shape[0],)](pooled, *net.tensors(), lam, *_net_scalars(net), BLOCK_C=blocks[0],
+    _coupler_net_fwd[(pooled.shape[0],)](pooled, *net.tensors(), lam, *_net_scalars(net), 0, BLOCK_C=blocks[0],
                                          BLOCK_H=blocks[1])
     return lam
+
+
+def _coupler_work_numel(b: int, c: int, h: int) -> int:
+    """The length of the coupler backward's work buffer (``_coupler_work``)."""
+    return 8 * c + h + 8 * b * c + 4 * b * h + b * (8 * c + 6 * h)
 
 
 def coupler_weights_backward(pooled, net, grad_lam, scale: float):
@@ -2057,15 +2145,79 @@ def coupler_weights_backward(pooled, net, grad_lam, scale: float):
     if blocks is None or not pooled.is_contiguous() or pooled.dtype != torch.float32:
         return composite.coupler_weights_backward(pooled, net, grad_lam, scale)
     b, c, h = pooled.shape[0], net.channels, net.hidden
-    grad_pooled = torch.empty_like(pooled)
-    grad_z_t, a = pooled.new_empty(c, 2 * b), pooled.new_empty(2 * b, c)
-    hidden_out, grad_h_t = pooled.new_empty(2 * b, h), pooled.new_empty(h, 2 * b)
-    part = pooled.new_empty(b, 8 * c + 6 * h)
-    _coupler_net_bwd[(b,)](pooled, *net.tensors(), grad_lam.contiguous(), grad_pooled, grad_z_t, hidden_out, grad_h_t,
-                           a, part, c, h, part.shape[1], 2 * b, net.silent, net.ln_eps, net.row_eps, net.eps, scale,
+    work = pooled.new_empty(_coupler_work_numel(b, c, h))
+    work[8 * c + h:8 * c + h + 2 * b * c] = grad_lam.reshape(-1)
+    _coupler_net_bwd[(b,)](pooled, *net.tensors(), work, c, h, 8 * c + 6 * h, *_net_scalars(net)[2:], scale,
                            BLOCK_C=blocks[0], BLOCK_H=blocks[1])
-    g_in_w, g_in_b, g_out_w, g_out_b, g_eta, g_rw, g_rb, k = part.sum(0).split([2 * c] * 4 + [h, 2 * h, 2 * h, h])
-    g_fc1 = torch.addmm(net.fc1 * k[:, None], grad_h_t, a)
-    g_fc2 = torch.mm(grad_z_t, hidden_out)
-    grads = (g_in_w, g_in_b, g_fc1, g_eta, g_rw.view(2, h), g_rb.view(2, h), g_fc2, g_out_w, g_out_b)
-    return grad_pooled, tuple(g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, net.tensors()))
+    grads = _coupler_param_buffers(work, net)
+    block_c, block_h, block_n = _param_blocks(c, h)
+    _coupler_grads_and_params[(triton.cdiv(c, block_c), 1)](work, work, work, work, work, net.fc1, grads[2], grads[6],
+                                                            b, 0, c, h, 1, 0, 0, BLOCK_R=1, BLOCK_P=16,
+                                                            BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_N=block_n)
+    start = 8 * c + h + 2 * b * c
+    return work[start:start + 2 * b * c].view(b, 2 * c), _in_dtypes(grads, net)
+
+
+def _coupler_param_buffers(work, net) -> tuple:
+    """The weight network's gradients in ``net.tensors()`` order: the head of the work buffer split into the
+    one-dimensional ones, a (C + 4, H) buffer split into fc2's and the row affines', and fc1's (H, C)."""
+    c, h = net.channels, net.hidden
+    g_in_w, g_in_b, g_eta, g_out_w, g_out_b, _ = work.split([2 * c, 2 * c, h, 2 * c, 2 * c, work.numel() - 8 * c - h])
+    g_fc2, g_rw, g_rb = work.new_empty(c + 4, h).split([c, 2, 2])
+    g_fc1 = work.new_empty(h, c)
+    return g_in_w, g_in_b, g_fc1, g_eta, g_rw, g_rb, g_fc2, g_out_w, g_out_b
+
+
+def _param_blocks(c: int, h: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_H, BLOCK_N) of the parameter-gradient programs: channel blocks of fc1^T / fc2 tiles."""
+    block_h = _pow2(h, 16, _NET_HIDDEN)
+    return _pow2(c, 16, max(16, 2048 // block_h)), block_h, 16
+
+
+def _in_dtypes(grads, net) -> tuple:
+    return tuple(g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, net.tensors()))
+
+
+def coupler_fusion(main, shortcut, net):
+    """As composite.coupler_fusion: the pooling, the weight network and the fusion in three launches, the
+    pooled branches and the weights in one buffer."""
+    blocks = _net_blocks(net)
+    if blocks is None or not _coupler_maps(main, shortcut):
+        return composite.coupler_fusion(main, shortcut, net, pool=coupler_pool, weights=coupler_weights,
+                                        forward=coupler_forward)
+    r, c, p, block_r, block_p = _coupler_rows(main)
+    b = main.shape[0]
+    state = main.new_empty(4 * b * c, dtype=torch.float32)
+    _coupler_pool[(triton.cdiv(r, block_r),)](main, shortcut, state, r, c, p, BLOCK_R=block_r, BLOCK_P=block_p)
+    _coupler_net_fwd[(b,)](state, *net.tensors(), state, *_net_scalars(net), 2 * b * c, BLOCK_C=blocks[0],
+                           BLOCK_H=blocks[1])
+    out = torch.empty_like(main)
+    _coupler_fuse[(triton.cdiv(r, block_r), triton.cdiv(p, block_p))](main, shortcut, state, out, r, c, p, 2 * b * c,
+                                                                       BLOCK_R=block_r, BLOCK_P=block_p)
+    return out, state
+
+
+def coupler_fusion_backward(grad, out, shortcut, state, net):
+    """As composite.coupler_fusion_backward in three launches: the sums over positions, the weight network's
+    backward per sample, then the branch gradients with the parameter gradients' programs in the same
+    launch. The small intermediates and the one-dimensional parameter gradients share one buffer."""
+    blocks = _net_blocks(net)
+    if blocks is None or not _coupler_maps(grad, out, shortcut) or state.dtype != torch.float32:
+        return composite.coupler_fusion_backward(grad, out, shortcut, state, net, weight_grads=coupler_weight_grads,
+                                                 weights_backward=coupler_weights_backward, grads=coupler_grads)
+    r, c, p, block_r, block_p = _coupler_rows(grad)
+    b, h = grad.shape[0], net.hidden
+    work = state.new_empty(_coupler_work_numel(b, c, h))
+    grads = _coupler_param_buffers(work, net)
+    lam_at = 2 * b * c
+    _coupler_weight_grads[(triton.cdiv(r, block_r),)](grad, out, shortcut, state, work, r, c, p, lam_at, 8 * c + h,
+                                                      BLOCK_R=block_r, BLOCK_P=block_p)
+    _coupler_net_bwd[(b,)](state, *net.tensors(), work, c, h, 8 * c + 6 * h, *_net_scalars(net)[2:], 1.0 / p,
+                           BLOCK_C=blocks[0], BLOCK_H=blocks[1])
+    grad_main, grad_shortcut = torch.empty_like(grad), torch.empty_like(grad)
+    block_c, block_h, block_n = _param_blocks(c, h)
+    nrb = triton.cdiv(r, block_r)
+    _coupler_grads_and_params[(nrb + triton.cdiv(c, block_c), triton.cdiv(p, block_p))](
+        grad, state, work, grad_main, grad_shortcut, net.fc1, grads[2], grads[6], b, r, c, h, p, nrb, lam_at,
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_N=block_n)
+    return grad_main, grad_shortcut, _in_dtypes(grads, net)
