@@ -77,7 +77,7 @@ def test_gradcheck_float64(name):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", ["3x3", "stride2_grouped", "depthwise", "rows"])
+@pytest.mark.parametrize("name", ["3x3", "1x1", "stride2_grouped", "depthwise", "rows"])
 def test_operator_contract(name, layout):
     """Schema, fake kernel (shapes, dtypes, strides: channels-last maps are taken and returned as they come),
     no aliasing, autograd registration, AOT dispatch."""
@@ -92,3 +92,34 @@ def test_operator_contract(name, layout):
     args = (x_t.requires_grad_(), x_pre.requires_grad_(), inv_w, unit.eta.float(), unit.norm.weight.float(),
             unit.norm.bias.float(), patches_key(unit.patches), unit.patch_eps(), True, unit.norm.eps)
     torch.library.opcheck(torch.ops.actlab.iieu_unit.default, args)
+
+
+@pytest.mark.parametrize("name", ["3x3", "1x1", "stride2_grouped"])
+def test_a_channels_last_producer_input_is_read_in_place(name, monkeypatch):
+    """The compiler hands convolution maps over channels-last: the operation reads an ungrouped site's
+    producer input as rows of its positions' channels, with no copy of it, returns that input's gradient
+    channels-last, and gives what a contiguous input gives (a grouped site reads a contiguous copy)."""
+    producer, unit, x_pre = site(name)
+    x_t = producer(x_pre).detach()
+    copied = []
+    contiguous = torch.Tensor.contiguous
+
+    def counting(t, *args, **kwargs):
+        out = contiguous(t, *args, **kwargs)
+        if out.data_ptr() != t.data_ptr() and t.data_ptr() == xp.data_ptr():
+            copied.append(t.shape)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xt = x_t.contiguous(memory_format=layout).requires_grad_()
+        xp = x_pre.detach().contiguous(memory_format=layout).requires_grad_()
+        copied.clear()
+        out = operation(unit, producer, xt, xp)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [xt, xp])
+        results.append((out, *grads))
+    assert (not copied) == (producer.groups == 1)  # counted for the channels-last input
+    assert grads[1].is_contiguous(memory_format=torch.channels_last) and grads[0].stride() == xt.stride()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -642,3 +642,36 @@ def test_coupler_fusion_in_three_launches_each_way(shape, reduction, dtype):
     for name, a, b in zip(net.NAMES, got[2], want[2], strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0), msg=name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kernel_size", [3, 1])
+def test_compiled_paths_unit_operation_on_triton(kernel_size, layout, triton_mode):
+    """``actlab::iieu_unit`` and its backward (what a compiled model runs at a site) on the Triton kernels,
+    with maps as the compiler hands them over (channels-last read in place): the composite's results, and
+    outputs that are tensors of their own (the operator contract)."""
+    from actlab.activations.iieu import inverse_filter_norms
+    from actlab.activations.iieu.operation import iieu_unit_traced
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, kernel_size, padding=kernel_size // 2).to(DEVICE)
+    unit = IIEUB(16, producer=conv, capture=False).to(DEVICE)
+    with torch.no_grad():
+        unit.eta.uniform_(0.2, 0.8)
+    x_pre = torch.randn(2, 8, 9, 9, device=DEVICE)
+    x_pre[0, :, :2, :2] = 0  # silenced patches
+    x_t = conv(x_pre).detach()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    results = []
+    for mode in ("triton", "eager"):
+        kernels.set_kernels(mode)
+        xt = x_t.contiguous(memory_format=fmt).requires_grad_()
+        xp = x_pre.contiguous(memory_format=fmt).requires_grad_()
+        params = [unit.eta, unit.norm.weight, unit.norm.bias]
+        out = iieu_unit_traced(xt, xp, inverse_filter_norms(conv.weight, unit.eps), *params, unit.patches,
+                               unit.patch_eps(), True, unit.norm.eps)
+        weight = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+        results.append((out, *torch.autograd.grad((out * weight).sum(), [xt, xp, conv.weight, *params])))
+    assert results[0][2].stride() == results[0][2].contiguous(memory_format=fmt).stride()
+    for a, b in zip(*results):
+        close(a, b)

@@ -16,14 +16,16 @@ from torch import Tensor
 from ..kernels.composite import compute_dtype
 from ..kernels.ops import dense
 from .function import TermB, UnitSite, unit_backward, unit_forward
-from .patches import LinearPatches, Patches, apply_patch_grad, patch_grad_factor, patches_key, patches_of
+from .patches import (LinearPatches, Patches, apply_patch_grad, patch_grad_factor, patches_key, patches_of,
+                      position_rows)
 
 _NO_NORMS = (0,)  # the patch norms' shape where they are recomputed in backward rather than kept
 
 # The operations take x_t in the layout the compiler chose and return the output and x_t's gradient in it:
 # a channels-last convolution output (Inductor's choice for convolution networks) is read in place as rows
-# (B * H * W, C), with no copy before or after the unit. The producer's input is read contiguous (copied
-# here when it is not: the patch norms' kernels read planes), and its gradient is returned contiguous.
+# (B * H * W, C), with no copy before or after the unit. The producer's input likewise: a channels-last map
+# of an ungrouped convolution is read in place as rows of its positions' channels and its gradient returned
+# in that layout; other layouts are read contiguous (copied here when they are not).
 _FLEXIBLE = (torch.Tag.flexible_layout,)
 
 
@@ -34,6 +36,18 @@ def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
     if dense_like and t.stride() == like.stride():
         return t
     return torch.empty_like(like).copy_(t)
+
+
+def _own(t: Tensor) -> Tensor:
+    """A small result as a tensor of its own: an operation's outputs may not alias each other, and the
+    kernels return some per-channel gradients as views of one buffer."""
+    return t.clone() if t._is_view() else t.contiguous()
+
+
+def _readable(patches: Patches, x_pre: Tensor) -> Tensor:
+    """x_pre as the patch norms' kernels read it: as it is where it is contiguous or a channels-last map they
+    read as rows (``position_rows``), else a contiguous copy."""
+    return x_pre if position_rows(patches, x_pre) is not None else x_pre.contiguous()
 
 
 def _norms_shape(x_t: Tensor, x_pre: Tensor, patches: Patches) -> tuple[int, ...]:
@@ -56,7 +70,7 @@ def iieu_unit(x_t: Tensor, x_pre: Tensor, inv_w: Tensor, eta: Tensor, ln_weight:
     """IIEU-B with term-B from x_t: (out, inv_x, sumsq, gap, nu, mean, rstd), the last six for backward
     (inv_x and sumsq empty where backward recomputes them). ``patches``: ``patches_key`` of the site."""
     site = UnitSite(patches_of(patches), eps, silence)
-    x_pre = x_pre.contiguous()
+    x_pre = _readable(site.patches, x_pre)
     gap = site.patches.gap(x_t)
     if gap.data_ptr() == x_t.data_ptr():  # a (rows, C) Linear site in the compute dtype: GAP is x_t itself
         gap = gap.clone()
@@ -86,18 +100,19 @@ def iieu_unit_backward(grad: Tensor, x_t: Tensor, x_pre: Tensor, inv_w: Tensor, 
                        silence: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of ``iieu_unit``'s output w.r.t. (x_t, x_pre, inv_w, eta, ln_weight, ln_bias)."""
     site = UnitSite(patches_of(patches), eps, silence)
-    x_pre = x_pre.contiguous()
+    x_pre_in = x_pre
+    x_pre = _readable(site.patches, x_pre)
     norms = (inv_x, sumsq) if sumsq.numel() else (None, None)
     grads = unit_backward(grad, x_t, x_pre, inv_w, nu, eta, norms, (gap, mean, rstd), ln_weight, ln_bias, site)
     factor = patch_grad_factor(site.patches, x_pre, grads.sumsq, grads.inv, eps, silence, compute_dtype(x_t))
     grad_x_pre = apply_patch_grad(site.patches, x_pre, factor)
-    return (_in_layout_of(grads.x_t, x_t), grad_x_pre.contiguous(), grads.inv_w.contiguous(),
-            grads.eta.contiguous(), grads.ln_weight.contiguous(), grads.ln_bias.contiguous())
+    return (_in_layout_of(grads.x_t, x_t), _in_layout_of(grad_x_pre, x_pre_in),
+            *(_own(g) for g in (grads.inv_w, grads.eta, grads.ln_weight, grads.ln_bias)))
 
 
 @iieu_unit_backward.register_fake
 def _(grad, x_t, x_pre, inv_w, eta, ln_weight, ln_bias, inv_x, sumsq, gap, nu, mean, rstd, patches, eps, silence):
-    return torch.empty_like(x_t), *(dense(t) for t in (x_pre, inv_w, eta, ln_weight, ln_bias))
+    return torch.empty_like(x_t), torch.empty_like(x_pre), *(dense(t) for t in (inv_w, eta, ln_weight, ln_bias))
 
 
 def _setup(ctx, inputs, output):

@@ -247,9 +247,27 @@ def patch_inverse(patches, x_pre, eps, silence, ct):
     # squares summed over channels in one pass over x_pre in its own dtype (no float32 copy of the map)
     kernels = backend(x_pre, cpu_native=x_pre.is_contiguous() and ct == torch.float32)
     silent = silent_threshold(patches, silence)
+    rows = position_rows(patches, x_pre)
+    if rows is not None:  # a channels-last map, read in place: each position's channels are one row
+        b, _, h, w = x_pre.shape
+        inv, sumsq = backend(rows).rows_inv_norm(rows, eps, silent)
+        sumsq = sumsq.to(ct).view(b, 1, h, w)
+        if patches.per_position:
+            return inv.to(ct).view(b, 1, h, w), sumsq
+        return backend(sumsq).window_inv_norm(sumsq, patches, eps, silent)
     if patches.per_position:  # each patch is one position's channels: the inverse norms in the same pass
         return kernels.channel_inv_norm(x_pre, patches.groups, ct, eps, silent)
     return kernels.window_inv_norm(kernels.channel_sumsq(x_pre, patches.groups, ct), patches, eps, silent)
+
+
+def position_rows(patches, x_pre: torch.Tensor) -> torch.Tensor | None:
+    """x_pre's positions as rows of its channels (B * H * W, C), a view, where x_pre is a channels-last map
+    (not contiguous) of an ungrouped conv site: what the rows kernels read in place. Else None."""
+    if not isinstance(patches, ConvPatches) or patches.groups != 1 or x_pre.dim() != 4 or x_pre.is_contiguous():
+        return None
+    if not x_pre.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return x_pre.permute(0, 2, 3, 1).reshape(-1, x_pre.shape[1])
 
 
 @dataclass(frozen=True)
@@ -300,6 +318,12 @@ def apply_patch_grad(patches, x_pre, factor, grad=None, into_grad: bool = False)
         return factor.apply(x_pre, grad, into_grad)
     if isinstance(factor, NormGradFactor) and isinstance(patches, LinearPatches):
         return _apply_rows_norm_grad(x_pre, factor, grad, into_grad)
+    rows = position_rows(patches, x_pre)
+    if isinstance(factor, NormGradFactor) and rows is not None and grad is None:  # channels-last, as it is
+        b, c, h, w = x_pre.shape
+        grad_rows = backend(rows).rows_norm_grad_scale(rows, factor.sumsq.reshape(-1), factor.grad_inv.reshape(-1),
+                                                       factor.eps, factor.silent)
+        return grad_rows.view(b, h, w, c).permute(0, 3, 1, 2)
     if isinstance(factor, NormGradFactor):
         native_ok = x_pre.is_contiguous() and (grad is None or grad.dtype == x_pre.dtype)
         return backend(x_pre, cpu_native=native_ok).channel_norm_grad_scale(
