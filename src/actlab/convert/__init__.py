@@ -1,9 +1,11 @@
 """Finding activation sites in existing models and swapping them (``actlab.convert``)."""
-from .converter import ConversionReport, ScaleCheck, SiteRecord, SiteSplit, check, conversion_report, convert
+from .converter import (ConversionReport, ScaleCheck, SiteRecord, SiteSplit, check, conversion_report, convert,
+                        load_converted)
+from .record import RECORD_KEY
 from .trace import ACTIVATION_TYPES, NORM_TYPES, default_example_input, trace_activations
 
 __all__ = [
     "ACTIVATION_TYPES", "NORM_TYPES", "ConversionReport", "ScaleCheck", "SiteRecord", "SiteSplit", "check",
     "conversion_report",
-    "convert", "default_example_input", "trace_activations",
+    "convert", "load_converted", "RECORD_KEY", "default_example_input", "trace_activations",
 ]

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..activations.base import ActivationModule
 from ..activations.registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, get_spec
 from .functional import rewrite_functional
+from .record import RECORD_KEY, ConversionCall, calls_of, record_in, remember
 from .trace import ACTIVATION_TYPES, ActivationCall, Trace, trace_activations
 
 
@@ -292,9 +293,40 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
             rewrite.undo(model)
         raise
     object.__setattr__(model, "_actlab_report", report)
+    remember(model, ConversionCall.of(spec.name, kwargs, num_classes, include, exclude, functional, example_input))
     if not strict:
         _warn_if_mostly_kept(report)
     return model
+
+
+def load_converted(model: nn.Module, state_dict: dict, *, strict: bool = True, example_input=None, **convert_kwargs):
+    """Load a converted model's ``state_dict`` into a model of the same architecture that was not converted:
+    convert it as the state_dict's record says (its ``actlab_conversion`` entry), then load.
+
+    Args:
+        model: the architecture as built (e.g. ``timm.create_model(name)``), unconverted.
+        state_dict: a ``state_dict()`` of the converted model, or a checkpoint's (keys may carry a wrapper's
+            prefix such as ``module.``, which stays in the keys loaded).
+        strict: as ``load_state_dict``'s.
+        example_input: the batch to find the sites with, where the record has none (the conversion was
+            given a non-tensor example, e.g. a dict of keyword arguments).
+        **convert_kwargs: further ``convert`` arguments the record cannot hold (``act_types=``).
+    Returns:
+        what ``model.load_state_dict`` returns.
+    Raises:
+        ValueError: the state_dict holds no conversion record, or the model is converted differently.
+    """
+    found = record_in(state_dict)
+    if found is None:
+        raise ValueError(f"the state_dict holds no {RECORD_KEY!r} entry: it was not saved from a model converted by "
+                         "actlab.convert (load it with model.load_state_dict)")
+    _, calls = found
+    if not calls_of(model):
+        for call in calls:
+            example = call.example() if call.example_input is not None else example_input
+            convert(model, call.activation, num_classes=call.num_classes, include=call.include, exclude=call.exclude,
+                    example_input=example, functional=call.functional, **convert_kwargs, **call.kwargs)
+    return model.load_state_dict(state_dict, strict=strict)
 
 
 def _functional_sites(model, example_input, act_types, functional: bool, rewrites: list):

@@ -1,0 +1,108 @@
+"""actlab inside timm, with timm's own machinery: create_model by name, CheckpointSaver / load_checkpoint,
+ModelEmaV3, resolve_data_config, and a script run through ``python -m actlab.integrations.timm``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.utils import CheckpointSaver, ModelEmaV3
+
+import actlab
+from actlab.convert.record import calls_of
+from actlab.integrations.timm import create_timm_model, register
+
+SMALL = torch.randn(2, 3, 32, 32)
+
+
+def trained_step(model):
+    """One SGD step, so the activations' parameters and memories differ from their initial values."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with actlab.targets(model, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + actlab.dpa_loss(model)
+    loss.backward()
+    optimizer.step()
+    return optimizer
+
+
+def outputs(model, x=SMALL):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_any_timm_model_by_name_with_an_actlab_activation():
+    """timm.create_model("actlab", arch=, act=) and create_timm_model convert the sites (IIEU-B those with a
+    producer: 9 of resnet18's 17, the 8 after residual adds have none); the default example batch comes
+    from the model's pretrained config (224x224 for resnet18)."""
+    by_name = timm.create_model("actlab", arch="resnet18", act="iieu_b", num_classes=10)
+    report = actlab.conversion_report(by_name)
+    assert report.activation == "iieu_b" and len(report.converted) == 9 and len(report.kept) == 8
+    assert calls_of(by_name)[0].example_input == [{"shape": [2, 3, 224, 224], "dtype": "float32"}]
+    direct = create_timm_model("resnet18", "dpa", num_classes=10, example_input=SMALL)
+    assert len(actlab.conversion_report(direct).converted) == 17
+    with pytest.raises(ValueError, match="arch="):
+        timm.create_model("actlab", act="iieu_b")
+
+
+def test_the_zoo_as_timm_models():
+    """actlab_NAME for each zoo model, with timm's keywords (num_classes, in_chans, img_size), a pretrained
+    config that timm's data pipeline reads, and no pretrained weights."""
+    model = timm.create_model("actlab_resnet20", act="iieu_dc", num_classes=7, img_size=32)
+    assert model(SMALL).shape == (2, 7)
+    assert resolve_data_config(model=model)["input_size"] == (3, 32, 32)
+    assert any(isinstance(m, actlab.DynamicCoupler) for m in model.modules())
+    assert set(register()) >= {"actlab", "actlab_resnet20", "actlab_vit_tiny"}  # idempotent
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("actlab_resnet20", pretrained=True)
+
+
+@pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+def test_checkpoint_saver_checkpoints_load_with_timm_and_into_a_plain_model(act, tmp_path):
+    """A converted timm model trained a step, saved by timm's CheckpointSaver with a ModelEmaV3: timm's
+    load_checkpoint loads it (and its EMA) into the same model by name; into a plain timm model it fails
+    naming the conversion record, and actlab.load_converted converts that model and loads it."""
+    model = timm.create_model("actlab", arch="resnet18", act=act, num_classes=10, example_input=SMALL)
+    ema = ModelEmaV3(model, decay=0.5)
+    optimizer = trained_step(model)
+    ema.update(model, step=1)
+    saver = CheckpointSaver(model, optimizer, model_ema=ema, checkpoint_dir=str(tmp_path),
+                            recovery_dir=str(tmp_path), max_history=1)
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = os.path.join(tmp_path, "checkpoint-0.pth.tar")
+    want, want_ema = outputs(model), outputs(ema.module)
+
+    again = timm.create_model("actlab", arch="resnet18", act=act, num_classes=10, example_input=SMALL)
+    timm.models.load_checkpoint(again, path)
+    torch.testing.assert_close(outputs(again), want, rtol=0, atol=0)
+    timm.models.load_checkpoint(again, path, use_ema=True)
+    torch.testing.assert_close(outputs(again), want_ema, rtol=0, atol=0)
+
+    plain = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(RuntimeError, match="actlab_conversion"):
+        timm.models.load_checkpoint(plain, path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert actlab.load_converted(plain, state).unexpected_keys == []
+    torch.testing.assert_close(outputs(plain), want, rtol=0, atol=0)
+
+
+def test_running_timm_scripts_through_the_runner(tmp_path):
+    """python -m actlab.integrations.timm SCRIPT ARGS runs SCRIPT as __main__ with the names registered and
+    its own arguments."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import sys, timm, actlab
+        model = timm.create_model(sys.argv[1], arch="resnet18", act=sys.argv[2], num_classes=4)
+        print(__name__, type(model).__name__, len(actlab.conversion_report(model).converted))
+    """))
+    run = subprocess.run([sys.executable, "-m", "actlab.integrations.timm", str(script), "actlab", "silu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["__main__", "ResNet", "17"]
