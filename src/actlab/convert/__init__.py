@@ -2,10 +2,10 @@
 from .converter import (ConversionReport, ScaleCheck, SiteRecord, SiteSplit, check, conversion_report, convert,
                         load_converted)
 from .record import RECORD_KEY
-from .trace import ACTIVATION_TYPES, NORM_TYPES, default_example_input, trace_activations
+from .trace import ACTIVATION_TYPES, NORM_TYPES, activation_types, default_example_input, trace_activations
 
 __all__ = [
-    "ACTIVATION_TYPES", "NORM_TYPES", "ConversionReport", "ScaleCheck", "SiteRecord", "SiteSplit", "check",
+    "ACTIVATION_TYPES", "NORM_TYPES", "activation_types", "ConversionReport", "ScaleCheck", "SiteRecord", "SiteSplit", "check",
     "conversion_report",
     "convert", "load_converted", "RECORD_KEY", "default_example_input", "trace_activations",
 ]

@@ -15,7 +15,7 @@ from ..activations.base import ActivationModule
 from ..activations.registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, get_spec
 from .functional import rewrite_functional
 from .record import RECORD_KEY, ConversionCall, calls_of, record_in, remember
-from .trace import ACTIVATION_TYPES, ActivationCall, Trace, trace_activations
+from .trace import ActivationCall, Trace, activation_types, example_arguments, trace_activations
 
 
 class SiteSplit(nn.Module):
@@ -248,9 +248,11 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         num_classes: class count for DPA's memories (default: ``model.num_classes`` when it exists).
         include: fnmatch pattern(s) of site names to convert (default: all), e.g. ``"layer4.*"``.
         exclude: fnmatch pattern(s) of site names to leave alone.
-        example_input: a batch (or tuple of inputs) the model accepts; default a random (2, 3, H, W) batch
-            sized from the model's config (224 when unknown).
-        act_types: module classes treated as activations (default ``convert.ACTIVATION_TYPES``).
+        example_input: a batch the model accepts: a tensor, a tuple of positional inputs, or a dict of
+            keyword arguments (a Hugging Face model's ``{"input_ids": ..., "attention_mask": ...}``); default
+            a random (2, 3, H, W) batch sized from the model's config (224 when unknown).
+        act_types: module classes treated as activations (default ``convert.activation_types()``: torch's,
+            timm's, actlab's and, once transformers is imported, Hugging Face's activation classes).
         strict: raise if any site that was not excluded stays unconverted, if the example forward called
             no activation module, if ``include`` matches no site, or if functional activations remain.
         functional: make functional activations (``F.relu(x)``, ``torch.relu``, ``x.relu()`` ... in a
@@ -273,7 +275,7 @@ def convert(model: nn.Module, name: str, *, num_classes: int | None = None, incl
         num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
         if num_classes is None:
             raise ValueError(f"convert(..., {spec.name!r}) needs num_classes= (DPA keeps per-class memories)")
-    act_types = act_types or ACTIVATION_TYPES
+    act_types = act_types or activation_types()
     rewrites, swaps = [], []
     try:  # all or nothing: a conversion that fails half-way puts every module back
         trace, from_functional, untraced = _functional_sites(model, example_input, act_types, functional, rewrites)
@@ -566,7 +568,7 @@ def check(model: nn.Module, example_input, factor: float = 10.0) -> list[ScaleCh
         rms[records[id(module)].name].append(float(output.detach().double().pow(2).mean().sqrt()))
 
     sites = [m for m in model.modules() if id(m) in records]
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    args, kwargs = example_arguments(example_input)
     was_training = model.training
     model.eval()
     try:
@@ -575,7 +577,7 @@ def check(model: nn.Module, example_input, factor: float = 10.0) -> list[ScaleCh
             handles += [m.register_forward_hook(measure) for m in sites]  # after the swap: sees its output
             try:
                 with torch.no_grad():
-                    model(*args)
+                    model(*args, **kwargs)
             finally:
                 for h in handles:
                     h.remove()
@@ -586,4 +588,5 @@ def check(model: nn.Module, example_input, factor: float = 10.0) -> list[ScaleCh
     return sorted(flagged, key=lambda c: -abs(math.log(c.ratio)) if 0 < c.ratio < float("inf") else -math.inf)
 
 
-__all__ = ["ConversionReport", "ScaleCheck", "SiteRecord", "SiteSplit", "check", "conversion_report", "convert"]
+__all__ = ["ConversionReport", "ScaleCheck", "SiteRecord", "SiteSplit", "check", "conversion_report", "convert",
+           "load_converted"]

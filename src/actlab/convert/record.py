@@ -24,8 +24,8 @@ FORMAT = 1
 class ConversionCall:
     """One ``convert`` call as it can be replayed: the arguments that decide what it builds.
 
-    ``example_input``: the shapes and dtypes of the example batch (one entry per positional input), or
-    None where ``convert`` built its default batch.
+    ``example_input``: the shapes and dtypes of the example batch (one entry per positional input, or per
+    keyword argument with its ``name``), or None where ``convert`` built its default batch.
     """
 
     activation: str
@@ -43,11 +43,22 @@ class ConversionCall:
                    _describe(example_input))
 
     def example(self):
-        """A random batch of the recorded shapes and dtypes (None: ``convert``'s default batch)."""
+        """A batch of the recorded shapes and dtypes (None: ``convert``'s default batch): random floats, ones
+        for integer and bool inputs (token ids and attention masks that every model accepts)."""
         if self.example_input is None:
             return None
-        tensors = [torch.randn(e["shape"]).to(getattr(torch, e["dtype"])) for e in self.example_input]
-        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+        tensors = {e.get("name", i): _example_tensor(e["shape"], getattr(torch, e["dtype"]))
+                   for i, e in enumerate(self.example_input)}
+        if any("name" in e for e in self.example_input):
+            return tensors
+        values = tuple(tensors.values())
+        return values[0] if len(values) == 1 else values
+
+
+def _example_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    return torch.ones(shape, dtype=dtype)
 
 
 def _patterns(patterns) -> list | None:
@@ -59,10 +70,15 @@ def _patterns(patterns) -> list | None:
 def _describe(example_input) -> list | None:
     if example_input is None:
         return None
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    if not all(isinstance(t, torch.Tensor) for t in inputs):
-        return None  # not a batch of tensors: loading asks for an example_input
-    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs]
+    if isinstance(example_input, dict):
+        named = list(example_input.items())
+    else:
+        inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        named = [(None, t) for t in inputs]
+    if not all(isinstance(t, torch.Tensor) for _, t in named):
+        return None  # not tensors only: loading asks for an example_input
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), **({"name": n} if n else {})}
+            for n, t in named]
 
 
 def calls_of(model: nn.Module) -> list[ConversionCall]:
@@ -77,6 +93,9 @@ def remember(model: nn.Module, call: ConversionCall) -> None:
     if first:
         model.register_state_dict_post_hook(_write_record)
         model.register_load_state_dict_pre_hook(_read_record)
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json_string"):  # a Hugging Face model: its config.json says it too
+        config.actlab_conversion = bytes(encode(calls_of(model)).tolist()).decode()
 
 
 def encode(calls: list[ConversionCall]) -> torch.Tensor:

@@ -8,6 +8,7 @@ tensor identity *and* the tensor's version counter, so a map modified in place a
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,21 @@ def _timm_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 _TIMM_ACTS, _TIMM_DROPS = _timm_types()
 ACTIVATION_TYPES: tuple[type, ...] = _TORCH_ACTS + _TIMM_ACTS
 PASS_THROUGH = PASS_THROUGH + _TIMM_DROPS
+
+# Hugging Face transformers' activation classes (transformers.activations), sites when transformers is loaded
+_HF_ACTS = ("GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
+            "PytorchGELUTanh", "ClippedGELUActivation", "AccurateGELUActivation", "SiLUActivation",
+            "MishActivation", "ReLUSquaredActivation")
+
+
+def activation_types() -> tuple[type, ...]:
+    """The module classes ``convert`` treats as activations: ``ACTIVATION_TYPES`` (torch's, timm's, actlab's)
+    and, once ``transformers`` is imported (an HF model exists), its activation classes (``GELUActivation``,
+    ``NewGELUActivation``, ``QuickGELUActivation``, ``SiLUActivation``, ...)."""
+    hf = sys.modules.get("transformers.activations")
+    if hf is None:
+        return ACTIVATION_TYPES
+    return ACTIVATION_TYPES + tuple(getattr(hf, n) for n in _HF_ACTS if isinstance(getattr(hf, n, None), type))
 
 
 def is_producer(module: nn.Module) -> bool:
@@ -346,24 +362,32 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 def trace_activations(model: nn.Module, example_input=None,
                       act_types: tuple[type, ...] | None = None) -> Trace:
     """Run one eval-mode forward of ``model`` on ``example_input`` and record every activation call."""
-    act_types = act_types or ACTIVATION_TYPES
+    act_types = act_types or activation_types()
     if example_input is None:
         example_input = default_example_input(model)
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    args, kwargs = example_arguments(example_input)
     tracer = _Tracer(model, act_types)
     tracer.install()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _FunctionalSpy(tracer):
-            model(*args)
+            model(*args, **kwargs)
     except Exception as exc:
-        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        shapes = [tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         raise RuntimeError(f"convert: the example forward failed on input shapes {shapes} "
                            f"({type(exc).__name__}: {exc}); pass example_input= that the model accepts") from exc
     finally:
         tracer.remove()
         model.train(was_training)
-    first = args[0]
-    tracer.trace.batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 0
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    tracer.trace.batch = first.shape[0] if first is not None and first.dim() else 0
     return tracer.trace
+
+
+def example_arguments(example_input) -> tuple[tuple, dict]:
+    """(args, kwargs) of a model call from an example input: a tensor, a tuple of positional inputs, or a
+    dict of keyword arguments (what a Hugging Face model takes: ``{"input_ids": ..., "attention_mask": ...}``)."""
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    return (example_input if isinstance(example_input, tuple) else (example_input,)), {}

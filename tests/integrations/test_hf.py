@@ -1,0 +1,111 @@
+"""actlab with Hugging Face transformers models built from configs (no download): their activation classes
+are sites, the example batch is a dict of keyword arguments, tiny BERT / Llama / GPT-2 models train with
+IIEU-B and DPA, and save_pretrained directories load back converted."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import actlab
+
+transformers = pytest.importorskip("transformers")
+from actlab.integrations.hf import from_pretrained  # noqa: E402
+
+LABELS = 3
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, num_labels=LABELS)
+        return transformers.BertForSequenceClassification(config)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, num_labels=LABELS, pad_token_id=0)
+        return transformers.LlamaForSequenceClassification(config)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, num_labels=LABELS, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=1)
+    return transformers.GPT2ForSequenceClassification(config)
+
+
+def batch(n=4, length=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 50, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.arange(n) % LABELS
+
+
+def train(model, steps=3):
+    """A few AdamW steps (targets and the channel loss where DPA sits); the losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs, y = batch()
+    losses = []
+    model.train()
+    for _ in range(steps):
+        with actlab.targets(model, y):
+            logits = model(**inputs).logits
+        loss = F.cross_entropy(logits, y) + actlab.dpa_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kind,act,sites", [("bert", "iieu_b", 2), ("bert", "dpa", 2), ("llama", "iieu_b", 2),
+                                            ("llama", "dpa", 2), ("gpt2", "dpa", 2)])
+def test_tiny_text_models_convert_from_a_dict_batch_and_train(kind, act, sites):
+    """The MLPs' activations (transformers' GELUActivation, SiLU, NewGELUActivation classes) become sites,
+    found with a dict of keyword arguments; training steps change the activations' parameters or memories
+    and the loss stays finite."""
+    model = tiny(kind)
+    inputs, _ = batch(2)
+    actlab.convert(model, act, num_classes=LABELS, example_input=inputs)
+    report = actlab.conversion_report(model)
+    assert len(report.converted) == sites and not report.kept, str(report)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "act" in k and v.is_floating_point()}
+    losses = train(model, steps=5)  # DPA's memories update on every 5th step
+    assert all(torch.isfinite(torch.tensor(losses)))
+    after = model.state_dict()
+    assert before and any(not torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_gpt2_iieu_b_sites_are_kept_with_their_reason():
+    """GPT-2's MLP is made by transformers' Conv1D, which IIEU-B does not bind to: the sites stay as they
+    were and the report says why."""
+    model = tiny("gpt2")
+    with pytest.warns(UserWarning):
+        actlab.convert(model, "iieu_b", example_input=batch(2)[0])
+    kept = actlab.conversion_report(model).kept
+    assert len(kept) == 2 and all("Conv1D" in s.reason for s in kept)
+
+
+@pytest.mark.parametrize("kind,act", [("bert", "iieu_b"), ("llama", "dpa")])
+def test_save_pretrained_directories_load_back_converted(kind, act, tmp_path):
+    """save_pretrained of a trained converted model writes the record into the weights and config.json;
+    actlab's from_pretrained loads the directory converted (same outputs); the class's own from_pretrained
+    loads the unconverted model."""
+    model = tiny(kind)
+    inputs, _ = batch(2)
+    actlab.convert(model, act, num_classes=LABELS, example_input=inputs)
+    train(model, steps=2)
+    model.save_pretrained(tmp_path)
+    config = json.load(open(os.path.join(tmp_path, "config.json")))
+    assert json.loads(config["actlab_conversion"])["calls"][0]["activation"] == act
+    loaded = from_pretrained(type(model), str(tmp_path))
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    plain = type(model).from_pretrained(str(tmp_path))
+    assert not any(isinstance(m, actlab.activations.ActivationModule) for m in plain.modules())
+
+
+def test_from_pretrained_refuses_an_unconverted_directory(tmp_path):
+    tiny("bert").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="actlab_conversion"):
+        from_pretrained(transformers.BertForSequenceClassification, str(tmp_path))
