@@ -409,6 +409,28 @@ def test_channels_last_maps_fused_without_a_copy(dpa_kernels, mode):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+def test_soft_targets_give_the_most_probable_class():
+    """Mixup / CutMix / label-smoothed targets (B, K): the memories the rows' most probable classes give."""
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randn(4, 6, 5, 3, generator=g)
+    y = torch.tensor([0, 2, 2, 1])
+    soft = 0.1 / 2 + 0.8 * F.one_hot(y, 3).float()
+    soft[1] = torch.tensor([0.3, 0.3, 0.4])  # a mixed row: class 2 weighs most
+    memories = []
+    for targets in (y, soft):
+        site = DPA(6, 3, interval=1)
+        x = x0.clone().requires_grad_()
+        with actlab.targets(site, targets):
+            site(x).sum().backward()
+        memories.append((site.value_memory.clone(), site.grad_memory.clone()))
+    assert memories[0][0].abs().sum() > 0
+    for a, b in zip(*memories):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"soft targets \(B, K\)"):
+        with actlab.targets(DPA(6, 3), torch.ones(4, 3, 2)):
+            pass
+
+
 @pytest.mark.parametrize("labels", [4, 1, 16])
 def test_targets_of_another_length_than_the_batch_are_refused(labels):
     """8 samples with 4, 1 or 16 labels: an error naming the site and both sizes, and no memory touched

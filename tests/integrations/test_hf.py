@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import actlab
 
 transformers = pytest.importorskip("transformers")
-from actlab.integrations.hf import from_pretrained  # noqa: E402
+from actlab.integrations.hf import DPATrainer, from_pretrained  # noqa: E402
 
 LABELS = 3
 
@@ -109,3 +109,25 @@ def test_from_pretrained_refuses_an_unconverted_directory(tmp_path):
     tiny("bert").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="actlab_conversion"):
         from_pretrained(transformers.BertForSequenceClassification, str(tmp_path))
+
+
+def test_the_dpa_trainer_passes_targets_and_adds_the_channel_loss(tmp_path):
+    """transformers' Trainer on a DPA model fails at its first step ("needs class targets"); DPATrainer
+    trains it: 6 steps, the memories updated on the 5th, the losses finite."""
+    pytest.importorskip("accelerate")
+    model = tiny("bert")
+    actlab.convert(model, "dpa", num_classes=LABELS, example_input=batch(2)[0])
+    inputs, y = batch(8)
+    data = [{"input_ids": inputs["input_ids"][i], "attention_mask": inputs["attention_mask"][i], "labels": y[i]}
+            for i in range(8)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                                          logging_steps=1, disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="needs class targets"):
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    trainer = DPATrainer(model=model, args=args, train_dataset=data, dpa_weight=5.0)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    sites = [m for m in model.modules() if isinstance(m, actlab.DPA)]
+    assert sites and all(s.value_memory.abs().sum() > 0 for s in sites)

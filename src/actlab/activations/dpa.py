@@ -450,13 +450,21 @@ def _dpa_sites(model: nn.Module) -> list[DPA]:
     return [m for m in model.modules() if isinstance(m, DPA)]
 
 
+def hard_labels(y):
+    """Class indices from targets: ``y`` itself, or for soft targets (B, K) (mixup, CutMix, label smoothing)
+    the most probable class of each row."""
+    if isinstance(y, torch.Tensor) and y.dim() == 2 and y.is_floating_point():
+        return y.argmax(1)
+    return y
+
+
 def _check_label_tensor(y) -> None:
     """What needs no read of the values: a (B,) integer tensor."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"targets must be a tensor of class indices, got {type(y).__name__}")
     if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(f"DPA needs integer class indices of shape (B,), got {tuple(y.shape)} {y.dtype} "
-                         "(for mixup / soft labels pass the hard labels)")
+        raise ValueError(f"DPA needs integer class indices (B,) or soft targets (B, K), got {tuple(y.shape)} "
+                         f"{y.dtype}")
 
 
 def check_targets(model: nn.Module, y: torch.Tensor) -> None:
@@ -501,7 +509,9 @@ def _label_buffer(sites: list[DPA], y: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: int | None = None) -> Iterator[None]:
-    """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block.
+    """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block. Soft
+    targets (B, K) (mixup, CutMix, label smoothing) give the most probable class of each row; where the
+    loop has the hard labels, pass those.
 
     The labels are copied into one buffer that every site reads, kept from step to step (its address
     changes only with the batch size), so a compiled graph or a captured CUDA graph never holds ``y``
@@ -520,6 +530,7 @@ def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: 
     if not sites:
         yield
         return
+    y = hard_labels(y)
     _check_label_tensor(y)
     if capacity is not None and y.shape[0] > capacity:
         raise ValueError(f"targets: a batch of {y.shape[0]} labels does not fit capacity={capacity} (the largest "

@@ -1,4 +1,5 @@
-"""actlab with Hugging Face transformers: converted models saved with ``save_pretrained`` and loaded back.
+"""actlab with Hugging Face transformers: converted models saved with ``save_pretrained`` and loaded back,
+and a ``Trainer`` that passes DPA its class targets.
 
 A converted model's weights file holds the conversion record (``actlab_conversion``, as every state_dict
 of a converted model does) and ``convert`` also writes it into the model's config, so ``config.json``
@@ -14,7 +15,9 @@ import os
 
 import torch.nn as nn
 from safetensors.torch import load_file
+from transformers import Trainer
 
+from ..activations import dpa_loss, targets
 from ..convert import RECORD_KEY, load_converted
 
 _WEIGHTS = "model.safetensors"
@@ -67,3 +70,28 @@ def _tied_to_loaded(model: nn.Module, key: str, state: dict) -> bool:
     tensor = tensors.get(key)
     return tensor is not None and any(other is tensor and name in state for name, other in tensors.items())
 
+
+
+class DPATrainer(Trainer):
+    """transformers' ``Trainer`` for models with DPA sites: each training forward runs inside
+    ``actlab.targets(model, inputs["labels"])`` and the loss adds ``dpa_weight * actlab.dpa_loss(model)``
+    (DPA's channel loss). Evaluation forwards run as the base class's (DPA needs no targets in eval mode).
+
+    Args:
+        dpa_weight: the channel loss's weight (1 for CIFAR-10, 5 for CIFAR-100 in the DPA paper).
+        label_key: the batch's key of the class labels.
+        *args, **kwargs: ``Trainer``'s.
+    """
+
+    def __init__(self, *args, dpa_weight: float = 1.0, label_key: str = "labels", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpa_weight, self.label_key = dpa_weight, label_key
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        labels = inputs.get(self.label_key)
+        if labels is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        with targets(model, labels):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        loss = loss + self.dpa_weight * dpa_loss(model)
+        return (loss, outputs) if return_outputs else loss
