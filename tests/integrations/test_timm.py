@@ -106,3 +106,37 @@ def test_running_timm_scripts_through_the_runner(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["__main__", "ResNet", "17"]
+
+
+@pytest.mark.parametrize("act,act_kwargs", [("dpa", {"interval": 2}), ("iieu_b", {})])
+def test_timm_gradient_checkpointing_recomputes_the_activations_exactly(act, act_kwargs):
+    """timm's set_grad_checkpointing: the recompute in backward runs DPA with the first forward's labels and
+    schedule position and advances nothing, IIEU-B recomputes the same; three steps (DPA's update steps
+    among them) give the parameters, gradients, memories and schedule of training without it (the
+    BatchNorms' running statistics aside, which every recompute updates again)."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = create_timm_model("resnet18", act, num_classes=4, example_input=SMALL, act_kwargs=act_kwargs)
+        model.set_grad_checkpointing(checkpointing)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
+            with actlab.targets(model, y):
+                loss = torch.nn.functional.cross_entropy(model(x), y) + actlab.dpa_loss(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        results.append(({k: v.clone() for k, v in model.state_dict().items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (state, grads), (state_ckpt, grads_ckpt) = results
+    assert state.keys() == state_ckpt.keys()
+    for k in state:  # (BatchNorm's running statistics are updated again by any recompute: torch's rule)
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(state_ckpt[k], state[k], rtol=1e-5, atol=1e-6, msg=k)
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    if act == "dpa":
+        assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("grad_memory"))

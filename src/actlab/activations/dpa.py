@@ -242,6 +242,9 @@ class DPA(ActivationModule):
         self._label_buffer: torch.Tensor | None = None  # where ``targets`` copies the labels (shared)
         # (v, mask) of the last training forward, () when it masked nothing, None after an eval forward
         self._loss_terms: tuple[torch.Tensor, ...] | None = None
+        # (labels, schedule count) of the last eager training forward: what activation checkpointing's
+        # recompute of that forward in backward runs with
+        self._last_step: tuple[_StepLabels, int] | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -338,12 +341,15 @@ class DPA(ActivationModule):
                              f"{rows} rows (shape {tuple(x.shape)}); pass one label per sample of this batch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._loss_terms = None
         if not (self.training and torch.is_grad_enabled()):
             # eval, no_grad and inference_mode: plain TAU; memories and count change only in a training
             # forward that builds a graph (else the schedule would shift and only one memory would update)
+            self._loss_terms = None
             return threshold_unit(x, self.tau)
         compiling = torch.compiler.is_compiling()
+        if not compiling and self._labels is None and self._last_step is not None and _in_backward():
+            return self._recompute(x)  # activation checkpointing recomputes the forward in backward
+        self._loss_terms = None
         if (self._targets if compiling else self._labels) is None:
             raise RuntimeError(
                 f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
@@ -356,6 +362,7 @@ class DPA(ActivationModule):
         y = labels.on(x.device)
         self._check_rows(x, y.shape[0])
         count = self._next_count()
+        self._last_step = (labels, count)
         update = count == 0
         memories = None if update else (self.value_memory, self.grad_memory)
         out, v, mask = self._tau_pool(x, y.shape[0], memories, y, count)
@@ -372,6 +379,16 @@ class DPA(ActivationModule):
         if update and out.requires_grad:
             out.register_hook(self._grad_memory_hook(labels))
         return out
+
+    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+        """The last training forward again, as activation checkpointing recomputes it in backward: its labels
+        and schedule position, the same operations (so the same tensors saved for backward), and nothing
+        advanced or updated (the memories, the schedule and the channel loss's terms stay as that forward
+        left them)."""
+        labels, count = self._last_step
+        y = labels.on(x.device)
+        memories = None if count == 0 else (self.value_memory, self.grad_memory)
+        return self._tau_pool(x, y.shape[0], memories, y, count)[0]
 
     def _update_value_memory(self, labels: _StepLabels, v: torch.Tensor) -> torch.Tensor:
         """The value memory's update by the (global) batch; returns this rank's rows (B, C)."""
@@ -448,6 +465,12 @@ class DPA(ActivationModule):
 
 def _dpa_sites(model: nn.Module) -> list[DPA]:
     return [m for m in model.modules() if isinstance(m, DPA)]
+
+
+def _in_backward() -> bool:
+    """Whether an autograd backward is running (where activation checkpointing recomputes forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)  # torch's own checkpointing asks the same
+    return task is not None and task() != -1
 
 
 def hard_labels(y):
