@@ -22,7 +22,8 @@ def tiny(kind: str):
     torch.manual_seed(0)
     if kind == "bert":
         config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=64, num_labels=LABELS)
+                                         intermediate_size=64, num_labels=LABELS, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)  # deterministic training forwards
         return transformers.BertForSequenceClassification(config)
     if kind == "llama":
         config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -131,3 +132,30 @@ def test_the_dpa_trainer_passes_targets_and_adds_the_channel_loss(tmp_path):
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     sites = [m for m in model.modules() if isinstance(m, actlab.DPA)]
     assert sites and all(s.value_memory.abs().sum() > 0 for s in sites)
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+def test_an_attention_mask_keeps_padding_out_of_the_memories(kind):
+    """4 pad tokens after each sequence: with the attention mask passed to targets, DPA's memories are those
+    of the unpadded batch (the real tokens' activations are the same); without it the padding shifts them.
+    (BERT's sites pool its class token, which padding does not reach.)"""
+    ids = batch(2, length=7)[0]["input_ids"]
+    y = torch.tensor([0, 2])
+    padded = torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(2, 7, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)], 1)
+    memories = []
+    for inputs, token_mask in (({"input_ids": ids}, None), ({"input_ids": padded, "attention_mask": mask}, mask),
+                               ({"input_ids": padded, "attention_mask": mask}, None)):
+        model = tiny(kind)
+        actlab.convert(model, "dpa", num_classes=LABELS, example_input={"input_ids": ids}, interval=1)
+        model.train()
+        with actlab.targets(model, y, attention_mask=token_mask):
+            logits = model(**inputs).logits
+        (logits.sum() + actlab.dpa_loss(model)).backward()
+        memories.append(torch.cat([b.flatten() for n, b in model.named_buffers() if n.endswith("memory")]))
+    assert memories[0].abs().sum() > 0
+    torch.testing.assert_close(memories[1], memories[0], rtol=1e-5, atol=1e-6)
+    assert (memories[2] - memories[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        with actlab.targets(model, y, attention_mask=mask[:1]):
+            pass

@@ -145,9 +145,10 @@ class _StepLabels:
     sample with a non-finite value updates no memory), so the gathers have one size on every rank and need
     no host read; without one the ranks' batch sizes are exchanged once per step (one host read)."""
 
-    def __init__(self, y: torch.Tensor, capacity: int | None = None):
+    def __init__(self, y: torch.Tensor, capacity: int | None = None, token_mask: torch.Tensor | None = None):
         self.y = y
         self.capacity = capacity
+        self.token_mask = token_mask  # (B, N) float32, 1 at the tokens (B, N, C) inputs are pooled over
         self._global: tuple[torch.Tensor, list[int] | None, int] | None = None
         self._order: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -284,13 +285,15 @@ class DPA(ActivationModule):
             return x, True
         return None
 
-    def _tau_pool(self, x: torch.Tensor, batch: int, memories, labels: torch.Tensor, count: int):
-        """Eager: TAU(x), the pooled response (B, C) float32 and, given ``memories`` (value, grad), the
-        channel mask at ``labels`` (else None); stores ``count``. One kernel where the layout allows."""
-        fused = self._fused_layout(x, batch)
+    def _tau_pool(self, x: torch.Tensor, batch: int, memories, labels: torch.Tensor, count: int,
+                  token_mask: torch.Tensor | None = None):
+        """Eager: TAU(x), the pooled response (B, C) float32 (over the tokens of ``token_mask``) and, given
+        ``memories`` (value, grad), the channel mask at ``labels`` (else None); stores ``count``. One kernel
+        where the layout allows and no token mask applies."""
+        fused = None if self._masks(x, token_mask) else self._fused_layout(x, batch)
         if fused is None:
             self.count.fill_(count)
-            v = self.pool(x, batch)
+            v = self.pool(x, batch, token_mask)
             mask = None
             if memories is not None:
                 with torch.no_grad():
@@ -317,14 +320,17 @@ class DPA(ActivationModule):
             return out.view(b, h, w, c).permute(0, 3, 1, 2), v
         return out.view(x.shape), v
 
-    def pool(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """Pooled response (B, C) in float32: spatial mean, class token or token mean, then the mean over
-        the k rows of each sample when the leading dim is k * B."""
+    def pool(self, x: torch.Tensor, batch: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled response (B, C) in float32: spatial mean, class token or token mean (over the tokens where
+        ``token_mask`` (B, N) is 1, when given), then the mean over the k rows of each sample when the
+        leading dim is k * B."""
         if x.dim() < 2 or (x.dim() > 4 and not self.nhwc):
             raise ValueError(f"DPA site {self.site!r}: cannot pool a tensor of shape {tuple(x.shape)}; "
                              "expected (B, C, H, W), (B, N, C) or (B, C)")
         if x.dim() == 3 and self.token_pool == "cls":
             v = x[:, 0].float()
+        elif token_mask is not None and self._masks(x, token_mask):
+            v = torch.einsum("bnc,bn->bc", x.float(), token_mask) / token_mask.sum(1, keepdim=True).clamp_min(1.0)
         else:
             v = global_pool(x, torch.float32, nhwc=self.nhwc)
         if v.shape[1] != self.channels:
@@ -332,6 +338,15 @@ class DPA(ActivationModule):
         if v.shape[0] != batch:
             v = v.view(batch, self.rows_per_sample, -1).mean(1)
         return v
+
+    def _masks(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> bool:
+        """Whether ``token_mask`` applies to this site's input: (B, N, C) tokens pooled by their mean."""
+        if token_mask is None or x.dim() != 3 or self.token_pool == "cls" or self.nhwc:
+            return False
+        if tuple(token_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"DPA site {self.site!r}: the attention mask {tuple(token_mask.shape)} does not match its "
+                             f"{tuple(x.shape[:2])} tokens (B, N)")
+        return True
 
     def _check_rows(self, x: torch.Tensor, batch: int) -> None:
         rows = x.shape[0]
@@ -355,6 +370,9 @@ class DPA(ActivationModule):
                 f"DPA site {self.site!r}: a training forward needs class targets. Wrap it in "
                 "`with actlab.targets(model, y): model(x)`, or call model.eval() for inference.")
         if compiling:
+            if self._labels is not None and self._labels.token_mask is not None:
+                raise NotImplementedError(f"DPA site {self.site!r}: targets(..., attention_mask=) runs in eager "
+                                          "training only, not under torch.compile")
             return self._traced_forward(x, self._targets.to(x.device))
         return self._eager_forward(x, self._labels)
 
@@ -365,7 +383,7 @@ class DPA(ActivationModule):
         self._last_step = (labels, count)
         update = count == 0
         memories = None if update else (self.value_memory, self.grad_memory)
-        out, v, mask = self._tau_pool(x, y.shape[0], memories, y, count)
+        out, v, mask = self._tau_pool(x, y.shape[0], memories, y, count, labels.token_mask)
         if update:
             with torch.no_grad():
                 rows = self._update_value_memory(labels, v)
@@ -388,7 +406,7 @@ class DPA(ActivationModule):
         labels, count = self._last_step
         y = labels.on(x.device)
         memories = None if count == 0 else (self.value_memory, self.grad_memory)
-        return self._tau_pool(x, y.shape[0], memories, y, count)[0]
+        return self._tau_pool(x, y.shape[0], memories, y, count, labels.token_mask)[0]
 
     def _update_value_memory(self, labels: _StepLabels, v: torch.Tensor) -> torch.Tensor:
         """The value memory's update by the (global) batch; returns this rank's rows (B, C)."""
@@ -405,7 +423,7 @@ class DPA(ActivationModule):
                 return
             done.append(True)
             with torch.no_grad():
-                all_labels, values, _ = labels.gather(self.pool(grad, labels.y.shape[0]))
+                all_labels, values, _ = labels.gather(self.pool(grad, labels.y.shape[0], labels.token_mask))
                 order = labels.order() if runs_like_cuda(values) else None
                 backend(values, cpu_native=False).ema_update_(self.grad_memory, all_labels, values, self.alpha, order,
                                                               signs=True, after=False)
@@ -465,6 +483,16 @@ class DPA(ActivationModule):
 
 def _dpa_sites(model: nn.Module) -> list[DPA]:
     return [m for m in model.modules() if isinstance(m, DPA)]
+
+
+def _token_mask(attention_mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    """An attention mask as the sites pool with it: (B, N) float32 on the labels' device."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != y.shape[0]:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"targets: attention_mask must be (B, N) with B = {y.shape[0]} labels, got {shape}")
+    return (attention_mask != 0).to(device=y.device, dtype=torch.float32)
 
 
 def _in_backward() -> bool:
@@ -531,7 +559,8 @@ def _label_buffer(sites: list[DPA], y: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: int | None = None) -> Iterator[None]:
+def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: int | None = None,
+            attention_mask: torch.Tensor | None = None) -> Iterator[None]:
     """Route class labels ``y`` (B,) to every DPA site of ``model`` for the forwards inside the block. Soft
     targets (B, K) (mixup, CutMix, label smoothing) give the most probable class of each row; where the
     loop has the hard labels, pass those.
@@ -548,7 +577,12 @@ def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: 
 
     ``capacity``: under torch.distributed, the largest batch any rank passes (the loader's batch size,
     the same on every rank). Each rank's rows are padded to it, so the memory updates gather the global
-    batch with no host read; without it the ranks' batch sizes are exchanged once per step."""
+    batch with no host read; without it the ranks' batch sizes are exchanged once per step.
+
+    ``attention_mask``: (B, N), nonzero at the real tokens of a padded text batch (a Hugging Face
+    tokenizer's): sites whose input is (B, N, C) tokens pooled by their mean pool over those tokens only,
+    so padding reaches no memory and no channel loss (eager training; those sites then run the unfused
+    pooling)."""
     sites = _dpa_sites(model)
     if not sites:
         yield
@@ -564,7 +598,7 @@ def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: 
     labels.copy_(y, non_blocking=True)
     if validate and runs_like_cuda(y):
         _check_on_device(sites, labels)
-    shared = _StepLabels(labels, capacity)
+    shared = _StepLabels(labels, capacity, _token_mask(attention_mask, y))
     for site in sites:
         site._labels, site._targets = shared, labels
     try:

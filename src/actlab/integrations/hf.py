@@ -74,8 +74,9 @@ def _tied_to_loaded(model: nn.Module, key: str, state: dict) -> bool:
 
 class DPATrainer(Trainer):
     """transformers' ``Trainer`` for models with DPA sites: each training forward runs inside
-    ``actlab.targets(model, inputs["labels"])`` and the loss adds ``dpa_weight * actlab.dpa_loss(model)``
-    (DPA's channel loss). Evaluation forwards run as the base class's (DPA needs no targets in eval mode).
+    ``actlab.targets(model, inputs["labels"], attention_mask=inputs.get("attention_mask"))`` (padding reaches
+    no memory) and the loss adds ``dpa_weight * actlab.dpa_loss(model)`` (DPA's channel loss). Evaluation
+    forwards run as the base class's (DPA needs no targets in eval mode).
 
     Args:
         dpa_weight: the channel loss's weight (1 for CIFAR-10, 5 for CIFAR-100 in the DPA paper).
@@ -91,7 +92,7 @@ class DPATrainer(Trainer):
         labels = inputs.get(self.label_key)
         if labels is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        with targets(model, labels):
+        with targets(model, labels, attention_mask=inputs.get("attention_mask")):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         loss = loss + self.dpa_weight * dpa_loss(model)
         return (loss, outputs) if return_outputs else loss
