@@ -43,7 +43,8 @@ def documented_commands() -> list[tuple[str, str]]:
         candidates = _code_lines(text)
         candidates += re.findall(r"`((?:python -m )?actlab [^`]+)`", " ".join(text.split()))
         for line in candidates:
-            m = re.search(r"(?:^|\s)(?:python -m |-m )?actlab (\S.*)$", line) if "actlab " in line else None
+            # the actlab command: at the line's start or after `python -m` / `-m` (not a word in its arguments)
+            m = re.search(r"(?:^|-m )actlab (\S.*)$", line) if "actlab " in line else None
             if m and not line.startswith(("pip ", "import ", "from ")):
                 found.append((os.path.basename(path), m.group(1)))
     return sorted(set(found))

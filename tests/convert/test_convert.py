@@ -12,7 +12,7 @@ import torchvision
 
 import actlab
 from actlab.activations import DPA, IIEUB, ActivationModule
-from actlab.convert import SiteSplit
+from actlab.convert import RECORD_KEY, SiteSplit
 
 TORCHVISION = {"resnet18": 64, "resnet50": 64, "mobilenet_v2": 64, "vgg11_bn": 32, "shufflenet_v2_x1_0": 64}
 TIMM = {
@@ -684,7 +684,8 @@ def test_functional_activations_become_sites():
         "conv", "bn", "fc1", "fc2"}
     actlab.convert(model, "gelu", example_input=x)
     report = actlab.conversion_report(model)
-    assert set(model.state_dict()) == state_keys  # the module tree kept, GELU has no state
+    # the module tree kept, GELU has no state: only the conversion's record is new
+    assert set(model.state_dict()) == state_keys | {RECORD_KEY}
     assert type(model.block).__name__ == "FunctionalBlock" and model.block.conv is not None
     names = {s.name: s for s in report.sites}
     assert set(names) == {"block.relu", "block.leaky_relu", "block.relu_1", "block.gelu", "block.relu_2"}
