@@ -229,8 +229,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"DPA site '1'.*out of range \[0, 3\).*max 3"):
         with actlab.targets(model, torch.tensor([0, 1, 3, 2])):
             pass
-    with pytest.raises(ValueError, match="integer class indices"):
-        with actlab.targets(model, torch.rand(4, 3)):
+    with pytest.raises(ValueError, match="integer class indices"):  # ((B, K) floats are soft targets)
+        with actlab.targets(model, torch.rand(4)):
             pass
     site = DPA(4, num_classes=2)
     site.site = "blocks.0"
