@@ -1146,6 +1146,14 @@ def _rounded(x, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _filter_tile(WEIGHT, cc, kk, C, K, ROUND: tl.constexpr):
+    """The (len(cc), len(kk)) tile of a Linear's weight (C, K) in float32, rounded as its product rounded it
+    (``_rounded``); 0 outside the weight."""
+    live = (cc < C)[:, None] & (kk < K)[None, :]
+    return _rounded(tl.load(WEIGHT + cc[:, None] * K + kk[None, :], mask=live, other=0.0).to(tl.float32), ROUND)
+
+
+@triton.jit
 def _linear_site_stats(X, WEIGHT, BIAS, LN_W, LN_B, STATS, S, T, K, C, eps, silent, filter_eps, ln_eps,
                        PRE_AT, GAP_AT, NU_AT, MEAN_AT, RSTD_AT, W_AT, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -1186,9 +1194,7 @@ def _linear_site_stats(X, WEIGHT, BIAS, LN_W, LN_B, STATS, S, T, K, C, eps, sile
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 m = tl.load(STATS + PRE_AT + s * K + kk, mask=kk < K, other=0.0)
-                w = tl.load(WEIGHT + cc[:, None] * K + kk[None, :], mask=live_c[:, None] & (kk < K)[None, :],
-                            other=0.0).to(tl.float32)
-                gap += tl.sum(_rounded(w, ROUND) * m[None, :], axis=1)
+                gap += tl.sum(_filter_tile(WEIGHT, cc, kk, C, K, ROUND) * m[None, :], axis=1)
             if HAS_BIAS:
                 gap += _rounded(tl.load(BIAS + cc, mask=live_c, other=0.0).to(tl.float32), ROUND)
             tl.store(STATS + GAP_AT + s * C + cc, gap, mask=live_c)
@@ -1227,9 +1233,7 @@ def _linear_site_sample(WORK, STATS, LN_W, WEIGHT, C, K, T, NTB, SLAB, GAP_AT, N
             cc = c0 + tl.arange(0, BLOCK_C)
             live_c = cc < C
             g = tl.load(TB + s * C + cc, mask=live_c, other=0.0)
-            w = tl.load(WEIGHT + cc[:, None] * K + kk[None, :], mask=live_c[:, None] & live_k[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(g[:, None] * _rounded(w, ROUND), axis=0)
+            acc += tl.sum(g[:, None] * _filter_tile(WEIGHT, cc, kk, C, K, ROUND), axis=0)
         tl.store(STATS + SPREAD_AT + s * K + kk, acc / T, mask=live_k)
 
 
