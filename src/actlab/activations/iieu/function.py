@@ -25,8 +25,7 @@ from ..kernels import backend, composite, native, runs_like_cuda
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.actlab)
 from ..kernels.composite import compute_dtype
 from .patches import (ConvPatches, LinearPatches, LinearSiteFactor, NormGradFactor, Patches, apply_patch_grad,
-                      autocast_off,
-                      inverse_patch_norm, patch_grad_factor, patch_inverse, silent_threshold)
+                      autocast_off, inverse_patch_norm, patch_grad_factor, patch_inverse, silent_threshold)
 
 
 def _autocast_as(device_type: str, enabled: bool, dtype: torch.dtype):
@@ -485,6 +484,7 @@ class IIEULinearFunction(torch.autograd.Function):
         return (_shaped(grads.x, grad_out.shape), grad_x_pre, grads.filters.to(filters.dtype) if needed[2] else None,
                 grads.bias.to(bias.dtype) if needed[3] else None, grads.eta.to(eta.dtype),
                 grads.ln_weight.to(ln_weight.dtype), grads.ln_bias.to(ln_weight.dtype), None)
+
 
 def _op_forward(patches, x_t, inv_x, inv_w, nu, eta):
     """The fused forward operation on the site's flat layout, back in x_t's shape."""
