@@ -322,7 +322,7 @@ def test_unbound_unit_and_mismatched_producer_errors():
         unit(torch.randn(1, 4, 3, 3))
     with pytest.raises(ValueError, match="4 output channels, unit has 5"):
         IIEUB(5, producer=nn.Conv2d(3, 4, 3))
-    with pytest.raises(TypeError, match="Conv2d or nn.Linear"):
+    with pytest.raises(TypeError, match="nn.Conv2d, nn.Linear or transformers. Conv1D"):
         IIEUB(4, producer=nn.Conv1d(3, 4, 3))
     conv = nn.Conv2d(3, 4, 3)
     unit = IIEUB(4, producer=conv)

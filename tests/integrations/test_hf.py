@@ -58,7 +58,8 @@ def train(model, steps=3):
 
 
 @pytest.mark.parametrize("kind,act,sites", [("bert", "iieu_b", 2), ("bert", "dpa", 2), ("llama", "iieu_b", 2),
-                                            ("llama", "dpa", 2), ("gpt2", "dpa", 2)])
+                                            ("llama", "dpa", 2), ("gpt2", "iieu_b", 2),
+                                            ("gpt2", "dpa", 2)])
 def test_tiny_text_models_convert_from_a_dict_batch_and_train(kind, act, sites):
     """The MLPs' activations (transformers' GELUActivation, SiLU, NewGELUActivation classes) become sites,
     found with a dict of keyword arguments; training steps change the activations' parameters or memories
@@ -75,14 +76,36 @@ def test_tiny_text_models_convert_from_a_dict_batch_and_train(kind, act, sites):
     assert before and any(not torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_gpt2_iieu_b_sites_are_kept_with_their_reason():
-    """GPT-2's MLP is made by transformers' Conv1D, which IIEU-B does not bind to: the sites stay as they
-    were and the report says why."""
+def test_gpt2_conv1d_producers_are_iieu_b_sites_that_equal_the_linear_ones():
+    """GPT-2's MLP is made by transformers' Conv1D (a Linear with its weight stored (in, out)): IIEU-B binds
+    to it, and a unit at a Conv1D site gives the output and gradients of a unit at the nn.Linear with the
+    transposed weight (float64)."""
     model = tiny("gpt2")
-    with pytest.warns(UserWarning):
-        actlab.convert(model, "iieu_b", example_input=batch(2)[0])
-    kept = actlab.conversion_report(model).kept
-    assert len(kept) == 2 and all("Conv1D" in s.reason for s in kept)
+    actlab.convert(model, "iieu_b", example_input=batch(2)[0])
+    sites = actlab.conversion_report(model).converted
+    assert [s.producer for s in sites] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+
+    torch.manual_seed(0)
+    conv1d = transformers.pytorch_utils.Conv1D(6, 5).double()
+    with torch.no_grad():
+        conv1d.bias.normal_()
+    linear = torch.nn.Linear(5, 6).double()
+    with torch.no_grad():
+        linear.weight.copy_(conv1d.weight.t())
+        linear.bias.copy_(conv1d.bias)
+    results = []
+    for producer in (conv1d, linear):
+        unit = actlab.IIEUB(6).double().bind(producer)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            unit.eta.uniform_(0.2, 0.8)  # the same thresholds for both, some responses below them
+        x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+        out = unit(producer(x))
+        out.backward(torch.randn_like(out))
+        weight_grad = producer.weight.grad if producer is linear else producer.weight.grad.t()
+        results.append((out, x.grad, weight_grad, producer.bias.grad, unit.eta.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,act", [("bert", "iieu_b"), ("llama", "dpa")])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..activations.base import ActivationModule
+from ..activations.dense import is_dense, is_plain_dense
 
 _TORCH_ACTS: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -69,12 +70,11 @@ def activation_types() -> tuple[type, ...]:
 
 
 def is_producer(module: nn.Module) -> bool:
-    """A plain Conv2d or Linear (subclasses that change the forward, e.g. weight standardisation, are not)."""
+    """A plain Conv2d, Linear or transformers ``Conv1D`` (subclasses that change the forward, e.g. weight
+    standardisation, are not)."""
     if isinstance(module, nn.Conv2d):
         return type(module).forward is nn.Conv2d.forward and module.padding_mode == "zeros"
-    if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
-    return False
+    return is_plain_dense(module)
 
 
 @dataclass
@@ -222,7 +222,7 @@ class _Tracer:
         if t is None or t.dim() < 2:
             return None, None
         entry = self.outputs.get(t.untyped_storage().data_ptr())
-        if entry is None or not isinstance(entry[0].module, nn.Linear):
+        if entry is None or not is_dense(entry[0].module):
             return None, None
         call, out, version = entry
         start = t.storage_offset() - out.storage_offset()
@@ -298,7 +298,7 @@ def _channels_last(src: ModuleCall | None, norm: nn.Module | None, shape: tuple 
     over the last dim only (a plain LayerNorm / RMSNorm, whose forward is not re-ordered by a subclass)."""
     if shape is None or len(shape) < 2:
         return False
-    if src is not None and isinstance(src.module, nn.Linear):
+    if src is not None and is_dense(src.module):
         return True
     plain_norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
     return (isinstance(norm, plain_norms) and type(norm).forward in (t.forward for t in plain_norms)

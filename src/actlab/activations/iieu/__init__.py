@@ -1,6 +1,6 @@
 """IIEU-B: Instantaneous Importance Estimation Unit, basic form.
 
-At a site ``x_pre -> P (Conv2d | Linear) -> [norm] -> x_t -> IIEU``::
+At a site ``x_pre -> P (Conv2d | Linear | transformers' Conv1D) -> [norm] -> x_t -> IIEU``::
 
     S    = x_t / ((||w_c|| + eps) * (||patch|| + eps))   # term-S, norm-decoupled similarity
     nu   = sigmoid(LN_C(GAP(x_t)))                      # term-B, per (sample, channel)
@@ -22,8 +22,7 @@ replays it in backward. Everything else is recomputed in backward. Norms, term-B
 (float64 for float64 inputs), also under autocast. The elementwise math runs on actlab's kernel layer
 (``actlab.activations.kernels``).
 """
-import torch.nn as nn
-
+from ..dense import is_dense
 from ..registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, register
 from .function import IIEUFunction, TermB, iieu_b, iieu_b_plain
 from .module import IIEUB, inverse_filter_norms
@@ -35,7 +34,7 @@ __all__ = ["IIEUB", "IIEUFunction", "ConvPatches", "LinearPatches", "SILENT_RMS"
 def _from_site(site: Site, **kwargs) -> IIEUB:
     if site.producer is None:
         raise SiteMismatch("IIEU-B needs the Conv2d or Linear that produces its input")
-    if site.layout == "nhwc" and not isinstance(site.producer, nn.Linear):
+    if site.layout == "nhwc" and not is_dense(site.producer):
         raise SiteMismatch("a map stored channels last is an IIEU-B site only after a Linear")
     return IIEUB(site.channels, **kwargs).bind(site.producer, norm=site.norm, out_slice=site.producer_slice)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..base import ActivationModule
+from ..dense import dense_features, dense_filters, is_dense
 from ..kernels import backend
 from ..kernels.composite import compute_dtype
 from .function import (PATHS, BatchNormReplay, IIEUFunction, IIEULinearFunction, IIEUNormFunction, InputTap,
@@ -62,7 +63,8 @@ class IIEUB(ActivationModule):
         patch_channels: at grouped / depthwise convolutions, ``"group"`` (the patch is the window over the
             channels the filter sees) or ``"all"`` (the published code's rule: the window over every input
             channel, one norm shared by all output channels). Ungrouped sites are the same either way.
-        producer: the Conv2d / Linear feeding this site; may also be bound later with ``bind``.
+        producer: the Conv2d / Linear (or transformers ``Conv1D``) feeding this site; may also be bound later
+            with ``bind``.
         capture: when bound, record the producer's input with a forward pre-hook so ``forward(x_t)``
             works inside an unmodified model. Without it, pass ``x_pre`` to ``forward`` yourself.
         recompute_linear: at a Linear site without a norm, recompute ``x_t`` in backward (one matmul)
@@ -117,7 +119,8 @@ class IIEUB(ActivationModule):
         """Attach to the Conv2d / Linear whose output (after an optional norm) this unit activates.
 
         Args:
-            producer: the nn.Conv2d or nn.Linear of the site.
+            producer: the nn.Conv2d, nn.Linear or transformers ``Conv1D`` (GPT-2's Linear with its weight stored
+                (in, out)) of the site.
             capture: record the producer's input with a forward pre-hook (else pass ``x_pre`` yourself).
             norm: the site's norm, if any. The unit recomputes ``x_t`` in backward instead of keeping it
                 (one feature map less per site) when ``x_t`` is the output of a plain BatchNorm, or of a
@@ -131,16 +134,17 @@ class IIEUB(ActivationModule):
             if self.patch_channels == "all":  # one window over every input channel, whatever the groups
                 patches = dataclasses.replace(patches, groups=1)
             out = producer.out_channels
-        elif isinstance(producer, nn.Linear):
-            start, stop = out_slice if out_slice is not None else (0, producer.out_features)
-            if not 0 <= start < stop <= producer.out_features:
+        elif is_dense(producer):
+            in_features, out_features = dense_features(producer)
+            start, stop = out_slice if out_slice is not None else (0, out_features)
+            if not 0 <= start < stop <= out_features:
                 raise ValueError(f"IIEU-B site {self.site!r}: out_slice {out_slice} is not within the producer's "
-                                 f"{producer.out_features} output features")
-            patches = LinearPatches(producer.in_features, stop - start)
+                                 f"{out_features} output features")
+            patches = LinearPatches(in_features, stop - start)
             out = stop - start
         else:
-            raise TypeError(f"IIEU-B site {self.site!r}: producer must be nn.Conv2d or nn.Linear (out_slice: "
-                            f"nn.Linear only), got {type(producer).__name__}")
+            raise TypeError(f"IIEU-B site {self.site!r}: producer must be nn.Conv2d, nn.Linear or transformers' "
+                            f"Conv1D (out_slice: the dense ones only), got {type(producer).__name__}")
         if out != self.channels:
             raise ValueError(f"IIEU-B site {self.site!r}: producer has {out} output channels, unit has {self.channels}")
         self.unbind()
@@ -166,7 +170,7 @@ class IIEUB(ActivationModule):
 
     def filters(self) -> torch.Tensor:
         """The producer's filters of this unit's channels: (C, ...) rows of its weight."""
-        weight = self._producer.weight
+        weight = self._producer.weight if isinstance(self._patches, ConvPatches) else dense_filters(self._producer)
         return weight if self._out_slice is None else weight[self._out_slice[0]:self._out_slice[1]]
 
     def release(self) -> None:
