@@ -2,6 +2,7 @@
 ModelEmaV3, resolve_data_config, and a script run through ``python -m actlab.integrations.timm``."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 
 import actlab
 from actlab.convert.record import calls_of
-from actlab.integrations.timm import create_timm_model, register
+from actlab.integrations.timm import DPAClassificationTask, create_timm_model, register
 
 SMALL = torch.randn(2, 3, 32, 32)
 
@@ -106,6 +107,59 @@ def test_running_timm_scripts_through_the_runner(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["__main__", "ResNet", "17"]
+
+
+def test_dpa_classification_task_passes_the_targets_and_adds_the_channel_loss():
+    """timm's ClassificationTask stops DPA at its first training step; the DPA task gives the loss and the
+    memories of the hand-written step (targets around the forward, the channel loss added) with mixup's soft
+    targets read as their most probable class; in eval mode it runs without targets."""
+    torch.manual_seed(0)
+    model = create_timm_model("resnet18", "dpa", num_classes=4, example_input=SMALL, act_kwargs={"interval": 1})
+    trained_step(model)  # the gradient memories hold signs now: the channel loss masks entries
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
+    x, soft = timm.data.Mixup(mixup_alpha=0.8, num_classes=4)(x, y)
+    criterion = timm.loss.SoftTargetCrossEntropy()
+    with pytest.raises(RuntimeError, match="needs class targets"):
+        timm.task.ClassificationTask(copy.deepcopy(model), criterion, verbose=False)(x, soft)
+
+    task = DPAClassificationTask(model, criterion, dpa_weight=3.0, verbose=False)
+    result = task(x, soft)
+    with actlab.targets(twin, soft.argmax(1)):
+        output = twin(x)
+    channel = actlab.dpa_loss(twin)
+    assert channel > 0
+    torch.testing.assert_close(result["loss"], criterion(output, soft) + 3.0 * channel)
+    result["loss"].backward()
+    (criterion(output, soft) + 3.0 * channel).backward()
+    memories = [k for k in model.state_dict() if k.endswith("memory")]
+    for k in memories:
+        torch.testing.assert_close(model.state_dict()[k], twin.state_dict()[k], msg=k)
+    assert any(model.state_dict()[k].abs().sum() > 0 for k in memories if k.endswith("grad_memory"))
+
+    model.eval()
+    torch.testing.assert_close(task(x, soft)["output"], outputs(twin, x))
+
+
+def test_the_runner_puts_the_dpa_task_in_timms_place(tmp_path):
+    """Through the runner, a script that imports timm's ClassificationTask (as timm's train.py does) gets
+    the DPA task with --dpa-weight as its weight, and a training step of a DPA model runs."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import timm, torch
+        from timm.task import ClassificationTask
+        model = timm.create_model("actlab", arch="resnet18", act="dpa", num_classes=4,
+                                  example_input=torch.randn(2, 3, 32, 32))
+        task = ClassificationTask(model=model, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
+        result = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+        result["loss"].backward()
+        print(type(task).__name__, task.dpa_weight, bool(torch.isfinite(result["loss"])))
+    """))
+    run = subprocess.run([sys.executable, "-m", "actlab.integrations.timm", "--dpa-weight", "5", str(script)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["DPAClassificationTask", "5.0", "True"]
 
 
 @pytest.mark.parametrize("act,act_kwargs", [("dpa", {"interval": 2}), ("iieu_b", {})])

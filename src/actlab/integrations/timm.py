@@ -9,14 +9,18 @@ scripts (``train.py``, ``validate.py``) running them.
   actlab's zoo (``timm.create_model("actlab_resnet26", act="iieu_dc", num_classes=100, img_size=32)``).
   timm's ``act_layer=`` cannot name an actlab activation: IIEU-B needs its site's producer and DPA its
   class count, which a layer built from a name does not have; the conversion finds both.
-* ``python -m actlab.integrations.timm SCRIPT [ARGS]`` registers the names, then runs a timm script as
-  its ``__main__``: ``python -m actlab.integrations.timm train.py DATA --model actlab --model-kwargs
-  arch=resnet18 act=iieu_b``. Checkpoints its ``CheckpointSaver`` writes hold the conversion record, so
-  ``validate.py --checkpoint`` (run the same way, same model arguments) and ``timm.models.load_checkpoint``
-  load them, and ``actlab.load_converted`` loads them into a plain ``timm.create_model(arch)``.
+* ``DPAClassificationTask``: timm's ``ClassificationTask`` (the training step of timm's ``train.py``) with
+  DPA's class targets routed to the forward and its channel loss added.
+* ``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]`` registers the names, makes timm's
+  ``ClassificationTask`` the DPA one, then runs a timm script as its ``__main__``: ``python -m
+  actlab.integrations.timm train.py DATA --model actlab --model-kwargs arch=resnet18 act=dpa``.
+  Checkpoints its ``CheckpointSaver`` writes hold the conversion record, so ``validate.py --checkpoint``
+  (run the same way, same model arguments) and ``timm.models.load_checkpoint`` load them, and
+  ``actlab.load_converted`` loads them into a plain ``timm.create_model(arch)``.
 """
 from __future__ import annotations
 
+import argparse
 import runpy
 import sys
 
@@ -26,9 +30,15 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 
+from ..activations import dpa_loss, targets
 from ..convert import convert
 from ..models import create_model as create_zoo_model
 from ..models import list_models as list_zoo_models
+
+try:  # timm's training tasks (the step of its train.py) arrived in timm 1.0.2x
+    from timm.task import ClassificationTask
+except ImportError:  # pragma: no cover - older timm
+    ClassificationTask = None
 
 PREFIX = "actlab_"
 
@@ -95,6 +105,37 @@ def _zoo_entrypoint(zoo_name: str):
     return entrypoint
 
 
+if ClassificationTask is not None:
+    class DPAClassificationTask(ClassificationTask):
+        """timm's ``ClassificationTask`` for models with DPA sites: a training forward runs inside
+        ``actlab.targets(model, target)`` and the loss adds ``dpa_weight * actlab.dpa_loss(model)``. Soft
+        targets (timm's mixup / CutMix, ``SoftTargetCrossEntropy``) count as each row's most probable class.
+        Evaluation forwards, and models without DPA sites, run as the base class's.
+
+        Args:
+            model: the model to train (converted with DPA).
+            criterion: timm's (the task loss), or None for its default.
+            dpa_weight: the channel loss's weight (1 for CIFAR-10, 5 for CIFAR-100 in the DPA paper); default
+                the class attribute ``default_dpa_weight`` (1).
+            **kwargs: ``ClassificationTask``'s (``criterion_kwargs``, ``device``, ``dtype``, ``verbose``).
+        """
+
+        default_dpa_weight = 1.0
+
+        def __init__(self, model: nn.Module, criterion=None, *, dpa_weight: float | None = None, **kwargs):
+            super().__init__(model, criterion, **kwargs)
+            self.dpa_weight = self.default_dpa_weight if dpa_weight is None else dpa_weight
+
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+            model = self.trainable_module
+            if not (model.training and torch.is_grad_enabled()):
+                return super().forward(input, target)
+            with targets(model, target):
+                output = model(input)
+            loss = self.criterion(output, target) + self.dpa_weight * dpa_loss(model)
+            return {"loss": loss, "output": output}
+
+
 def register() -> list[str]:
     """Register ``actlab`` and ``actlab_NAME`` (actlab's zoo) as timm model names; idempotent. Returns them.
 
@@ -117,14 +158,22 @@ def register() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m actlab.integrations.timm SCRIPT [ARGS]``: register the names, run SCRIPT as ``__main__``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__)
-        return 2
+    """``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]``: register the names, make timm's
+    ``ClassificationTask`` the DPA one (``DPAClassificationTask`` with ``dpa_weight=W``), run SCRIPT as
+    ``__main__`` with ARGS."""
+    parser = argparse.ArgumentParser(prog="python -m actlab.integrations.timm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dpa-weight", type=float, default=1.0,
+                        help="weight of DPA's channel loss in timm's ClassificationTask (default 1)")
+    parser.add_argument("script", help="a timm script (train.py, validate.py, ...) or any Python file")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     register()
-    sys.argv = list(argv)
-    runpy.run_path(argv[0], run_name="__main__")
+    if ClassificationTask is not None:
+        timm.task.ClassificationTask = type("DPAClassificationTask", (DPAClassificationTask,),
+                                            {"default_dpa_weight": options.dpa_weight, "__module__": __name__})
+    sys.argv = [options.script, *options.args]
+    runpy.run_path(options.script, run_name="__main__")
     return 0
 
 
