@@ -10,9 +10,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	# torch/torchvision first, pinned: pip takes them from the local wheel cache when present.
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	# what setup.py needs to compile actlab's C++ kernels against that torch at install
+	$(PY) -m pip install "setuptools>=68" wheel ninja
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -e ".[test]"
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,4 +42,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/actlab/activations/kernels/_cpu_kernels*

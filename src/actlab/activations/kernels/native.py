@@ -1,39 +1,39 @@
-"""actlab's C++ CPU kernels, built on first use with torch.utils.cpp_extension (a C++ compiler and ninja).
+"""actlab's C++ CPU kernels.
 
 The functions below take and return what their namesakes in ``composite.py`` do (float32 CPU tensors,
-contiguous). ``available()`` builds the library once (about half a minute per machine and torch version;
-later processes load it from ``~/.cache/torch_extensions``, which ``TORCH_EXTENSIONS_DIR`` moves) and
-says whether it could; ``build_error()`` says why not (no compiler, unsupported platform).
+contiguous). ``available()`` loads the library once and says whether it could; ``build_error()`` says
+why not (no compiler, unsupported platform), ``origin()`` where it came from.
+
+The library is built at install (``pip install --no-build-isolation``, as ``make`` does: the build needs
+the torch it will run with). Where that build is missing, or was made for another torch, Python, CPU or
+source, it is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a
+minute on 2 cores, said on stderr) into a folder of its own per actlab version, Python, torch, CPU kind
+and source (``build.jit_directory``), where later processes find it.
 """
 from __future__ import annotations
 
+import glob
+import importlib.machinery
+import importlib.metadata
+import json
 import logging
 import os
 import sys
 import threading
+import time
 
 import torch
 
-from . import composite
+from . import build, composite
 
-_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("iieu_cpu.cpp", "dpa_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def _cflags() -> list[str]:
-    flags = ["-O3", "-fopenmp"]
-    # at::vec picks its AVX2 implementation from this macro; the matching -m flags are only safe where
-    # torch itself found AVX2 (wrong flags crash with an illegal instruction instead of raising)
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return flags
 
 
 def _loaded() -> bool:
     with _lock:
         if "ok" not in _state:
-            _state["ok"], _state["error"] = _build()
+            _state["ok"], _state["error"] = _load()
         return bool(_state["ok"])
 
 
@@ -44,6 +44,13 @@ def available() -> bool:
 
 def build_error() -> str | None:
     return _state.get("error")
+
+
+def origin() -> str | None:
+    """Where the loaded library came from: ``"installed"`` (built at install), ``"built on first use"``
+    (a build in ``build.jit_directory``), or None (not loaded)."""
+    _loaded()
+    return _state.get("origin")
 
 
 def _planes(t):
@@ -278,17 +285,53 @@ def masked_grad(grad, passes):
     return torch.ops.actlab_dpa.masked_grad(grad, passes)
 
 
-def _build():
+def installed_library(folder: str = build.HERE) -> tuple[str | None, str | None]:
+    """(the library built at install in ``folder``, None) when it serves this torch, Python, CPU and
+    source; else (None, why not)."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    found = [p for p in glob.glob(os.path.join(folder, build.LIBRARY + "*")) if p.endswith(suffixes)]
+    info = os.path.join(folder, build.BUILD_INFO)
+    if not found or not os.path.exists(info):
+        return None, "actlab was installed without them; `pip install --no-build-isolation` builds them at install"
+    with open(info) as f:
+        reason = build.mismatch(json.load(f), build.build_info(folder))
+    if reason is not None:
+        return None, f"the installed build does not fit: {reason}"
+    return found[0], None
+
+
+def _load() -> tuple[bool, str | None]:
     # torch logs a CUDA_HOME warning on CPU-only machines on import; it does not concern a CPU kernel
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    path, why = installed_library()
     try:
-        from torch.utils import cpp_extension
-
-        name = "actlab_cpu_kernels"
-        built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
-        if not built:
-            print("actlab: building the IIEU-B and DPA CPU kernels (once per machine, about 30 s)...", file=sys.stderr)
-        cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=_cflags(), is_python_module=False)
+        if path is not None:
+            torch.ops.load_library(path)
+            _state["origin"] = "installed"
+        else:
+            _build_on_first_use(why)
+            _state["origin"] = "built on first use"
         return True, None
-    except Exception as exc:  # noqa: BLE001 - any build failure means "use the other kernels"
+    except Exception as exc:  # noqa: BLE001 - any build or load failure means "use the other kernels"
         return False, f"{type(exc).__name__}: {exc}"
+
+
+def _build_on_first_use(why: str) -> None:
+    from torch.utils import cpp_extension
+
+    try:
+        version = importlib.metadata.version("actlab")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    directory = build.jit_directory(version)
+    os.makedirs(directory, exist_ok=True)
+    name = "actlab_cpu_kernels"
+    fresh = not os.path.exists(os.path.join(directory, name + ".so"))
+    if fresh:
+        print(f"actlab: building the C++ CPU kernels once (about a minute) into {directory}, because {why}",
+              file=sys.stderr)
+    start = time.perf_counter()
+    cpp_extension.load(name=name, sources=build.source_paths(), extra_cflags=build.cflags(),
+                       build_directory=directory, is_python_module=False)
+    if fresh:
+        print(f"actlab: C++ CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
