@@ -1,4 +1,4 @@
-"""The Python snippets of docs/integrations.md run as they stand (in a fresh folder)."""
+"""The Python snippets of docs/integrations.md and docs/models.md run as they stand (in a fresh folder)."""
 from __future__ import annotations
 
 import os
@@ -6,18 +6,21 @@ import re
 
 import pytest
 
-DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "integrations.md")
-SNIPPETS = re.findall(r"```python\n(.*?)```", open(DOC).read(), flags=re.S)
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
+PAGES = ("integrations.md", "models.md")
+SNIPPETS = [(page, code) for page in PAGES
+            for code in re.findall(r"```python\n(.*?)```", open(os.path.join(DOCS, page)).read(), flags=re.S)]
 
 
-def test_the_page_has_snippets():
-    assert len(SNIPPETS) >= 2
+def test_the_pages_have_snippets():
+    assert sum(page == "integrations.md" for page, _ in SNIPPETS) >= 2
+    assert sum(page == "models.md" for page, _ in SNIPPETS) >= 1
 
 
-@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_snippet_runs(code, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("page,code", SNIPPETS, ids=[f"{page}-{i}" for i, (page, _) in enumerate(SNIPPETS)])
+def test_snippet_runs(page, code, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, DOC, "exec"), {"__name__": "__main__"})
+    exec(compile(code, os.path.join(DOCS, page), "exec"), {"__name__": "__main__"})
     printed = capsys.readouterr().out
     for expected in re.findall(r"print\(.*\)\s+# (.+)", code):  # a `# value` comment after a print is its output
         assert expected.strip() in printed
