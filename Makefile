@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(PY) -m actlab.demo
 
 speed: $(STAMP)
-	$(PY) -m actlab.bench.speed
+	$(PY) -m actlab.perf.speed
 
 # On a machine with one CUDA GPU and torch/triton/timm/pytest installed (no registry needed): GPU tests and
 # the whole-model GPU speed benchmark, table last. Uses that machine's python3, not .venv.

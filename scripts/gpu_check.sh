@@ -37,7 +37,7 @@ tests_rc=0 eager_rc=0 compiled_rc=0 train_rc=0
 speed() {  # speed NAME LIMIT ARGS...: the whole-model benchmark, table to $OUT/speed_NAME.log
   local name=$1 limit; limit=$(left "$2"); shift 2
   if (( limit < 30 )); then echo "skipped: $name (time)"; return 0; fi
-  timeout "$limit" python3 -m actlab.bench.model_speed --suite gpu --repeats 10 --warmup 2 --budget-s $(( limit * 2 / 3 )) \
+  timeout "$limit" python3 -m actlab.perf.model_speed --suite gpu --repeats 10 --warmup 2 --budget-s $(( limit * 2 / 3 )) \
     --json "$OUT/speed_$name.json" "$@" >"$OUT/speed_$name.log" 2>&1
   local rc=$?
   grep -E "^\| |skipped" "$OUT/speed_$name.log" | grep -v -- "---"
@@ -52,7 +52,7 @@ if stage eager; then ran "speed, eager"; speed eager 150 --compile eager; eager_
 if stage compiled; then ran "speed, compiled"; speed compiled 240 --compile compiled --models resnet26,vit_tiny; compiled_rc=$?; fi
 if stage profile; then
   ran profile
-  timeout "$(left 50)" python3 -m actlab.bench.model_speed --suite gpu --profile resnet26:iieu_b,resnet50:dpa >"$OUT/profile.log" 2>&1
+  timeout "$(left 50)" python3 -m actlab.perf.model_speed --suite gpu --profile resnet26:iieu_b,resnet50:dpa >"$OUT/profile.log" 2>&1
 fi
 if stage train; then
   ran "200-step training runs"
@@ -60,7 +60,7 @@ if stage train; then
     set -- $run
     limit=$(left 100)
     if (( limit < 30 )); then echo "skipped: training $1 $2 (time)"; continue; fi
-    timeout "$limit" python3 -m actlab.bench.overhead --device cuda --amp bf16 --model "$1" --act "$2" \
+    timeout "$limit" python3 -m actlab.perf.overhead --device cuda --amp bf16 --model "$1" --act "$2" \
       --dataset synthetic --epochs 25 --batch-size 64 --repeats 2 --workers 4 >"$OUT/train_$1_$2.log" 2>&1 || train_rc=1
     grep -E "^\|" "$OUT/train_$1_$2.log" | grep -v -- "---" || tail -3 "$OUT/train_$1_$2.log"
   done

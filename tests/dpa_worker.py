@@ -55,7 +55,7 @@ def gloo_worker(rank: int, world: int, init_file: str, out_dir: str, steps: int,
             train_steps(ddp, batches(steps, batch), rank=rank, world=world)
         else:
             from actlab.activations import kernels
-            from actlab.bench.gpu_cost import CostCounter
+            from actlab.perf.gpu_cost import CostCounter
 
             kernels.set_emulate_cuda(True)
             with CostCounter() as counter:

@@ -97,7 +97,7 @@ def test_fusion_keeps_no_map_beyond_what_the_network_keeps():
     """In a residual chain the coupler's weighted sum saves its output (the next conv's input) and the
     identity shortcut (this block's conv input), not the main branch: saved bytes stay within the
     plain add's plus the coupler's small per-channel tensors."""
-    from actlab.bench.speed import saved_bytes
+    from actlab.perf.timing import saved_bytes
 
     torch.manual_seed(0)
     convs = [nn.Conv2d(16, 16, 3, padding=1, bias=False) for _ in range(3)]

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from actlab.activations import IIEUB
-from actlab.bench.speed import saved_bytes
+from actlab.perf.timing import saved_bytes
 from actlab.activations.iieu import ConvPatches, IIEUFunction, LinearPatches, inverse_filter_norms
 import references as ref
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from actlab.bench import grid
+from actlab.bench import grid, run_row
 from actlab.cli.main import main as cli_main
 from actlab.train import TrainConfig, train
 from actlab.train.run_folder import RunFolder
@@ -73,14 +73,14 @@ def test_killed_grid_reruns_only_unfinished_runs_without_duplicates(tmp_path):
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
-    real_train = grid.train
+    real_train = run_row.train
 
     def flaky(cfg, resume=False, quiet=True):
         if cfg.act == "gelu":
             raise FloatingPointError("loss is nan at step 3")
         return real_train(cfg, resume=resume, quiet=quiet)
 
-    monkeypatch.setattr(grid, "train", flaky)
+    monkeypatch.setattr(run_row, "train", flaky)
     base = TrainConfig(dataset="synthetic", epochs=1, image_size=8, batch_size=128)
     groups = [grid.GridGroup(("resnet20",), ("gelu", "relu"))]
     counts = grid.run_grid(str(tmp_path), base, groups, [0], log=lambda _: None)
@@ -90,7 +90,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
     assert rows["relu"]["status"] == "done" and rows["relu"]["top1"] is not None
     # kept by default, redone with retry_failed (and recorded in the same row)
     assert grid.run_grid(str(tmp_path), base, groups, [0], log=lambda _: None)["kept"] == 2
-    monkeypatch.setattr(grid, "train", real_train)
+    monkeypatch.setattr(run_row, "train", real_train)
     counts = grid.run_grid(str(tmp_path), base, groups, [0], retry_failed=True, log=lambda _: None)
     assert counts["done"] == 1
     rows = {r["act"]: r for r in grid.load_rows(str(tmp_path))}

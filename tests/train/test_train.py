@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
 
 import actlab
 from actlab.cli import main as cli
@@ -43,6 +44,25 @@ def test_weight_decay_skips_norms_biases_and_activation_parameters():
     vit = create_model("vit_micro", num_classes=10)
     vit_decayed = {id(p) for p in param_groups(vit, 0.05)[0]["params"]}
     assert id(vit.cls_token) not in vit_decayed and id(vit.pos_embed) not in vit_decayed
+
+
+def test_modules_say_which_of_their_parameters_take_no_weight_decay():
+    """The optimizer asks each module's no_weight_decay() (names or patterns relative to it), not types or
+    names it knows: a user's module opts out its own parameters, names it does not hold match nothing."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.gain = nn.Parameter(torch.ones(1, 4))
+            self.table = nn.Parameter(torch.zeros(3, 4))
+
+        def no_weight_decay(self):
+            return {"gain", "tab*", "not_here"}
+
+    model = nn.Sequential(nn.Linear(4, 4), Scaled())
+    decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
+    assert decayed == {id(model[0].weight), id(model[1].proj.weight)}
+    assert id(model[1].gain) in {id(p) for p in param_groups(model, 0.1, "timm")[0]["params"]}
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -88,6 +88,11 @@ class DynamicCoupler(nn.Module):
         nn.init.constant_(self.out_norm.weight, 0.01)
         nn.init.zeros_(self.out_norm.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """All of the coupler's parameters (timm's convention): it is part of the activation, whose weight
+        network starts from a fixed point (out_norm at 0.01) that decay would move."""
+        return {name for name, _ in self.named_parameters()}
+
     def network(self) -> CouplerNet:
         """The weight network as the kernels take it: this module's parameters themselves."""
         return CouplerNet(self.in_norm.weight, self.in_norm.bias, self.fc1.weight, self.act.eta, self.act.norm_weight,

@@ -13,16 +13,14 @@ import json
 import os
 import sqlite3
 import time
-import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..models import unsupported
-from ..train import TrainConfig, train
+from ..train import TrainConfig
 from ..train.config import with_recommended
-from ..train.checkpoint import CheckpointError
-from ..train.loop import environment
 from ..train.run_folder import RunFolder
+from .run_row import point_columns, train_row
 
 DB_NAME = "results.db"
 DB_TIMEOUT_S = 60.0  # how long a write waits for another process's lock on results.db
@@ -142,11 +140,6 @@ def run_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, quiet: bool = 
         return _train_point(db, cfg, key, folder, quiet)
 
 
-def point_columns(cfg: TrainConfig) -> dict:
-    return dict(act=cfg.act, model=cfg.model, dataset=cfg.dataset, seed=cfg.seed, epochs=cfg.epochs,
-                config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out)
-
-
 def _mark_running(db: sqlite3.Connection, cfg: TrainConfig, key: str) -> None:
     attempts = (db.execute("SELECT attempts FROM runs WHERE key = ?", (key,)).fetchone() or [0])[0] + 1
     _upsert(db, key, **point_columns(cfg), status="running", attempts=attempts, started=time.time(), error=None)
@@ -157,44 +150,6 @@ def _train_point(db: sqlite3.Connection, cfg: TrainConfig, key: str, folder: Run
     row = train_row(cfg, folder, quiet)
     _upsert(db, key, **row)
     return row["status"]
-
-
-def train_row(cfg: TrainConfig, folder: RunFolder, quiet: bool = True) -> dict:
-    """Train (or resume) one grid point in its run folder and return its finished row: status "done" with
-    the metrics, or "failed" with the error. Writes no database (a Ray task returns it to the driver)."""
-    base = point_columns(cfg)
-    t0 = time.perf_counter()
-    try:
-        resume = folder.resumable(cfg)
-        if not resume:
-            folder.reset()
-        try:
-            summary = train(cfg, resume=resume, quiet=quiet)
-        except CheckpointError:
-            folder.reset()  # unreadable checkpoint (killed while writing?)
-            summary = train(cfg, resume=False, quiet=quiet)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded; the grid goes on
-        return dict(**base, status="failed", seconds=time.perf_counter() - t0, finished=time.time(),
-                    error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}",
-                    versions=json.dumps(versions()))
-    history = folder.history()
-    train_s = summary["train_seconds"]
-    images = sum(r["images_per_s"] * r["seconds"] for r in history)
-    return dict(**base, status="done", top1=summary["top1"], top5=summary["top5"], loss=summary["loss"],
-                params=summary["params"], flops=summary["flops"], seconds=time.perf_counter() - t0,
-                train_seconds=train_s, images_per_s=images / train_s if train_s else None,
-                history=json.dumps(history), versions=json.dumps(versions()), finished=time.time())
-
-
-def versions() -> dict:
-    import timm
-    import torchvision
-
-    from .. import __version__
-
-    return {"actlab": __version__, "timm": timm.__version__, "torchvision": torchvision.__version__, **environment()}
 
 
 def _pool_init(threads: int) -> None:

@@ -12,6 +12,7 @@ import time
 
 from ..train.config import TrainConfig
 from ..train.run_folder import RunFolder
+from .run_row import point_columns, train_row
 
 MAX_RETRIES = 3
 
@@ -95,7 +96,6 @@ def train_task(cfg: TrainConfig, threads: int, quiet: bool) -> tuple[str, dict |
     the run's lease."""
     import torch
 
-    from .grid import point_columns, train_row
 
     runs = os.path.dirname(cfg.out)
     if not os.path.isdir(runs):
@@ -136,8 +136,6 @@ def run_tasks(todo: list[tuple[TrainConfig, str]], record, *, address: str | Non
             try:
                 status, row = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # retries exhausted: the run is recorded as failed
-                from .grid import point_columns
-
                 status = "failed"
                 row = dict(**point_columns(cfg), status="failed", finished=time.time(),
                            error=f"{type(exc).__name__} after {MAX_RETRIES} retries: {str(exc)[:2000]}")

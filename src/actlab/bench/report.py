@@ -253,7 +253,7 @@ def _speed(folder: str) -> list[str]:
     with open(speed_path) as f:
         speed = json.load(f)
     plot_speed(speed, os.path.join(folder, PLOTS["speed"]))
-    md += [f"From `python -m actlab.bench.speed` ({speed.get('repeats')} interleaved repeats, medians; "
+    md += [f"From `python -m actlab.perf.speed` ({speed.get('repeats')} interleaved repeats, medians; "
            f"{speed.get('environment', '?')}). Ratios to ReLU for a training step.", "",
            "| workload | act | time / ReLU | saved memory / ReLU |", "|---|---|---:|---:|"]
     md += [f"| {r['workload']} | {r['activation']} | {r['time_vs_relu']:.2f} | {r['memory_vs_relu']:.2f} |"

@@ -281,7 +281,7 @@ def cmd_bench(args) -> int:
                            jobs=args.jobs, executor=args.executor, ray_options=ray_options, recommend=True)
     print("grid: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.speed_repeats:
-        from ..bench import speed
+        from ..perf import speed
 
         speed_acts = sorted({a for g in groups for a in g.acts if a in list_activations()})  # not model variants
         speed.main(["--acts", ",".join(speed_acts), "--repeats", str(args.speed_repeats),

@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import dpa_loss, targets
+from ..activations import dpa_loss, targets
 from ..activations.dpa import check_targets
 from ..data import build_datasets, make_loaders
+from ..machine import describe as describe_machine
 from ..models import create_model, model_stats
 from . import checkpoint as ckpt
 from .config import TrainConfig, identity_changes
@@ -274,11 +274,6 @@ class RunLog:
             self.tb.flush()
 
 
-def environment() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, extend: bool = False,
           overwrite: bool = False) -> dict:
     """Run (or continue) a training run in ``cfg.out``; returns the summary written to summary.json.
@@ -375,7 +370,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, info: DistInfo, device: 
                "params": stats["params"], "flops": stats["flops"], "epochs": cfg.epochs, "steps": state.step,
                "model": cfg.model, "act": cfg.act, "dataset": cfg.dataset, "seed": cfg.seed,
                "train_seconds": sum(r["seconds"] for r in state.history), "world_size": info.world_size,
-               "amp": precision.name, "environment": environment()}
+               "amp": precision.name, "environment": describe_machine()}
     if info.is_main:
         with open(os.path.join(cfg.out, SUMMARY), "w") as f:
             json.dump(summary, f, indent=1)

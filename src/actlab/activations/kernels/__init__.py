@@ -18,7 +18,7 @@ fallback. Fake (meta) implementations and autograd formulas are registered with 
 
 ``set_emulate_cuda(True)`` (also ``ACTLAB_EMULATE_CUDA=1``, with ``TRITON_INTERPRET=1``) runs on CPU
 tensors exactly the code that CUDA tensors run: the Triton kernels and every branch that depends on
-the device (``runs_like_cuda``), so a machine without a GPU executes, and ``actlab.bench.gpu_cost``
+the device (``runs_like_cuda``), so a machine without a GPU executes, and ``actlab.perf.gpu_cost``
 counts, what a GPU would be given.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ listed (``torch._dynamo.utils.compile_times``, summed over graphs).
 
 Deterministic counts aside, the times are one run's, on the machine it ran on.
 
-    python -m actlab.bench.compile_time --model resnet26 --acts relu,iieu_b [--batch 2 --image 64] [--json F]
+    python -m actlab.perf.compile_time --model resnet26 --acts relu,iieu_b [--batch 2 --image 64] [--json F]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def measure_fresh(model_name: str, act: str, batch: int, image: int, classes: in
     """``measure`` in a new Python process with an empty Inductor cache of its own."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-        code = ("import json, sys; from actlab.bench.compile_time import measure; "
+        code = ("import json, sys; from actlab.perf.compile_time import measure; "
                 f"print(json.dumps(measure({model_name!r}, {act!r}, {batch}, {image}, {classes})))")
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode:

@@ -1,7 +1,7 @@
 """The compile-time benchmark's table: compile time against ReLU's, the phases Inductor spent it in."""
 from __future__ import annotations
 
-from actlab.bench import compile_time
+from actlab.perf import compile_time
 
 
 def row(act: str, first: float, steady: float, kernels: int) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from actlab.activations import IIEUB
 
-from actlab.bench import speed
+from actlab.perf import speed, timing
 
 
 def test_speed_report_accounts_memory_and_sites(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_time_ratio_is_the_median_of_per_round_ratios(monkeypatch):
     """Drift of the machine between rounds must cancel: each round's time is divided by ReLU's in that
     round. With these costs the per-round ratios are 2, 2, 1.2 (median 2); medians 10 and 12 would say 1.2."""
     now = {"t": 0.0}
-    monkeypatch.setattr(speed.time, "perf_counter", lambda: now["t"])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now["t"])
     round_cost = {"relu": [1, 10, 10], "dpa": [2, 20, 12]}
     calls = {}
 
@@ -52,11 +52,11 @@ def test_time_ratio_is_the_median_of_per_round_ratios(monkeypatch):
 
 def test_iieu_eta_puts_every_response_below_the_threshold():
     """``--iieu-eta 10``, the kernels' worst case: every unit's eta is 10 and every rho is below it."""
-    step, sites = speed.build("iieu_b", "mlp", torch.device("cpu"), True, iieu_eta=10.0)
-    units = [m for m in step.model.modules() if isinstance(m, IIEUB)]
+    model, x, sites = speed.build_model("iieu_b", "mlp", iieu_eta=10.0)
+    units = [m for m in model.modules() if isinstance(m, IIEUB)]
     assert sites == len(units) == 1 and bool((units[0].eta == 10.0).all())
-    fc1 = step.model[0]
-    x_pre = step.inputs[:4]
+    fc1 = model[0]
+    x_pre = x[:4]
     assert bool((units[0].ii_score(fc1(x_pre), x_pre) < 10.0).all())
 
 
@@ -66,7 +66,7 @@ def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys, tmp_path):
     time budget lists the cases it skipped, and the JSON holds each case's rows as soon as it is done."""
     import json
 
-    from actlab.bench import model_speed
+    from actlab.perf import model_speed
 
     small = (model_speed.Case("resnet20", 4, 8, ("iieu_b", "dpa"), num_classes=10),
              model_speed.Case("vgg11", 4, 8, ("dpa",), num_classes=10))
@@ -94,7 +94,7 @@ def test_model_speed_rows_ratios_and_budget(monkeypatch, capsys, tmp_path):
 def test_model_speed_prints_the_cost_models_counts_beside_bf16_eager_rows(monkeypatch):
     """The committed counts table covers every activation of the GPU suite (DPA with its interval mean);
     a bf16 eager row of a counted case carries them and prints them, a compiled or float32 row does not."""
-    from actlab.bench import model_speed
+    from actlab.perf import model_speed
 
     table = model_speed._counts()
     for case in model_speed.SUITES["gpu"]:

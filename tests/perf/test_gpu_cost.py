@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import actlab
 from actlab.activations import kernels
-from actlab.bench import gpu_cost
+from actlab.perf import gpu_cost
 
 pytest.importorskip("actlab.activations.kernels.triton_kernels", reason="triton not installed")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -344,7 +344,7 @@ def test_the_committed_suite_counts_are_the_current_codes(emulated):
     """model_speed prints the committed counts beside its GPU rows: one of them (ViT-Tiny/4 with DPA,
     ordinary and interval) counted afresh here equals the committed entry, so a change to the CUDA path
     that moves the counts fails until the table is written again (``gpu_cost --suite gpu --json``)."""
-    from actlab.bench import model_speed
+    from actlab.perf import model_speed
 
     case = next(c for c in model_speed.SUITES["gpu"] if c.model == "vit_tiny")
     case = model_speed.Case(case.model, case.batch, case.image_size, ("dpa",), case.num_classes)

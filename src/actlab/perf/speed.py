@@ -12,24 +12,24 @@ IIEU-B's C++ kernels skip the exponential of the adjuster's lower branch whereve
 vector of 8 lies below eta, as on this random workload at eta's initial 0.05. ``--iieu-eta 10`` puts
 every response below it: the kernels' worst case.
 
-    python -m actlab.bench.speed [--repeats 20] [--acts relu,iieu_b,dpa] [--iieu-eta 10] [--json out.json]
+    python -m actlab.perf.speed [--repeats 20] [--acts relu,iieu_b,dpa] [--iieu-eta 10] [--json out.json]
 
-With ``--device cuda`` it runs the whole-model GPU suite of ``actlab.bench.model_speed`` instead.
+With ``--device cuda`` it runs the whole-model GPU suite of ``actlab.perf.model_speed`` instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
 import actlab
-from actlab.activations import IIEUB
+from ..activations import IIEUB
+from ..machine import summary
+from .timing import saved_bytes, time_interleaved
 
 NUM_CLASSES = 10
 
@@ -48,19 +48,6 @@ def mlp_workload() -> tuple[nn.Module, torch.Tensor]:
 WORKLOADS = {"conv": conv_workload, "mlp": mlp_workload}
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages that autograd keeps for backward while ``fn()`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def make_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, train: bool):
     def step(backward: bool = True):
         if not train:
@@ -73,7 +60,6 @@ def make_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, train: bo
             loss.backward()
         return loss
 
-    step.model, step.inputs = model, x  # for inspection (tests)
     return step
 
 
@@ -90,8 +76,8 @@ class Row:
     memory_vs_relu: float = float("nan")
 
 
-def build(name: str, workload: str, device: torch.device, train: bool, iieu_eta: float | None = None):
-    """The workload's training (or eval) step with ``name`` swapped in, and how many sites it took.
+def build_model(name: str, workload: str, iieu_eta: float | None = None) -> tuple[nn.Module, torch.Tensor, int]:
+    """The workload's model with ``name`` swapped in, its input batch, and how many sites it took.
     ``iieu_eta``: set every IIEU-B threshold to this value (default: keep the initial one)."""
     torch.manual_seed(0)
     model, x = WORKLOADS[workload]()
@@ -103,32 +89,16 @@ def build(name: str, workload: str, device: torch.device, train: bool, iieu_eta:
             for unit in model.modules():
                 if isinstance(unit, IIEUB):
                     unit.eta.fill_(iieu_eta)
+    return model, x, sites
+
+
+def build(name: str, workload: str, device: torch.device, train: bool, iieu_eta: float | None = None):
+    """The workload's training (or eval) step with ``name`` swapped in, and how many sites it took."""
+    model, x, sites = build_model(name, workload, iieu_eta)
     model, x = model.to(device), x.to(device)
     model.train(train)
     labels = torch.randint(0, NUM_CLASSES, (x.shape[0],), device=device)
     return make_step(model, x, labels, train), sites
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict:
-    """ms per call of each step, the steps called round-robin ``repeats`` times after ``warmup`` rounds,
-    so that every step sees the same machine state."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times[key].append(1000 * (time.perf_counter() - t0))
-    return times
 
 
 def run(acts: list[str], repeats: int, warmup: int, device: torch.device,
@@ -153,14 +123,8 @@ def run(acts: list[str], repeats: int, warmup: int, device: torch.device,
     return rows
 
 
-def environment(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}), {torch.get_num_threads()} threads"
-    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
-
-
 def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
-    lines = [f"Machine: {environment(device)}; median of {repeats} interleaved runs (IQR in brackets); "
+    lines = [f"Machine: {summary(device)}; median of {repeats} interleaved runs (IQR in brackets); "
              "x ReLU time: median of the per-round ratios.", "",
              "| activation | workload | mode | sites | ms | x ReLU time | saved MB | x ReLU memory |",
              "|---|---|---|---|---|---|---|---|"]
@@ -207,7 +171,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(markdown(rows, args.repeats, device))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "repeats": args.repeats, "iieu_eta": args.iieu_eta,
+            json.dump({"environment": summary(device), "repeats": args.repeats, "iieu_eta": args.iieu_eta,
                        "rows": [asdict(r) for r in rows]}, f, indent=1)
     return rows
 

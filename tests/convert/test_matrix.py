@@ -1,4 +1,4 @@
-"""The conversion matrix (``actlab.bench.zoo``): unmodified torchvision and timm classifiers with random
+"""The conversion matrix (``actlab.convert.matrix``): unmodified torchvision and timm classifiers with random
 weights x {iieu_b, dpa, meta_acon}: convert, one SGD training step, one eval forward. The converted counts
 are pinned; the loss, every gradient and the eval output must be finite and every new parameter must get
 a gradient. A fast subset runs by default; the whole matrix with ``pytest -m matrix`` or ``make test-all``.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from actlab.bench import zoo
+from actlab.convert import matrix
 
 ACTS = ("iieu_b", "dpa", "meta_acon")
 # model: (activation calls, converted by iieu_b, dpa, meta_acon)
@@ -41,13 +41,13 @@ CASES = [pytest.param(model, act, marks=() if model in FAST else (pytest.mark.ma
 
 
 def test_every_model_of_the_matrix_is_pinned():
-    assert set(EXPECTED) == set(zoo.MODELS)
+    assert set(EXPECTED) == set(matrix.MODELS)
     assert len(EXPECTED) >= 36
 
 
 @pytest.mark.parametrize("model,act", CASES)
 def test_conversion_matrix(model, act):
-    result = zoo.run_case(model, act)
+    result = matrix.run_case(model, act)
     calls, *converted = EXPECTED[model]
     assert result.calls == calls, result
     assert result.converted == converted[ACTS.index(act)], result.kept
@@ -58,10 +58,10 @@ def test_conversion_matrix(model, act):
 
 
 def test_table_marks_failed_cases_and_names_why_sites_stayed():
-    ok = zoo.CaseResult("m", "iieu_b", calls=3, converted=2, kept={"no producer": 1}, finite=True)
-    bad = zoo.CaseResult("m", "dpa", calls=3, converted=3, finite=False)
-    text = zoo.table([ok, bad], ("iieu_b", "dpa"))
+    ok = matrix.CaseResult("m", "iieu_b", calls=3, converted=2, kept={"no producer": 1}, finite=True)
+    bad = matrix.CaseResult("m", "dpa", calls=3, converted=3, finite=False)
+    text = matrix.table([ok, bad], ("iieu_b", "dpa"))
     row = text.splitlines()[-1]
     assert row == "| m | 3 | 2 | 3 (!) | 1 x no producer |"
-    assert zoo.reason_kind("its input comes from stages.0.mlp.ln1 (LinearNorm), not a Conv2d/Linear") == \
+    assert matrix.reason_kind("its input comes from stages.0.mlp.ln1 (LinearNorm), not a Conv2d/Linear") == \
         "its input comes from a LinearNorm, not a Conv2d/Linear"

@@ -3,9 +3,9 @@
 Each case builds one architecture with random weights (no download), converts it with ``actlab.convert``,
 runs one training step (forward with targets, cross-entropy plus DPA's channel loss, backward, SGD step)
 and one eval forward, and records what the conversion reached and whether everything stayed finite.
-``tests/bench/test_zoo.py`` pins the counts; ``docs/models.md`` holds the table of a run:
+``tests/convert/test_matrix.py`` pins the counts; ``docs/models.md`` holds the table of a run:
 
-    python -m actlab.bench.zoo [--acts iieu_b,dpa,meta_acon] [--models resnet18,swin_t] [--out docs/models.md]
+    python -m actlab.convert.matrix [--acts iieu_b,dpa,meta_acon] [--models resnet18,swin_t] [--out docs/models.md]
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import actlab
-
-from .speed import environment
+from ..activations import dpa_loss, targets
+from ..machine import summary
+from .converter import conversion_report, convert
 
 ACTIVATIONS = ("iieu_b", "dpa", "meta_acon")
 NUM_CLASSES = 10
@@ -114,8 +114,8 @@ def run_case(name: str, activation: str, seed: int = 0) -> CaseResult:
     kwargs = {"interval": 1} if activation == "dpa" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report says it all; the warning is for interactive users
-        actlab.convert(model, activation, num_classes=NUM_CLASSES, example_input=x, **kwargs)
-    report = actlab.conversion_report(model)
+        convert(model, activation, num_classes=NUM_CLASSES, example_input=x, **kwargs)
+    report = conversion_report(model)
     result.calls, result.converted = len(report.sites), len(report.converted)
     result.functional, result.aliases = len(report.functional), len(report.aliases)
     result.kept = dict(Counter(reason_kind(s.reason) for s in report.kept).most_common())
@@ -123,9 +123,9 @@ def run_case(name: str, activation: str, seed: int = 0) -> CaseResult:
     result.new_parameters = len(new)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     model.train()
-    with actlab.targets(model, y):
+    with targets(model, y):
         out = model(x)
-    loss = F.cross_entropy(out, y) + actlab.dpa_loss(model)
+    loss = F.cross_entropy(out, y) + dpa_loss(model)
     loss.backward()
     result.without_grad = [n for n, p in new if p.grad is None or not torch.isfinite(p.grad).all()]
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
             print(f"{name:38s} {act:10s} {r.converted:4d}/{r.calls:<4d} finite={r.finite} "
                   f"no-grad={len(r.without_grad)} {r.seconds:.1f}s {r.error[:80]}", flush=True)
             results.append(r)
-    text = f"{environment(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; one run per case.\n\n{table(results, activations)}\n"
+    text = f"{summary('cpu')}; {time.strftime('%Y-%m-%d')}; one run per case.\n\n{table(results, activations)}\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

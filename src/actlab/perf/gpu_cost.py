@@ -8,10 +8,10 @@ kernel: not views or allocations), bytes read and written (each operation's tens
 results, broadcast dimensions counted once; a Triton launch's tensor arguments), host syncs
 (``item()``-style reads) and the actlab source line that issued it.
 
-    TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.bench.gpu_cost --model resnet26 --act iieu_b \\
+    TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.perf.gpu_cost --model resnet26 --act iieu_b \\
         [--batch 128 --image 224 --classes 1000] [--json cost.json]
-    TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.bench.gpu_cost --suite gpu \\
-        --json src/actlab/bench/gpu_counts.json   # the per-site counts model_speed prints beside its rows
+    TRITON_INTERPRET=1 ACTLAB_EMULATE_CUDA=1 python -m actlab.perf.gpu_cost --suite gpu \\
+        --json src/actlab/perf/gpu_counts.json   # the per-site counts model_speed prints beside its rows
 
 Triton launches are counted and skipped by default (``--execute-kernels`` runs them, under the
 interpreter: slow): what a step launches cannot depend on values it never reads back, and a step that
@@ -376,7 +376,7 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m actlab.bench.gpu_cost", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m actlab.perf.gpu_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a zoo model (with --act)")
     p.add_argument("--act", help="the activation compared with ReLU")

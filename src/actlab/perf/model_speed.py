@@ -13,10 +13,10 @@ Suites:
 
 Beside each bf16 eager row of the gpu suite stand the GPU cost model's counts for that step (extra
 kernels and host calls per site beyond ReLU's; DPA also over an interval), read from ``gpu_counts.json``
-next to this file, which ``python -m actlab.bench.gpu_cost --suite gpu --json ...`` writes.
+next to this file, which ``python -m actlab.perf.gpu_cost --suite gpu --json ...`` writes.
 
-    python -m actlab.bench.model_speed --suite gpu [--repeats 20] [--compile both|eager|compiled] [--json F]
-    python -m actlab.bench.model_speed --suite gpu --profile resnet26:iieu_b,resnet26:relu
+    python -m actlab.perf.model_speed --suite gpu [--repeats 20] [--compile both|eager|compiled] [--json F]
+    python -m actlab.perf.model_speed --suite gpu --profile resnet26:iieu_b,resnet26:relu
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import actlab
 from actlab.models import create_model
 
-from .speed import environment, saved_bytes, time_interleaved
+from ..machine import summary
+from .timing import saved_bytes, time_interleaved
 
 NUM_CLASSES = 1000
 DPA_INTERVAL = 5  # DPA's default: one update step in every five training steps
@@ -168,7 +169,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, compil
 
 def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     memory = "peak MB" if device.type == "cuda" else "saved MB"
-    lines = [f"Machine: {environment(device)}; median of {repeats} interleaved training steps (IQR in brackets); "
+    lines = [f"Machine: {summary(device)}; median of {repeats} interleaved training steps (IQR in brackets); "
              "x ReLU: median of the per-round ratios; mean: over whole DPA intervals of rounds (its update steps "
              "included), against ReLU's mean over the same rounds; counted: the GPU cost model's extra kernels / host "
              "calls per site beyond ReLU's step (bf16 eager).", "",
@@ -259,7 +260,7 @@ def write_json(path: str, rows: list[Row], skipped: list[str], repeats: int, dev
     """The rows (and the cases skipped for time) as JSON, replacing the file atomically."""
     partial = f"{path}.partial"
     with open(partial, "w") as f:
-        json.dump({"environment": environment(device), "repeats": repeats, "rows": [asdict(r) for r in rows],
+        json.dump({"environment": summary(device), "repeats": repeats, "rows": [asdict(r) for r in rows],
                    "skipped": skipped}, f, indent=1)
     os.replace(partial, path)
 

@@ -5,8 +5,8 @@ evaluate on the test set after every epoch; the harness additionally logs, check
 keeps RNG state, counts FLOPs at start-up and updates a progress bar. After one untimed one-epoch run of each, runs alternate in ABBA order so that
 drift of the machine and warm-up hit both alike.
 
-    python -m actlab.bench.overhead [--model resnet20] [--act relu] [--epochs 2] [--repeats 3]
-    python -m actlab.bench.overhead --device cuda --amp bf16 --model resnet26 --act iieu_b --dataset synthetic \
+    python -m actlab.perf.overhead [--model resnet20] [--act relu] [--epochs 2] [--repeats 3]
+    python -m actlab.perf.overhead --device cuda --amp bf16 --model resnet26 --act iieu_b --dataset synthetic \
         --epochs 25 --batch-size 64          # 200 steps on a GPU
 
 Each run's per-epoch training loss is checked: finite throughout and lower in the last epoch than in the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import dpa_loss, targets
+from ..activations import dpa_loss, targets
 from ..data import build_datasets
+from ..machine import summary
 from ..models import create_model
 from ..train import TrainConfig, train
 
@@ -147,11 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
             results[name].append(fn(setting, seed=repeat))
     ratio_ips = [h["images_per_s"] / p["images_per_s"] for h, p in zip(results["harness"], results["plain"])]
     ratio_wall = [h["wall"] / p["wall"] for h, p in zip(results["harness"], results["plain"])]
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.machine()}, {torch.get_num_threads()} threads")
+    machine = summary(args.device)
     print(f"\n{args.model}/{args.act} on {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, "
           f"amp {args.amp}, {args.workers} loader processes; {args.repeats} alternating runs each; median [min-max]; "
-          f"{machine}, torch {torch.__version__}\n")
+          f"{machine}\n")
     print("| | actlab train | plain loop | ratio per pair (actlab / plain) |")
     print("|---|---|---|---|")
     print(f"| training images/s | {spread([r['images_per_s'] for r in results['harness']])} | "

@@ -1,0 +1,43 @@
+"""Timing and memory measurements shared by the performance tools."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages that autograd keeps for backward while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """ms per call of each step, the steps called round-robin ``repeats`` times after ``warmup`` rounds,
+    so that every step sees the same machine state."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[key].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
