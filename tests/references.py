@@ -1,4 +1,5 @@
-"""Independent references, written from SPEC.md and the activations' papers, not from actlab's code.
+"""Independent references, written from the definitions in docs/methods.md and the activations' papers,
+not from actlab's code.
 
 Each reference takes the actlab module (only to read its parameters), the activation input ``x_t`` and,
 for IIEU-B, the producer and its input ``x_pre``. They use plain autograd, so gradients come for free.
@@ -29,7 +30,7 @@ def positions_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# ---------------------------------------------------------------- IIEU-B (SPEC section 1)
+# ---------------------------------------------------------------- IIEU-B
 
 def patch_norms(x_pre: torch.Tensor, producer: nn.Module) -> tuple[torch.Tensor, int]:
     """||patch|| for every output location and channel, via explicit unfolding; and the patch size n."""
@@ -57,7 +58,7 @@ def patch_norms(x_pre: torch.Tensor, producer: nn.Module) -> tuple[torch.Tensor,
 
 
 def ii_score(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """rho = S + nu (SPEC section 1) and eta, both broadcastable to x_t."""
+    """rho = S + nu and eta, both broadcastable to x_t."""
     eps = unit.eps
     pn, n = patch_norms(x_pre, producer)
     # the published code: 1 / (sqrt(mean over the k x k window of the squared channel norms) + eps) / k,
@@ -91,7 +92,7 @@ def iieu_b(unit, x_t: torch.Tensor, x_pre: torch.Tensor, producer: nn.Module) ->
     return s * x_t
 
 
-# ---------------------------------------------------------------- baselines (SPEC section 4)
+# ---------------------------------------------------------------- baselines
 
 SELU_SCALE = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -171,10 +172,10 @@ REFERENCES = {
 }
 
 
-# ---------------------------------------------------------------- DPA (SPEC section 3), one sample at a time
+# ---------------------------------------------------------------- DPA, one sample at a time
 
 class SequentialDPA:
-    """The DPA rule exactly as the SPEC states it, with Python loops over samples."""
+    """The DPA rule exactly as docs/methods.md states it, with Python loops over samples."""
 
     def __init__(self, num_classes: int, channels: int, tau: float = 0.0, interval: int = 5, alpha: float = 0.9):
         self.value = torch.zeros(num_classes, channels)

@@ -1,4 +1,4 @@
-"""Dynamic Coupler (SPEC section 2) against a reference written from the formulas."""
+"""Dynamic Coupler against a reference written from the formulas."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""DPA: the vectorised memories against the SPEC's sample-by-sample rule, persistence, errors, DDP."""
+"""DPA: the vectorised memories against the sample-by-sample rule of docs/methods.md, persistence, errors, DDP."""
 from __future__ import annotations
 
 import contextlib

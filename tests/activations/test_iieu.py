@@ -1,4 +1,4 @@
-"""IIEU-B against the SPEC reference across conv geometries and linear sites, plus its edge cases."""
+"""IIEU-B against the reference (tests/references.py) across conv geometries and linear sites, plus its edge cases."""
 from __future__ import annotations
 
 import math

@@ -76,13 +76,12 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(f, (x_t, x_pre, inv_w, unit.eta, unit.norm.weight, unit.norm.bias))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", ["3x3", "1x1", "stride2_grouped", "depthwise", "rows"])
+@pytest.mark.parametrize("name,layout", [(name, layout) for name in ("3x3", "1x1", "stride2_grouped", "depthwise", "rows")
+                                         for layout in ("contiguous", "channels_last")
+                                         if not (name == "rows" and layout == "channels_last")])  # rows: no maps
 def test_operator_contract(name, layout):
     """Schema, fake kernel (shapes, dtypes, strides: channels-last maps are taken and returned as they come),
     no aliasing, autograd registration, AOT dispatch."""
-    if layout == "channels_last" and name == "rows":
-        pytest.skip("a Linear site has no channels-last layout")
     producer, unit, x_pre = site(name)
     x_t = producer(x_pre).detach().float()
     x_pre = x_pre.detach().float()

@@ -1,4 +1,4 @@
-"""configs/: the papers' recipes (SPEC section 6) load, validate and build their models."""
+"""configs/: the papers' recipes load, validate and build their models."""
 import glob
 import math
 import json
