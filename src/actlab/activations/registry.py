@@ -21,9 +21,12 @@ class Site:
     """What ``convert`` found out about one activation call, for the activation to build itself from.
 
     Args:
-        channels, layout: the input's channel count and layout (one of ``LAYOUTS``).
+        channels: the input's channel count.
+        layout: the input's layout, one of ``LAYOUTS``.
         in_shape: the input's shape in the example forward, whose batch size is ``batch``.
-        producer, norm: the Conv2d / Linear that made the input, and the norm between them (or None).
+        batch: the example forward's batch size.
+        producer: the Conv2d / Linear (or transformers ``Conv1D``) that made the input, or None.
+        norm: the norm between the producer and the activation, or None.
         num_classes: the model's class count (None when unknown).
         class_token: the input is (B, N, C) tokens with the class token first, and the model classifies
             from that token.

@@ -256,7 +256,13 @@ def build_datasets(name: str, data_dir: str | None = None, *, image_size: int | 
         data_dir: where the files are (CIFAR: the folder holding ``cifar-10-batches-py/``; ImageFolder:
             the folder holding ``train/`` and ``val/``). Offline datasets ignore it.
         image_size: resize to this (default: the dataset's own, 32 for digits/CIFAR, 224 for ImageFolder).
-        augment, augment_options, eval_crop_pct, eval_interpolation, mean, std: as ``dataset_transforms``.
+        augment: the dataset's standard training augmentation (else none but what ``augment_options`` adds).
+        augment_options: fields of ``actlab.data.transforms.Augment`` that replace the dataset's (e.g.
+            ``{"crop": "rrc", "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25}``).
+        eval_crop_pct: the test view's crop fraction (default: the dataset's).
+        eval_interpolation: the test view's resize interpolation.
+        mean: normalisation mean instead of the dataset's (a published recipe's constants).
+        std: normalisation std instead of the dataset's.
         download: fetch CIFAR when missing (needs network).
     """
     spec = _spec(name)

@@ -81,7 +81,8 @@ class DPATrainer(Trainer):
     Args:
         dpa_weight: the channel loss's weight (1 for CIFAR-10, 5 for CIFAR-100 in the DPA paper).
         label_key: the batch's key of the class labels.
-        *args, **kwargs: ``Trainer``'s.
+        *args: ``Trainer``'s.
+        **kwargs: ``Trainer``'s.
     """
 
     def __init__(self, *args, dpa_weight: float = 1.0, label_key: str = "labels", **kwargs):

@@ -174,7 +174,9 @@ def create_model(name: str, act: str = "relu", num_classes: int = 10, *, image_s
         act: a registered activation, or ``"iieu_dc"`` (IIEU-B plus the Dynamic Coupler at every residual
             fusion; residual models only). For the bottleneck ResNets ``iieu_b`` / ``iieu_dc`` also switch
             to the IIEU paper's placement.
-        num_classes, image_size, in_channels: the data's.
+        num_classes: the data's class count.
+        image_size: the data's image height and width.
+        in_channels: the data's channel count.
         act_kwargs: passed to every new activation (e.g. ``{"tau": 0.1}`` for DPA).
         **kw: passed to the architecture (``width=`` for mobilenet_v2, ``drop_path_rate=`` for transformers).
     Returns:
