@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from actlab.activations import IIEUB
 from actlab.perf.timing import saved_bytes
 from actlab.activations.iieu import ConvPatches, IIEUFunction, LinearPatches, inverse_filter_norms
+from actlab.activations.iieu.function import TrainSite
 import references as ref
 
 GEOMETRIES = {
@@ -146,8 +147,8 @@ def test_gradcheck_conv_function(geom, silence):
     inv_w = torch.rand(cout, dtype=torch.float64).add(0.5).requires_grad_()
     nu = torch.rand(2, cout, dtype=torch.float64).requires_grad_()
     eta = torch.full((cout,), 0.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: IIEUFunction.apply(*t, patches, 1e-8, silence),
-                                    (x_t, x_pre, inv_w, nu, eta))
+    site = TrainSite.plain(patches, 1e-8, silence)
+    assert torch.autograd.gradcheck(lambda *t: IIEUFunction.apply(*t, None, None, site), (x_t, x_pre, inv_w, nu, eta))
 
 
 @pytest.mark.parametrize("shape,nu_shape", [((3, 5), (3, 4)), ((2, 3, 5), (2, 4)), ((2, 3, 5), (2, 3, 4))])
@@ -159,8 +160,8 @@ def test_gradcheck_linear_function(shape, nu_shape):
     inv_w = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
     nu = torch.rand(*nu_shape, dtype=torch.float64).requires_grad_()
     eta = torch.full((4,), 0.3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: IIEUFunction.apply(*t, patches, 1e-8, True),
-                                    (x_t, x_pre, inv_w, nu, eta))
+    site = TrainSite.plain(patches)
+    assert torch.autograd.gradcheck(lambda *t: IIEUFunction.apply(*t, None, None, site), (x_t, x_pre, inv_w, nu, eta))
 
 
 @pytest.mark.parametrize("site", ["conv", "tokens", "flat"])

@@ -205,46 +205,63 @@ class ProducerInputTap(torch.autograd.Function):
         return apply_patch_grad(ctx.patches, x_pre, factor, grad, into_grad=in_place), None, None, None
 
 
+@dataclass(frozen=True)
+class TrainSite:
+    """What ``IIEUFunction`` is told of its site besides the tensors it differentiates: the unit's site
+    (``UnitSite``), how x_t is recomputed in backward (a ``BatchNormReplay`` / ``LinearReplay`` and the
+    tensors it reads; None to keep x_t), term-B computed inside (a ``TermB``; None when nu is given) and the
+    producer-input tap (an ``InputTap``, or None to return x_pre's gradient)."""
+
+    unit: UnitSite
+    replay: object | None = None
+    replay_tensors: tuple = ()
+    term_b: TermB | None = None
+    tap: InputTap | None = None
+
+    @classmethod
+    def plain(cls, patches: Patches, eps: float = 1e-8, silence: bool = True) -> "TrainSite":
+        """A site with nu given, x_t kept and x_pre's gradient returned."""
+        return cls(UnitSite(patches, eps, silence))
+
+
 class IIEUFunction(torch.autograd.Function):
     """out = s(x_t * inv_w * invX(x_pre) + nu) * x_t with a recomputing backward (eager training).
 
-    Saves x_pre, inv_w, nu, eta (and the squared patch norms when they are small) and x_t, or instead of
-    x_t the BatchNorm / Linear input and parameters that ``replay`` recomputes it from. x_pre is kept by
-    the producer for its own backward anyway. With a ``tap`` (an ``InputTap`` whose ``ProducerInputTap``
-    the producer's input passed through), x_pre's gradient goes there as a factor instead of being
-    returned. With ``term_b`` (a ``TermB``; ``nu`` is then None) the function computes nu itself from
-    the LayerNorm parameters ``ln_weight``, ``ln_bias`` and differentiates through it. (At conv-BN sites
-    where the unit differentiates through the BatchNorm, ``IIEUNormFunction`` serves instead.)
+    ``IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, ln_weight, ln_bias, site)`` with ``site`` a
+    ``TrainSite``. Saves x_pre, inv_w, nu, eta (and the squared patch norms when they are small) and x_t,
+    or instead of x_t the BatchNorm / Linear input and parameters that ``site.replay`` recomputes it from.
+    x_pre is kept by the producer for its own backward anyway. With ``site.tap`` x_pre's gradient goes to
+    the tap as a factor instead of being returned. With ``site.term_b`` (``nu`` is then None) the function
+    computes nu itself from the LayerNorm parameters ``ln_weight``, ``ln_bias`` and differentiates through
+    it (else those are None). (At conv-BN sites where the unit differentiates through the BatchNorm,
+    ``IIEUNormFunction`` serves instead.)
     """
 
     @staticmethod
-    def forward(ctx, x_t, x_pre, inv_w, nu, eta, patches, eps, silence, replay=None, replay_tensors=(),
-                term_b=None, tap=None, ln_weight=None, ln_bias=None):
-        site = UnitSite(patches, eps, silence)
-        out, inv_x, sumsq, nu, term_b_tensors = unit_forward(x_t, x_pre, inv_w, nu, eta, site, term_b, ln_weight,
-                                                             ln_bias)
-        kept_x_t = None if replay is not None else x_t
-        norms = (inv_x, sumsq) if site.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
+    def forward(ctx, x_t, x_pre, inv_w, nu, eta, ln_weight, ln_bias, site: TrainSite):
+        out, inv_x, sumsq, nu, term_b_tensors = unit_forward(x_t, x_pre, inv_w, nu, eta, site.unit, site.term_b,
+                                                             ln_weight, ln_bias)
+        kept_x_t = None if site.replay is not None else x_t
+        norms = (inv_x, sumsq) if site.unit.keeps_norms(sumsq.numel(), x_t.numel()) else (None, None)
         ctx.save_for_backward(kept_x_t, x_pre, inv_w, nu, eta, *norms, *term_b_tensors, ln_weight, ln_bias,
-                              *replay_tensors)
-        ctx.patches, ctx.eps, ctx.silence, ctx.replay, ctx.tap = patches, eps, silence, replay, tap
-        ctx.term_b = term_b is not None
+                              *site.replay_tensors)
+        ctx.site = site
+        ctx.patches, ctx.eps, ctx.silence, ctx.tap = site.unit.patches, site.unit.eps, site.unit.silence, site.tap
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_t, x_pre, inv_w, nu, eta, inv_x, sumsq, gap, mean, rstd, ln_weight, ln_bias, *replay_tensors = \
             ctx.saved_tensors
-        replay = ctx.replay
+        site: TrainSite = ctx.site
         if x_t is None:
             with torch.no_grad():
-                x_t = replay.replay(*replay_tensors)
-        term_b = (gap, mean, rstd) if ctx.term_b else None
+                x_t = site.replay.replay(*replay_tensors)
+        term_b = (gap, mean, rstd) if site.term_b is not None else None
         grads = unit_backward(grad_out, x_t, x_pre, inv_w, nu, eta, (inv_x, sumsq), term_b, ln_weight, ln_bias,
-                              UnitSite(ctx.patches, ctx.eps, ctx.silence), x_t_owned=replay is not None)
+                              site.unit, x_t_owned=site.replay is not None)
         grad_x_pre = _patch_norm_grad(ctx, x_pre, grads.sumsq, grads.inv, compute_dtype(x_t))
-        return (grads.x_t, grad_x_pre, grads.inv_w, grads.nu, grads.eta, None, None, None, None, None, None, None,
-                grads.ln_weight, grads.ln_bias)
+        return grads.x_t, grad_x_pre, grads.inv_w, grads.nu, grads.eta, grads.ln_weight, grads.ln_bias, None
 
 
 @dataclass(frozen=True)
@@ -559,7 +576,7 @@ def iieu_b(x_t, x_pre, inv_w, nu, eta, patches, eps=1e-8, silence=True):
     """Functional IIEU-B given term-B ``nu`` and the inverse filter norms ``inv_w``."""
     mode = path()
     if mode == "train":
-        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
+        return IIEUFunction.apply(x_t, x_pre, inv_w, nu, eta, None, None, TrainSite.plain(patches, eps, silence))
     return PATHS[mode](x_t, x_pre, inv_w, nu, eta, patches, eps, silence)
 
 

@@ -13,7 +13,8 @@ from ..dense import dense_features, dense_filters, is_dense
 from ..kernels import backend
 from ..kernels.composite import compute_dtype
 from .function import (PATHS, BatchNormReplay, IIEUFunction, IIEULinearFunction, IIEUNormFunction, InputTap,
-                       LinearReplay, LinearSite, NormSite, ProducerInputTap, TermB, iieu_b_rho, path)
+                       LinearReplay, LinearSite, NormSite, ProducerInputTap, TermB, TrainSite, UnitSite, iieu_b_rho,
+                       path)
 from .operation import iieu_unit_traced
 from .patches import ConvPatches, LinearPatches, Patches, autocast_off, silent_threshold
 
@@ -266,9 +267,9 @@ class IIEUB(ActivationModule):
         with autocast_off(x_t.device.type):
             if gap is None:
                 gap = self._patches.gap(x_t.detach())
-        return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self._patches, self.patch_eps(), silence,
-                                  replay, replay_tensors, TermB(gap, self.norm.eps), tap, self.norm.weight,
-                                  self.norm.bias)
+        site = TrainSite(UnitSite(self._patches, self.patch_eps(), silence), replay, replay_tensors,
+                         TermB(gap, self.norm.eps), tap)
+        return IIEUFunction.apply(x_t, x_pre, inv_w, None, self.eta, self.norm.weight, self.norm.bias, site)
 
     def _fused(self, replay, x_t: torch.Tensor, maker_input: torch.Tensor, x_pre: torch.Tensor, tap: InputTap | None,
                silence: bool) -> torch.Tensor:
