@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml setup.py
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 # Before a release: the default tests plus the whole conversion matrix (about 2 more minutes on 2 cores).
 test-all: $(STAMP)
