@@ -132,3 +132,17 @@ def test_vgg11_takes_the_digits_size_and_googlenet_trains_without_aux_heads():
     net = create_model("torchvision:googlenet", "relu", 10, image_size=64).train()
     out = net(torch.randn(2, 3, 64, 64))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("build", ["resnet20", "vgg11", "alexnet", "resnet14"])
+def test_built_in_architectures_take_their_activation_by_callable(build):
+    """``act_layer`` (torchvision's injection by callable) gives every activation site a module of its own
+    from the callable: no ReLU is left, no two sites share a module."""
+    from actlab.models import bottleneck, cifar
+
+    builder = getattr(cifar, build, None) or getattr(bottleneck, build)
+    model = builder(num_classes=5, act_layer=nn.GELU)
+    gelus = [m for m in model.modules() if isinstance(m, nn.GELU)]
+    assert gelus and not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert len({id(m) for m in gelus}) == len(gelus)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)

@@ -70,8 +70,6 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("vit_micro", transformers.vit_micro, "gelu", summary="tiny ViT for CPU runs (64 wide, 4 deep)", family="transformer", options=("drop_path_rate",)),
 ]}
 
-MODEL_ACTS = "every name of actlab.list_activations(), plus 'iieu_dc'"
-
 # model variants: names that `act` takes besides the registered activations, each the activation put at
 # every site plus a change of the architecture itself
 VARIANTS = {IIEU_DC: "iieu_b"}
