@@ -1,7 +1,8 @@
 """Training: ``actlab.train.train(TrainConfig(...))`` or ``actlab train`` on the command line."""
 from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .loop import evaluate, load_run_model, train
+from .loop import load_run_model, train
+from .metrics import evaluate
 from .run_folder import RunFolder
 from .schedule import lr_at
 
