@@ -198,12 +198,15 @@ def _gather_global(labels: torch.Tensor, values: torch.Tensor) -> tuple[torch.Te
 
 
 class DPA(ActivationModule):
-    """Dual-Perspective Activation for one site.
+    """Dual-Perspective Activation for one site: the threshold unit (TAU) ``0 if x < tau else x``, with
+    per-class memories of each channel's pooled input (``value_memory``) and of the sign of its pooled
+    output gradient (``grad_memory``) that flag the channels irrelevant for a class; ``dpa_loss`` penalises
+    those that still respond. A training forward needs the class targets (``actlab.targets``).
 
     Args:
         channels: C.
         num_classes: K, rows of the memories.
-        tau: threshold of TAU.
+        tau: the threshold of TAU.
         interval: memories update on every ``interval``-th training forward with targets.
         alpha: weight of the newest sample in the memory update.
         token_pool: how (B, N, C) inputs are pooled: ``"mean"`` over tokens or ``"cls"`` (token 0, for
