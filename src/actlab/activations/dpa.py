@@ -300,7 +300,7 @@ class DPA(ActivationModule):
             mask = None
             if memories is not None:
                 with torch.no_grad():
-                    mask = backend(v, cpu_native=False).dpa_mask(v, memories[0], memories[1], labels, self.tau, True)
+                    mask = backend(v).dpa_mask(v, memories[0], memories[1], labels, self.tau, True)
             return threshold_unit(x, self.tau), v, mask
         flat, tokens = fused
         cls = self.token_pool == "cls" and x.dim() == 3
@@ -390,7 +390,7 @@ class DPA(ActivationModule):
         if update:
             with torch.no_grad():
                 rows = self._update_value_memory(labels, v)
-                mask = backend(v, cpu_native=False).dpa_mask(v, rows, self.grad_memory, y, self.tau, False)
+                mask = backend(v).dpa_mask(v, rows, self.grad_memory, y, self.tau, False)
         if not runs_like_cuda(x) and not bool(mask.any()):
             # nothing masked: no term, which spares backward a full-size gradient through the pooling
             # (on GPUs the check would cost a device sync, so there the graph is kept)
@@ -415,7 +415,7 @@ class DPA(ActivationModule):
         """The value memory's update by the (global) batch; returns this rank's rows (B, C)."""
         all_labels, values, offset = labels.gather(v)
         order = labels.order() if runs_like_cuda(v) else None
-        rows = backend(values, cpu_native=False).ema_update_(self.value_memory, all_labels, values, self.alpha, order)
+        rows = backend(values).ema_update_(self.value_memory, all_labels, values, self.alpha, order)
         return rows if rows.shape[0] == v.shape[0] else rows[offset: offset + v.shape[0]]
 
     def _grad_memory_hook(self, labels: _StepLabels):
@@ -428,7 +428,7 @@ class DPA(ActivationModule):
             with torch.no_grad():
                 all_labels, values, _ = labels.gather(self.pool(grad, labels.y.shape[0], labels.token_mask))
                 order = labels.order() if runs_like_cuda(values) else None
-                backend(values, cpu_native=False).ema_update_(self.grad_memory, all_labels, values, self.alpha, order,
+                backend(values).ema_update_(self.grad_memory, all_labels, values, self.alpha, order,
                                                               signs=True, after=False)
 
         return hook

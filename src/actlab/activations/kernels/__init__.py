@@ -1,9 +1,10 @@
 """actlab's kernel layer: every fused operation of IIEU-B and DPA, registered once with ``torch.library``.
 
 Each operation (``torch.ops.actlab.*``, defined in ``ops.py``) has three implementations behind one
-dispatch: actlab's C++ kernels for float32 CPU tensors (``native.py``), Triton kernels for CUDA tensors
-(``triton_kernels.py``), and the plain-PyTorch composite (``composite.py``) that is the reference and the
-fallback. Fake (meta) implementations and autograd formulas are registered with them, so
+dispatch, each a module implementing the whole kernel-backend interface (``interface.py``): actlab's C++
+kernels for float32 CPU tensors (``native.py``), Triton kernels for CUDA tensors (``triton_kernels.py``),
+and the plain-PyTorch composite (``composite.py``) that is the reference and the fallback. ``backend(x)``
+below is the one place that chooses among them. Fake (meta) implementations and autograd formulas are registered with them, so
 ``torch.compile`` traces through the operations without a graph break.
 
 ``set_kernels(mode)`` chooses for both methods at once (also the environment variable

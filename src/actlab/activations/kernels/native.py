@@ -278,7 +278,8 @@ def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=N
     return composite.dpa_forward(x, tau, tokens, memories, labels, count, cls, pool=tau_pool)
 
 
-ema_update_ = composite.ema_update_
+ema_update_ = composite.ema_update_  # DPA's memory rule: small per-class work, torch's kernels
+dpa_mask = composite.dpa_mask  # a few comparisons over (B, C): torch's kernels
 
 
 def masked_grad(grad, passes):

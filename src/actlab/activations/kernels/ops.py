@@ -264,7 +264,7 @@ def ema_update_(memory: Tensor, labels: Tensor, values: Tensor, alpha: float, en
     for i in batch order, in place (``signs``: with the signs of the values, see
     ``composite.pooled_signs``). Returns (B, C): memory[y_i] right after sample i's own update (or
     memory[y_i] unchanged when not enabled). No host synchronisation and no data-dependent loop."""
-    return backend(memory, cpu_native=False).ema_update_(memory, labels, values, alpha, signs=signs, enabled=enabled)
+    return backend(memory).ema_update_(memory, labels, values, alpha, signs=signs, enabled=enabled)
 
 
 @ema_update_.register_fake
@@ -281,8 +281,8 @@ def dpa_step_(value_memory: Tensor, count: Tensor, grad_memory: Tensor, v: Tenso
     update, and the 0-dim update flag (for the gradient memory's update in backward)."""
     count.copy_((count + 1) % interval)
     update = count == 0
-    rows = backend(value_memory, cpu_native=False).ema_update_(value_memory, labels, v, alpha, enabled=update)
-    mask = backend(v, cpu_native=False).dpa_mask(v, rows, grad_memory, labels, tau, False)
+    rows = backend(value_memory).ema_update_(value_memory, labels, v, alpha, enabled=update)
+    mask = backend(v).dpa_mask(v, rows, grad_memory, labels, tau, False)
     return mask, update
 
 
