@@ -17,31 +17,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _module_factories() -> dict[object, tuple[str, Callable[..., nn.Module]]]:
-    """target -> (name, factory taking the call's non-input arguments as keywords). Each module computes
-    exactly what the call did, in-place flag included."""
-    relu = ("relu", lambda inplace=False: nn.ReLU(inplace))
-    relu_ = ("relu", lambda: nn.ReLU(inplace=True))
+@dataclass(frozen=True)
+class Functional:
+    """One functional activation: the activation's name, a factory of the module that computes exactly
+    what the call did (taking the call's non-input arguments as keywords, in-place flag included), and
+    the names of the parameters the call may give positionally after the input."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    positional: tuple[str, ...] = ()
+
+
+def _functional_activations() -> dict[object, Functional]:
+    """Every way a forward calls a functional activation -> what it is: torch functions, Tensor methods
+    (as torch function overrides see them, and by name as fx records them)."""
+    relu = Functional("relu", lambda inplace=False: nn.ReLU(inplace), ("inplace",))
+    relu_ = Functional("relu", lambda: nn.ReLU(inplace=True))
+    gelu = Functional("gelu", lambda approximate="none": nn.GELU(approximate=approximate))
+    silu = Functional("silu", lambda inplace=False: nn.SiLU(inplace), ("inplace",))
     return {
-        F.relu: relu, torch.relu: relu, "relu": relu, F.relu_: relu_, torch.relu_: relu_, "relu_": relu_,
-        F.relu6: ("relu6", lambda inplace=False: nn.ReLU6(inplace)),
-        F.gelu: ("gelu", lambda approximate="none": nn.GELU(approximate=approximate)), "gelu": (
-            "gelu", lambda approximate="none": nn.GELU(approximate=approximate)),
-        F.silu: ("silu", lambda inplace=False: nn.SiLU(inplace)), "silu": ("silu", lambda inplace=False: nn.SiLU(inplace)),
-        F.mish: ("mish", lambda inplace=False: nn.Mish(inplace)),
-        F.elu: ("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha, inplace)),
-        F.selu: ("selu", lambda inplace=False: nn.SELU(inplace)),
-        F.leaky_relu: ("leaky_relu", lambda negative_slope=0.01, inplace=False: nn.LeakyReLU(negative_slope, inplace)),
-        F.hardswish: ("hardswish", lambda inplace=False: nn.Hardswish(inplace)),
-        F.softplus: ("softplus", lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold)),
+        F.relu: relu, torch.relu: relu, torch.Tensor.relu: relu, "relu": relu,
+        F.relu_: relu_, torch.relu_: relu_, torch.Tensor.relu_: relu_, "relu_": relu_,
+        F.relu6: Functional("relu6", lambda inplace=False: nn.ReLU6(inplace), ("inplace",)),
+        F.gelu: gelu, "gelu": gelu,
+        F.silu: silu, "silu": silu,
+        F.mish: Functional("mish", lambda inplace=False: nn.Mish(inplace), ("inplace",)),
+        F.elu: Functional("elu", lambda alpha=1.0, inplace=False: nn.ELU(alpha, inplace), ("alpha", "inplace")),
+        F.selu: Functional("selu", lambda inplace=False: nn.SELU(inplace), ("inplace",)),
+        F.leaky_relu: Functional("leaky_relu", lambda negative_slope=0.01, inplace=False:
+                                 nn.LeakyReLU(negative_slope, inplace), ("negative_slope", "inplace")),
+        F.hardswish: Functional("hardswish", lambda inplace=False: nn.Hardswish(inplace), ("inplace",)),
+        F.softplus: Functional("softplus", lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold),
+                               ("beta", "threshold")),
     }
 
 
-_FACTORIES = _module_factories()
-# positional parameters after the input, per functional name (F.leaky_relu(x, 0.2), F.elu(x, 1.0, True))
-_POSITIONAL = {"elu": ("alpha", "inplace"), "leaky_relu": ("negative_slope", "inplace"), "relu": ("inplace",),
-               "relu6": ("inplace",), "silu": ("inplace",), "mish": ("inplace",), "selu": ("inplace",),
-               "hardswish": ("inplace",), "softplus": ("beta", "threshold"), "gelu": ()}
+FUNCTIONAL_ACTIVATIONS = _functional_activations()
 
 
 class _ChildrenAsLeaves(fx.Tracer):
@@ -74,11 +85,11 @@ class Rewrite:
 
 def _new_module(node: fx.Node) -> tuple[str, nn.Module] | None:
     target = node.target if node.op in ("call_function", "call_method") else None
-    entry = _FACTORIES.get(target)
+    entry = FUNCTIONAL_ACTIVATIONS.get(target)
     if entry is None or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    name, factory = entry
-    extra = dict(zip(_POSITIONAL.get(name, ()), node.args[1:]))
+    name, factory = entry.name, entry.factory
+    extra = dict(zip(entry.positional, node.args[1:]))
     extra.update(node.kwargs)
     if any(isinstance(v, fx.Node) for v in extra.values()):
         return None  # a setting computed from tensors: not a fixed module

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..activations.base import ActivationModule
 from ..activations.dense import is_dense, is_plain_dense
+from .functional import FUNCTIONAL_ACTIVATIONS
 
 _TORCH_ACTS: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -28,13 +28,6 @@ NORM_TYPES: tuple[type, ...] = (
     nn.LocalResponseNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 PASS_THROUGH: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-
-_FUNCTIONAL_ACTS = {
-    F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu", torch.Tensor.relu: "relu",
-    torch.Tensor.relu_: "relu", F.relu6: "relu6", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
-    F.elu: "elu", F.selu: "selu", F.leaky_relu: "leaky_relu", F.hardswish: "hardswish", F.softplus: "softplus",
-}
-
 
 def _timm_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """timm's own activation and drop-path classes, when timm is installed."""
@@ -314,7 +307,8 @@ class _FunctionalSpy(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self._note_first_token(func, args)
-        name = _FUNCTIONAL_ACTS.get(func)
+        entry = FUNCTIONAL_ACTIVATIONS.get(func)
+        name = entry.name if entry is not None else None
         if name is not None and self.tracer.stack and not self.tracer.is_act(self.tracer.stack[-1].module):
             frame = self.tracer.stack[-1]
             note = f"{frame.name or 'the model' + chr(39) + 's forward'}: functional {name} (not a module; left as is)"
