@@ -9,6 +9,22 @@ from __future__ import annotations
 import torch
 
 
+def site_layout(shape: tuple[int, ...] | None, channels_last: bool) -> tuple[int | None, str]:
+    """(channels, layout) of a site whose input had ``shape`` in the example forward: "nc" (B, C), "nlc"
+    (B, N, C) tokens, "nchw" (B, C, H, W) maps, "nhwc" maps of rank >= 4 stored channels last
+    (``channels_last``: the input comes from a Linear or a norm over the last dim); (None, "none") without a
+    shape and (None, "<rank>-d") for any other rank."""
+    if shape is None:
+        return None, "none"
+    if channels_last or len(shape) == 3:
+        return shape[-1], ("nlc" if len(shape) == 3 else "nc" if len(shape) == 2 else "nhwc")
+    if len(shape) == 4:
+        return shape[1], "nchw"
+    if len(shape) == 2:
+        return shape[1], "nc"
+    return None, f"{len(shape)}-d"
+
+
 def layout_of(x: torch.Tensor, nhwc: bool = False) -> str:
     """'nc' for 2-D; 'nlc' (channels last, pooled over every position) for 3-D tokens and, with ``nhwc``,
     for any higher rank; 'nchw' for 4-D otherwise. Anything else is an error."""

@@ -12,6 +12,7 @@ from fnmatch import fnmatch
 import torch.nn as nn
 
 from ..activations.base import ActivationModule
+from ..activations.layout import site_layout
 from ..activations.registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, get_spec
 from .functional import rewrite_functional
 from .record import RECORD_KEY, ConversionCall, calls_of, record_in, remember
@@ -159,26 +160,14 @@ def _slots(trace: Trace, model: nn.Module, names: dict[int, list[str]]) -> dict[
             for run in runs[1:]:
                 other = run[k] if k < len(run) else None
                 if other is None or other.producer is not call.producer or \
-                        _channels_and_layout(other) != _channels_and_layout(call):
+                        site_layout(other.in_shape, other.channels_last) != site_layout(call.in_shape,
+                                                                                        call.channels_last):
                     slot.inconsistent = "its owner calls it differently from one forward to the next"
             if any(len(r) != len(first) for r in runs):
                 slot.inconsistent = "its owner calls it a varying number of times per forward"
             slots.append(slot)
         out[reg] = slots
     return out
-
-
-def _channels_and_layout(call: ActivationCall) -> tuple[int | None, str]:
-    shape = call.in_shape
-    if shape is None:
-        return None, "none"
-    if call.channels_last or len(shape) == 3:
-        return shape[-1], ("nlc" if len(shape) == 3 else "nc" if len(shape) == 2 else "nhwc")
-    if len(shape) == 4:
-        return shape[1], "nchw"
-    if len(shape) == 2:
-        return shape[1], "nc"
-    return None, f"{len(shape)}-d"
 
 
 def _class_token(trace: Trace, call: ActivationCall, batch: int) -> bool:
@@ -207,7 +196,7 @@ def _build(spec: ActivationSpec, call: ActivationCall | None, trace: Trace, batc
         return spec.factory(**kwargs), ""
     if spec.needs_producer and call.producer is None:
         return None, call.no_site_reason
-    channels, layout = _channels_and_layout(call)
+    channels, layout = site_layout(call.in_shape, call.channels_last)
     if spec.needs_channels and channels is None:
         return None, f"{spec.name} does not take this input layout (shape {call.in_shape})"
     if spec.needs_num_classes and layout not in LAYOUTS:
