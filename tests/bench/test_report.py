@@ -54,3 +54,17 @@ def test_report_without_paper_settings_says_so(tmp_path):
     md = open(report.write_report(str(tmp_path))).read()
     assert "None of the runs here uses a model and dataset of the papers' tables" in md and "resnet20/digits" in md
     assert "No `speed.json`" in md
+
+
+def test_actlab_report_reads_the_database_once(tmp_path, monkeypatch, capsys):
+    """`actlab report` (and the end of `actlab bench`) write the report and print the ranked table from one
+    read of the database and one set of statistics."""
+    from actlab.cli.main import main as cli_main
+
+    folder = str(tmp_path)
+    fake_bench(folder)
+    reads, real = [], report.load_rows
+    monkeypatch.setattr(report, "load_rows", lambda f: reads.append(f) or real(f))
+    assert cli_main(["report", folder]) == 0
+    assert reads == [folder]
+    assert capsys.readouterr().out.splitlines()[0] == "resnet18 on cifar10"

@@ -338,17 +338,27 @@ def split_configurations(rows: list[dict]) -> list[dict]:
 def write_report(folder: str, baseline: str = "relu", tie: float = 0.0) -> str:
     """Write ``folder/report.md``, ``report.html`` and the PNG plots; returns the markdown path. Runs of
     different configurations are never summarised together (``split_configurations``)."""
-    rows = split_configurations(load_rows(folder))
-    summaries = summarize(rows)
-    sections = (_header(folder, rows, baseline, tie), _results(rows, summaries, baseline, tie),
-                _plots(folder, rows, summaries), _speed(folder), _papers(folder, summaries), _without_result(rows))
-    return _write(folder, "\n".join(line for section in sections for line in section))
+    return report_and_table(folder, baseline, tie)[0]
 
 
 def ranked_table(folder: str, baseline: str = "relu") -> str:
     """The short ranked table printed at the end of a bench (plain text, one block per group)."""
     rows = split_configurations(load_rows(folder))
+    return _ranked(rows, summarize(rows), baseline)
+
+
+def report_and_table(folder: str, baseline: str = "relu", tie: float = 0.0) -> tuple[str, str]:
+    """``write_report`` and ``ranked_table`` from one read of the database and one set of statistics:
+    (the markdown path, the table)."""
+    rows = split_configurations(load_rows(folder))
     summaries = summarize(rows)
+    sections = (_header(folder, rows, baseline, tie), _results(rows, summaries, baseline, tie),
+                _plots(folder, rows, summaries), _speed(folder), _papers(folder, summaries), _without_result(rows))
+    path = _write(folder, "\n".join(line for section in sections for line in section))
+    return path, _ranked(rows, summaries, baseline)
+
+
+def _ranked(rows: list[dict], summaries, baseline: str) -> str:
     paired = {(p.model, p.dataset, p.act): p for p in paired_against(rows, baseline)}
     lines = []
     for (model, dataset), ss in sorted(_groups(summaries).items()):

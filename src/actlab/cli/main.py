@@ -286,8 +286,8 @@ def cmd_bench(args) -> int:
         speed_acts = sorted({a for g in groups for a in g.acts if a in list_activations()})  # not model variants
         speed.main(["--acts", ",".join(speed_acts), "--repeats", str(args.speed_repeats),
                     "--json", os.path.join(args.out, report.SPEED_FILE)])
-    path = report.write_report(args.out, tie=args.tie)
-    print(report.ranked_table(args.out))
+    path, table = report.report_and_table(args.out, tie=args.tie)
+    print(table)
     print(f"report: {path} (and report.html)")
     return 0
 
@@ -295,8 +295,8 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from ..bench import report
 
-    path = report.write_report(args.dir, tie=args.tie)
-    print(report.ranked_table(args.dir))
+    path, table = report.report_and_table(args.dir, tie=args.tie)
+    print(table)
     print(f"report: {path} (and report.html)")
     return 0
 
