@@ -228,80 +228,110 @@ def run_grid(folder: str, base: TrainConfig | dict, groups: list[GridGroup], see
     # "./b" and "b" are one grid; Ray workers do not share the driver's working directory
     folder = os.path.abspath(folder) if executor == "ray" else os.path.normpath(folder)
     configs = grid_configs(folder, base, groups, seeds, recommend)
-    points = [point for point, _, _ in configs]
     db = connect(folder)
-    counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0, "busy": 0}
+    try:
+        progress = _Progress(db, log)
+        todo = _plan(db, configs, retry_failed, progress)
+        if progress.counts["kept"]:
+            log(f"{progress.counts['kept']} of {len(configs)} runs already recorded in "
+                f"{os.path.join(folder, DB_NAME)}: kept")
+        progress.start(len(todo), max(1, jobs))
+        if executor == "ray":
+            _run_on_ray(db, folder, todo, progress, quiet, dict(ray_options or {}))
+        elif jobs <= 1:
+            for i, (cfg, key) in enumerate(todo, 1):
+                progress.report(i, cfg, key, run_point(db, cfg, key, quiet=quiet, retry_failed=retry_failed))
+        else:
+            _run_in_processes(folder, todo, progress, jobs, retry_failed)
+    finally:
+        db.close()
+    return progress.counts
+
+
+class _Progress:
+    """The grid's counts per outcome and its progress lines (done, running, failed, pending, ETA)."""
+
+    def __init__(self, db: sqlite3.Connection, log):
+        self.db, self.log = db, log
+        self.counts = {"done": 0, "failed": 0, "skipped": 0, "kept": 0, "busy": 0}
+        self.total, self.slots, self.started = 0, 1, time.perf_counter()
+
+    def start(self, total: int, slots: int) -> None:
+        """``total`` runs to train, ``slots`` of them at a time."""
+        self.total, self.slots, self.started = total, slots, time.perf_counter()
+
+    def report(self, i: int, cfg: TrainConfig, key: str, status: str) -> None:
+        """The ``i``-th finished run (of ``total``) ended with ``status``."""
+        counts = self.counts
+        counts[status] += 1
+        r = self.db.execute("SELECT top1, seconds, error FROM runs WHERE key = ?", (key,)).fetchone()
+        left = self.total - i
+        running = min(left, self.slots)
+        eta = (time.perf_counter() - self.started) / i * left
+        label = (f"[{counts['done']} done, {running} running, {counts['failed']} failed, {left - running} "
+                 f"pending, ETA {eta / 60:.1f} min] {cfg.model}/{cfg.act} seed {cfg.seed}")
+        if status == "done":
+            self.log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s")
+        elif status == "failed":
+            self.log(f"{label}: FAILED {r['error'].splitlines()[0]}")
+        else:
+            self.log(f"{label}: {'training in another bench (left to it)' if status == 'busy' else 'recorded by another bench'}")
+
+
+def _plan(db: sqlite3.Connection, configs, retry_failed: bool, progress: _Progress) -> list[tuple[TrainConfig, str]]:
+    """The (config, key) of every point still to train: recorded points are kept (failed ones too unless
+    ``retry_failed``), points whose model cannot take the activation are recorded as skipped."""
     todo = []
     for point, key, cfg in configs:
         row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
         if row and (row["status"] in ("done", "skipped") or (row["status"] == "failed" and not retry_failed)):
-            counts["kept"] += 1
+            progress.counts["kept"] += 1
             continue
         reason = unsupported(point.model, point.act)
         if reason:
             _upsert(db, key, act=point.act, model=point.model, dataset=cfg.dataset, seed=point.seed,
                     epochs=cfg.epochs, config=json.dumps(cfg.to_dict(), sort_keys=True), run_dir=cfg.out,
                     status="skipped", error=reason)
-            counts["skipped"] += 1
-            log(f"{point.model}/{point.act} seed {point.seed}: skipped ({reason})")
+            progress.counts["skipped"] += 1
+            progress.log(f"{point.model}/{point.act} seed {point.seed}: skipped ({reason})")
             continue
         todo.append((cfg, key))
-    if counts["kept"]:
-        log(f"{counts['kept']} of {len(points)} runs already recorded in {os.path.join(folder, DB_NAME)}: kept")
+    return todo
 
-    started = time.perf_counter()
-    slots = [max(1, jobs)]  # runs at a time; the Ray executor sets it from the cluster
 
-    def report(i: int, cfg: TrainConfig, key: str, status: str) -> None:
-        counts[status] += 1
-        r = db.execute("SELECT top1, seconds, error FROM runs WHERE key = ?", (key,)).fetchone()
-        left = len(todo) - i
-        running = min(left, slots[0])
-        eta = (time.perf_counter() - started) / i * left
-        label = (f"[{counts['done']} done, {running} running, {counts['failed']} failed, {left - running} "
-                 f"pending, ETA {eta / 60:.1f} min] {cfg.model}/{cfg.act} seed {cfg.seed}")
-        if status == "done":
-            log(f"{label}: top1 {r['top1']:.2f} in {r['seconds']:.1f} s")
-        elif status == "failed":
-            log(f"{label}: FAILED {r['error'].splitlines()[0]}")
-        else:
-            log(f"{label}: {'training in another bench (left to it)' if status == 'busy' else 'recorded by another bench'}")
+def _run_on_ray(db: sqlite3.Connection, folder: str, todo, progress: _Progress, quiet: bool, options: dict) -> None:
+    """Every run a Ray task; this process alone writes the database."""
+    from .ray_executor import check_visible, ray_slots, run_tasks
 
-    if executor == "ray":
-        from .ray_executor import check_visible, ray_slots, run_tasks
+    os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
+    progress.slots = ray_slots(options.get("address"), options.get("cpus_per_run", 1), options.get("gpus_per_run", 0))
+    check_visible(options.get("address"), folder)  # absolute under Ray (run_grid)
+    counts = progress.counts
 
-        os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
-        options = dict(ray_options or {})
-        slots[0] = ray_slots(options.get("address"), options.get("cpus_per_run", 1), options.get("gpus_per_run", 0))
-        check_visible(options.get("address"), folder)  # absolute under Ray (above)
+    def waiting(seconds: float) -> None:
+        progress.log(f"[{counts['done']} done, {len(todo) - counts['done'] - counts['failed']} running or queued on "
+                     f"the Ray cluster; none finished in the last {seconds / 60:.1f} min]")
 
-        def waiting(seconds: float) -> None:
-            log(f"[{counts['done']} done, {len(todo) - counts['done'] - counts['failed']} running or queued on the "
-                f"Ray cluster; none finished in the last {seconds / 60:.1f} min]")
+    finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, waiting=waiting, **options)
+    for i, (cfg, key, status, row) in enumerate(finished, 1):
+        if row is not None:
+            _upsert(db, key, **row)
+        progress.report(i, cfg, key, status)
 
-        finished = run_tasks(todo, lambda cfg, key: _mark_running(db, cfg, key), quiet=quiet, waiting=waiting,
-                             **options)
-        for i, (cfg, key, status, row) in enumerate(finished, 1):
-            if row is not None:
-                _upsert(db, key, **row)
-            report(i, cfg, key, status)
-    elif jobs <= 1:
-        for i, (cfg, key) in enumerate(todo, 1):
-            report(i, cfg, key, run_point(db, cfg, key, quiet=quiet, retry_failed=retry_failed))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        import torch
+def _run_in_processes(folder: str, todo, progress: _Progress, jobs: int, retry_failed: bool) -> None:
+    """``jobs`` worker processes, each with its share of the threads, each writing its own rows."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        threads = max(1, torch.get_num_threads() // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_pool_init,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_in_worker, folder, cfg, key, retry_failed): (cfg, key) for cfg, key in todo}
-            for i, future in enumerate(as_completed(futures), 1):
-                report(i, *futures[future], future.result())
-    db.close()
-    return counts
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_in_worker, folder, cfg, key, retry_failed): (cfg, key) for cfg, key in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            progress.report(i, *futures[future], future.result())
 
 
 def load_rows(folder: str) -> list[dict]:
