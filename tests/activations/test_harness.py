@@ -117,6 +117,30 @@ def test_aliases_and_case():
         "meta_acon", "smu", "frelu", "dyrelu", "iieu_b", "dpa"}
 
 
+@pytest.mark.parametrize("name", actlab.list_activations())
+def test_each_activation_decides_its_sites_in_build(name):
+    """``ActivationSpec.build`` is the one answer to "can it sit here": an unseen site, an unknown layout and
+    a site without a producer are refused with a reason exactly where the spec says so."""
+    from actlab.activations import Site, SiteMismatch
+    spec = get_spec(name)
+    conv = nn.Conv2d(5, 6, 3)
+    seen = Site(6, "nchw", (2, 6, 4, 4), 2, producer=conv, num_classes=4)
+    assert isinstance(spec.build(seen, {}), nn.Module)
+    if spec.needs_channels:
+        with pytest.raises(SiteMismatch, match="not called"):
+            spec.build(None, {})
+        with pytest.raises(SiteMismatch, match="does not take this input layout"):
+            spec.build(Site(None, "5-d", (2, 6, 1, 4, 4), 2, producer=conv, num_classes=4), {})
+    else:
+        assert isinstance(spec.build(None, {}), nn.Module)
+    orphan = Site(6, "nchw", (2, 6, 4, 4), 2, no_producer="its input is made by a residual add", num_classes=4)
+    if spec.needs_producer:
+        with pytest.raises(SiteMismatch, match="residual add"):
+            spec.build(orphan, {})
+    else:
+        assert isinstance(spec.build(orphan, {}), nn.Module)
+
+
 # ----------------------------------------------------------------------------- non-finite inputs
 
 def _poisoned(layout: str) -> torch.Tensor:

@@ -18,14 +18,16 @@ LAYOUTS = ("nchw", "nc", "nlc", "nhwc")
 
 @dataclass(frozen=True)
 class Site:
-    """What ``convert`` found out about one activation call, for the activation to build itself from.
+    """Everything ``convert`` found out about one activation call: the one description of a site that
+    every activation reads to decide whether it can sit there and how it is built (``ActivationSpec.build``).
 
     Args:
-        channels: the input's channel count.
-        layout: the input's layout, one of ``LAYOUTS``.
+        channels: the input's channel count; None where its layout has no channel dim actlab knows.
+        layout: the input's layout: one of ``LAYOUTS``, or ``"none"`` (no shape seen) / ``"<rank>-d"``.
         in_shape: the input's shape in the example forward, whose batch size is ``batch``.
         batch: the example forward's batch size.
         producer: the Conv2d / Linear (or transformers ``Conv1D``) that made the input, or None.
+        no_producer: why there is no producer (e.g. "its input is made by a residual add"), when None.
         norm: the norm between the producer and the activation, or None.
         num_classes: the model's class count (None when unknown).
         class_token: the input is (B, N, C) tokens with the class token first, and the model classifies
@@ -34,11 +36,12 @@ class Site:
             producer (a gated MLP's ``fc1(x).chunk(2, -1)``), else None.
     """
 
-    channels: int
+    channels: int | None
     layout: str
-    in_shape: tuple[int, ...]
+    in_shape: tuple[int, ...] | None
     batch: int
     producer: nn.Module | None = None
+    no_producer: str = ""
     norm: nn.Module | None = None
     num_classes: int | None = None
     class_token: bool = False
@@ -77,18 +80,39 @@ class ActivationSpec:
     aliases: tuple[str, ...] = field(default=())
     from_site: Callable[..., nn.Module] | None = None
 
-    def build(self, site: Site, kwargs: dict) -> nn.Module:
-        """The module for one site (``SiteMismatch`` where it cannot sit there)."""
-        if self.needs_channels and site.layout not in self.layouts:
+    def build(self, site: Site | None, kwargs: dict) -> nn.Module:
+        """The module for one site, or ``SiteMismatch`` saying why this activation cannot sit there. The
+        one place that decides it: the layout, the producer, then ``from_site`` for what else it reads.
+
+        Args:
+            site: the site; None for an activation module the example forward never called (only an
+                activation without per-channel state can replace it).
+            kwargs: the user's settings for the activation.
+        """
+        if site is None:
+            if self.needs_channels:
+                raise SiteMismatch("not called during the example forward, so its channel count is unknown")
+            return self.create(None, kwargs)
+        if self.needs_producer and site.producer is None:
+            raise SiteMismatch(site.no_producer or f"{self.name} needs the Conv2d or Linear that produces its input")
+        if self.needs_channels and (site.channels is None or site.layout not in self.layouts):
             raise SiteMismatch(f"{self.name} does not take this input layout (shape {site.in_shape})")
         if self.from_site is not None:
             return self.from_site(site, **kwargs)
+        if site.layout == "nhwc" and self.needs_channels:
+            kwargs = {**kwargs, "nhwc": True}
+        return self.create(site.channels, kwargs)
+
+    def create(self, channels: int | None, kwargs: dict) -> nn.Module:
+        """The module from its factory alone: ``channels=`` goes to activations with per-channel state
+        (ValueError when it is missing or not positive) and is ignored by the others."""
         if not self.needs_channels:
             return self.factory(**kwargs)
-        if site.layout == "nhwc":
-            kwargs["nhwc"] = True
-        return self.factory(channels=site.channels, **kwargs)
-
+        if channels is None:
+            raise ValueError(f"activation {self.name!r} has per-channel state: pass channels=")
+        if int(channels) <= 0:
+            raise ValueError(f"channels must be positive, got {channels}")
+        return self.factory(channels=int(channels), **kwargs)
 
     # set by the converter for each site, never by a user's settings
     SITE_ARGUMENTS = ("channels", "num_classes", "producer", "capture", "nhwc")
@@ -156,11 +180,4 @@ def create_activation(name: str, channels: int | None = None, **kwargs) -> nn.Mo
         channels: channel count of the site; required by per-channel activations.
         **kwargs: passed to the activation's constructor (e.g. ``num_classes`` for DPA).
     """
-    spec = get_spec(name)
-    if spec.needs_channels:
-        if channels is None:
-            raise ValueError(f"activation {spec.name!r} has per-channel state: pass channels=")
-        if int(channels) <= 0:
-            raise ValueError(f"channels must be positive, got {channels}")
-        return spec.factory(channels=int(channels), **kwargs)
-    return spec.factory(**kwargs)
+    return get_spec(name).create(channels, kwargs)

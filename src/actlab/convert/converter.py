@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..activations.base import ActivationModule
 from ..activations.layout import site_layout
-from ..activations.registry import LAYOUTS, ActivationSpec, Site, SiteMismatch, get_spec
+from ..activations.registry import ActivationSpec, Site, SiteMismatch, get_spec
 from .functional import rewrite_functional
 from .record import RECORD_KEY, ConversionCall, calls_of, record_in, remember
 from .trace import ActivationCall, Trace, activation_types, example_arguments, trace_activations
@@ -186,27 +186,26 @@ def _infer_num_classes(model: nn.Module) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+def _site(call: ActivationCall | None, trace: Trace, batch: int, num_classes: int | None) -> Site | None:
+    """What the example forward showed of one call's site (None: the module was never called)."""
+    if call is None:
+        return None
+    channels, layout = site_layout(call.in_shape, call.channels_last)
+    return Site(channels, layout, None if call.in_shape is None else tuple(call.in_shape), batch,
+                producer=call.producer, no_producer=call.no_site_reason, norm=call.norm, num_classes=num_classes,
+                class_token=_class_token(trace, call, batch), producer_slice=call.producer_slice)
+
+
 def _build(spec: ActivationSpec, call: ActivationCall | None, trace: Trace, batch: int,
            num_classes: int | None, kwargs: dict) -> tuple[nn.Module | None, str]:
-    """The new module for one call, or (None, reason it stays as it was). The activation builds itself
-    from what the call tells about its site."""
-    if call is None:
-        if spec.needs_channels:
-            return None, "not called during the example forward, so its channel count is unknown"
-        return spec.factory(**kwargs), ""
-    if spec.needs_producer and call.producer is None:
-        return None, call.no_site_reason
-    channels, layout = site_layout(call.in_shape, call.channels_last)
-    if spec.needs_channels and channels is None:
-        return None, f"{spec.name} does not take this input layout (shape {call.in_shape})"
-    if spec.needs_num_classes and layout not in LAYOUTS:
-        return None, f"cannot pool a {call.in_shape} input per sample"
-    site = Site(channels, layout, tuple(call.in_shape), batch, call.producer, call.norm, num_classes,
-                _class_token(trace, call, batch), call.producer_slice)
+    """The new module for one call, or (None, reason it stays as it was): the activation decides from its
+    site (``ActivationSpec.build``)."""
     try:
-        module = spec.build(site, kwargs)
+        module = spec.build(_site(call, trace, batch, num_classes), dict(kwargs))
     except SiteMismatch as exc:
         return None, str(exc)
+    if call is None:
+        return module, ""
     # made where the site runs: a model already on a GPU or in float64 gets its new modules there too
     dtype = call.dtype if call.dtype is not None and call.dtype.is_floating_point else None
     return module.to(device=call.device, dtype=dtype), ""

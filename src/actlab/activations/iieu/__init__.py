@@ -32,8 +32,6 @@ __all__ = ["IIEUB", "IIEUFunction", "ConvPatches", "LinearPatches", "SILENT_RMS"
            "inverse_filter_norms", "inverse_patch_norm"]
 
 def _from_site(site: Site, **kwargs) -> IIEUB:
-    if site.producer is None:
-        raise SiteMismatch("IIEU-B needs the Conv2d or Linear that produces its input")
     if site.layout == "nhwc" and not is_dense(site.producer):
         raise SiteMismatch("a map stored channels last is an IIEU-B site only after a Linear")
     return IIEUB(site.channels, **kwargs).bind(site.producer, norm=site.norm, out_slice=site.producer_slice)
