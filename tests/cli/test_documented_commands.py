@@ -4,6 +4,7 @@ parser. A documented line that the CLI refuses fails here."""
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import re
 import shlex
@@ -92,3 +93,39 @@ def test_documented_command_runs(where, command, quick_start, monkeypatch, capsy
         assert parsed.command == argv[0]
         return
     assert cli_main(argv) == 0, capsys.readouterr().err
+
+
+def documented_modules() -> list[tuple[str, str, str]]:
+    """(file, module, arguments) for every `python -m actlab.<module> ...` line of the docs: the benchmark,
+    cost-model, conversion-matrix and timm-runner command lines."""
+    found = []
+    for path in DOCS:
+        text = open(path).read()
+        for line in _code_lines(text) + re.findall(r"`(python -m actlab\.[^`]+)`", " ".join(text.split())):
+            m = re.search(r"python -m (actlab\.[\w.]+)(.*)$", line)
+            if m:
+                found.append((os.path.basename(path), m.group(1), m.group(2).strip()))
+    return sorted(set(found))
+
+
+MODULES = documented_modules()
+
+
+def test_the_docs_show_module_commands():
+    assert {"actlab.perf.gpu_cost", "actlab.perf.model_speed", "actlab.integrations.timm"} <= {m for _, m, _ in MODULES}
+
+
+@pytest.mark.parametrize("where,module,arguments", MODULES, ids=[f"{w}: {m} {a[:50]}" for w, m, a in MODULES])
+def test_documented_module_command_parses(where, module, arguments):
+    """Each documented `python -m actlab.X` line names a module with a command line, and its real parser takes
+    it: a synopsis (with `[...]` and metavariables such as M, A) names only options that exist; a concrete
+    line parses whole (running them is the benchmarks' job: minutes to hours)."""
+    parser = importlib.import_module(module).build_parser()
+    argv = shlex.split(arguments.replace("...", ""))
+    options = {o for action in parser._actions for o in action.option_strings}
+    flags = [a.split("=")[0] for a in argv if a.startswith("--")]
+    if "[" in arguments or any(PLACEHOLDER.fullmatch(a) for a in argv if not a.startswith("-")):
+        if module != "actlab.integrations.timm":  # its flags after SCRIPT are timm's own
+            assert set(flags) <= options, f"{where}: {module} has no option(s) {sorted(set(flags) - options)}"
+        return
+    parser.parse_args(argv)

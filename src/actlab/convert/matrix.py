@@ -169,11 +169,17 @@ def table(results: list[CaseResult], activations: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.convert.matrix``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--acts", default=",".join(ACTIVATIONS))
     parser.add_argument("--models", default="", help="comma-separated keys of MODELS (default: all)")
     parser.add_argument("--out", default="", help="write the markdown table (with its machine line) here")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     activations = tuple(a for a in args.acts.split(",") if a)
     names = [m for m in args.models.split(",") if m] or list(MODELS)

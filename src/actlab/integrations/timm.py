@@ -157,16 +157,22 @@ def register() -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]``: register the names, make timm's
-    ``ClassificationTask`` the DPA one (``DPAClassificationTask`` with ``dpa_weight=W``), run SCRIPT as
-    ``__main__`` with ARGS."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.integrations.timm``."""
     parser = argparse.ArgumentParser(prog="python -m actlab.integrations.timm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dpa-weight", type=float, default=1.0,
                         help="weight of DPA's channel loss in timm's ClassificationTask (default 1)")
     parser.add_argument("script", help="a timm script (train.py, validate.py, ...) or any Python file")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]``: register the names, make timm's
+    ``ClassificationTask`` the DPA one (``DPAClassificationTask`` with ``dpa_weight=W``), run SCRIPT as
+    ``__main__`` with ARGS."""
+    parser = build_parser()
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     register()
     if ClassificationTask is not None:

@@ -85,7 +85,7 @@ def measure_fresh(model_name: str, act: str, batch: int, image: int, classes: in
 
 def table(model_name: str, rows: list[dict]) -> str:
     relu = next((r for r in rows if r["act"] == "relu"), None)
-    lines = [f"| model | activation | first step s | steady step s | compile s | x ReLU compile | kernels generated | "
+    lines = ["| model | activation | first step s | steady step s | compile s | x ReLU compile | kernels generated | "
              "phases (s) |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ratio = r["compile_s"] / relu["compile_s"] if relu else float("nan")
@@ -95,7 +95,8 @@ def table(model_name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.perf.compile_time``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet26")
     parser.add_argument("--acts", default="relu,iieu_b", help="comma-separated; relu first for the ratio")
@@ -103,6 +104,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     rows = []
     for act in args.acts.split(","):

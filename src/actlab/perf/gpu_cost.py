@@ -375,7 +375,8 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.perf.gpu_cost``."""
     p = argparse.ArgumentParser(prog="python -m actlab.perf.gpu_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a zoo model (with --act)")
@@ -392,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the Triton kernels under the interpreter (minutes to hours); by default launches are "
                         "counted and skipped, which gives the same counts for a step without host syncs")
     p.add_argument("--json", help="write the report here as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         measure = tuple(int(b) for b in args.measure.split(","))

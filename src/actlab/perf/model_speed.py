@@ -201,7 +201,8 @@ def profile(case: Case, act: str, device: torch.device, dtype: torch.dtype | Non
     return f"{case.label}, {act}, {steps} steps:\n" + prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.perf.model_speed``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=list(SUITES), default=None,
                         help="gpu (default on CUDA) or cpu (default otherwise)")
@@ -216,6 +217,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--profile", metavar="MODEL:ACT[,MODEL:ACT]",
                         help="print the profiler's kernel table for these eager steps instead of timing the suite")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")

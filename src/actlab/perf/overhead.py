@@ -121,7 +121,8 @@ def spread_ratio(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.perf.overhead``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--act", default="relu")
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     parser.add_argument("--workers", type=int, default=0, help="data loader processes, the same on both sides")
     parser.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     setting = Setting(args.model, args.act, args.dataset, args.epochs, args.batch_size, args.lr, args.image_size,
                       args.device, args.amp, args.workers)
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{spread([r['images_per_s'] for r in results['plain']])} | {spread_ratio(ratio_ips)} |")
     print(f"| wall s (start-up, train, eval, checkpoints) | {spread([r['wall'] for r in results['harness']])} | "
           f"{spread([r['wall'] for r in results['plain']])} | {spread_ratio(ratio_wall)} |")
-    print(f"| training loss, first -> last epoch | "
+    print("| training loss, first -> last epoch | "
           + " | ".join("; ".join(f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" for r in results[side])
                        for side in ("harness", "plain")) + " | |")
     falls = all(loss_falls(r["losses"]) for side in results.values() for r in side)

@@ -140,7 +140,8 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m actlab.perf.speed``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--acts", default=",".join(actlab.list_activations()),
                         help="comma-separated activations (relu is always included as the baseline)")
@@ -152,6 +153,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         help="set every IIEU-B threshold eta to this value (10: every response below it, the "
                              "kernels' worst case; default: the initial 0.05)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device.startswith("cuda"):  # on a GPU: the whole-model training steps (model_speed)
         from . import model_speed
