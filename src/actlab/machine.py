@@ -1,8 +1,14 @@
 """The machine and software a figure or a run came from, described in one place: run summaries, the bench
-grid's rows and every performance table state it."""
+grid's rows and every performance table state it, and each machine's figures live in one file that the
+measuring tools write (``record_figure``)."""
 from __future__ import annotations
 
+import os
 import platform
+import re
+import shlex
+import sys
+import time
 
 import torch
 
@@ -24,3 +30,71 @@ def summary(device: torch.device | str = "cpu") -> str:
     else:
         where = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
     return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def figures_name(device: torch.device | str = "cpu") -> str:
+    """The file name of this machine's figures: from a CUDA device's name (``nvidia-h200.md``), or from
+    the CPU's architecture and torch's thread count (``cpu-x86_64-2-threads.md``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu {platform.machine()} {torch.get_num_threads()} threads"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".md"
+
+
+def record_figure(folder: str, command: str, table: str, device: torch.device | str = "cpu") -> str:
+    """Write ``table`` (the markdown a tool printed) into this machine's figures file in ``folder`` as the
+    section of ``command``, with the date, machine and versions; a section of the same command is replaced,
+    the others are kept (sorted by command). Returns the file's path.
+
+    Args:
+        folder: where the per-machine files live (the docs keep theirs in ``docs/figures``).
+        command: the command line that measured it, as a user would type it.
+        table: what the tool printed: its table and the lines that say how it measured.
+        device: the device it ran on, which names the file.
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, figures_name(device))
+    sections = _figure_sections(path)
+    sections[command] = (f"## `{command}`\n\n{time.strftime('%Y-%m-%d')}; {summary(device)}.\n\n"
+                         f"{table.strip()}\n")
+    title = os.path.splitext(os.path.basename(path))[0]
+    parts = [f"# Figures: {title}\n\n{_FIGURES_HEAD}\n"]
+    parts += [f"{_BEGIN}{cmd} -->\n{body}{_END}\n" for cmd, body in sorted(sections.items())]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+_FIGURES_HEAD = ("Every table here was written by the tool that measured it, run with `--figures` on this machine; "
+                 "running the same command again replaces its section.")
+_BEGIN, _END = "<!-- figure: ", "<!-- end figure -->\n"
+
+
+def _figure_sections(path: str) -> dict[str, str]:
+    """{command: section body} of a figures file (empty when there is none yet)."""
+    if not os.path.isfile(path):
+        return {}
+    text = open(path).read()
+    found = re.findall(re.escape(_BEGIN) + r"(.*?) -->\n(.*?)" + re.escape(_END), text, flags=re.S)
+    return dict(found)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """``python -m MODULE ARGS`` as the user ran it (``argv`` None: this process's arguments), without the
+    ``--figures`` option that only says where the figures go."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--figures":
+            skip = True
+        elif not a.startswith("--figures="):
+            kept.append(a)
+    return " ".join(["python", "-m", module, *map(shlex.quote, kept)])
+
+
+FIGURES_HELP = ("also write the table into this folder's file for this machine (docs/figures for the docs), "
+                "replacing this command's earlier table there")

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..activations import dpa_loss, targets
-from ..machine import summary
+from ..machine import FIGURES_HELP, command_line, record_figure, summary
 from .converter import conversion_report, convert
 
 ACTIVATIONS = ("iieu_b", "dpa", "meta_acon")
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--acts", default=",".join(ACTIVATIONS))
     parser.add_argument("--models", default="", help="comma-separated keys of MODELS (default: all)")
     parser.add_argument("--out", default="", help="write the markdown table (with its machine line) here")
+    parser.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     return parser
 
 
@@ -201,6 +202,9 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    if args.figures:
+        record_figure(args.figures, command_line("actlab.convert.matrix", argv),
+                      f"One run per case.\n\n{table(results, activations)}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..machine import FIGURES_HELP, command_line, record_figure
+
 # Inductor's and Dynamo's phases listed per activation (torch's names; the compilers' phases contain the
 # lowering, code generation and kernel building phases)
 PHASES = {"tracing": "bytecode_tracing", "autograd trace": "aot_trace_joint_graph",
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     return parser
 
 
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(measure_fresh(args.model, act.strip(), args.batch, args.image, args.classes))
         print(table(args.model, rows).splitlines()[-1], flush=True)  # its row, against ReLU's when measured
     print(table(args.model, rows))
+    if args.figures:
+        record_figure(args.figures, command_line("actlab.perf.compile_time", argv), table(args.model, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "image": args.image, "rows": rows}, f, indent=1)

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..machine import FIGURES_HELP, command_line, record_figure
+
 ATEN = torch.ops.aten
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "scalar_tensor"}
 NO_KERNEL = {"detach", "alias", "lift_fresh", "_unsafe_view", "_reshape_alias", "set_", "resize_"} | ALLOCATIONS
@@ -393,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the Triton kernels under the interpreter (minutes to hours); by default launches are "
                         "counted and skipped, which gives the same counts for a step without host syncs")
     p.add_argument("--json", help="write the report here as JSON")
+    p.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     return p
 
 
@@ -407,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_cost: error: --measure takes two increasing batches like 1,2, got {args.measure!r}", file=sys.stderr)
         return 2
     if args.suite:
-        return _suite_main(args.suite, measure, args.execute_kernels, args.json)
+        return _suite_main(args.suite, measure, args.execute_kernels, args.json,
+                           args.figures and (args.figures, command_line("actlab.perf.gpu_cost", argv)))
     if not (args.model and args.act):
         print("gpu_cost: error: give --model and --act, or --suite", file=sys.stderr)
         return 2
@@ -418,13 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_cost: error: {exc}", file=sys.stderr)
         return 2
     print(table(report))
+    if args.figures:
+        record_figure(args.figures, command_line("actlab.perf.gpu_cost", argv), table(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return 0
 
 
-def _suite_main(suite: str, measure: tuple, execute: bool, path: str | None) -> int:
+def _suite_main(suite: str, measure: tuple, execute: bool, path: str | None, figures: tuple[str, str] | None) -> int:
     from .model_speed import SUITES
 
     try:
@@ -432,11 +438,14 @@ def _suite_main(suite: str, measure: tuple, execute: bool, path: str | None) -> 
     except (ValueError, RuntimeError) as exc:
         print(f"gpu_cost: error: {exc}", file=sys.stderr)
         return 2
-    print("| case | ordinary: extra kernels / host calls per site, x ReLU bytes | interval (DPA) |\n|---|---|---|")
+    lines = ["| case | ordinary: extra kernels / host calls per site, x ReLU bytes | interval (DPA) |", "|---|---|---|"]
     for key, entry in counts.items():
         cells = [f"{e['kernels_per_site']:.1f} / {e['host_calls_per_site']:.1f}, {e['bytes_vs_relu']:.3f}"
                  for e in entry.values()]
-        print(f"| {key} | {' | '.join(cells)}{' | -' if len(cells) == 1 else ''} |")
+        lines.append(f"| {key} | {' | '.join(cells)}{' | -' if len(cells) == 1 else ''} |")
+    print("\n".join(lines))
+    if figures:
+        record_figure(figures[0], figures[1], "\n".join(lines))
     if path:
         with open(path, "w") as f:
             json.dump(counts, f, indent=1, sort_keys=True)

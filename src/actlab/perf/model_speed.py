@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import actlab
 from actlab.models import create_model
 
-from ..machine import summary
+from ..machine import FIGURES_HELP, command_line, record_figure, summary
 from .timing import saved_bytes, time_interleaved
 
 NUM_CLASSES = 1000
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the first always runs; the rest are listed as skipped)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     parser.add_argument("--profile", metavar="MODEL:ACT[,MODEL:ACT]",
                         help="print the profiler's kernel table for these eager steps instead of timing the suite")
     return parser
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(markdown(rows, args.repeats, device))
     if skipped:
         print("skipped (time budget): " + "; ".join(skipped))
+    if args.figures:
+        text = markdown(rows, args.repeats, device) + ("\n\nskipped (time budget): " + "; ".join(skipped) if skipped else "")
+        record_figure(args.figures, command_line("actlab.perf.model_speed", argv), text, device)
     if args.json:
         write_json(args.json, rows, skipped, args.repeats, device)
     return rows

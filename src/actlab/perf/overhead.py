@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..activations import dpa_loss, targets
 from ..data import build_datasets
-from ..machine import summary
+from ..machine import FIGURES_HELP, command_line, record_figure, summary
 from ..models import create_model
 from ..train import TrainConfig, train
 
@@ -121,6 +121,23 @@ def spread_ratio(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
+def report(args: argparse.Namespace, results: dict, ratio_ips: list[float], ratio_wall: list[float]) -> str:
+    """The comparison as markdown: what ran, then one row per figure (median [min-max])."""
+    losses = " | ".join("; ".join(f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" for r in results[side])
+                        for side in ("harness", "plain"))
+    return "\n".join([
+        f"{args.model}/{args.act} on {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, amp {args.amp}, "
+        f"{args.workers} loader processes; {args.repeats} alternating runs each; median [min-max]; "
+        f"{summary(args.device)}", "",
+        "| | actlab train | plain loop | ratio per pair (actlab / plain) |",
+        "|---|---|---|---|",
+        f"| training images/s | {spread([r['images_per_s'] for r in results['harness']])} | "
+        f"{spread([r['images_per_s'] for r in results['plain']])} | {spread_ratio(ratio_ips)} |",
+        f"| wall s (start-up, train, eval, checkpoints) | {spread([r['wall'] for r in results['harness']])} | "
+        f"{spread([r['wall'] for r in results['plain']])} | {spread_ratio(ratio_wall)} |",
+        f"| training loss, first -> last epoch | {losses} | |"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m actlab.perf.overhead``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     parser.add_argument("--workers", type=int, default=0, help="data loader processes, the same on both sides")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     return parser
 
 
@@ -153,19 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
             results[name].append(fn(setting, seed=repeat))
     ratio_ips = [h["images_per_s"] / p["images_per_s"] for h, p in zip(results["harness"], results["plain"])]
     ratio_wall = [h["wall"] / p["wall"] for h, p in zip(results["harness"], results["plain"])]
-    machine = summary(args.device)
-    print(f"\n{args.model}/{args.act} on {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, "
-          f"amp {args.amp}, {args.workers} loader processes; {args.repeats} alternating runs each; median [min-max]; "
-          f"{machine}\n")
-    print("| | actlab train | plain loop | ratio per pair (actlab / plain) |")
-    print("|---|---|---|---|")
-    print(f"| training images/s | {spread([r['images_per_s'] for r in results['harness']])} | "
-          f"{spread([r['images_per_s'] for r in results['plain']])} | {spread_ratio(ratio_ips)} |")
-    print(f"| wall s (start-up, train, eval, checkpoints) | {spread([r['wall'] for r in results['harness']])} | "
-          f"{spread([r['wall'] for r in results['plain']])} | {spread_ratio(ratio_wall)} |")
-    print("| training loss, first -> last epoch | "
-          + " | ".join("; ".join(f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" for r in results[side])
-                       for side in ("harness", "plain")) + " | |")
+    text = report(args, results, ratio_ips, ratio_wall)
+    print("\n" + text)
+    if args.figures:
+        record_figure(args.figures, command_line("actlab.perf.overhead", argv), text, args.device)
     falls = all(loss_falls(r["losses"]) for side in results.values() for r in side)
     if not falls:
         print("FAILED: a run's training loss was not finite or did not fall")

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import actlab
 from ..activations import IIEUB
-from ..machine import summary
+from ..machine import FIGURES_HELP, command_line, record_figure, summary
 from .timing import saved_bytes, time_interleaved
 
 NUM_CLASSES = 10
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="set every IIEU-B threshold eta to this value (10: every response below it, the "
                              "kernels' worst case; default: the initial 0.05)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     return parser
 
 
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     rows = run(acts, args.repeats, args.warmup, device, workloads, args.iieu_eta)
     print(markdown(rows, args.repeats, device))
+    if args.figures:
+        record_figure(args.figures, command_line("actlab.perf.speed", argv), markdown(rows, args.repeats, device), device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": summary(device), "repeats": args.repeats, "iieu_eta": args.iieu_eta,

@@ -1,0 +1,39 @@
+"""One description of the machine, and one generated figures file per machine that the measuring tools write."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from actlab import machine
+from actlab.perf import speed
+
+
+def test_a_figure_replaces_its_own_section_and_keeps_the_others(tmp_path):
+    folder = str(tmp_path / "figures")
+    path = machine.record_figure(folder, "python -m tool --a 1", "| x |\n|---|\n| 1 |")
+    machine.record_figure(folder, "python -m other", "| y |\n|---|\n| 2 |")
+    assert machine.record_figure(folder, "python -m tool --a 1", "| x |\n|---|\n| 3 |") == path
+    assert os.path.basename(path) == machine.figures_name("cpu")
+    assert f"{torch.get_num_threads()}-threads" in path
+    text = open(path).read()
+    assert "| 3 |" in text and "| 1 |" not in text  # replaced
+    assert "| 2 |" in text and text.count("## `python -m") == 2  # the other command's section is kept
+    assert text.index("python -m other") < text.index("python -m tool")  # sorted by command
+    assert machine.summary("cpu") in text and torch.__version__ in text
+
+
+def test_the_command_line_leaves_out_where_the_figures_go():
+    assert machine.command_line("actlab.perf.speed", ["--acts", "relu,dpa", "--figures", "docs/figures"]) == \
+        "python -m actlab.perf.speed --acts relu,dpa"
+    assert machine.command_line("m", ["--figures=x", "--json", "a b.json"]) == "python -m m --json 'a b.json'"
+
+
+def test_a_benchmark_writes_its_table_into_the_machines_file(tmp_path):
+    folder = str(tmp_path)
+    rows = speed.main(["--acts", "relu,silu", "--workloads", "mlp", "--repeats", "2", "--warmup", "0",
+                       "--figures", folder])
+    text = open(os.path.join(folder, machine.figures_name("cpu"))).read()
+    assert "## `python -m actlab.perf.speed --acts relu,silu --workloads mlp --repeats 2 --warmup 0`" in text
+    silu = next(r for r in rows if r.activation == "silu" and r.mode == "train")
+    assert f"| silu | mlp | train step | 1 | {silu.ms_median:.1f}" in text
