@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.actlab-installed
 
-.PHONY: test test-all bench demo speed gpu-check venv clean
+.PHONY: test test-all bench demo speed figures gpu-check venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ demo: $(STAMP)
 
 speed: $(STAMP)
 	$(PY) -m actlab.perf.speed
+
+# This machine's figures in docs/figures/<machine>.md, each table written by the tool that measured it
+# (about 25 minutes on 2 cores): the CPU benchmarks, the harness overhead, compile times, the GPU cost
+# model's counts of the CUDA path (on CPU tensors) and the conversion matrix.
+figures: $(STAMP)
+	bash scripts/figures.sh
 
 # On a machine with one CUDA GPU and torch/triton/timm/pytest installed (no registry needed): GPU tests and
 # the whole-model GPU speed benchmark, table last. Uses that machine's python3, not .venv.

@@ -3,7 +3,8 @@
 # torchvision, timm, triton and pytest (no package registry needed): install actlab without
 # dependencies, run the GPU tests, the whole-model GPU speed benchmark (eager, then compiled), a profile,
 # and 200-step bf16 training runs (actlab's trainer against a bare loop).
-# Logs and JSON go to $OUT (default /tmp/actlab-gpu-check); the speed JSON is rewritten after each case, so a
+# Logs and JSON go to $OUT (default /tmp/actlab-gpu-check), the speed tables also to $OUT/figures/<gpu>.md
+# (copy it to docs/figures); the speed JSON is rewritten after each case, so a
 # stage cut short keeps its finished rows. Budget: about 9 minutes.
 # STAGES picks a subset (default "tests eager compiled profile train"), END the seconds after the start
 # by which the last stage stops (default 560), e.g. STAGES="tests eager" END=200 for a short re-check.
@@ -38,7 +39,7 @@ speed() {  # speed NAME LIMIT ARGS...: the whole-model benchmark, table to $OUT/
   local name=$1 limit; limit=$(left "$2"); shift 2
   if (( limit < 30 )); then echo "skipped: $name (time)"; return 0; fi
   timeout "$limit" python3 -m actlab.perf.model_speed --suite gpu --repeats 10 --warmup 2 --budget-s $(( limit * 2 / 3 )) \
-    --json "$OUT/speed_$name.json" "$@" >"$OUT/speed_$name.log" 2>&1
+    --json "$OUT/speed_$name.json" --figures "$OUT/figures" "$@" >"$OUT/speed_$name.log" 2>&1
   local rc=$?
   grep -E "^\| |skipped" "$OUT/speed_$name.log" | grep -v -- "---"
   return $rc

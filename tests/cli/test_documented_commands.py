@@ -105,6 +105,10 @@ def documented_modules() -> list[tuple[str, str, str]]:
             m = re.search(r"python -m (actlab\.[\w.]+)(.*)$", line)
             if m:
                 found.append((os.path.basename(path), m.group(1), m.group(2).strip()))
+    for line in open(os.path.join(ROOT, "scripts", "figures.sh")).read().splitlines():  # `make figures`
+        m = re.match(r"\$PY -m (actlab\.[\w.]+)(.*)$", line)
+        if m:
+            found.append(("figures.sh", m.group(1), m.group(2).replace('"$FIG"', "docs/figures").strip()))
     return sorted(set(found))
 
 
@@ -113,6 +117,7 @@ MODULES = documented_modules()
 
 def test_the_docs_show_module_commands():
     assert {"actlab.perf.gpu_cost", "actlab.perf.model_speed", "actlab.integrations.timm"} <= {m for _, m, _ in MODULES}
+    assert sum(w == "figures.sh" for w, _, _ in MODULES) >= 10
 
 
 @pytest.mark.parametrize("where,module,arguments", MODULES, ids=[f"{w}: {m} {a[:50]}" for w, m, a in MODULES])
