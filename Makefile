@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.actlab-installed
 
-.PHONY: test test-all bench demo speed figures gpu-check venv clean
+.PHONY: test test-slow test-all bench demo speed figures gpu-check venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,18 @@ $(STAMP): $(PY) pyproject.toml setup.py
 
 venv: $(STAMP)
 
+# The default suite, one worker per core (at most 4): about 5 minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadscope --durations=25
 
-# Before a release: the default tests plus the whole conversion matrix (about 2 more minutes on 2 cores).
+# The end-to-end and multi-process tests (Ray, kills and resumes, compiled training, two-process DDP, ...):
+# about 13 minutes on 2 cores, one at a time (they start processes of their own).
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow --durations=10
+
+# Before a release: everything, the whole conversion matrix included (about 20 minutes on 2 cores).
 test-all: $(STAMP)
-	$(PY) -m pytest tests -m "matrix or not matrix"
+	$(PY) -m pytest tests -m "slow or matrix or not (slow or matrix)"
 
 # The main job: the default activation comparison on the offline digits data, report in bench/digits/.
 bench: $(STAMP)

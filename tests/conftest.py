@@ -26,3 +26,8 @@ def _source_digest() -> str:
 # backward. One cache directory per state of the activations' sources, where all that autograd code lives.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"actlab_test_inductor_{_source_digest()}"))
+
+# Under pytest-xdist (`make test` runs the default suite on one worker per core) each worker gets its share
+# of the cores as torch threads: workers with a thread per core each would spin against one another.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))

@@ -16,6 +16,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 pytest.importorskip("mkdocstrings")
 
 
+@pytest.mark.slow
 def test_the_site_builds_without_warnings(tmp_path):
     run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

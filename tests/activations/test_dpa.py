@@ -256,6 +256,7 @@ def test_dpa_loss_is_zero_without_sites_or_masks():
 
 
 @pytest.mark.parametrize("capacity", [None, 8], ids=["sizes_exchanged", "cuda_path_capacity"])
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_global_batch(tmp_path, capacity):
     """Two gloo ranks equal one process on the global batch. With a capacity (rows padded to 8 of which 5
     are samples) on the CUDA code path: the same, and no step reads a value back to the host."""

@@ -237,7 +237,8 @@ def sequential_rule(memory, labels, values, alpha, signs=False):
 
 
 @pytest.mark.parametrize("signs", [False, True], ids=["values", "signs"])
-@pytest.mark.parametrize("classes,batch,channels", [(3, 40, 5), (1, 17, 33), (50, 64, 300), (2, 1, 4)])
+@pytest.mark.parametrize("classes,batch,channels", [(3, 40, 5), (1, 17, 33), pytest.param(50, 64, 300, marks=pytest.mark.slow),
+                                                   (2, 1, 4)])
 def test_memory_update_scan_follows_the_sample_by_sample_rule(classes, batch, channels, signs):
     g = torch.Generator().manual_seed(batch)
     memory = torch.randn(classes, channels, generator=g)
@@ -332,6 +333,7 @@ def test_conv_bn_site_forward_and_backward(dims, batch_stats, dtype):
     check_bn_site(dims, batch_stats, dtype)
 
 
+@pytest.mark.slow
 def test_conv_bn_site_over_batch_tiles():
     """A batch of more than one tile (128 samples) in the per-channel launch."""
     check_bn_site((130, 2, 1, 1), True, torch.float32)
@@ -469,7 +471,7 @@ def coupler_net(channels, reduction, seed=0):
     return dc.to(DEVICE)
 
 
-@pytest.mark.parametrize("channels,reduction", [(32, 4), (48, 16), (8, 8), (300, 2)],
+@pytest.mark.parametrize("channels,reduction", [(32, 4), (48, 16), (8, 8), pytest.param(300, 2, marks=pytest.mark.slow)],
                          ids=["hidden8", "hidden3", "hidden1", "hidden150_tiles"])
 def test_coupler_weight_network_in_one_launch_each_way(channels, reduction):
     """The weight network (input LayerNorm, fc1, IIEU-B with the row normaliser, fc2, output LayerNorm,

@@ -27,6 +27,7 @@ def db_rows(folder):
     return rows
 
 
+@pytest.mark.slow
 def test_killed_grid_reruns_only_unfinished_runs_without_duplicates(tmp_path):
     out = str(tmp_path / "bench")
     cmd = [sys.executable, "-m", "actlab", *BENCH, "--out", out]
@@ -152,6 +153,7 @@ SMALL = ["bench", "--acts", "relu,silu", "--models", "vit_micro", "--dataset", "
          "--epochs", "1", "--image-size", "8", "--batch-size", "128"]
 
 
+@pytest.mark.slow
 def test_a_leased_run_is_left_to_its_owner_and_a_dead_owners_lease_is_taken_over(tmp_path, capsys):
     out = str(tmp_path / "bench")
     base = TrainConfig(dataset="synthetic", epochs=1, image_size=8, batch_size=128)
@@ -173,6 +175,7 @@ def test_a_leased_run_is_left_to_its_owner_and_a_dead_owners_lease_is_taken_over
     assert [r["attempts"] for r in db_rows(out)] == [1]
 
 
+@pytest.mark.slow
 def test_two_benches_on_one_folder_train_each_run_once(tmp_path):
     out = str(tmp_path / "bench")
     cmd = [sys.executable, "-m", "actlab", *SMALL, "--out", out]

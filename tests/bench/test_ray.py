@@ -18,6 +18,7 @@ from actlab.bench import grid
 from actlab.train import TrainConfig
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray cluster and whole grids: about 3 minutes on 2 cores
 BASE = TrainConfig(dataset="digits", epochs=1, image_size=16, batch_size=64, lr=0.05)
 
 

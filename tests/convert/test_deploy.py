@@ -51,6 +51,7 @@ def converted(name: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("name", ["iieu_b", "dpa"])
+@pytest.mark.slow
 def test_torch_compile_matches_eager(name):
     model = converted(name)
     x = torch.randn(3, 3, 16, 16)
@@ -77,6 +78,7 @@ def test_onnx_export_matches_onnxruntime(name, dynamo, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["iieu_b", "dpa"])
+@pytest.mark.slow
 def test_torch_compile_training_matches_eager(name):
     """torch.compile(model) trains like the eager model: same gradients, same DPA memories."""
     import copy

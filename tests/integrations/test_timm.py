@@ -94,6 +94,7 @@ def test_checkpoint_saver_checkpoints_load_with_timm_and_into_a_plain_model(act,
     torch.testing.assert_close(outputs(plain), want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_running_timm_scripts_through_the_runner(tmp_path):
     """python -m actlab.integrations.timm SCRIPT ARGS runs SCRIPT as __main__ with the names registered and
     its own arguments."""
@@ -142,6 +143,7 @@ def test_dpa_classification_task_passes_the_targets_and_adds_the_channel_loss():
     torch.testing.assert_close(task(x, soft)["output"], outputs(twin, x))
 
 
+@pytest.mark.slow
 def test_the_runner_puts_the_dpa_task_in_timms_place(tmp_path):
     """Through the runner, a script that imports timm's ClassificationTask (as timm's train.py does) gets
     the DPA task with --dpa-weight as its weight, and a training step of a DPA model runs."""

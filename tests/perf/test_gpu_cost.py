@@ -213,6 +213,7 @@ class TwoSites(nn.Module):
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["maps", "tokens"])
+@pytest.mark.slow
 def test_dpa_training_on_the_cuda_path_follows_the_cpu_path(tokens, emulated):
     """Eleven training steps (two memory updates, the scan kernel's) on the CUDA path and on the CPU path
     from the same start: the same channel loss, gradients, memories and schedule."""
@@ -266,6 +267,7 @@ def test_labels_on_the_cuda_path_are_checked_on_the_device_without_a_host_read(e
             pass
 
 
+@pytest.mark.slow
 def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     """Two counts of the same step agree to the call, the second with the Triton launches skipped (the
     command's default), DPA's update and ordinary steps too; a training step on the CUDA path makes no
@@ -296,6 +298,7 @@ def test_a_counted_training_step_is_deterministic_and_never_syncs(emulated):
     assert (sum(s.host_calls for s in steps) / len(steps) - relu.host_calls) / sites <= 12
 
 
+@pytest.mark.slow
 def test_conv_bn_iieu_b_sites_meet_their_per_site_targets(emulated):
     """IIEU-B in the paper's ResNet-26 placement (every site a conv-BN site) against ReLU, per site: at
     most 12 kernels and 25 host calls beyond ReLU's (10 and 24.1 when written: the site's statistics in
@@ -307,6 +310,7 @@ def test_conv_bn_iieu_b_sites_meet_their_per_site_targets(emulated):
 
 
 
+@pytest.mark.slow
 def test_linear_iieu_b_sites_meet_their_targets_on_vit_tiny(emulated):
     """IIEU-B at ViT-Tiny/4's MLP sites (norm-less Linear sites) against ReLU, at batch 256, 32x32, 100
     classes: at most 10 % more bytes a step, 12 kernels and 25 host calls per site beyond ReLU's (1.091x,

@@ -129,6 +129,7 @@ def _write_imagefolder(root: str, per_class: int, classes: int = 2) -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.slow
 def test_every_recipe_trains_two_steps_at_its_own_augmentation(path, tmp_path):
     """Each recipe, with its augmentation, schedule and model as published, trains two steps (batch 2) on
     small generated files in its dataset's real on-disk format; only size and length are cut (ImageNet

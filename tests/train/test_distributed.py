@@ -50,6 +50,7 @@ def _launch(ddp_dir: str, nodes: int) -> list[str]:
 
 
 @pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes"])
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path, nodes):
     """One agent with two processes, or two torchrun agents (nodes) with one each: the run ends with the
     weights, DPA memories and metrics of one process on the global batch."""

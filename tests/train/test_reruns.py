@@ -36,6 +36,7 @@ def _assert_same_run(a: str, b: str) -> None:
     assert [[r[k] for k in keys] for r in ha] == [[r[k] for k in keys] for r in hb]
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_the_number_of_loader_workers(tmp_path):
     """Same seed, 0, 1 and 2 loader workers: bitwise the same weights, DPA memories and metrics."""
     for workers in (0, 1, 2):
@@ -60,6 +61,7 @@ def _stop_after_first_checkpoint(monkeypatch) -> None:
     monkeypatch.setattr(train_loop.RunLog, "rewrite", rewrite)
 
 
+@pytest.mark.slow
 def test_a_resume_that_changes_workers_and_paths_continues_exactly(tmp_path, monkeypatch):
     """Killed after epoch 1 with 0 workers, resumed by the bench grid with 2 workers, another log interval,
     and the folder spelled differently: the checkpoint is kept (epoch 1 is not trained again) and the run

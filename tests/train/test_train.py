@@ -85,6 +85,7 @@ def run_cli(out, *extra):
     return args + list(extra)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     """A run SIGKILLed after a checkpoint and resumed ends with the same weights, DPA memories and metrics."""
     full = train(TrainConfig(**RUN, out=str(tmp_path / "full")), quiet=True)
@@ -201,15 +202,20 @@ SMALL = dict(RUN, epochs=1, batch_size=32, log_every=2)
 @pytest.mark.parametrize("act", ["iieu_b"])
 def test_channels_last_steps_equal_the_plain_steps(act):
     """Six SGD steps of a channels_last resnet20 give the plain model's losses and gradients (float
-    rounding only): IIEU-B takes NHWC maps as they are. (With kinks such as ReLU's or TAU's, rounding
-    flips a few responses at 0 and whole-model gradients drift by about 1 %, ReLU's included; DPA's
-    NHWC path is tested at the site in test_dpa.py.)"""
+    rounding only): IIEU-B takes NHWC maps as they are. The ReLUs IIEU-B leaves (after the residual adds)
+    become SiLUs: at a kink, rounding flips a few responses at 0 and the whole-model gradients part by
+    up to 40 % within six steps, depending on torch's thread count. (DPA's NHWC path, whose TAU is such a
+    kink, is tested at the site in test_dpa.py.)"""
     import copy
 
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     plain = create_model("resnet20", act, 10, image_size=8)
+    for owner in list(plain.modules()):
+        for name, child in list(owner.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(owner, name, nn.SiLU())
     nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (plain, nhwc)]
     g = torch.Generator().manual_seed(0)
@@ -228,6 +234,7 @@ def test_channels_last_steps_equal_the_plain_steps(act):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_bf16_and_channels_last_runs(tmp_path):
     """bf16 autocast with channels_last trains DPA as float32 does: after 3 epochs both fit the synthetic
     set (test loss far below chance, ln 10). (A single epoch at lr 0.05 is chaotic: its losses swing
@@ -239,6 +246,7 @@ def test_bf16_and_channels_last_runs(tmp_path):
     assert plain["loss"] < 0.5 and bf16["loss"] < 0.5 and bf16["top1"] > 90
 
 
+@pytest.mark.slow
 def test_compiled_run_matches_the_plain_run(tmp_path):
     run = dict(SMALL, model="vit_micro", act="iieu_b", optimizer="adamw", lr=1e-3)
     plain = train(TrainConfig(**run, out=str(tmp_path / "plain")), quiet=True)
@@ -338,6 +346,7 @@ def test_train_command_takes_the_datasets_recommended_settings_where_unset():
 
 @pytest.mark.parametrize("model", ["timm:convnext_atto", "torchvision:mobilenet_v3_small"])
 @pytest.mark.parametrize("act", ["iieu_b", "dpa"])
+@pytest.mark.slow
 def test_any_timm_or_torchvision_classifier_trains_by_name(tmp_path, model, act):
     """``--model timm:NAME`` / ``torchvision:NAME``: built with random weights for the data, every activation
     converted, trained, checkpointed and rebuilt from the checkpoint."""
