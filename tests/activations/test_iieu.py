@@ -303,6 +303,25 @@ def test_linear_recompute_gives_identical_gradients_and_saves_a_map(kernels, aut
     assert saved[1] >= saved[0] + 0.9 * map_bytes  # the kept x_t: the comparison measures something real
 
 
+@pytest.mark.parametrize("case", ["input_without_grad", "frozen_weight"])
+def test_linear_recompute_where_autograd_keeps_one_operand(case):
+    """A first layer's input (no gradient wanted) or a frozen weight: autograd keeps only the operand the
+    other's gradient needs, so the unit recomputes x_t from the Linear's input and weights instead."""
+    x = torch.randn(4, 65, 24)
+    grads = []
+    for recompute in (True, False):
+        block, params = mlp_block(recompute)
+        if case == "frozen_weight":
+            params[0].requires_grad_(False)
+            xs = x.clone().requires_grad_()
+            wanted = [xs, *params[1:]]
+        else:
+            xs, wanted = x, list(params)
+        grads.append(torch.autograd.grad(block(xs).square().sum(), wanted))
+    for recomputed, kept in zip(*grads):
+        torch.testing.assert_close(recomputed, kept, rtol=1e-6, atol=1e-7)
+
+
 def test_modified_norm_output_falls_back_to_keeping_it():
     conv, bn, unit = conv_bn_block(replay=True)
     x = torch.randn(2, 32, 6, 6, requires_grad=True)

@@ -152,6 +152,8 @@ class ProductReplay:
             return None
         if node._saved_mat1_sym_sizes[0] * node._saved_mat2_sym_sizes[1] != output.numel():
             return None
+        if node._saved_mat1 is None or node._saved_mat2 is None:  # autograd keeps an operand only for the
+            return None  # other's gradient: a first layer's input, or a frozen weight, is not kept
         return cls(node, tuple(output.shape))
 
     def prepare(self, linear: nn.Module, x: torch.Tensor, x_t: torch.Tensor):
