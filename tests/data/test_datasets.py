@@ -173,3 +173,35 @@ def test_randaugment_at_full_magnitude_never_asks_pillow_for_zero_bits():
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     assert np.array_equal(np.asarray(posterize(pil, 0)), np.asarray(image.permute(1, 2, 0)) & 0x80)
     assert posterize(pil, 8) is pil
+
+
+def test_a_seeded_sample_draws_as_under_its_seed_and_leaves_the_callers_streams():
+    """``SeededSamples``: a sample's draws are those of Python's, NumPy's and torch's RNGs seeded with its
+    ``sample_seed``, and the loading process's own streams continue as if nothing was drawn."""
+    import random
+
+    from actlab.data.loaders import SeededSamples, sample_seed
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3), random.random(), float(np.random.rand())
+
+    def streams():
+        return torch.rand(2), random.random(), float(np.random.rand())
+
+    def seed_all(t, r, n):
+        torch.manual_seed(t), random.seed(r), np.random.seed(n)
+
+    seed_all(123, 1, 2)
+    got = SeededSamples(Draws(), seed=7)[(3, 2)]
+    after = streams()
+    seed_all(123, 1, 2)
+    untouched = streams()
+    s = sample_seed(7, 3, 2)
+    seed_all(s, s, s % 2**32)
+    expected = Draws()[2]
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    assert torch.equal(after[0], untouched[0]) and after[1:] == untouched[1:]

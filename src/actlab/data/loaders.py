@@ -59,18 +59,21 @@ class SeededSamples(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         in_worker = get_worker_info() is not None  # a loader worker's RNGs serve nothing else: no restore
-        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        # the transforms draw from the CPU generator alone: torch.manual_seed, which also seeds every device
+        # generator, took about 0.25 ms a sample (15 % of a digits ResNet-20 epoch on 2 CPU cores)
+        cpu = torch.default_generator
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), cpu.get_state())
         s = sample_seed(self.seed, epoch, index)
         random.seed(s)
         np.random.seed(s % 2**32)
-        torch.manual_seed(s)
+        cpu.manual_seed(s)
         try:
             return self.dataset[index]
         finally:
             if saved is not None:
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
+                cpu.set_state(saved[2])
 
 
 class WithEpoch(Sampler[tuple[int, int]]):
