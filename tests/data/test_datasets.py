@@ -205,3 +205,9 @@ def test_a_seeded_sample_draws_as_under_its_seed_and_leaves_the_callers_streams(
     expected = Draws()[2]
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
     assert torch.equal(after[0], untouched[0]) and after[1:] == untouched[1:]
+    seed_all(123, 1, 2)
+    batch = SeededSamples(Draws(), seed=7).__getitems__([(3, 2), (0, 1)])  # how the DataLoader asks
+    after = streams()
+    assert torch.equal(batch[0][0], got[0]) and batch[0][1:] == got[1:]
+    assert torch.equal(batch[1][0], SeededSamples(Draws(), seed=7)[1][0])  # key i alone is (epoch 0, i)
+    assert torch.equal(after[0], untouched[0]) and after[1:] == untouched[1:]

@@ -84,6 +84,7 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        """ValueError naming the first setting that is unknown or out of range."""
         from ..data import list_datasets
         from ..activations import get_spec
         from ..models import get_model_spec, model_acts, site_activation
@@ -94,7 +95,17 @@ class TrainConfig:
             raise ValueError(f"unknown act {self.act!r}; choose from {model_acts()}")
         if self.dataset not in list_datasets():
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list_datasets()}")
-        checks = [
+        for ok, message in self._optimization_checks() + self._data_checks() + self._model_and_run_checks():
+            if not ok:
+                raise ValueError(f"bad config: {message}")
+        self._check_architecture_options(get_model_spec(self.model))
+        get_spec(site_activation(self.act)).check_kwargs(self.act_kwargs)
+        if self.auto_augment is not None:
+            check_auto_augment(self.auto_augment)
+
+    def _optimization_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the schedule, optimizer and loss settings."""
+        return [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}"),
@@ -106,6 +117,16 @@ class TrainConfig:
             (0 <= self.warmup_lr <= self.lr, "warmup_lr must be within [0, lr]"),
             (self.weight_decay_rule in WEIGHT_DECAY_RULES,
              f"weight_decay_rule must be one of {WEIGHT_DECAY_RULES}, got {self.weight_decay_rule!r}"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 (or null for none)"),
+            (self.dpa_lambda >= 0, "dpa_lambda must be >= 0"),
+            (0 <= self.min_lr <= self.lr, "min_lr must be within [0, lr]"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+        ]
+
+    def _data_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the data and augmentation settings."""
+        return [
             (self.random_erasing_count >= 1, "random_erasing_count must be >= 1"),
             (self.eval_interpolation in ("bilinear", "bicubic"),
              f"eval_interpolation must be bilinear or bicubic, got {self.eval_interpolation!r}"),
@@ -113,16 +134,7 @@ class TrainConfig:
             (self.mean is None or (len(self.mean) == len(self.std) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.mean + self.std)
                 and all(v > 0 for v in self.std)), "mean and std must be lists of numbers of one length, std > 0"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 (or null for none)"),
-            (self.dpa_lambda >= 0, "dpa_lambda must be >= 0"),
-            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
-            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}"),
-            (self.workers is None or self.workers >= 0, "workers must be >= 0 (or null for the default)"),
             (0 <= self.random_erasing <= 1, "random_erasing must be a probability"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (0 <= self.min_lr <= self.lr, "min_lr must be within [0, lr]"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.image_size is None or self.image_size >= 1, "image_size must be >= 1 (or null for the dataset's)"),
             (self.randaugment is None or self.randaugment >= 0, "randaugment must be >= 0 (or null for none)"),
             (self.randaugment is None or self.auto_augment is None,
@@ -135,17 +147,19 @@ class TrainConfig:
             (self.interpolation in ("bilinear", "bicubic", "random"),
              f"interpolation must be bilinear, bicubic or random, got {self.interpolation!r}"),
             (self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct must be in (0, 1] (or null)"),
+        ]
+
+    def _model_and_run_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the architecture options and where and how the run goes."""
+        return [
             (self.drop_path is None or 0 <= self.drop_path < 1, "drop_path must be in [0, 1) (or null)"),
             (self.width is None or self.width > 0, "width must be > 0 (or null)"),
             (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1) (or null)"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}, got {self.amp!r}"),
+            (self.workers is None or self.workers >= 0, "workers must be >= 0 (or null for the default)"),
+            (self.log_every >= 1, "log_every must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"bad config: {message}")
-        self._check_architecture_options(get_model_spec(self.model))
-        get_spec(site_activation(self.act)).check_kwargs(self.act_kwargs)
-        if self.auto_augment is not None:
-            check_auto_augment(self.auto_augment)
 
     def architecture_options(self) -> dict:
         """The architecture keywords this config sets (``create_model`` ``**kw``)."""
