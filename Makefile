@@ -43,7 +43,7 @@ speed: $(STAMP)
 	$(PY) -m actlab.perf.speed
 
 # This machine's figures in docs/figures/<machine>.md, each table written by the tool that measured it
-# (about 25 minutes on 2 cores): the CPU benchmarks, the harness overhead, compile times, the GPU cost
+# (about half an hour on 2 cores): the CPU benchmarks, the harness overhead, compile times, the GPU cost
 # model's counts of the CUDA path (on CPU tensors) and the conversion matrix.
 figures: $(STAMP)
 	bash scripts/figures.sh
