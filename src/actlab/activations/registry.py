@@ -114,7 +114,7 @@ class ActivationSpec:
             raise ValueError(f"channels must be positive, got {channels}")
         return self.factory(channels=int(channels), **kwargs)
 
-    # set by the converter for each site, never by a user's settings
+    # set from the site (by build, from what convert found), never by a user's settings
     SITE_ARGUMENTS = ("channels", "num_classes", "producer", "capture", "nhwc")
 
     def check_kwargs(self, kwargs: dict) -> None:
