@@ -21,6 +21,8 @@ def test_a_figure_replaces_its_own_section_and_keeps_the_others(tmp_path):
     assert "| 2 |" in text and text.count("## `python -m") == 2  # the other command's section is kept
     assert text.index("python -m other") < text.index("python -m tool")  # sorted by command
     assert machine.summary("cpu") in text and torch.__version__ in text
+    stated = machine.record_figure(folder, "python -m third", f"Machine: {machine.summary('cpu')}\n\n| z |")
+    assert open(stated).read().count(machine.summary("cpu")) == 3  # a table that states it: not said again
 
 
 def test_the_command_line_leaves_out_where_the_figures_go():

@@ -45,7 +45,7 @@ def figures_name(device: torch.device | str = "cpu") -> str:
 
 def record_figure(folder: str, command: str, table: str, device: torch.device | str = "cpu") -> str:
     """Write ``table`` (the markdown a tool printed) into this machine's figures file in ``folder`` as the
-    section of ``command``, with the date, machine and versions; a section of the same command is replaced,
+    section of ``command``, with the date, and the machine and versions unless the table states them; a section of the same command is replaced,
     the others are kept (sorted by command). Returns the file's path.
 
     Args:
@@ -57,8 +57,9 @@ def record_figure(folder: str, command: str, table: str, device: torch.device | 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, figures_name(device))
     sections = _figure_sections(path)
-    sections[command] = (f"## `{command}`\n\n{time.strftime('%Y-%m-%d')}; {summary(device)}.\n\n"
-                         f"{table.strip()}\n")
+    machine = summary(device)
+    stamp = time.strftime("%Y-%m-%d") + ("" if machine in table else f"; {machine}")  # said once
+    sections[command] = f"## `{command}`\n\n{stamp}.\n\n{table.strip()}\n"
     title = os.path.splitext(os.path.basename(path))[0]
     parts = [f"# Figures: {title}\n\n{_FIGURES_HEAD}\n"]
     parts += [f"{_BEGIN}{cmd} -->\n{body}{_END}\n" for cmd, body in sorted(sections.items())]

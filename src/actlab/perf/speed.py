@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
     device = torch.device(args.device)
     rows = run(acts, args.repeats, args.warmup, device, workloads, args.iieu_eta)
-    print(markdown(rows, args.repeats, device))
+    table = markdown(rows, args.repeats, device)
+    print(table)
     if args.figures:
-        record_figure(args.figures, command_line("actlab.perf.speed", argv), markdown(rows, args.repeats, device), device)
+        record_figure(args.figures, command_line("actlab.perf.speed", argv), table, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": summary(device), "repeats": args.repeats, "iieu_eta": args.iieu_eta,
