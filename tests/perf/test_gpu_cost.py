@@ -345,21 +345,24 @@ def test_the_coupler_meets_its_targets_per_fusion(emulated):
 
 
 def test_the_committed_suite_counts_are_the_current_codes(emulated):
-    """model_speed prints the committed counts beside its GPU rows: one of them (ViT-Tiny/4 with DPA,
-    ordinary and interval) counted afresh here equals the committed entry, so a change to the CUDA path
+    """model_speed prints the committed counts beside its GPU rows: two of them (ViT-Tiny/4 with ReLU, and
+    with DPA, ordinary and interval) counted afresh here equal the committed entries, so a change to the CUDA path
     that moves the counts fails until the table is written again (``gpu_cost --suite gpu --json``)."""
     from actlab.perf import model_speed
 
     case = next(c for c in model_speed.SUITES["gpu"] if c.model == "vit_tiny")
     case = model_speed.Case(case.model, case.batch, case.image_size, ("dpa",), case.num_classes)
     fresh = gpu_cost.suite_counts([case])
-    key = model_speed.count_key(case, "dpa")
-    assert set(fresh) == {key}
-    committed = model_speed._counts()[key]
-    assert fresh[key].keys() == committed.keys() == {"ordinary", "interval"}
-    for kind in committed:
-        for name, value in committed[kind].items():
-            assert fresh[key][kind][name] == pytest.approx(value, rel=1e-9), (kind, name)
+    keys = {model_speed.count_key(case, "dpa"), model_speed.count_key(case, "relu")}
+    assert set(fresh) == keys
+    committed = model_speed._counts()
+    assert fresh[model_speed.count_key(case, "dpa")].keys() == {"ordinary", "interval"}
+    for key in keys:
+        assert fresh[key].keys() == committed[key].keys()
+        for kind in committed[key]:
+            assert fresh[key][kind].keys() == committed[key][kind].keys()
+            for name, value in committed[key][kind].items():
+                assert fresh[key][kind][name] == pytest.approx(value, rel=1e-9), (key, kind, name)
 
 
 def test_counting_with_skipped_kernels_refuses_a_step_that_syncs(emulated, monkeypatch):

@@ -102,15 +102,20 @@ def test_model_speed_prints_the_cost_models_counts_beside_bf16_eager_rows(monkey
             entry = table[model_speed.count_key(case, act)]
             assert ("interval" in entry) == (act == "dpa")
             assert all(e["kernels_per_site"] > -5 and e["host_calls_per_site"] > 0 for e in entry.values())
+            assert all(e["bytes"] > 0 and e["host_calls"] > e["kernels"] > 0 for e in entry.values())
+        relu = table[model_speed.count_key(case, "relu")]
+        assert set(relu) == {"ordinary"} and relu["ordinary"]["bytes"] > 0
     case = model_speed.SUITES["gpu"][0]
     act = case.acts[0]
-    got = model_speed.counted(case, act, torch.bfloat16, compiled=False)
+    got = model_speed.counted(case, act, torch.bfloat16, "eager")
     assert got == table[model_speed.count_key(case, act)]
-    assert model_speed.counted(case, act, torch.bfloat16, compiled=True) is None
-    assert model_speed.counted(case, act, None, compiled=False) is None
-    row = model_speed.Row(case.label, act, False, "bf16", 10.0, 1.0, 5.0, counted=got)
-    plain = model_speed.Row(case.label, "relu", False, "bf16", 8.0, 1.0, 5.0)
+    assert model_speed.counted(case, act, torch.bfloat16, "compiled") is None
+    assert model_speed.counted(case, act, torch.bfloat16, "cudagraphs") is None
+    assert model_speed.counted(case, act, None, "eager") is None
+    row = model_speed.Row(case.label, act, "eager", "bf16", 10.0, 1.0, 5.0, counted=got)
+    plain = model_speed.Row(case.label, "relu", "eager", "bf16", 8.0, 1.0, 5.0,
+                            counted=model_speed.counted(case, "relu", torch.bfloat16, "eager"))
     text = model_speed.markdown([plain, row], 5, torch.device("cpu"))
     ordinary = got["ordinary"]
     assert f"| {ordinary['kernels_per_site']:.1f} / {ordinary['host_calls_per_site']:.1f} |" in text
-    assert text.splitlines()[-2].endswith("| - |")  # ReLU's row: nothing beyond itself
+    assert text.splitlines()[-2].endswith("| - | - |")  # ReLU's row: nothing beyond itself, no target

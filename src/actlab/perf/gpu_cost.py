@@ -331,24 +331,44 @@ def compare(model: str, act: str, batch: int, image: int, classes: int, measure=
 
 
 def suite_counts(cases, measure=(1, 2), execute: bool = False) -> dict:
-    """Per-site counts beyond ReLU's step for every activation of ``cases`` (``model_speed.Case``s), keyed as
-    ``model_speed.count_key``: {"ordinary": {...}, "interval": {...} (DPA)}, each with extra kernels and
-    host calls per site and the step's bytes against ReLU's, extrapolated to the case's batch."""
+    """The counts of every step of ``cases`` (``model_speed.Case``s), ReLU's included, keyed as
+    ``model_speed.count_key``: {"ordinary": {...}, "interval": {...} (DPA)}, each with the step's bytes,
+    kernels and host calls, extrapolated to the case's batch, and (not for ReLU) its extra kernels and host
+    calls per site beyond ReLU's step and its bytes against ReLU's."""
     from .model_speed import count_key
 
     out = {}
     for case in cases:
         size = (case.batch, case.image_size, case.num_classes, measure)
         base = workload_cost(case.model, "relu", *size, execute)["ordinary"]
+        out[count_key(case, "relu")] = {"ordinary": _absolute(base)}
         for act in case.acts:
             mine = workload_cost(case.model, act, *size, execute)
             sites = max(mine["sites"], 1)
             out[count_key(case, act)] = {
-                kind: {"kernels_per_site": (mine[kind]["kernels"] - base["kernels"]) / sites,
+                kind: {**_absolute(mine[kind]),
+                       "kernels_per_site": (mine[kind]["kernels"] - base["kernels"]) / sites,
                        "host_calls_per_site": (mine[kind]["host_calls"] - base["host_calls"]) / sites,
                        "bytes_vs_relu": mine[kind]["bytes"] / base["bytes"]}
                 for kind in ("ordinary", "interval") if kind in mine}
     return out
+
+
+def suite_table(counts: dict) -> list[str]:
+    """``suite_counts`` as markdown lines: one row per counted step (DPA's interval mean its own row)."""
+    lines = ["| case | step | GB | kernels | host calls | extra kernels / site | extra host calls / site | "
+             "x ReLU bytes |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key, entry in counts.items():
+        for kind, e in entry.items():
+            extra = (f"{e['kernels_per_site']:.1f} | {e['host_calls_per_site']:.1f} | {e['bytes_vs_relu']:.3f}"
+                     if "kernels_per_site" in e else "- | - | -")
+            lines.append(f"| {key} | {kind} | {e['bytes'] / 1e9:.2f} | {e['kernels']:.0f} | {e['host_calls']:.0f} | "
+                         f"{extra} |")
+    return lines
+
+
+def _absolute(counts: dict) -> dict:
+    return {"bytes": counts["bytes"], "kernels": counts["kernels"], "host_calls": counts["host_calls"]}
 
 
 def table(report: dict) -> str:
@@ -438,11 +458,7 @@ def _suite_main(suite: str, measure: tuple, execute: bool, path: str | None, fig
     except (ValueError, RuntimeError) as exc:
         print(f"gpu_cost: error: {exc}", file=sys.stderr)
         return 2
-    lines = ["| case | ordinary: extra kernels / host calls per site, x ReLU bytes | interval (DPA) |", "|---|---|---|"]
-    for key, entry in counts.items():
-        cells = [f"{e['kernels_per_site']:.1f} / {e['host_calls_per_site']:.1f}, {e['bytes_vs_relu']:.3f}"
-                 for e in entry.values()]
-        lines.append(f"| {key} | {' | '.join(cells)}{' | -' if len(cells) == 1 else ''} |")
+    lines = suite_table(counts)
     print("\n".join(lines))
     if figures:
         record_figure(figures[0], figures[1], "\n".join(lines))

@@ -8,14 +8,19 @@ already hold) on CUDA, and the bytes saved for backward on the CPU.
 
 Suites:
   gpu: IIEU paper ResNet-26 and ResNet-50 (its placement) at batch 128, 224x224; ViT-Tiny/4 at 32x32,
-       batch 256; bf16 autocast; eager and torch.compile.
+       batch 256; bf16 autocast; eager, torch.compile, and torch.compile with CUDA graphs
+       (``mode="reduce-overhead"``).
   cpu: IIEU paper ResNet-26 training steps at batch 16, 64x64 and batch 8, 224x224, float32, eager.
 
 Beside each bf16 eager row of the gpu suite stand the GPU cost model's counts for that step (extra
 kernels and host calls per site beyond ReLU's; DPA also over an interval), read from ``gpu_counts.json``
-next to this file, which ``python -m actlab.perf.gpu_cost --suite gpu --json ...`` writes.
+next to this file, which ``python -m actlab.perf.gpu_cost --suite gpu --json ...`` writes. On CUDA a
+second table sets each counted row's time beside the cost model's prediction: its bytes at the card's
+copy bandwidth (measured at the start, or ``--bandwidth``) plus its host calls at one per-call cost fitted
+on ReLU's steps of the run (``actlab.perf.prediction``).
 
-    python -m actlab.perf.model_speed --suite gpu [--repeats 20] [--compile both|eager|compiled] [--json F]
+    python -m actlab.perf.model_speed --suite gpu [--repeats 20] [--compile all|both|eager|compiled|cudagraphs]
+        [--json F]
     python -m actlab.perf.model_speed --suite gpu --profile resnet26:iieu_b,resnet26:relu
 """
 from __future__ import annotations
@@ -36,11 +41,35 @@ import actlab
 from actlab.models import create_model
 
 from ..machine import FIGURES_HELP, command_line, record_figure, summary
-from .timing import saved_bytes, time_interleaved
+from .prediction import DISAGREEMENT, CostModel, disagrees, fit
+from .timing import copy_bandwidth, saved_bytes, time_interleaved
 
 NUM_CLASSES = 1000
 DPA_INTERVAL = 5  # DPA's default: one update step in every five training steps
 COUNTS = Path(__file__).with_name("gpu_counts.json")  # the cost model's counts of the gpu suite's eager steps
+# how a step runs: torch.compile's mode (None: eager) and the table's name for it
+MODES = {"eager": (None, "eager"), "compiled": ("default", "compiled"),
+         "cudagraphs": ("reduce-overhead", "compiled, CUDA graphs")}
+MODE_SETS = {"eager": ("eager",), "compiled": ("compiled",), "cudagraphs": ("cudagraphs",),
+             "both": ("eager", "compiled"), "all": ("eager", "compiled", "cudagraphs")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The most an activation's step may cost against ReLU's in the same run: time (the median of the
+    per-round ratios; DPA's the mean over whole intervals, its update steps included) and, where set, memory."""
+
+    time: float
+    memory: float | None = None
+
+    def verdict(self, row: "Row") -> str:
+        """'<= 1.25x time, <= 1.10x memory: met', or what was missed."""
+        time = row.mean_vs_relu if row.activation == "dpa" else row.time_vs_relu
+        wanted = f"<= {self.time:.2f}x time" + (f", <= {self.memory:.2f}x memory" if self.memory else "")
+        missed = [f"time {time:.2f}x"] if time > self.time else []
+        if self.memory and row.memory_vs_relu > self.memory:
+            missed.append(f"memory {row.memory_vs_relu:.2f}x")
+        return f"{wanted}: " + ("missed (" + ", ".join(missed) + ")" if missed else "met")
 
 
 @dataclass(frozen=True)
@@ -52,6 +81,7 @@ class Case:
     image_size: int
     acts: tuple[str, ...]
     num_classes: int = NUM_CLASSES
+    targets: tuple[tuple[str, Target], ...] = ()  # (activation, its target against ReLU)
 
     @property
     def label(self) -> str:
@@ -59,9 +89,12 @@ class Case:
 
 
 SUITES = {
-    "gpu": (Case("resnet26", 128, 224, ("iieu_b", "iieu_dc")),
-            Case("resnet50", 128, 224, ("iieu_b", "iieu_dc", "dpa")),
-            Case("vit_tiny", 256, 32, ("iieu_b", "dpa"), num_classes=100)),
+    "gpu": (Case("resnet26", 128, 224, ("iieu_b", "iieu_dc"),
+                 targets=(("iieu_b", Target(1.25, 1.10)), ("iieu_dc", Target(1.35)))),
+            Case("resnet50", 128, 224, ("iieu_b", "iieu_dc", "dpa"),
+                 targets=(("iieu_b", Target(1.25, 1.10)), ("iieu_dc", Target(1.35)), ("dpa", Target(1.05)))),
+            Case("vit_tiny", 256, 32, ("iieu_b", "dpa"), num_classes=100,
+                 targets=(("iieu_b", Target(1.25)), ("dpa", Target(1.05, 1.05))))),
     "cpu": (Case("resnet26", 16, 64, ("iieu_b", "iieu_dc")),
             Case("resnet26", 8, 224, ("iieu_b", "iieu_dc"))),
 }
@@ -71,7 +104,7 @@ SUITES = {
 class Row:
     case: str
     activation: str
-    compiled: bool
+    mode: str                              # a key of MODES
     precision: str
     ms_median: float
     ms_iqr: float
@@ -80,11 +113,16 @@ class Row:
     memory_vs_relu: float = float("nan")
     ms_mean: float = float("nan")          # over whole DPA intervals of rounds (update steps included)
     mean_vs_relu: float = float("nan")     # that mean against ReLU's over the same rounds
-    counted: dict | None = None            # the cost model's per-site counts of this step (bf16 eager), if any
+    counted: dict | None = None            # the cost model's counts of this step (bf16 eager), if any
+    predicted_ms: float = float("nan")     # the cost model's time of an ordinary step (beside ms_median)
+    predicted_mean_ms: float = float("nan")  # ... of a step's mean over a DPA interval (beside ms_mean)
+    predicted_extra_ms: float = float("nan")  # ... of what its ordinary step adds to ReLU's in the same case
+    graphs_skipped: int = 0                # compiled graphs that Inductor ran without CUDA graphs (cudagraphs mode)
+    target: str = "-"                      # the case's target for this activation, and whether it was met
 
     def counted_cell(self) -> str:
         """'kernels / host calls' per site beyond ReLU's, ordinary steps (and DPA's interval mean)."""
-        if not self.counted:
+        if not self.counted or "kernels_per_site" not in self.counted["ordinary"]:
             return "-"
         cells = [f"{e['kernels_per_site']:.1f} / {e['host_calls_per_site']:.1f}" for e in self.counted.values()]
         return cells[0] + (f" (interval {cells[1]})" if len(cells) > 1 else "")
@@ -100,9 +138,9 @@ def _counts() -> dict:
     return json.loads(COUNTS.read_text()) if COUNTS.exists() else {}
 
 
-def counted(case: "Case", act: str, dtype: torch.dtype | None, compiled: bool) -> dict | None:
+def counted(case: "Case", act: str, dtype: torch.dtype | None, mode: str) -> dict | None:
     """The cost model's counts of this step: bf16 eager steps of the counted cases only."""
-    if compiled or dtype != torch.bfloat16:
+    if mode != "eager" or dtype != torch.bfloat16:
         return None
     return _counts().get(count_key(case, act))
 
@@ -110,13 +148,17 @@ def counted(case: "Case", act: str, dtype: torch.dtype | None, compiled: bool) -
 class TrainingStep:
     """One model's training step on fixed random data (what the timing loop calls)."""
 
-    def __init__(self, case: Case, act: str, device: torch.device, dtype: torch.dtype | None, compiled: bool):
+    def __init__(self, case: Case, act: str, device: torch.device, dtype: torch.dtype | None, mode: str):
         torch.manual_seed(0)
         self.model = create_model(case.model, act, case.num_classes, image_size=case.image_size).to(device)
         self.x = torch.randn(case.batch, 3, case.image_size, case.image_size, device=device)
         self.y = torch.randint(0, case.num_classes, (case.batch,), device=device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
-        self.forward = torch.compile(self.model) if compiled else self.model
+        compile_mode = MODES[mode][0]
+        self.forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode)
+        # CUDA graph trees: each step begins a new replay, so the previous step's outputs may be overwritten
+        self.graphs = compile_mode == "reduce-overhead"
+        self.graphs_skipped = 0  # graphs of this model Inductor ran without CUDA graphs (it says why in its log)
         self.device, self.dtype = device, dtype
 
     def loss(self) -> torch.Tensor:
@@ -126,10 +168,15 @@ class TrainingStep:
             return F.cross_entropy(logits.float(), self.y) + actlab.dpa_loss(self.model)
 
     def __call__(self) -> None:
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            skipped = _graphs_skipped()
         loss = self.loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.graphs:
+            self.graphs_skipped += _graphs_skipped() - skipped
 
     def memory_mb(self) -> float:
         """Peak bytes a step adds on CUDA; bytes saved for backward on the CPU."""
@@ -143,17 +190,25 @@ class TrainingStep:
         return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, compiled: bool, repeats: int,
+def _graphs_skipped() -> int:
+    """How many compiled graphs Inductor has run without CUDA graphs in this process (torch's counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, mode: str, repeats: int,
              warmup: int) -> list[Row]:
     acts = ("relu", *case.acts)
-    steps = {act: TrainingStep(case, act, device, dtype, compiled) for act in acts}
+    steps = {act: TrainingStep(case, act, device, dtype, mode) for act in acts}
     times = time_interleaved(steps, repeats, warmup, device)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     rows = []
     for act in acts:
         q = statistics.quantiles(times[act], n=4)
-        rows.append(Row(case.label, act, compiled, precision, statistics.median(times[act]), q[2] - q[0],
-                        steps[act].memory_mb(), counted=counted(case, act, dtype, compiled)))
+        rows.append(Row(case.label, act, mode, precision, statistics.median(times[act]), q[2] - q[0],
+                        steps[act].memory_mb(), counted=counted(case, act, dtype, mode),
+                        graphs_skipped=steps[act].graphs_skipped))
     relu = rows[0]
     whole = DPA_INTERVAL * (repeats // DPA_INTERVAL) or repeats  # rounds that hold whole DPA intervals
     for row in rows:
@@ -161,6 +216,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, compil
         row.memory_vs_relu = row.memory_mb / relu.memory_mb if relu.memory_mb else float("nan")
         row.ms_mean = statistics.fmean(times[row.activation][:whole])
         row.mean_vs_relu = row.ms_mean / statistics.fmean(times["relu"][:whole])
+        target = dict(case.targets).get(row.activation)
+        row.target = target.verdict(row) if target else "-"
     del steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -172,14 +229,73 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     lines = [f"Machine: {summary(device)}; median of {repeats} interleaved training steps (IQR in brackets); "
              "x ReLU: median of the per-round ratios; mean: over whole DPA intervals of rounds (its update steps "
              "included), against ReLU's mean over the same rounds; counted: the GPU cost model's extra kernels / host "
-             "calls per site beyond ReLU's step (bf16 eager).", "",
-             f"| case | activation | mode | ms | x ReLU time | mean ms (x ReLU) | {memory} | x ReLU memory | counted |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "calls per site beyond ReLU's step (bf16 eager); target: against ReLU (DPA's time: its mean).", "",
+             f"| case | activation | mode | ms | x ReLU time | mean ms (x ReLU) | {memory} | x ReLU memory | counted | "
+             "target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode = f"{r.precision}, {'compiled' if r.compiled else 'eager'}"
+        mode = f"{r.precision}, {MODES[r.mode][1]}"
+        if r.graphs_skipped:
+            mode += f" ({r.graphs_skipped} graphs ran without)"
         lines.append(f"| {r.case} | {r.activation} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | {r.time_vs_relu:.2f} | "
                      f"{r.ms_mean:.1f} ({r.mean_vs_relu:.2f}) | {r.memory_mb:.0f} | {r.memory_vs_relu:.2f} | "
-                     f"{r.counted_cell()} |")
+                     f"{r.counted_cell()} | {r.target} |")
+    return "\n".join(lines)
+
+
+def predict(rows: list[Row], bandwidth: float) -> CostModel | None:
+    """Set each counted row's predicted times: bytes at ``bandwidth`` plus host calls at one per-call cost,
+    fitted on what the activations' steps add to ReLU's in the same case (their extra bytes and host calls
+    against their extra time), the quantity the cost model counts per site. None (nothing set) without a
+    counted activation row beside a counted ReLU row."""
+    counted_rows = [r for r in rows if r.counted and "bytes" in r.counted["ordinary"]]
+    relu = {r.case: r for r in counted_rows if r.activation == "relu"}
+    extras = [(_extra(r, relu[r.case]), r.ms_median - relu[r.case].ms_median)
+              for r in counted_rows if r.activation != "relu" and r.case in relu]
+    if not extras:
+        return None
+    model = fit(extras, bandwidth)
+    for r in counted_rows:
+        r.predicted_ms = model.predict_ms(r.counted["ordinary"])
+        r.predicted_mean_ms = model.predict_ms(r.counted.get("interval", r.counted["ordinary"]))
+        if r.activation != "relu" and r.case in relu:
+            r.predicted_extra_ms = model.predict_ms(_extra(r, relu[r.case]))
+    return model
+
+
+def _extra(row: Row, relu: Row) -> dict:
+    """What a row's ordinary step counts beyond ReLU's."""
+    mine, base = row.counted["ordinary"], relu.counted["ordinary"]
+    return {k: mine[k] - base[k] for k in ("bytes", "host_calls")}
+
+
+def prediction_markdown(rows: list[Row], model: CostModel, bandwidth_source: str) -> str:
+    """The counted rows' measured times beside the cost model's predictions."""
+    relu = {r.case: r for r in rows if r.activation == "relu"}
+    off = f" (off by more than {DISAGREEMENT * 100:.0f} %)"
+    lines = [f"Cost model: a step's counted bytes at {model.bandwidth / 1e12:.2f} TB/s ({bandwidth_source}) plus its "
+             f"counted host calls at {model.host_us:.2f} us each (one cost, fitted by least squares on the "
+             "activations' extra time over ReLU's in the same case against their extra bytes and host calls); "
+             f"flagged where a measurement is more than {DISAGREEMENT * 100:.0f} % from its prediction.", "",
+             "| case | activation | counted GB, host calls | predicted ms (bytes + host) | measured ms | "
+             "measured / predicted | extra over ReLU: predicted / measured ms | interval mean: predicted / measured ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.predicted_ms != r.predicted_ms:
+            continue
+        c = r.counted["ordinary"]
+        device = model.device_ms(c)
+        step = f"{r.ms_median / r.predicted_ms:.2f}" + (off if disagrees(r.ms_median, r.predicted_ms) else "")
+        extra = "-"
+        if r.activation != "relu" and r.case in relu:
+            measured = r.ms_median - relu[r.case].ms_median
+            extra = f"{r.predicted_extra_ms:.1f} / {measured:.1f}" + (off if disagrees(measured, r.predicted_extra_ms) else "")
+        interval = "-"
+        if "interval" in r.counted:
+            interval = f"{r.predicted_mean_ms:.1f} / {r.ms_mean:.1f}" + (off if disagrees(r.ms_mean, r.predicted_mean_ms) else "")
+        lines.append(f"| {r.case} | {r.activation} | {c['bytes'] / 1e9:.2f}, {c['host_calls']:.0f} | "
+                     f"{r.predicted_ms:.1f} ({device:.1f} + {r.predicted_ms - device:.1f}) | {r.ms_median:.1f} | "
+                     f"{step} | {extra} | {interval} |")
     return "\n".join(lines)
 
 
@@ -207,13 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", choices=list(SUITES), default=None,
                         help="gpu (default on CUDA) or cpu (default otherwise)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default=None, help="comma-separated subset of the suite's models")
-    parser.add_argument("--compile", choices=("both", "eager", "compiled"), default=None,
-                        help="default: both on CUDA, eager on the CPU")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the suite's models, run in this order")
+    parser.add_argument("--compile", choices=list(MODE_SETS), default=None,
+                        help="how the steps run: eager, compiled (torch.compile), cudagraphs (torch.compile with "
+                             "CUDA graphs), both (eager and compiled) or all three; default: all on CUDA, eager on "
+                             "the CPU")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (the first always runs; the rest are listed as skipped)")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="bytes/s for the cost model's predictions (default on CUDA: a device-to-device copy "
+                             "measured at the start; without CUDA or this, no predictions)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--figures", metavar="FOLDER", help=FIGURES_HELP)
     parser.add_argument("--profile", metavar="MODEL:ACT[,MODEL:ACT]",
@@ -228,13 +349,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
     cases = SUITES[suite]
     if args.models:
-        wanted = {m.strip() for m in args.models.split(",")}
-        unknown = wanted - {c.model for c in cases}
+        wanted = [m.strip() for m in args.models.split(",")]
+        unknown = set(wanted) - {c.model for c in cases}
         if unknown:
             parser.error(f"models {sorted(unknown)} are not in the {suite} suite: {sorted({c.model for c in cases})}")
-        cases = tuple(c for c in cases if c.model in wanted)
-    compile_mode = args.compile or ("both" if device.type == "cuda" else "eager")
-    modes = {"both": (False, True), "eager": (False,), "compiled": (True,)}[compile_mode]
+        cases = tuple(c for m in wanted for c in cases if c.model == m)  # in the order given
+    modes = MODE_SETS[args.compile or ("all" if device.type == "cuda" else "eager")]
     dtype = torch.bfloat16 if suite == "gpu" else None
     if args.profile:
         for target in args.profile.split(","):
@@ -244,26 +364,39 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 parser.error(f"model {model!r} is not in the {suite} suite: {sorted({c.model for c in cases})}")
             print(profile(case, act, device, dtype), flush=True)
         return []
-    rows, skipped, start = [], [], time.perf_counter()
-    # eager cases first: the compiled ones take minutes to compile and go last within the budget
-    for compiled in modes:
-        for case in cases:
-            if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-                skipped.append(f"{case.label}, {'compiled' if compiled else 'eager'}")
-                continue
-            rows += run_case(case, device, dtype, compiled, args.repeats, args.warmup)
-            print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
-            if args.json:  # the rows so far: a run cut short by its time limit keeps its finished cases
-                write_json(args.json, rows, skipped, args.repeats, device)
-    print(markdown(rows, args.repeats, device))
+    bandwidth, source = args.bandwidth, "given"
+    if bandwidth is None and device.type == "cuda":
+        bandwidth, source = copy_bandwidth(device), "a device-to-device copy measured in this run"
+    rows, skipped = time_suite(cases, modes, device, dtype, args)
+    model = predict(rows, bandwidth) if bandwidth else None
+    text = markdown(rows, args.repeats, device)
+    if model:
+        text += "\n\n" + prediction_markdown(rows, model, source)
     if skipped:
-        print("skipped (time budget): " + "; ".join(skipped))
+        text += "\n\nskipped (time budget): " + "; ".join(skipped)
+    print(text)
     if args.figures:
-        text = markdown(rows, args.repeats, device) + ("\n\nskipped (time budget): " + "; ".join(skipped) if skipped else "")
         record_figure(args.figures, command_line("actlab.perf.model_speed", argv), text, device)
     if args.json:
         write_json(args.json, rows, skipped, args.repeats, device)
     return rows
+
+
+def time_suite(cases: tuple[Case, ...], modes: tuple[str, ...], device: torch.device, dtype: torch.dtype | None,
+               args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """Every case in every mode (eager first: compiling takes minutes and goes last within
+    ``args.budget_s``); each case's rows printed and written to ``args.json`` as soon as it is done."""
+    rows, skipped, start = [], [], time.perf_counter()
+    for mode in modes:
+        for case in cases:
+            if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                skipped.append(f"{case.label}, {MODES[mode][1]}")
+                continue
+            rows += run_case(case, device, dtype, mode, args.repeats, args.warmup)
+            print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
+            if args.json:  # the rows so far: a run cut short by its time limit keeps its finished cases
+                write_json(args.json, rows, skipped, args.repeats, device)
+    return rows, skipped
 
 
 def write_json(path: str, rows: list[Row], skipped: list[str], repeats: int, device: torch.device) -> None:

@@ -121,6 +121,14 @@ def spread_ratio(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
+def run_line(side: str, repeat: int, result: dict) -> str:
+    """One finished run, as soon as it is done."""
+    losses = result["losses"]
+    return (f"run {repeat + 1}, {'actlab train' if side == 'harness' else 'plain loop'}: "
+            f"{result['images_per_s']:.1f} training images/s, {result['wall']:.1f} s wall, "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
 def report(args: argparse.Namespace, results: dict, ratio_ips: list[float], ratio_wall: list[float]) -> str:
     """The comparison as markdown: what ran, then one row per figure (median [min-max])."""
     losses = " | ".join("; ".join(f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}" for r in results[side])
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         order = (("harness", harness), ("plain", plain_loop))
         for name, fn in order if repeat % 2 == 0 else order[::-1]:  # ABBA: neither side always goes first
             results[name].append(fn(setting, seed=repeat))
+            print(run_line(name, repeat, results[name][-1]), flush=True)  # kept by a run cut short
     ratio_ips = [h["images_per_s"] / p["images_per_s"] for h, p in zip(results["harness"], results["plain"])]
     ratio_wall = [h["wall"] / p["wall"] for h, p in zip(results["harness"], results["plain"])]
     text = report(args, results, ratio_ips, ratio_wall)

@@ -41,3 +41,21 @@ def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.devic
     return times
 
 
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float:
+    """Bytes per second a device-to-device copy of ``nbytes`` moves on a CUDA device, counting the bytes
+    read and the bytes written (the mean of ``repeats`` copies after two warm-ups, timed by CUDA events)."""
+    if device.type != "cuda":
+        raise ValueError(f"copy_bandwidth measures a CUDA device's memory, got device {device}")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * nbytes * repeats / (start.elapsed_time(end) / 1e3)
