@@ -35,9 +35,18 @@ void check_passes(const at::Tensor& passes, int64_t numel) {
 // Elements per task that start on a byte of the mask: the smallest multiple of `unit` that is one of 8.
 int64_t aligned_units(int64_t unit) { return 8 / std::gcd<int64_t>(unit, 8); }
 
-// bits of x[i] >= tau for n elements starting on a byte boundary (the last byte may be partial).
+// bits of x[i] >= tau for n elements starting on a byte boundary (the last byte may be partial). A
+// vector of 8 (or 16) floats gives its byte (bytes) at once: the lanes that fail the comparison are the
+// zero lanes of its result (NaN fails: bit 0).
 void pack_passes(const float* x, int64_t n, float tau, uint8_t* bytes) {
   int64_t i = 0;
+  if (Vec::size() % 8 == 0) {
+    const Vec vt(tau);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const uint32_t bits = ~static_cast<uint32_t>((Vec::loadu(x + i) >= vt).zero_mask());
+      for (int64_t k = 0; k < Vec::size() / 8; ++k) bytes[(i >> 3) + k] = static_cast<uint8_t>(bits >> (8 * k));
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     uint8_t b = 0;
     for (int t = 0; t < 8; ++t) b |= static_cast<uint8_t>(x[i + t] >= tau) << t;
