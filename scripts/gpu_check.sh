@@ -9,15 +9,15 @@
 #   train       200-step bf16 training runs, actlab's trainer against a bare loop (ResNet-26 + IIEU-B,
 #               ViT-Tiny/4 + DPA)
 #   profile     the PyTorch profiler's kernel table of eager steps (where a prediction is off)
-#   compiled    the suite under torch.compile (ResNet-26, ViT-Tiny/4, then ResNet-50)
-#   cudagraphs  the suite under torch.compile with CUDA graphs (mode="reduce-overhead")
+#   compiled    the suite under torch.compile, and under torch.compile with CUDA graphs
+#               (mode="reduce-overhead"), model by model: ResNet-26, ViT-Tiny/4, then ResNet-50
 # Logs and JSON go to $OUT (default /tmp/actlab-gpu-check), the speed and training tables also to
 # $OUT/figures/<gpu>.md (copy its sections to docs/figures); a speed JSON is rewritten after each case,
 # so a stage cut short keeps its finished rows. Inductor's and Triton's caches stay on the machine, so a
 # second call on the same machine compiles nothing twice.
 # STAGES picks the stages (default "tests eager train profile", about 9 minutes), END the seconds after
-# the start by which the last stage stops (default 540). The compiled tables in a second call:
-#   STAGES="compiled cudagraphs" END=540 bash scripts/gpu_check.sh
+# the start by which the last stage stops (default 540). The compiled table in a second call:
+#   STAGES=compiled bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/actlab-gpu-check}"
@@ -82,8 +82,10 @@ if stage profile; then
   timeout "$(left 60)" python3 -m actlab.perf.model_speed --suite gpu --profile resnet26:relu,resnet26:iieu_b,vit_tiny:dpa \
     >"$OUT/profile.log" 2>&1 || failed+=" profile"
 fi
-if stage compiled; then ran "speed, compiled"; speed compiled 300 --compile compiled --models resnet26,vit_tiny,resnet50; fi
-if stage cudagraphs; then ran "speed, CUDA graphs"; speed cudagraphs 300 --compile cudagraphs --models resnet26,vit_tiny,resnet50; fi
+if stage compiled; then
+  ran "speed, compiled and CUDA graphs"
+  speed compiled 520 --compile compiled,cudagraphs --models resnet26,vit_tiny,resnet50
+fi
 echo "== done in $(elapsed) s; failed:${failed:- none}"
 [ -f "$OUT/pytest.log" ] && grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 [ -z "$failed" ]

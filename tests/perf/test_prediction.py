@@ -124,11 +124,37 @@ def test_each_mode_compiles_as_it_says_and_cuda_graph_steps_begin_a_replay(monke
     assert step.graphs_skipped == 0
 
 
-def test_the_compile_choice_names_the_modes_in_order():
-    assert model_speed.MODE_SETS["all"] == ("eager", "compiled", "cudagraphs")
-    assert model_speed.MODE_SETS["both"] == ("eager", "compiled")
-    args = model_speed.build_parser().parse_args(["--compile", "cudagraphs"])
-    assert model_speed.MODE_SETS[args.compile] == ("cudagraphs",)
+def test_the_compile_choice_takes_a_list_of_modes_or_a_name():
+    parse = model_speed.build_parser().parse_args
+    assert parse(["--compile", "all"]).compile == ("eager", "compiled", "cudagraphs")
+    assert parse(["--compile", "both"]).compile == ("eager", "compiled")
+    assert parse(["--compile", "compiled,cudagraphs"]).compile == ("compiled", "cudagraphs")
+    with pytest.raises(SystemExit):
+        parse(["--compile", "compiled,graphs"])
+
+
+def test_eager_goes_first_then_each_case_in_its_compiled_modes(monkeypatch):
+    """All eager cases first; then case by case both compiled modes, so that the second compile of a model
+    finds the first's kernels cached; a spent budget lists what it skipped."""
+    ran = []
+
+    def fake_run_case(case, device, dtype, mode, repeats, warmup):
+        ran.append((case.model, mode))
+        return [model_speed.Row(case.label, a, mode, "bf16", 1.0, 0.0, 1.0) for a in ("relu", *case.acts)]
+
+    monkeypatch.setattr(model_speed, "run_case", fake_run_case)
+    cases = (model_speed.Case("a", 1, 8, ("dpa",)), model_speed.Case("b", 1, 8, ("dpa",)))
+    args = model_speed.build_parser().parse_args(["--repeats", "2"])
+    rows, skipped = model_speed.time_suite(cases, model_speed.MODE_SETS["all"], torch.device("cpu"), None, args)
+    assert ran == [("a", "eager"), ("b", "eager"), ("a", "compiled"), ("a", "cudagraphs"), ("b", "compiled"),
+                   ("b", "cudagraphs")]
+    assert len(rows) == 12 and skipped == []
+    ran.clear()
+    args.budget_s = 0.0
+    rows, skipped = model_speed.time_suite(cases, ("compiled", "cudagraphs"), torch.device("cpu"), None, args)
+    assert ran == [("a", "compiled")]
+    assert skipped == ["a, batch 1, 8x8, compiled, CUDA graphs", "b, batch 1, 8x8, compiled",
+                       "b, batch 1, 8x8, compiled, CUDA graphs"]
 
 
 def test_targets_are_judged_on_time_memory_and_dpas_interval_mean():

@@ -19,8 +19,7 @@ second table sets each counted row's time beside the cost model's prediction: it
 copy bandwidth (measured at the start, or ``--bandwidth``) plus its host calls at one per-call cost fitted
 on ReLU's steps of the run (``actlab.perf.prediction``).
 
-    python -m actlab.perf.model_speed --suite gpu [--repeats 20] [--compile all|both|eager|compiled|cudagraphs]
-        [--json F]
+    python -m actlab.perf.model_speed --suite gpu [--repeats 20] [--compile eager,compiled,cudagraphs] [--json F]
     python -m actlab.perf.model_speed --suite gpu --profile resnet26:iieu_b,resnet26:relu
 """
 from __future__ import annotations
@@ -50,8 +49,19 @@ COUNTS = Path(__file__).with_name("gpu_counts.json")  # the cost model's counts 
 # how a step runs: torch.compile's mode (None: eager) and the table's name for it
 MODES = {"eager": (None, "eager"), "compiled": ("default", "compiled"),
          "cudagraphs": ("reduce-overhead", "compiled, CUDA graphs")}
-MODE_SETS = {"eager": ("eager",), "compiled": ("compiled",), "cudagraphs": ("cudagraphs",),
-             "both": ("eager", "compiled"), "all": ("eager", "compiled", "cudagraphs")}
+MODE_SETS = {"both": ("eager", "compiled"), "all": ("eager", "compiled", "cudagraphs")}  # names for lists of modes
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """``--compile``'s value: a comma-separated list of modes (keys of MODES), or one of MODE_SETS' names."""
+    if text in MODE_SETS:
+        return MODE_SETS[text]
+    modes = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}: give a comma-separated list of "
+                                         f"{', '.join(MODES)}, or one of {', '.join(MODE_SETS)}")
+    return modes
 
 
 @dataclass(frozen=True)
@@ -324,10 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gpu (default on CUDA) or cpu (default otherwise)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=None, help="comma-separated subset of the suite's models, run in this order")
-    parser.add_argument("--compile", choices=list(MODE_SETS), default=None,
-                        help="how the steps run: eager, compiled (torch.compile), cudagraphs (torch.compile with "
-                             "CUDA graphs), both (eager and compiled) or all three; default: all on CUDA, eager on "
-                             "the CPU")
+    parser.add_argument("--compile", type=parse_modes, default=None, metavar="MODES",
+                        help="how the steps run, a comma-separated list of: eager, compiled (torch.compile), "
+                             "cudagraphs (torch.compile with CUDA graphs); or both (eager,compiled) or all (the "
+                             "three); default: all on CUDA, eager on the CPU")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=None,
@@ -354,7 +364,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if unknown:
             parser.error(f"models {sorted(unknown)} are not in the {suite} suite: {sorted({c.model for c in cases})}")
         cases = tuple(c for m in wanted for c in cases if c.model == m)  # in the order given
-    modes = MODE_SETS[args.compile or ("all" if device.type == "cuda" else "eager")]
+    modes = args.compile or (MODE_SETS["all"] if device.type == "cuda" else ("eager",))
     dtype = torch.bfloat16 if suite == "gpu" else None
     if args.profile:
         for target in args.profile.split(","):
@@ -384,18 +394,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 def time_suite(cases: tuple[Case, ...], modes: tuple[str, ...], device: torch.device, dtype: torch.dtype | None,
                args: argparse.Namespace) -> tuple[list[Row], list[str]]:
-    """Every case in every mode (eager first: compiling takes minutes and goes last within
-    ``args.budget_s``); each case's rows printed and written to ``args.json`` as soon as it is done."""
+    """Every case in every mode: eager first, for every case; then case by case its compiled modes (one after
+    the other, so that the second finds the first's kernels in the compilers' caches), within
+    ``args.budget_s``. Each case's rows printed and written to ``args.json`` as soon as it is done."""
     rows, skipped, start = [], [], time.perf_counter()
-    for mode in modes:
-        for case in cases:
-            if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-                skipped.append(f"{case.label}, {MODES[mode][1]}")
-                continue
-            rows += run_case(case, device, dtype, mode, args.repeats, args.warmup)
-            print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
-            if args.json:  # the rows so far: a run cut short by its time limit keeps its finished cases
-                write_json(args.json, rows, skipped, args.repeats, device)
+    order = [("eager", case) for case in cases if "eager" in modes]
+    order += [(mode, case) for case in cases for mode in modes if mode != "eager"]
+    for mode, case in order:
+        if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            skipped.append(f"{case.label}, {MODES[mode][1]}")
+            continue
+        rows += run_case(case, device, dtype, mode, args.repeats, args.warmup)
+        print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
+        if args.json:  # the rows so far: a run cut short by its time limit keeps its finished cases
+            write_json(args.json, rows, skipped, args.repeats, device)
     return rows, skipped
 
 
