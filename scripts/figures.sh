@@ -19,5 +19,7 @@ $PY -m actlab.perf.gpu_cost --model resnet26 --act iieu_dc --figures "$FIG"
 $PY -m actlab.perf.gpu_cost --model resnet50 --act dpa --figures "$FIG"
 $PY -m actlab.perf.gpu_cost --model vit_tiny --act iieu_b --batch 256 --image 32 --classes 100 --figures "$FIG"
 $PY -m actlab.perf.gpu_cost --model vit_tiny --act dpa --batch 256 --image 32 --classes 100 --figures "$FIG"
+# the whole-step counts of the GPU speed suite, from which model_speed predicts its GPU steps
+$PY -m actlab.perf.gpu_cost --suite gpu --figures "$FIG"
 unset TRITON_INTERPRET ACTLAB_EMULATE_CUDA
 $PY -m actlab.convert.matrix --figures "$FIG"
