@@ -39,3 +39,29 @@ def test_a_benchmark_writes_its_table_into_the_machines_file(tmp_path):
     assert "## `python -m actlab.perf.speed --acts relu,silu --workloads mlp --repeats 2 --warmup 0`" in text
     silu = next(r for r in rows if r.activation == "silu" and r.mode == "train")
     assert f"| silu | mlp | train step | 1 | {silu.ms_median:.1f}" in text
+
+
+def test_a_gpu_summary_names_memory_driver_cuda_and_triton(monkeypatch):
+    """On CUDA the header line carries what a GPU figure needs (device, memory, driver, torch with its CUDA,
+    Triton); here CUDA's answers are stood in for."""
+    class Props:
+        total_memory = 143_771 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(machine, "cuda_driver", lambda: "580.159.04")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    text = machine.summary("cuda")
+    assert text.startswith("NVIDIA H200 (151 GB), driver 580.159.04; torch ")
+    assert "(CUDA 13.0); Triton " in text and "Python" in text
+    assert machine.figures_name("cuda") == "nvidia-h200.md"
+
+
+def test_the_driver_is_read_from_the_kernel_module(tmp_path):
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
+                    "(dvs-builder@U22)  Thu Oct  2 2025\\nGCC version:  gcc version 12.3.0\\n")
+    assert machine.cuda_driver(str(proc)) == "580.159.04"
+    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\\n")
+    assert machine.cuda_driver(str(proc)) == "550.54.15"
+    assert machine.cuda_driver(str(tmp_path / "absent")) == "unknown"

@@ -3,6 +3,7 @@ grid's rows and every performance table state it, and each machine's figures liv
 measuring tools write (``record_figure``)."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -22,14 +23,33 @@ def describe() -> dict:
 
 
 def summary(device: torch.device | str = "cpu") -> str:
-    """One line for a table's header: the device that ran it (a CUDA device's name, or the CPU and torch's
-    thread count), torch and Python."""
+    """One line for a table's header: the device that ran it (a CUDA device's name, memory and driver, or the
+    CPU and torch's thread count), torch (with its CUDA and Triton on a GPU) and Python."""
     device = torch.device(device)
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
+    if device.type != "cuda":
         where = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
+        return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
+    memory = torch.cuda.get_device_properties(device).total_memory / 1e9
+    return (f"{torch.cuda.get_device_name(device)} ({memory:.0f} GB), driver {cuda_driver()}; torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}); Triton {_version('triton')}; Python {platform.python_version()}")
+
+
+def cuda_driver(proc: str = "/proc/driver/nvidia/version") -> str:
+    """The NVIDIA driver's version, as the kernel module reports it in ``proc`` ("unknown" where it is not
+    readable: another platform, or a container that hides it)."""
+    try:
+        with open(proc) as f:
+            found = re.search(r"Kernel Module(?: for [\w]+)?\s+([\d.]+)", f.read())
+    except OSError:
+        return "unknown"
+    return found.group(1) if found else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def figures_name(device: torch.device | str = "cpu") -> str:
