@@ -191,3 +191,25 @@ def test_the_gpu_suite_prints_targets_and_predictions_end_to_end(monkeypatch, tm
     assert "Cost model: a step's counted bytes at 1.00 TB/s (given)" in out
     figure = next(tmp_path.glob("*.md")).read_text()
     assert "| resnet20, batch 2, 8x8 | dpa | 0.02, 340 |" in figure and "<= 9.00x time" in figure
+
+
+def test_the_first_step_is_timed_apart_and_a_compiled_row_states_it(monkeypatch):
+    """The first warm-up call of each step (where compilation happens) is reported in seconds; the timed
+    rounds come after it; a compiled row's mode says how long its first step took."""
+    now = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now["t"])
+    cost = {"a": [30.0, 1.0, 0.002, 0.002], "b": [50.0, 2.0, 0.003, 0.003]}
+    calls = {"a": 0, "b": 0}
+
+    def step(key):
+        def call():
+            now["t"] += cost[key][calls[key]]
+            calls[key] += 1
+        return call
+
+    first = {}
+    times = timing.time_interleaved({"a": step("a"), "b": step("b")}, 2, 2, torch.device("cpu"), first)
+    assert first == {"a": 30.0, "b": 50.0}
+    assert times == {"a": [pytest.approx(2.0)] * 2, "b": [pytest.approx(3.0)] * 2}
+    row = model_speed.Row("case", "relu", "compiled", "bf16", 2.0, 0.0, 1.0, first_step_s=41.6)
+    assert "| bf16, compiled; first step 42 s |" in model_speed.markdown([row], 2, torch.device("cpu"))

@@ -129,6 +129,7 @@ class Row:
     predicted_extra_ms: float = float("nan")  # ... of what its ordinary step adds to ReLU's in the same case
     graphs_skipped: int = 0                # compiled graphs that Inductor ran without CUDA graphs (cudagraphs mode)
     target: str = "-"                      # the case's target for this activation, and whether it was met
+    first_step_s: float = float("nan")     # the first (warm-up) step, compilation and kernel builds included
 
     def counted_cell(self) -> str:
         """'kernels / host calls' per site beyond ReLU's, ordinary steps (and DPA's interval mean)."""
@@ -211,14 +212,15 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype | None, mode: 
              warmup: int) -> list[Row]:
     acts = ("relu", *case.acts)
     steps = {act: TrainingStep(case, act, device, dtype, mode) for act in acts}
-    times = time_interleaved(steps, repeats, warmup, device)
+    first: dict[str, float] = {}
+    times = time_interleaved(steps, repeats, warmup, device, first)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     rows = []
     for act in acts:
         q = statistics.quantiles(times[act], n=4)
         rows.append(Row(case.label, act, mode, precision, statistics.median(times[act]), q[2] - q[0],
                         steps[act].memory_mb(), counted=counted(case, act, dtype, mode),
-                        graphs_skipped=steps[act].graphs_skipped))
+                        graphs_skipped=steps[act].graphs_skipped, first_step_s=first.get(act, float("nan"))))
     relu = rows[0]
     whole = DPA_INTERVAL * (repeats // DPA_INTERVAL) or repeats  # rounds that hold whole DPA intervals
     for row in rows:
@@ -247,6 +249,8 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
         mode = f"{r.precision}, {MODES[r.mode][1]}"
         if r.graphs_skipped:
             mode += f" ({r.graphs_skipped} graphs ran without)"
+        if r.mode != "eager":
+            mode += f"; first step {r.first_step_s:.0f} s"
         lines.append(f"| {r.case} | {r.activation} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | {r.time_vs_relu:.2f} | "
                      f"{r.ms_mean:.1f} ({r.mean_vs_relu:.2f}) | {r.memory_mb:.0f} | {r.memory_vs_relu:.2f} | "
                      f"{r.counted_cell()} | {r.target} |")

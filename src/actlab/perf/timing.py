@@ -24,12 +24,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+def time_interleaved(steps: dict, repeats: int, warmup: int, device: torch.device, first: dict | None = None) -> dict:
     """ms per call of each step, the steps called round-robin ``repeats`` times after ``warmup`` rounds,
-    so that every step sees the same machine state."""
-    for _ in range(warmup):
-        for step in steps.values():
+    so that every step sees the same machine state. ``first``, when given, receives each step's first call
+    in seconds (compilation included), from the first warm-up round."""
+    for round_ in range(warmup):
+        for key, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
             step()
+            _sync(device)
+            if round_ == 0 and first is not None:
+                first[key] = time.perf_counter() - t0
     times = {key: [] for key in steps}
     for _ in range(repeats):
         for key, step in steps.items():
