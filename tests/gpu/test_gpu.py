@@ -167,6 +167,23 @@ def test_checkpoint_moves_between_gpu_and_cpu(first, second, tmp_path):
     assert saved["epoch"] == 2 and all(not t.is_cuda for t in model.state_dict().values())
 
 
+@pytest.mark.parametrize("act", ["iieu_b", "iieu_dc", "dpa"])
+def test_trainer_runs_float16_with_loss_scaling_and_channels_last(act, tmp_path):
+    """``actlab train --amp fp16 --channels-last`` on CUDA: float16 autocast with a GradScaler and NHWC maps;
+    two epochs on generated images give finite, falling training losses and a finite test loss."""
+    import json
+
+    from actlab.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    summary = train(TrainConfig(model="resnet20", act=act, dataset="synthetic", image_size=16, epochs=2,
+                                batch_size=64, lr=0.05, amp="fp16", channels_last=True, device="cuda",
+                                out=str(out)), quiet=True)
+    losses = [json.loads(line)["train_loss"] for line in open(out / "log.jsonl")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert math.isfinite(summary["loss"])
+
+
 @pytest.mark.parametrize("act", ["iieu_b", "dpa"])
 def test_training_steps_do_not_synchronise(act):
     """Eager training steps (DPA update steps included) run without a device-to-host synchronisation."""
