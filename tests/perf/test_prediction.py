@@ -213,3 +213,15 @@ def test_the_first_step_is_timed_apart_and_a_compiled_row_states_it(monkeypatch)
     assert times == {"a": [pytest.approx(2.0)] * 2, "b": [pytest.approx(3.0)] * 2}
     row = model_speed.Row("case", "relu", "compiled", "bf16", 2.0, 0.0, 1.0, first_step_s=41.6)
     assert "| bf16, compiled; first step 42 s |" in model_speed.markdown([row], 2, torch.device("cpu"))
+
+
+def test_profile_prints_the_kernel_table_of_eager_steps(monkeypatch, capsys):
+    """``--profile MODEL:ACT`` (gpu_check's profile stage): the profiler's table of a few eager steps of each
+    named activation, and no timing of the suite."""
+    small = (model_speed.Case("resnet20", 2, 8, ("dpa",), num_classes=10),)
+    monkeypatch.setitem(model_speed.SUITES, "cpu", small)
+    rows = model_speed.main(["--suite", "cpu", "--device", "cpu", "--profile", "resnet20:relu,resnet20:dpa"])
+    out = capsys.readouterr().out
+    assert rows == []
+    assert "resnet20, batch 2, 8x8, relu, 3 steps:" in out and "resnet20, batch 2, 8x8, dpa, 3 steps:" in out
+    assert "aten::convolution" in out or "aten::conv2d" in out

@@ -316,7 +316,7 @@ def prediction_markdown(rows: list[Row], model: CostModel, bandwidth_source: str
 def profile(case: Case, act: str, device: torch.device, dtype: torch.dtype | None, steps: int = 3,
             rows: int = 25) -> str:
     """The PyTorch profiler's kernel table for a few eager training steps of one activation (after two warm-ups)."""
-    step = TrainingStep(case, act, device, dtype, compiled=False)
+    step = TrainingStep(case, act, device, dtype, "eager")
     for _ in range(2):
         step()
     activities = [torch.profiler.ProfilerActivity.CPU]
