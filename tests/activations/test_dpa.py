@@ -66,6 +66,30 @@ def test_closed_form_ema_disabled_changes_nothing_and_empty_batch():
     assert after.shape == (0, 3) and torch.equal(updated, before)
 
 
+@pytest.mark.parametrize("signs", [False, True])
+def test_every_backend_updates_as_the_reference_when_enabled_and_not_at_all_when_not(signs):
+    """The memory rule with a device-side flag (what a traced step calls on every step): enabled, each CPU
+    backend gives the reference's memory and rows; disabled, the memory is untouched and the rows are the
+    memory's rows of the labels (the C++ backend skips the work)."""
+    from actlab.activations.kernels import composite, native
+
+    g = torch.Generator().manual_seed(3)
+    labels, values = torch.tensor([2, 0, 2, 1, 2]), torch.randn(5, 3, generator=g)
+    start = torch.randn(4, 3, generator=g)
+    want_memory = start.clone()
+    want_rows = composite.ema_update_(want_memory, labels, values, 0.9, signs=signs)
+    for backend in (composite, native):
+        memory = start.clone()
+        rows = backend.ema_update_(memory, labels, values, 0.9, signs=signs, enabled=torch.tensor(True))
+        torch.testing.assert_close(memory, want_memory)
+        torch.testing.assert_close(rows, want_rows)
+        memory = start.clone()
+        rows = backend.ema_update_(memory, labels, values, 0.9, signs=signs, enabled=torch.tensor(False))
+        assert torch.equal(memory, start) and torch.equal(rows, start[labels])
+        assert backend.ema_update_(memory, labels, values, 0.9, signs=signs, after=False,
+                                   enabled=torch.tensor(False)) is None
+
+
 class Net(nn.Module):
     """producer -> DPA -> head, for one input layout."""
 

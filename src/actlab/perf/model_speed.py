@@ -248,7 +248,7 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     for r in rows:
         mode = f"{r.precision}, {MODES[r.mode][1]}"
         if r.graphs_skipped:
-            mode += f" ({r.graphs_skipped} graphs ran without)"
+            mode += f" ({r.graphs_skipped} graph{'' if r.graphs_skipped == 1 else 's'} ran without)"
         if r.mode != "eager":
             mode += f"; first step {r.first_step_s:.0f} s"
         lines.append(f"| {r.case} | {r.activation} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | {r.time_vs_relu:.2f} | "

@@ -278,7 +278,17 @@ def dpa_forward(x, tau: float, tokens: bool, memories=None, labels=None, count=N
     return composite.dpa_forward(x, tau, tokens, memories, labels, count, cls, pool=tau_pool)
 
 
-ema_update_ = composite.ema_update_  # DPA's memory rule: small per-class work, torch's kernels
+def ema_update_(memory, labels, values, alpha: float, order=None, signs: bool = False, after: bool = True,
+                enabled=None):
+    """As composite.ema_update_ (small per-class work, torch's kernels). A step whose ``enabled`` flag is
+    false does nothing but look the rows up: on the CPU reading the flag waits on no device, and a traced
+    training step (which calls this on every step, see ``dpa_step_``) skips the closed form on the four
+    steps of five that do not update."""
+    if enabled is not None and not bool(enabled):
+        return memory.index_select(0, labels) if after else None
+    return composite.ema_update_(memory, labels, values, alpha, order, signs, after)
+
+
 dpa_mask = composite.dpa_mask  # a few comparisons over (B, C): torch's kernels
 
 
