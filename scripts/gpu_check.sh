@@ -2,7 +2,7 @@
 # The GPU check on a machine with one CUDA GPU whose python3 already has torch, torchvision, timm, triton
 # and pytest (no package registry needed): install actlab without dependencies (skipped when this tree's
 # actlab is already installed), then the stages:
-#   tests       pytest -m gpu (kernels against float64 references, gradcheck, DPA memories, bf16 and
+#   tests       pytest -m gpu (kernels against float64 references, gradcheck, DPA memories, bf16, fp16 and
 #               compiled training, checkpoints, no host syncs), on 4 processes
 #   eager       the whole-model GPU suite, bf16 eager: times, peak memory, targets, and the cost model's
 #               prediction of every counted step beside its measured time
@@ -60,7 +60,7 @@ speed() {  # speed NAME LIMIT ARGS...: the whole-model benchmark, its log in $OU
 }
 if stage tests; then
   ran "pytest -m gpu"
-  timeout "$(left 170)" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -n 4 --dist loadfile tests \
+  timeout "$(left 170)" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -n 4 --dist load tests \
     2>&1 | tee "$OUT/pytest.log" | tail -25
   (( PIPESTATUS[0] == 0 )) || failed+=" tests"
 fi
