@@ -24,12 +24,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(ddp_dir: str, nodes: int) -> list[str]:
+def _launch(ddp_dir: str, nodes: int, extra: tuple[str, ...] = ()) -> list[str]:
     """Two processes through torchrun: one agent with 2 processes (--standalone), or ``nodes`` = 2 agents
     of one process each meeting at a c10d rendezvous on localhost (two "nodes", as on a cluster). Returns
     the JSON lines printed."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
-    train_cmd = ["-m", "actlab", "train", *flags, "--batch-size=32", f"--out={ddp_dir}", "--quiet"]
+    train_cmd = ["-m", "actlab", "train", *flags, *extra, "--batch-size=32", f"--out={ddp_dir}", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1:
@@ -49,13 +49,16 @@ def _launch(ddp_dir: str, nodes: int) -> list[str]:
     return printed
 
 
-@pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes"])
+@pytest.mark.parametrize("nodes,extra", [(1, ()), (2, ()), (1, ("--compile",))],
+                         ids=["one_node", "two_nodes", "one_node_compiled"])
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path, nodes):
-    """One agent with two processes, or two torchrun agents (nodes) with one each: the run ends with the
-    weights, DPA memories and metrics of one process on the global batch."""
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, nodes, extra):
+    """One agent with two processes, or two torchrun agents (nodes) with one each, eager or compiled: the run
+    ends with the weights, DPA memories and metrics of one (eager) process on the global batch. Compiled,
+    the memory updates gather the global batch inside the compiled graphs, forward and backward (before,
+    each rank's gradient memory took its own half only, and the sizes were read on the host)."""
     ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")
-    printed = _launch(ddp_dir, nodes)
+    printed = _launch(ddp_dir, nodes, extra)
     assert len(printed) == 1  # global rank 0 reports, the other rank stays quiet
 
     single = train(TrainConfig(**RUN, batch_size=64, out=single_dir), quiet=True)

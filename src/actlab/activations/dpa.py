@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from .base import ActivationModule
@@ -127,13 +128,15 @@ def _dpa_group():
 
 
 def _all_gather_rows(rows: torch.Tensor, sizes: list[int], fill: float = 0) -> torch.Tensor:
-    """Every rank's ``rows`` (sizes[rank] rows; fewer are padded with ``fill``) concatenated rank-major."""
-    group = _dpa_group()
-    padded = rows.new_full((max(sizes), *rows.shape[1:]), fill)
+    """Every rank's ``rows`` (sizes[rank] rows; fewer are padded with ``fill``) concatenated rank-major.
+    One functional all-gather, which torch.compile traces into its graph as it runs eagerly."""
+    top = max(sizes)
+    padded = rows.new_full((top, *rows.shape[1:]), fill)
     padded[: rows.shape[0]] = rows
-    chunks = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(chunks, padded, group=group)
-    return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+    gathered = funcol.wait_tensor(funcol.all_gather_tensor(padded, 0, _dpa_group()))
+    if all(n == top for n in sizes):
+        return gathered
+    return torch.cat([c[:n] for c, n in zip(gathered.split(top), sizes)])
 
 
 class _StepLabels:
@@ -192,11 +195,6 @@ class _StepLabels:
         return self._order
 
 
-def _gather_global(labels: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """All ranks' (labels, values) concatenated rank-major, and this rank's row offset (traced graphs)."""
-    return _StepLabels(labels).gather(values)
-
-
 class DPA(ActivationModule):
     """Dual-Perspective Activation for one site: the threshold unit (TAU) ``0 if x < tau else x``, with
     per-class memories of each channel's pooled input (``value_memory``) and of the sign of its pooled
@@ -243,6 +241,7 @@ class DPA(ActivationModule):
         self._count_cache: int | None = 0  # host copy of `count`: no device read in a forward
         self._targets: torch.Tensor | None = None  # traced graphs: the labels (the shared buffer, in a block)
         self._labels: _StepLabels | None = None  # eager: the labels, shared by the model's sites
+        self._capacity: int | None = None  # traced graphs under torch.distributed: ``targets``' capacity
         self._label_buffer: torch.Tensor | None = None  # where ``targets`` copies the labels (shared)
         # (v, mask) of the last training forward, () when it masked nothing, None after an eval forward
         self._loss_terms: tuple[torch.Tensor, ...] | None = None
@@ -440,35 +439,40 @@ class DPA(ActivationModule):
         compile."""
         self._check_rows(x, y.shape[0])
         out, v = self._traced_tau_pool(x, y.shape[0])
+        labels = _StepLabels(y, self._capacity) if _distributed() else None
         with torch.no_grad():
-            if _distributed():
-                mask, update = self._traced_global_update(v.detach(), y)
+            if labels is not None:
+                mask, update = self._traced_global_update(v.detach(), labels)
             else:
                 mask, update = torch.ops.actlab.dpa_step_(self.value_memory, self.count, self.grad_memory,
                                                           v.detach().contiguous(), y, self.alpha, self.interval,
                                                           self.tau)
         self._loss_terms = (v, mask)
         if out.requires_grad:
-            out.register_hook(self._traced_grad_hook(y, update))
+            out.register_hook(self._traced_grad_hook(y, update, labels))
         return out
 
-    def _traced_global_update(self, v: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _traced_global_update(self, v: torch.Tensor, labels: _StepLabels) -> tuple[torch.Tensor, torch.Tensor]:
         """``dpa_step_`` on the global batch (torch.distributed)."""
         self.count.copy_((self.count + 1) % self.interval)
         update = self.count == 0
-        labels, values, offset = _gather_global(y, v)
-        rows = torch.ops.actlab.ema_update_(self.value_memory, labels, values.contiguous(), self.alpha, update)
-        rows = rows[offset: offset + y.shape[0]]
-        return composite.dpa_mask(v, rows, self.grad_memory, y, self.tau, False), update
+        all_labels, values, offset = labels.gather(v)
+        rows = torch.ops.actlab.ema_update_(self.value_memory, all_labels, values.contiguous(), self.alpha, update)
+        rows = rows[offset: offset + v.shape[0]]
+        return composite.dpa_mask(v, rows, self.grad_memory, labels.y, self.tau, False), update
 
-    def _traced_grad_hook(self, y: torch.Tensor, update: torch.Tensor):
-        """The hook as torch.compile traces it into the backward graph (update applied on the device)."""
+    def _traced_grad_hook(self, y: torch.Tensor, update: torch.Tensor, labels: _StepLabels | None):
+        """The hook as torch.compile traces it into the backward graph (update applied on the device; under
+        torch.distributed by the global batch, as in eager training)."""
         memory, alpha = self.grad_memory, self.alpha
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                pooled = self.pool(grad, y.shape[0]).contiguous()
-                torch.ops.actlab.ema_update_(memory, y, pooled, alpha, update, signs=True)
+                pooled = self.pool(grad, y.shape[0])
+                all_labels = y
+                if labels is not None:
+                    all_labels, pooled, _ = labels.gather(pooled)
+                torch.ops.actlab.ema_update_(memory, all_labels, pooled.contiguous(), alpha, update, signs=True)
 
         return hook
 
@@ -602,8 +606,10 @@ def targets(model: nn.Module, y: torch.Tensor, validate: bool = True, capacity: 
     if validate and runs_like_cuda(y):
         _check_on_device(sites, labels)
     shared = _StepLabels(labels, capacity, _token_mask(attention_mask, y))
+    if _distributed():
+        _dpa_group()  # made here, outside any compiled forward, by every rank alike
     for site in sites:
-        site._labels, site._targets = shared, labels
+        site._labels, site._targets, site._capacity = shared, labels, capacity
     try:
         yield
     finally:
