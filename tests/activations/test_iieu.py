@@ -578,3 +578,30 @@ def test_linear_recompute_under_autocast_multiplies_the_saved_bf16_operands():
         assert x.numel() not in to_bf16 and fc1.weight.numel() not in to_bf16, mode.casts
     for recomputed, kept in zip(*grads):
         assert torch.equal(recomputed, kept)
+
+
+def test_units_follow_their_norm_into_sync_batchnorm():
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` (what ``--sync-bn`` does) replaces the BatchNorms the units'
+    backward replays: each unit then takes the norm's output as it comes (the BatchNorm it was bound to is no
+    longer called) and the training step gives the same loss and gradients. Outside torch.distributed a
+    SyncBatchNorm normalises as BatchNorm does, so this runs on the CPU."""
+    import copy
+
+    import actlab
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    actlab.convert(model, "iieu_b", example_input=torch.randn(2, 3, 8, 8))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 2
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+    losses = []
+    for m in (model, synced):
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (name, a), b in zip(synced.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
