@@ -19,12 +19,12 @@ $(STAMP): $(PY) pyproject.toml setup.py
 
 venv: $(STAMP)
 
-# The default suite, one worker per core (at most 4): about 5 minutes on 2 cores.
+# The default suite, one worker per core (at most 4): 1 min 45 s on 2 cores (2026-12-08).
 test: $(STAMP)
 	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadscope --durations=25
 
 # The end-to-end and multi-process tests (Ray, kills and resumes, compiled training, two-process DDP, ...):
-# about 13 minutes on 2 cores, one at a time (they start processes of their own).
+# 5 min 9 s on 2 cores (2026-12-08), one at a time (they start processes of their own).
 test-slow: $(STAMP)
 	$(PY) -m pytest tests -m slow --durations=10
 
