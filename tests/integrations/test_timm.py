@@ -16,7 +16,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 
 import actlab
 from actlab.convert.record import calls_of
-from actlab.integrations.timm import DPAClassificationTask, create_timm_model, register
+from actlab.integrations.timm import DPA_TASKS, DPAClassificationTask, DPATask, create_timm_model, register
 
 SMALL = torch.randn(2, 3, 32, 32)
 
@@ -143,6 +143,51 @@ def test_dpa_classification_task_passes_the_targets_and_adds_the_channel_loss():
     torch.testing.assert_close(task(x, soft)["output"], outputs(twin, x))
 
 
+def test_every_dpa_task_is_its_timm_task_with_dpa_first():
+    """The classification task and timm's three distillation tasks each have a DPA version, DPA's forward
+    first in the method order, so the task's own loss is computed inside the targets block."""
+    assert set(DPA_TASKS) == {"ClassificationTask", "LogitDistillationTask", "FeatureDistillationTask",
+                              "TokenDistillationTask"}
+    for name, task in DPA_TASKS.items():
+        base = getattr(timm.task, name)
+        assert issubclass(task, base) and task.__mro__[1] is DPATask and task.__name__ == f"DPA{name}"
+
+
+def test_dpa_logit_distillation_trains_the_student_with_dpa():
+    """Distilling into a DPA student: the plain timm task stops at its first training step; the DPA one
+    gives the plain task's loss computed inside ``targets`` plus the weighted channel loss, and the student's
+    memories of that step; the teacher takes no targets and changes nothing."""
+    torch.manual_seed(0)
+    student = create_timm_model("resnet18", "dpa", num_classes=4, example_input=SMALL, act_kwargs={"interval": 1})
+    trained_step(student)  # the gradient memories hold signs now: the channel loss masks entries
+    twin = copy.deepcopy(student)
+    teacher = timm.create_model("resnet18", num_classes=4)
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
+    criterion = torch.nn.CrossEntropyLoss()
+    plain = timm.task.LogitDistillationTask(twin, teacher_model=teacher, criterion=criterion, temperature=2.0,
+                                            verbose=False)
+    with pytest.raises(RuntimeError, match="needs class targets"):
+        plain(x, y)
+
+    task = DPA_TASKS["LogitDistillationTask"](student, teacher_model=teacher, criterion=criterion,
+                                              temperature=2.0, dpa_weight=2.0, verbose=False)
+    result = task(x, y)
+    with actlab.targets(twin, y):
+        want = plain(x, y)
+    channel = actlab.dpa_loss(twin)
+    assert channel > 0
+    torch.testing.assert_close(result["loss"], want["loss"] + 2.0 * channel)
+    torch.testing.assert_close(result["kd_loss"], want["kd_loss"])
+    result["loss"].backward()
+    (want["loss"] + 2.0 * channel).backward()
+    for k in [k for k in student.state_dict() if k.endswith("memory")]:
+        torch.testing.assert_close(student.state_dict()[k], twin.state_dict()[k], msg=k)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k
+
+
 @pytest.mark.slow
 def test_the_runner_puts_the_dpa_task_in_timms_place(tmp_path):
     """Through the runner, a script that imports timm's ClassificationTask (as timm's train.py does) gets
@@ -157,11 +202,13 @@ def test_the_runner_puts_the_dpa_task_in_timms_place(tmp_path):
         result = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
         result["loss"].backward()
         print(type(task).__name__, task.dpa_weight, bool(torch.isfinite(result["loss"])))
+        from timm.task import LogitDistillationTask
+        print(LogitDistillationTask.__name__, LogitDistillationTask.default_dpa_weight)
     """))
     run = subprocess.run([sys.executable, "-m", "actlab.integrations.timm", "--dpa-weight", "5", str(script)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["DPAClassificationTask", "5.0", "True"]
+    assert run.stdout.split() == ["DPAClassificationTask", "5.0", "True", "DPALogitDistillationTask", "5.0"]
 
 
 @pytest.mark.parametrize("act,act_kwargs", [("dpa", {"interval": 2}), ("iieu_b", {})])

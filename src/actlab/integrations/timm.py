@@ -10,9 +10,12 @@ scripts (``train.py``, ``validate.py``) running them.
   timm's ``act_layer=`` cannot name an actlab activation: IIEU-B needs its site's producer and DPA its
   class count, which a layer built from a name does not have; the conversion finds both.
 * ``DPAClassificationTask``: timm's ``ClassificationTask`` (the training step of timm's ``train.py``) with
-  DPA's class targets routed to the forward and its channel loss added.
-* ``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]`` registers the names, makes timm's
-  ``ClassificationTask`` the DPA one, then runs a timm script as its ``__main__``: ``python -m
+  DPA's class targets routed to the forward and its channel loss added; ``dpa_task(base)`` does the same
+  to any timm task that trains on class labels (``DPA_TASKS``: the classification task and the logit,
+  feature and token distillation tasks, the student trained with DPA).
+* ``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]`` registers the names, puts the DPA
+  tasks in timm's place (``timm.task.ClassificationTask`` and the distillation tasks), then runs a timm
+  script as its ``__main__``: ``python -m
   actlab.integrations.timm train.py DATA --model actlab --model-kwargs arch=resnet18 act=dpa``.
   Checkpoints its ``CheckpointSaver`` writes hold the conversion record, so ``validate.py --checkpoint``
   (run the same way, same model arguments) and ``timm.models.load_checkpoint`` load them, and
@@ -36,9 +39,11 @@ from ..models import create_model as create_zoo_model
 from ..models import list_models as list_zoo_models
 
 try:  # timm's training tasks (the step of its train.py) arrived in timm 1.0.2x
-    from timm.task import ClassificationTask
+    import timm.task as timm_tasks
 except ImportError:  # pragma: no cover - older timm
-    ClassificationTask = None
+    timm_tasks = None
+# the tasks whose forward(input, target) trains ``trainable_module`` on class labels (not the multi-label one)
+TASKS = ("ClassificationTask", "LogitDistillationTask", "FeatureDistillationTask", "TokenDistillationTask")
 
 PREFIX = "actlab_"
 
@@ -105,35 +110,46 @@ def _zoo_entrypoint(zoo_name: str):
     return entrypoint
 
 
-if ClassificationTask is not None:
-    class DPAClassificationTask(ClassificationTask):
-        """timm's ``ClassificationTask`` for models with DPA sites: a training forward runs inside
-        ``actlab.targets(model, target)`` and the loss adds ``dpa_weight * actlab.dpa_loss(model)``. Soft
-        targets (timm's mixup / CutMix, ``SoftTargetCrossEntropy``) count as each row's most probable class.
-        Evaluation forwards, and models without DPA sites, run as the base class's.
+class DPATask:
+    """What makes a timm training task train DPA: its training forward (the student's, in a distillation
+    task) runs inside ``actlab.targets(task.trainable_module, target)`` and ``dpa_weight *
+    actlab.dpa_loss`` is added to its ``"loss"``. Soft targets (timm's mixup / CutMix) count as each row's
+    most probable class. Evaluation forwards, and models without DPA sites, run as the task's own. Put it
+    first among the bases: ``class MyTask(DPATask, timm.task.ClassificationTask)``; ``dpa_task(base)``
+    makes that class.
 
-        Args:
-            model: the model to train (converted with DPA).
-            criterion: timm's (the task loss), or None for its default.
-            dpa_weight: the channel loss's weight (1 for CIFAR-10, 5 for CIFAR-100 in the DPA paper); default
-                the class attribute ``default_dpa_weight`` (1).
-            **kwargs: ``ClassificationTask``'s (``criterion_kwargs``, ``device``, ``dtype``, ``verbose``).
-        """
+    Args:
+        *args: the task's own (for ``ClassificationTask``: model, criterion).
+        dpa_weight: the channel loss's weight (1 for CIFAR-10, 5 for CIFAR-100 in the DPA paper); default
+            the class attribute ``default_dpa_weight`` (1).
+        **kwargs: the task's own (``criterion_kwargs``, ``device``, ``dtype``, ``verbose``, a distillation
+            task's ``teacher_model``, ...).
+    """
 
-        default_dpa_weight = 1.0
+    default_dpa_weight = 1.0
 
-        def __init__(self, model: nn.Module, criterion=None, *, dpa_weight: float | None = None, **kwargs):
-            super().__init__(model, criterion, **kwargs)
-            self.dpa_weight = self.default_dpa_weight if dpa_weight is None else dpa_weight
+    def __init__(self, *args, dpa_weight: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpa_weight = self.default_dpa_weight if dpa_weight is None else dpa_weight
 
-        def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-            model = self.trainable_module
-            if not (model.training and torch.is_grad_enabled()):
-                return super().forward(input, target)
-            with targets(model, target):
-                output = model(input)
-            loss = self.criterion(output, target) + self.dpa_weight * dpa_loss(model)
-            return {"loss": loss, "output": output}
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.trainable_module
+        if not (model.training and torch.is_grad_enabled()):
+            return super().forward(input, target)
+        with targets(model, target):
+            result = super().forward(input, target)
+        result["loss"] = result["loss"] + self.dpa_weight * dpa_loss(model)
+        return result
+
+
+def dpa_task(base: type) -> type:
+    """The DPA version of a timm training task class (``DPATask`` first among its bases), named ``DPA`` + its
+    name: ``dpa_task(timm.task.LogitDistillationTask)(student, teacher_model=..., dpa_weight=5)``."""
+    return type(f"DPA{base.__name__}", (DPATask, base), {"__module__": __name__, "__doc__": DPATask.__doc__})
+
+
+DPA_TASKS = {name: dpa_task(getattr(timm_tasks, name)) for name in TASKS if hasattr(timm_tasks, name)}
+DPAClassificationTask = DPA_TASKS.get("ClassificationTask")
 
 
 def register() -> list[str]:
@@ -162,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m actlab.integrations.timm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dpa-weight", type=float, default=1.0,
-                        help="weight of DPA's channel loss in timm's ClassificationTask (default 1)")
+                        help="weight of DPA's channel loss in timm's training tasks (default 1)")
     parser.add_argument("script", help="a timm script (train.py, validate.py, ...) or any Python file")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return parser
@@ -170,14 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m actlab.integrations.timm [--dpa-weight W] SCRIPT [ARGS]``: register the names, make timm's
-    ``ClassificationTask`` the DPA one (``DPAClassificationTask`` with ``dpa_weight=W``), run SCRIPT as
-    ``__main__`` with ARGS."""
+    tasks of ``DPA_TASKS`` the DPA ones (``dpa_weight=W``), run SCRIPT as ``__main__`` with ARGS."""
     parser = build_parser()
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
     register()
-    if ClassificationTask is not None:
-        timm.task.ClassificationTask = type("DPAClassificationTask", (DPAClassificationTask,),
-                                            {"default_dpa_weight": options.dpa_weight, "__module__": __name__})
+    for name, task in DPA_TASKS.items():  # what `from timm.task import ...` in the script then gets
+        setattr(timm_tasks, name, type(task.__name__, (task,), {"default_dpa_weight": options.dpa_weight,
+                                                                "__module__": __name__}))
     sys.argv = [options.script, *options.args]
     runpy.run_path(options.script, run_name="__main__")
     return 0
