@@ -225,3 +225,14 @@ def test_profile_prints_the_kernel_table_of_eager_steps(monkeypatch, capsys):
     assert rows == []
     assert "resnet20, batch 2, 8x8, relu, 3 steps:" in out and "resnet20, batch 2, 8x8, dpa, 3 steps:" in out
     assert "aten::convolution" in out or "aten::conv2d" in out
+
+
+@pytest.mark.parametrize("value,message", [("resnet20", "MODEL:ACT pairs"), ("vgg11:relu", "MODEL:ACT pairs"),
+                                           ("resnet20:nope", "nope")])
+def test_profile_refuses_a_bad_pair_before_any_work(monkeypatch, capsys, value, message):
+    small = (model_speed.Case("resnet20", 2, 8, ("dpa",), num_classes=10),)
+    monkeypatch.setitem(model_speed.SUITES, "cpu", small)
+    monkeypatch.setattr(model_speed, "profile", lambda *a: pytest.fail("profiled before refusing"))
+    with pytest.raises((SystemExit, KeyError, ValueError)) as raised:
+        model_speed.main(["--suite", "cpu", "--device", "cpu", "--profile", f"resnet20:relu,{value}"])
+    assert message in (capsys.readouterr().err + str(raised.value))

@@ -371,11 +371,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     modes = args.compile or (MODE_SETS["all"] if device.type == "cuda" else ("eager",))
     dtype = torch.bfloat16 if suite == "gpu" else None
     if args.profile:
-        for target in args.profile.split(","):
-            model, act = target.split(":")
-            case = next((c for c in cases if c.model == model), None)
-            if case is None:
-                parser.error(f"model {model!r} is not in the {suite} suite: {sorted({c.model for c in cases})}")
+        targets = [t.split(":") for t in args.profile.split(",")]
+        for target in targets:
+            if len(target) != 2 or target[0] not in {c.model for c in cases}:
+                parser.error(f"--profile takes MODEL:ACT pairs with a model of the {suite} suite "
+                             f"({sorted({c.model for c in cases})}), got {':'.join(target)!r}")
+            actlab.activations.get_spec(target[1])  # an unknown activation fails before any work
+        for model, act in targets:
+            case = next(c for c in cases if c.model == model)
             print(profile(case, act, device, dtype), flush=True)
         return []
     bandwidth, source = args.bandwidth, "given"
