@@ -144,14 +144,14 @@ def test_eager_goes_first_then_each_case_in_its_compiled_modes(monkeypatch):
 
     monkeypatch.setattr(model_speed, "run_case", fake_run_case)
     cases = (model_speed.Case("a", 1, 8, ("dpa",)), model_speed.Case("b", 1, 8, ("dpa",)))
-    args = model_speed.build_parser().parse_args(["--repeats", "2"])
-    rows, skipped = model_speed.time_suite(cases, model_speed.MODE_SETS["all"], torch.device("cpu"), None, args)
+    timing = model_speed.Timing(repeats=2, warmup=0)
+    rows, skipped = model_speed.time_suite(cases, model_speed.MODE_SETS["all"], torch.device("cpu"), None, timing)
     assert ran == [("a", "eager"), ("b", "eager"), ("a", "compiled"), ("a", "cudagraphs"), ("b", "compiled"),
                    ("b", "cudagraphs")]
     assert len(rows) == 12 and skipped == []
     ran.clear()
-    args.budget_s = 0.0
-    rows, skipped = model_speed.time_suite(cases, ("compiled", "cudagraphs"), torch.device("cpu"), None, args)
+    rows, skipped = model_speed.time_suite(cases, ("compiled", "cudagraphs"), torch.device("cpu"), None,
+                                           model_speed.Timing(2, 0, budget_s=0.0))
     assert ran == [("a", "compiled")]
     assert skipped == ["a, batch 1, 8x8, compiled, CUDA graphs", "b, batch 1, 8x8, compiled",
                        "b, batch 1, 8x8, compiled, CUDA graphs"]

@@ -248,7 +248,7 @@ def markdown(rows: list[Row], repeats: int, device: torch.device) -> str:
     for r in rows:
         mode = f"{r.precision}, {MODES[r.mode][1]}"
         if r.graphs_skipped:
-            mode += f" ({r.graphs_skipped} graph{'' if r.graphs_skipped == 1 else 's'} ran without)"
+            mode += f" ({r.graphs_skipped} graph{'' if r.graphs_skipped == 1 else 's'} without them)"
         if r.mode != "eager":
             mode += f"; first step {r.first_step_s:.0f} s"
         lines.append(f"| {r.case} | {r.activation} | {mode} | {r.ms_median:.1f} [{r.ms_iqr:.1f}] | {r.time_vs_relu:.2f} | "
@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     bandwidth, source = args.bandwidth, "given"
     if bandwidth is None and device.type == "cuda":
         bandwidth, source = copy_bandwidth(device), "a device-to-device copy measured in this run"
-    rows, skipped = time_suite(cases, modes, device, dtype, args)
+    rows, skipped = time_suite(cases, modes, device, dtype, Timing(args.repeats, args.warmup, args.budget_s),
+                               args.json)
     model = predict(rows, bandwidth) if bandwidth else None
     text = markdown(rows, args.repeats, device)
     if model:
@@ -399,22 +400,33 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How the suite is timed: rounds timed, untimed rounds first, and the seconds after which no new case
+    starts (None: no limit; the first case always runs)."""
+
+    repeats: int
+    warmup: int
+    budget_s: float | None = None
+
+
 def time_suite(cases: tuple[Case, ...], modes: tuple[str, ...], device: torch.device, dtype: torch.dtype | None,
-               args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+               timing: Timing, json_path: str | None = None) -> tuple[list[Row], list[str]]:
     """Every case in every mode: eager first, for every case; then case by case its compiled modes (one after
-    the other, so that the second finds the first's kernels in the compilers' caches), within
-    ``args.budget_s``. Each case's rows printed and written to ``args.json`` as soon as it is done."""
+    the other, so that the second finds the first's kernels in the compilers' caches), within the timing's
+    budget. Each case's rows are printed and written to ``json_path`` as soon as it is done. Returns the
+    rows and the cases skipped for time."""
     rows, skipped, start = [], [], time.perf_counter()
     order = [("eager", case) for case in cases if "eager" in modes]
     order += [(mode, case) for case in cases for mode in modes if mode != "eager"]
     for mode, case in order:
-        if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+        if rows and timing.budget_s is not None and time.perf_counter() - start > timing.budget_s:
             skipped.append(f"{case.label}, {MODES[mode][1]}")
             continue
-        rows += run_case(case, device, dtype, mode, args.repeats, args.warmup)
-        print(markdown(rows[-1 - len(case.acts):], args.repeats, device).split("\n", 3)[-1], flush=True)
-        if args.json:  # the rows so far: a run cut short by its time limit keeps its finished cases
-            write_json(args.json, rows, skipped, args.repeats, device)
+        rows += run_case(case, device, dtype, mode, timing.repeats, timing.warmup)
+        print(markdown(rows[-1 - len(case.acts):], timing.repeats, device).split("\n", 3)[-1], flush=True)
+        if json_path:  # the rows so far: a run cut short by its time limit keeps its finished cases
+            write_json(json_path, rows, skipped, timing.repeats, device)
     return rows, skipped
 
 
