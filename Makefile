@@ -19,12 +19,12 @@ $(STAMP): $(PY) pyproject.toml setup.py
 
 venv: $(STAMP)
 
-# The default suite, one worker per core (at most 4): 1 min 45 s on 2 cores (2026-12-08).
+# The default suite, one worker per core (at most 4): 2 min 10 s on 2 cores (2026-12-08).
 test: $(STAMP)
 	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadscope --durations=25
 
 # The end-to-end and multi-process tests (Ray, kills and resumes, compiled training, two-process DDP, ...):
-# 5 min 9 s on 2 cores (2026-12-08), one at a time (they start processes of their own).
+# 5 min 14 s on 2 cores (2026-12-08), one at a time (they start processes of their own).
 test-slow: $(STAMP)
 	$(PY) -m pytest tests -m slow --durations=10
 
