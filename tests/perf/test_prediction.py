@@ -170,6 +170,8 @@ def test_targets_are_judged_on_time_memory_and_dpas_interval_mean():
     assert gpu["resnet26"] == {"iieu_b": model_speed.Target(1.25, 1.10), "iieu_dc": model_speed.Target(1.35)}
     assert gpu["resnet50"]["dpa"] == model_speed.Target(1.05) and gpu["vit_tiny"]["dpa"] == model_speed.Target(1.05, 1.05)
     assert all(set(t) == set(c.acts) for c, t in zip(model_speed.SUITES["gpu"], gpu.values()))
+    for case in model_speed.SUITES["cpu"]:  # the CPU targets of ResNet-26's whole training step
+        assert dict(case.targets) == {"iieu_b": model_speed.Target(1.2), "iieu_dc": model_speed.Target(1.3, 1.15)}
 
 
 def test_the_gpu_suite_prints_targets_and_predictions_end_to_end(monkeypatch, tmp_path, capsys):

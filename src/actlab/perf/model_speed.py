@@ -105,8 +105,9 @@ SUITES = {
                  targets=(("iieu_b", Target(1.25, 1.10)), ("iieu_dc", Target(1.35)), ("dpa", Target(1.05)))),
             Case("vit_tiny", 256, 32, ("iieu_b", "dpa"), num_classes=100,
                  targets=(("iieu_b", Target(1.25)), ("dpa", Target(1.05, 1.05))))),
-    "cpu": (Case("resnet26", 16, 64, ("iieu_b", "iieu_dc")),
-            Case("resnet26", 8, 224, ("iieu_b", "iieu_dc"))),
+    "cpu": tuple(Case("resnet26", batch, size, ("iieu_b", "iieu_dc"),
+                      targets=(("iieu_b", Target(1.2)), ("iieu_dc", Target(1.3, 1.15))))
+                 for batch, size in ((16, 64), (8, 224))),
 }
 
 
